@@ -1,0 +1,278 @@
+"""QuantizedModel: "make this lower-precision artifact, and prove it is good enough"."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import ClassVar
+
+from pydantic import Field
+
+from quantrol_operator.api.base import ApiModel, CrossFieldRule, StatusModel
+from quantrol_operator.api.common import (
+    CONDITIONS_LIST_MAP,
+    Condition,
+    DigestPinnedRef,
+    DnsLabel,
+    LocalObjectReference,
+    ModelUri,
+    Resources,
+    Toleration,
+)
+
+KIND = "QuantizedModel"
+PLURAL = "quantizedmodels"
+
+
+class Scheme(StrEnum):
+    """llm-compressor / compressed-tensors preset schemes."""
+
+    FP8_DYNAMIC = "FP8_DYNAMIC"
+    FP8 = "FP8"  # static per-tensor activation scales
+    W8A8 = "W8A8"  # int8 weights and activations
+    W4A16 = "W4A16"
+    W4A16_ASYM = "W4A16_ASYM"
+    W4A8 = "W4A8"
+    W8A16 = "W8A16"
+
+
+# Schemes that quantize weights only, to integers; the only ones where a group size means anything.
+WEIGHT_ONLY_INT_SCHEMES = frozenset({Scheme.W4A16, Scheme.W4A16_ASYM, Scheme.W8A16})
+
+
+class Method(StrEnum):
+    RTN = "rtn"
+    GPTQ = "gptq"
+    AWQ = "awq"
+    SMOOTHQUANT_GPTQ = "smoothquant+gptq"
+
+
+# Which method can produce which scheme (llm-compressor modifiers); everything else is refused at admission.
+METHODS_BY_SCHEME: dict[Scheme, frozenset[Method]] = {
+    Scheme.FP8_DYNAMIC: frozenset({Method.RTN}),
+    Scheme.FP8: frozenset({Method.RTN, Method.GPTQ}),
+    Scheme.W8A8: frozenset({Method.RTN, Method.GPTQ, Method.SMOOTHQUANT_GPTQ}),
+    Scheme.W4A16: frozenset({Method.RTN, Method.GPTQ, Method.AWQ}),
+    Scheme.W4A16_ASYM: frozenset({Method.RTN, Method.GPTQ, Method.AWQ}),
+    Scheme.W4A8: frozenset({Method.RTN, Method.GPTQ}),
+    Scheme.W8A16: frozenset({Method.RTN, Method.GPTQ}),
+}
+
+
+class KvCacheScheme(StrEnum):
+    """KV-cache quantization; `fp8` calibrates per-layer scales (vLLM's `--kv-cache-dtype fp8`)."""
+
+    NONE = "none"
+    FP8 = "fp8"
+
+
+class Target(StrEnum):
+    """The hardware the artifact must be served on; decides which kernels must exist."""
+
+    CUDA_SM90 = "cuda-sm90"
+    CUDA_SM89 = "cuda-sm89"
+    CUDA_SM80 = "cuda-sm80"
+    CPU_X86 = "cpu-x86"
+
+
+class QuantizedModelPhase(StrEnum):
+    PENDING = "Pending"
+    CALIBRATING = "Calibrating"
+    EVALUATING = "Evaluating"
+    PUBLISHING = "Publishing"
+    READY = "Ready"
+    REJECTED = "Rejected"  # the quality gate or the kernel pre-check said no; evidence kept in status
+    FAILED = "Failed"  # an error (bad input, job failure, deadline): the condition says which field or why
+
+
+class BaseModelSource(ApiModel):
+    uri: ModelUri = Field(
+        description="Higher-precision model: hf://org/name@revision, oci://registry/repo@sha256:…, "
+        "pvc://claim/path, s3://bucket/prefix or file:///path (local use)."
+    )
+
+
+def _method_fits_scheme(q: Quantization) -> bool:
+    return q.method in METHODS_BY_SCHEME[q.scheme]
+
+
+def _group_size_only_weight_only(q: Quantization) -> bool:
+    return q.group_size is None or q.scheme in WEIGHT_ONLY_INT_SCHEMES
+
+
+_METHOD_RULE_CEL = " || ".join(
+    f"(self.scheme == '{scheme.value}' && self.method in [{', '.join(repr(m.value) for m in sorted(methods))}])"
+    for scheme, methods in METHODS_BY_SCHEME.items()
+)
+
+
+class Quantization(ApiModel):
+    scheme: Scheme = Field(description="Quantization scheme (compressed-tensors preset).")
+    method: Method = Field(
+        default=Method.GPTQ, description="Algorithm: rtn, gptq, awq or smoothquant+gptq (W8A8 only)."
+    )
+    group_size: int | None = Field(
+        default=None,
+        ge=16,
+        le=1024,
+        description="Weight group size; only for weight-only integer schemes (W4A16, W4A16_ASYM, W8A16). "
+        "Default 128.",
+    )
+    ignore: list[str] = Field(
+        default_factory=lambda: ["lm_head"],
+        max_length=256,
+        description="Layers (names or re:regex) kept in high precision.",
+    )
+    sensitivity_scan: bool = Field(
+        default=False, description="Also keep in high precision the layers whose quantization hurts most."
+    )
+    kv_cache_scheme: KvCacheScheme = Field(default=KvCacheScheme.NONE)
+    target: Target = Field(default=Target.CUDA_SM90, description="Hardware the artifact will be served on.")
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
+        CrossFieldRule(
+            cel="!has(self.groupSize) || self.scheme in ['W4A16', 'W4A16_ASYM', 'W8A16']",
+            message="groupSize applies only to weight-only integer schemes (W4A16, W4A16_ASYM, W8A16)",
+            check=_group_size_only_weight_only,
+            field_path=".groupSize",
+        ),
+        CrossFieldRule(
+            cel=_METHOD_RULE_CEL,
+            message="method does not fit scheme: FP8_DYNAMIC takes rtn; smoothquant+gptq is for W8A8; "
+            "awq is for W4A16 and W4A16_ASYM",
+            check=_method_fits_scheme,
+            field_path=".method",
+        ),
+    )
+
+
+class QualityLimits(ApiModel):
+    """Limits one slice must meet against the baseline; an unset limit is not checked."""
+
+    max_mean_kl_divergence: float | None = Field(default=None, ge=0, description="Mean next-token KL (nats).")
+    max_p99_kl_divergence: float | None = Field(default=None, ge=0, description="p99 next-token KL (nats).")
+    min_top1_agreement: float | None = Field(default=None, ge=0, le=1, description="Fraction, 0..1.")
+    max_perplexity_increase: float | None = Field(
+        default=None, ge=0, description="Allowed perplexity increase as a fraction (0.05 = +5%)."
+    )
+
+
+class Slice(ApiModel):
+    """A named part of the calibration data (a workload), measured and gated on its own."""
+
+    name: DnsLabel
+    samples: int = Field(default=64, ge=1, le=100_000, description="Calibration samples from this slice.")
+    eval_samples: int = Field(default=32, ge=1, le=100_000, description="Held-out samples to evaluate.")
+    quality_gate: QualityLimits | None = Field(
+        default=None, description="Overrides spec.qualityGate for this slice, field by field."
+    )
+
+
+class ConfigMapKeyRef(ApiModel):
+    name: DnsLabel
+    key: str = Field(max_length=253)
+
+
+class CalibrationData(ApiModel):
+    uri: ModelUri | None = Field(default=None, description="JSONL with `text` or `messages`, and `slice`.")
+    config_map_ref: ConfigMapKeyRef | None = Field(default=None, description="JSONL in a ConfigMap key.")
+    max_sequence_length: int = Field(default=2048, ge=16, le=1_048_576)
+    seed: int = Field(default=0, ge=0)
+    slices: list[Slice] = Field(min_length=1, max_length=64)
+
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
+        CrossFieldRule(
+            cel="has(self.uri) != has(self.configMapRef)",
+            message="set exactly one of uri and configMapRef",
+            check=lambda c: (c.uri is None) != (c.config_map_ref is None),
+        ),
+        CrossFieldRule(
+            cel="self.slices.all(a, self.slices.exists_one(b, b.name == a.name))",
+            message="slice names must be unique",
+            check=lambda c: len({s.name for s in c.slices}) == len(c.slices),
+            field_path=".slices",
+        ),
+    )
+
+
+class CalibrationJob(ApiModel):
+    image: str | None = Field(default=None, description="Worker image; the operator's default when unset.")
+    gpus: int = Field(default=1, ge=0, le=64, description="nvidia.com/gpu requested by the Job's pod.")
+    resources: Resources | None = None
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    active_deadline_seconds: int = Field(default=3600, ge=60)
+    backoff_limit: int = Field(default=0, ge=0, le=10)
+    service_account_name: DnsLabel | None = None
+
+
+class ArtifactRepository(ApiModel):
+    repository: str = Field(
+        pattern=r"^[a-z0-9.\-]+(:[0-9]+)?/[a-z0-9._\-/]+$",
+        max_length=512,
+        description="OCI repository the artifact is pushed to, e.g. registry.example.com/models/llama-8b-w4a16.",
+    )
+    insecure: bool = Field(default=False, description="Plain HTTP (local registries only).")
+    credentials_secret_ref: LocalObjectReference | None = None
+
+
+class QuantizedModelSpec(ApiModel):
+    base_model: BaseModelSource
+    quantization: Quantization
+    calibration: CalibrationData
+    quality_gate: QualityLimits = Field(
+        default_factory=lambda: QualityLimits(
+            max_mean_kl_divergence=0.05, min_top1_agreement=0.9, max_perplexity_increase=0.05
+        ),
+        description="Per-slice limits against the baseline (each slice may override).",
+    )
+    job: CalibrationJob = Field(default_factory=CalibrationJob)
+    artifact: ArtifactRepository
+
+
+class Artifact(StatusModel):
+    ref: DigestPinnedRef | None = Field(default=None, description="repo@sha256:… of the published artifact.")
+    short_digest: str | None = Field(default=None, description="First 12 hex digits, for printer columns.")
+    size_bytes: int | None = None
+    format: str | None = Field(default=None, description="e.g. compressed-tensors.")
+
+
+class SliceQuality(StatusModel):
+    slice: str
+    mean_kl_divergence: float | None = None
+    p99_kl_divergence: float | None = None
+    top1_agreement: float | None = None
+    perplexity_ratio: float | None = None
+    passed: bool | None = None
+    failed_limits: list[str] = Field(default_factory=list, max_length=8)
+
+
+class ExperimentEnvelope(StatusModel):
+    """What it takes to reproduce the artifact: inputs by digest, the recipe, and the tools' versions."""
+
+    base_model_digest: str | None = None
+    tokenizer_digest: str | None = None
+    calibration_data_digest: str | None = None
+    recipe: str | None = None
+    seed: int | None = None
+    hardware: str | None = None
+    tool_versions: dict[str, str] = Field(default_factory=dict)
+
+
+class QuantizedModelStatus(StatusModel):
+    phase: QuantizedModelPhase = QuantizedModelPhase.PENDING
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list, json_schema_extra=CONDITIONS_LIST_MAP)
+    message: str | None = None
+    job_name: str | None = None
+    artifact: Artifact | None = None
+    quality: list[SliceQuality] = Field(default_factory=list, max_length=64)
+    envelope: ExperimentEnvelope | None = None
+
+
+class QuantizedModel(ApiModel):
+    api_version: str = Field(default="quantrol.io/v1alpha1")
+    kind: str = Field(default=KIND)
+    metadata: dict[str, object] = Field(default_factory=dict)
+    spec: QuantizedModelSpec
+    status: QuantizedModelStatus | None = None

@@ -1,0 +1,361 @@
+"""ServingPolicy: "serve this model; move from the stable arm to the candidate only as fast as the SLOs allow"."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import datetime
+from enum import StrEnum
+from typing import ClassVar
+
+from pydantic import Field
+
+from quantrol_operator.api.base import ApiModel, CrossFieldRule, StatusModel
+from quantrol_operator.api.common import (
+    CONDITIONS_LIST_MAP,
+    Condition,
+    DnsLabel,
+    LocalObjectReference,
+    ModelUri,
+    Resources,
+)
+
+KIND = "ServingPolicy"
+PLURAL = "servingpolicies"
+
+
+class RolloutPhase(StrEnum):
+    PENDING = "Pending"
+    SHADOW = "Shadow"
+    CANARY = "Canary"
+    PROMOTED = "Promoted"
+    ROLLED_BACK = "RolledBack"
+    PAUSED = "Paused"
+    FAILED = "Failed"
+
+
+class Verdict(StrEnum):
+    """One SLO's judgement over one analysis window."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    INCONCLUSIVE = "inconclusive"  # too few requests, NaN, no series: never counts as pass
+    ERROR = "error"  # the query itself failed (e.g. Prometheus unreachable)
+    OVERLOAD = "overload"  # the stable arm breaches the same absolute limit: load, not the candidate
+
+
+class KernelPolicy(StrEnum):
+    ENFORCE = "enforce"  # a candidate whose kernels fall back is refused (KernelFallback)
+    WARN = "warn"  # a fallback candidate may face the SLOs; `none` is refused either way
+
+
+class DeletionPolicy(StrEnum):
+    DELETE = "Delete"  # deleting the policy removes the serving arms
+    ORPHAN = "Orphan"  # the arms keep serving without an owner
+
+
+class TrafficProvider(StrEnum):
+    ROUTER = "router"  # Quantrol's own router in front of both arms
+
+
+class KvCacheDtype(StrEnum):
+    AUTO = "auto"
+    FP8 = "fp8"
+    FP8_E4M3 = "fp8_e4m3"
+    FP8_E5M2 = "fp8_e5m2"
+
+
+class Baseline(ApiModel):
+    artifact: ModelUri = Field(
+        description="The higher-precision artifact: what serves until a promotion, and the last rollback "
+        "target. Pin it by digest (oci://repo@sha256:…) so it cannot move under you."
+    )
+
+
+class Candidate(ApiModel):
+    quantized_model_ref: LocalObjectReference | None = Field(
+        default=None, description="A QuantizedModel in this namespace; served only once Ready and qualified."
+    )
+    artifact: ModelUri | None = Field(default=None, description="A pinned artifact, oci://repo@sha256:….")
+
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
+        CrossFieldRule(
+            cel="has(self.quantizedModelRef) != has(self.artifact)",
+            message="set exactly one of quantizedModelRef and artifact",
+            check=lambda c: (c.quantized_model_ref is None) != (c.artifact is None),
+        ),
+    )
+
+
+class BatchBudget(ApiModel):
+    """How much work one engine may batch: vLLM's --max-num-seqs and --max-num-batched-tokens."""
+
+    max_num_seqs: int = Field(default=64, ge=1, le=4096)
+    max_num_batched_tokens: int = Field(default=8192, ge=1, le=1_048_576)
+
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
+        CrossFieldRule(
+            cel="self.maxNumBatchedTokens >= self.maxNumSeqs",
+            message="maxNumBatchedTokens must be at least maxNumSeqs (every running sequence needs a token)",
+            check=lambda b: b.max_num_batched_tokens >= b.max_num_seqs,
+            field_path=".maxNumBatchedTokens",
+        ),
+    )
+
+
+class Admission(ApiModel):
+    """The router's bound per arm: beyond it, 429 with Retry-After instead of an unbounded queue."""
+
+    max_in_flight: int = Field(default=128, ge=1, le=100_000)
+    max_queue: int = Field(default=256, ge=0, le=100_000)
+    max_queue_wait_seconds: float = Field(default=5.0, gt=0, le=600)
+
+
+class ServingTemplate(ApiModel):
+    image: str | None = Field(default=None, description="vLLM serving image; the operator's default when unset.")
+    replicas: int = Field(default=1, ge=1, le=1000, description="Engine replicas per arm.")
+    resources: Resources | None = None
+    max_model_len: int | None = Field(default=None, ge=16, le=10_000_000)
+    batch_budget: BatchBudget = Field(default_factory=BatchBudget)
+    admission: Admission = Field(default_factory=Admission)
+    kv_cache_dtype: KvCacheDtype = Field(default=KvCacheDtype.AUTO)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+
+
+class ShadowStage(ApiModel):
+    duration_seconds: int = Field(default=300, ge=0, le=604_800)
+    mirror_fraction: float = Field(default=0.1, ge=0, le=1, description="Fraction of stable traffic mirrored.")
+
+
+class CanaryStep(ApiModel):
+    weight: int = Field(ge=1, le=100, description="Percent of live traffic on the candidate.")
+    min_dwell_seconds: int = Field(default=300, ge=0, le=604_800)
+
+
+def _weights_strictly_increasing(r: Rollout) -> bool:
+    weights = [s.weight for s in r.canary_steps]
+    return all(a < b for a, b in itertools.pairwise(weights))
+
+
+class Rollout(ApiModel):
+    shadow: ShadowStage = Field(default_factory=ShadowStage)
+    canary_steps: list[CanaryStep] = Field(
+        default_factory=lambda: [CanaryStep(weight=w) for w in (5, 25, 50, 100)], min_length=1, max_length=20
+    )
+    promotion_grace_seconds: int = Field(
+        default=300, ge=0, le=86_400, description="How long the old stable arm stays up after a promotion."
+    )
+
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
+        CrossFieldRule(
+            # isSorted() is in Kubernetes' CEL list library (1.27+); exists_one makes it strict.
+            cel="self.canarySteps.map(s, s.weight).isSorted() && "
+            "self.canarySteps.all(a, self.canarySteps.exists_one(b, b.weight == a.weight))",
+            message="canarySteps weights must be strictly increasing",
+            check=_weights_strictly_increasing,
+            field_path=".canarySteps",
+        ),
+    )
+
+
+class PrometheusSource(ApiModel):
+    address: str = Field(pattern=r"^https?://\S+$", max_length=1024, description="e.g. http://prometheus:9090")
+
+
+class Analysis(ApiModel):
+    prometheus: PrometheusSource | None = Field(
+        default=None, description="Where the SLO metrics live; the operator's default when unset."
+    )
+    interval_seconds: int = Field(default=5, ge=1, le=3600)
+    window_seconds: int = Field(default=60, ge=5, le=86_400, description="Range each query looks back over.")
+    failure_limit: int = Field(default=3, ge=1, le=100, description="Consecutive failing windows → rollback.")
+    success_streak: int = Field(default=3, ge=1, le=100, description="Consecutive passing windows → next step.")
+    inconclusive_limit: int = Field(default=30, ge=1, le=10_000, description="Consecutive → Paused.")
+    error_limit: int = Field(default=10, ge=1, le=10_000, description="Consecutive query errors → Paused.")
+    min_sample_count: int = Field(default=20, ge=1, description="Fewer requests in a window: inconclusive.")
+
+
+class SloLimit(ApiModel):
+    """A limit on one metric of the candidate arm: absolute, relative to the stable arm, or both."""
+
+    max: float | None = Field(default=None, ge=0, description="Absolute limit on the candidate's value.")
+    max_relative_to_stable: float | None = Field(
+        default=None, gt=0, description="Candidate value ≤ this × the stable arm's value in the same window."
+    )
+
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
+        CrossFieldRule(
+            cel="has(self.max) || has(self.maxRelativeToStable)",
+            message="set max, maxRelativeToStable, or both",
+            check=lambda s: s.max is not None or s.max_relative_to_stable is not None,
+        ),
+    )
+
+
+class SloFloor(ApiModel):
+    """A floor on a metric where more is better (agreement, goodput)."""
+
+    min: float | None = Field(default=None, ge=0)
+    min_relative_to_stable: float | None = Field(default=None, gt=0)
+
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
+        CrossFieldRule(
+            cel="has(self.min) || has(self.minRelativeToStable)",
+            message="set min, minRelativeToStable, or both",
+            check=lambda s: s.min is not None or s.min_relative_to_stable is not None,
+        ),
+    )
+
+
+class CustomSlo(ApiModel):
+    name: DnsLabel
+    query: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="PromQL returning one value; `$arm`, `$namespace`, `$policy`, `$window` are substituted.",
+    )
+    max: float | None = None
+    min: float | None = None
+
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
+        CrossFieldRule(
+            cel="has(self.max) || has(self.min)",
+            message="a custom SLO needs max, min, or both",
+            check=lambda s: s.max is not None or s.min is not None,
+        ),
+    )
+
+
+class Slos(ApiModel):
+    """Service-level objectives the candidate must keep; latencies in seconds, rates as fractions."""
+
+    ttft_p99: SloLimit | None = Field(
+        default_factory=lambda: SloLimit(max=2.0, max_relative_to_stable=1.2),
+        description="Time to first token, p99 (seconds).",
+    )
+    inter_token_latency_p99: SloLimit | None = Field(
+        default_factory=lambda: SloLimit(max=0.2, max_relative_to_stable=1.2),
+        description="Inter-token latency (TPOT), p99 (seconds).",
+    )
+    error_rate: SloLimit | None = Field(default_factory=lambda: SloLimit(max=0.01))
+    queue_time_p99: SloLimit | None = Field(default_factory=lambda: SloLimit(max=1.0, max_relative_to_stable=1.5))
+    quality_delta: SloLimit | None = Field(
+        default_factory=lambda: SloLimit(max=0.1),
+        description="Stable minus candidate mean log-probability of the stable arm's tokens (nats/token).",
+    )
+    agreement: SloFloor | None = Field(
+        default_factory=lambda: SloFloor(min=0.9), description="Greedy token agreement with the stable arm."
+    )
+    goodput: SloFloor | None = Field(
+        default_factory=lambda: SloFloor(min_relative_to_stable=1.0),
+        description="Accepted output tokens per engine-second vs the stable arm: a lower-bit artifact is "
+        "promoted because it is faster on the target, not because it fits.",
+    )
+    custom: list[CustomSlo] = Field(default_factory=list, max_length=32)
+
+
+class ServingPolicySpec(ApiModel):
+    baseline: Baseline
+    candidate: Candidate
+    kernel_policy: KernelPolicy = Field(default=KernelPolicy.ENFORCE)
+    deletion_policy: DeletionPolicy = Field(default=DeletionPolicy.DELETE)
+    serving: ServingTemplate = Field(default_factory=ServingTemplate)
+    router_replicas: int = Field(default=2, ge=1, le=100)
+    rollout: Rollout = Field(default_factory=Rollout)
+    analysis: Analysis = Field(default_factory=Analysis)
+    slos: Slos = Field(default_factory=Slos)
+    traffic_provider: TrafficProvider = Field(default=TrafficProvider.ROUTER)
+
+
+class RollbackReason(StrEnum):
+    SLO_BREACH = "SloBreach"
+    MANUAL = "Manual"
+    KERNEL_UNAVAILABLE = "KernelUnavailable"
+    KERNEL_FALLBACK = "KernelFallback"
+    CANDIDATE_FAILED = "CandidateFailed"
+
+
+class MetricResult(StatusModel):
+    slo: str
+    arm: str = "candidate"
+    value: float | None = None
+    stable_value: float | None = None
+    limit: float | None = None
+    verdict: Verdict
+    message: str | None = None
+
+
+class AnalysisRun(StatusModel):
+    time: datetime
+    window_seconds: int
+    verdict: Verdict
+    metrics: list[MetricResult] = Field(default_factory=list, max_length=64)
+
+
+class RollbackRecord(StatusModel):
+    reason: RollbackReason
+    slo: str | None = None
+    candidate_value: float | None = None
+    stable_value: float | None = None
+    limit: float | None = None
+    window_seconds: int | None = None
+    time: datetime
+    candidate_artifact: str | None = None
+    message: str = ""
+
+
+class Transition(StatusModel):
+    time: datetime
+    from_phase: RolloutPhase | None = Field(default=None, alias="from")
+    to_phase: RolloutPhase = Field(alias="to")
+    step: int | None = None
+    reason: str
+    message: str = ""
+
+
+class Weights(StatusModel):
+    stable: int = Field(default=100, ge=0, le=100)
+    candidate: int = Field(default=0, ge=0, le=100)
+    mirror_fraction: float = Field(default=0.0, ge=0, le=1)
+
+
+class HandledAnnotations(StatusModel):
+    retry: str | None = None
+    rollback: str | None = None
+
+
+class AnalysisCounters(StatusModel):
+    """Streak counters, kept in status so an operator restart resumes them instead of resetting."""
+
+    consecutive_failures: int = 0
+    consecutive_successes: int = 0
+    consecutive_inconclusive: int = 0
+    consecutive_errors: int = 0
+    newest_sample_time: datetime | None = None
+
+
+class ServingPolicyStatus(StatusModel):
+    phase: RolloutPhase = RolloutPhase.PENDING
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list, json_schema_extra=CONDITIONS_LIST_MAP)
+    message: str | None = None
+    step: int | None = Field(default=None, description="Index of the current canary step, from 0.")
+    weights: Weights = Field(default_factory=Weights)
+    stable_artifact: str | None = Field(default=None, description="What serves now, pinned by digest.")
+    stable_short_digest: str | None = None
+    candidate_artifact: str | None = Field(default=None, description="The pinned candidate under rollout.")
+    candidate_short_digest: str | None = None
+    rollback_target: str | None = None
+    phase_since: datetime | None = None
+    last_analysis: AnalysisRun | None = None
+    counters: AnalysisCounters = Field(default_factory=AnalysisCounters)
+    rollback: RollbackRecord | None = None
+    handled_annotations: HandledAnnotations = Field(default_factory=HandledAnnotations)
+    history: list[Transition] = Field(default_factory=list, max_length=50)
+
+
+class ServingPolicy(ApiModel):
+    api_version: str = Field(default="quantrol.io/v1alpha1")
+    kind: str = Field(default=KIND)
+    metadata: dict[str, object] = Field(default_factory=dict)
+    spec: ServingPolicySpec
+    status: ServingPolicyStatus | None = None

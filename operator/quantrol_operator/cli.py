@@ -1,0 +1,67 @@
+"""`quantrol`: the user's command line (CRDs, validation; later: demo and status)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from quantrol_operator import crdgen
+from quantrol_operator.validation import validate_object
+
+
+def _cmd_crds(args: argparse.Namespace) -> int:
+    if args.check:
+        stale = crdgen.drifted(Path(args.check))
+        for name in stale:
+            print(f"{args.check}/{name} differs from the API models; run `quantrol crds --write {args.check}`")
+        return 1 if stale else 0
+    if args.write:
+        for path in crdgen.write_all(Path(args.write)):
+            print(f"wrote {path}")
+        return 0
+    print("---\n".join(crdgen.render_all().values()), end="")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    failures = 0
+    for filename in args.files:
+        with open(filename) as handle:
+            documents = [doc for doc in yaml.safe_load_all(handle) if doc]
+        for doc in documents:
+            name = f"{doc.get('kind', '?')}/{(doc.get('metadata') or {}).get('name', '?')}"
+            errors = validate_object(doc)
+            for error in errors:
+                print(f"{filename}: {name}: {error}", file=sys.stderr)
+            if errors:
+                failures += 1
+            else:
+                print(f"{filename}: {name}: valid")
+    return 1 if failures else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quantrol", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    crds = sub.add_parser("crds", help="print the CustomResourceDefinitions (generated from the API models)")
+    crds.add_argument("--write", metavar="DIR", help="write one file per CRD into DIR instead of printing")
+    crds.add_argument("--check", metavar="DIR", help="exit 1 if the CRDs in DIR differ from the models")
+    crds.set_defaults(func=_cmd_crds)
+
+    validate = sub.add_parser("validate", help="check QuantizedModel/ServingPolicy YAML as the API server would")
+    validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.set_defaults(func=_cmd_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
