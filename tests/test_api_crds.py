@@ -11,10 +11,10 @@ import pytest
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
+
 from quantrol_operator import crdgen
 from quantrol_operator.api.servingpolicy import BatchBudget, Rollout
 from quantrol_operator.validation import validate_object
-
 from tests.admission import admit, all_cel_rules, compile_cel, evaluate_cel, load_crds, open_api_schema
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,6 +50,14 @@ def wait_until(
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
 
 
+def find_binary(name: str, env_var: str) -> str | None:
+    """The executable `name`: `$env_var` if set, else PATH, else /usr/bin (where Debian puts it)."""
+    override = os.environ.get(env_var)
+    if override:
+        return override if os.access(override, os.X_OK) else None
+    return shutil.which(name) or shutil.which(name, path="/usr/bin")
+
+
 @dataclass
 class ManagedProcess:
     """A child process in its own process group, with its output captured to a log file."""
@@ -64,7 +73,7 @@ class ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         try:
-            self.popen = subprocess.Popen(  # noqa: S603 - argv is built by the stack, never from user input
+            self.popen = subprocess.Popen(  # argv is built by the stack, never from user input
                 list(self.argv),
                 stdout=log,
                 stderr=subprocess.STDOUT,
