@@ -1,0 +1,715 @@
+"""The serving router: pure parts without a server, then the real aiohttp router over HTTP on 127.0.0.1 in front
+of two ENGINE STAND-INS (tests/engine_standin.py, not vLLM; the real-engine tier is separate)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+
+from quantrol_worker.router import compare, protocol
+from quantrol_worker.router.admission import ArmGate, Rejected, admission_decision, retry_after_seconds
+from quantrol_worker.router.app import AdminToken, Router
+from quantrol_worker.router.config import AdmissionLimits, apply_decision, parse_config
+from quantrol_worker.router.split import choose_arm, should_mirror, sticky_point
+from tests.engine_standin import Behaviour, EngineStandin, start_standin
+
+TOKEN = "s3cret-admin-token"
+
+# ---- pure: split and sticky ----------------------------------------------------------------------------------
+
+weights_st = st.fixed_dictionaries({"stable": st.integers(0, 100), "candidate": st.integers(0, 100)}).filter(
+    lambda w: sum(w.values()) > 0
+)
+
+
+@given(weights_st, st.floats(0, 1, exclude_max=True))
+def test_choose_arm_never_picks_a_zero_weight_arm(weights: dict[str, int], point: float) -> None:
+    assert weights[choose_arm(weights, point)] > 0  # type: ignore[arg-type]
+
+
+@given(st.text(min_size=1, max_size=64), weights_st)
+def test_sticky_key_always_lands_on_the_same_arm(key: str, weights: dict[str, int]) -> None:
+    point = sticky_point(key)
+    assert 0 <= point < 1
+    assert choose_arm(weights, point) == choose_arm(weights, sticky_point(key))  # type: ignore[arg-type]
+
+
+@given(st.text(min_size=1, max_size=64), st.integers(0, 100), st.integers(0, 100))
+def test_raising_the_candidate_weight_never_moves_a_key_back_to_stable(key: str, low: int, high: int) -> None:
+    low, high = min(low, high), max(low, high)
+    point = sticky_point(key)
+    before = choose_arm({"candidate": low, "stable": 100 - low}, point)
+    after = choose_arm({"candidate": high, "stable": 100 - high}, point)
+    assert not (before == "candidate" and after == "stable")
+
+
+def test_split_ratio_over_uniform_points_matches_the_weights() -> None:
+    n = 10_000
+    picks = [choose_arm({"stable": 70, "candidate": 30}, (i + 0.5) / n) for i in range(n)]
+    assert abs(picks.count("candidate") / n - 0.30) < 0.001
+
+
+def test_sticky_points_spread_uniformly() -> None:
+    points = [sticky_point(f"conversation-{i}") for i in range(4000)]
+    assert abs(sum(p < 0.25 for p in points) / 4000 - 0.25) < 0.03
+
+
+def test_only_stable_traffic_is_mirrored() -> None:
+    assert should_mirror("stable", 0.5, 0.2) and not should_mirror("stable", 0.5, 0.7)
+    assert not should_mirror("candidate", 1.0, 0.0)
+
+
+# ---- pure: admission ----------------------------------------------------------------------------------------
+
+LIMITS = AdmissionLimits(max_in_flight=2, max_queue=2, max_queue_wait_s=0.5)
+
+
+@pytest.mark.parametrize(
+    ("in_flight", "waiting", "may_wait", "expected"),
+    [
+        (0, 0, True, "admit"),
+        (1, 0, False, "admit"),
+        (2, 0, True, "queue"),
+        (1, 1, True, "queue"),  # a free slot but someone is ahead: FIFO, no overtaking
+        (2, 2, True, "reject"),  # queue full
+        (2, 0, False, "reject"),  # mirror/probe traffic never waits
+    ],
+)
+def test_admission_decision_table(in_flight: int, waiting: int, may_wait: bool, expected: str) -> None:
+    assert admission_decision(in_flight, waiting, LIMITS, may_wait) == expected
+
+
+@given(st.integers(0, 10_000), st.integers(1, 1000), st.floats(0, 1e6) | st.sampled_from([math.nan, math.inf]))
+def test_retry_after_is_a_whole_second_between_1_and_60(waiting: int, slots: int, service: float) -> None:
+    limits = AdmissionLimits(max_in_flight=slots)
+    assert 1 <= retry_after_seconds(waiting, limits, service) <= 60
+
+
+async def test_gate_hands_slots_over_in_fifo_order_and_times_out() -> None:
+    gate = ArmGate(AdmissionLimits(max_in_flight=1, max_queue=2, max_queue_wait_s=0.3))
+    await gate.acquire(may_wait=True)
+    order: list[int] = []
+
+    async def waiter(i: int) -> None:
+        await gate.acquire(may_wait=True)
+        order.append(i)
+        gate.release(0.01)
+
+    tasks = [asyncio.create_task(waiter(i)) for i in range(2)]
+    await asyncio.sleep(0.01)
+    with pytest.raises(Rejected) as rejected:
+        await gate.acquire(may_wait=True)  # queue of 2 is full
+    assert rejected.value.reason == "queue_full"
+    gate.release(0.01)
+    await asyncio.gather(*tasks)
+    assert order == [0, 1] and gate.in_flight == 0
+    await gate.acquire(may_wait=True)
+    with pytest.raises(Rejected) as timed_out:
+        await gate.acquire(may_wait=True)
+    assert timed_out.value.reason == "queue_timeout" and gate.waiting == 0
+
+
+# ---- pure: comparison, redaction, protocol ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stable", "candidate", "ratio", "first"),
+    [
+        ([1, 2, 3, 4], [1, 2, 3, 4], 1.0, None),
+        ([1, 2, 3, 4], [1, 2, 9, 4], 0.75, 2),
+        ([1, 2, 3, 4], [1, 2], 0.5, 2),  # a shorter answer is a disagreement
+        ([], [], 1.0, None),
+        ([5], [6], 0.0, 0),
+    ],
+)
+def test_token_agreement(stable: list[int], candidate: list[int], ratio: float, first: int | None) -> None:
+    result = compare.token_agreement(stable, candidate)
+    assert result.ratio == ratio and result.first_divergence == first
+
+
+@given(st.lists(st.integers(0, 50), max_size=40), st.lists(st.integers(0, 50), max_size=40))
+def test_agreement_is_symmetric_and_bounded(a: list[int], b: list[int]) -> None:
+    ab, ba = compare.token_agreement(a, b), compare.token_agreement(b, a)
+    assert ab == ba and 0 <= ab.ratio <= 1
+    assert (ab.first_divergence is None) == (a == b)
+
+
+def test_quality_delta_is_candidate_minus_stable() -> None:
+    assert compare.quality_delta([-1.0, -3.0], [-0.5, -0.5]) == pytest.approx(-1.5)
+    assert compare.quality_delta([], []) is None
+
+
+def test_redaction_happens_before_the_cut() -> None:
+    patterns = compare.compile_patterns(parse_config(_config_text(1)).diffs.redact_patterns)
+    text = "mail me at jane.doe@example.com, api_key=abc123 card 4111 1111 1111 1111"
+    redacted = compare.redact(text, patterns, 10_000)
+    assert "jane" not in redacted and "abc123" not in redacted and "4111" not in redacted
+    assert redacted.count(compare.REDACTED) == 3
+    assert compare.redact("x" * 50, [], 16) == "x" * 16 + "…"
+
+
+def test_slice_label_bounds_user_supplied_values() -> None:
+    assert protocol.slice_label("code", ["code"], 10, [256]) == "code"
+    assert protocol.slice_label("anything-else", ["code"], 10, [256]) == "other"
+    assert protocol.slice_label(None, [], 100, [256, 1024]) == "len_le_256"
+    assert protocol.slice_label(None, [], 5000, [256, 1024]) == "len_gt_1024"
+
+
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=20))
+def test_sse_parser_is_independent_of_network_chunking(cuts: list[int]) -> None:
+    stream = b"".join(b'data: {"i": %d}\n\n' % i for i in range(5)) + b"data: [DONE]\n\n"
+    parser, payloads, position = protocol.SSEParser(), [], 0
+    for cut in cuts:
+        payloads += parser.feed(stream[position : position + cut])
+        position += cut
+    payloads += parser.feed(stream[position:])
+    assert payloads == [b'{"i": %d}' % i for i in range(5)] + [b"[DONE]"]
+
+
+def test_is_greedy_needs_an_explicit_zero_temperature() -> None:
+    assert protocol.is_greedy({"temperature": 0}) and protocol.is_greedy({"top_k": 1})
+    assert not protocol.is_greedy({}) and not protocol.is_greedy({"temperature": 0, "n": 2})
+
+
+def test_scored_logprobs_reads_the_engine_shape() -> None:
+    engine = EngineStandin()
+    ids = [3, 4, 5, 6]
+    entries = engine.prompt_logprobs(ids, 0)
+    values = protocol.scored_logprobs({"choices": [{"prompt_logprobs": entries}]}, ids[2:], 2)
+    assert values is not None and len(values) == 2
+    assert protocol.scored_logprobs({"choices": [{"prompt_logprobs": None}]}, ids[2:], 2) is None
+
+
+# ---- pure: config -----------------------------------------------------------------------------------------------
+
+
+def _config_text(version: int, stable: str = "http://127.0.0.1:1", candidate: str = "http://127.0.0.1:2",
+                 **extra: Any) -> str:
+    doc: dict[str, Any] = {
+        "version": version,
+        "arms": {"stable": {"url": stable, "weight": 100}, "candidate": {"url": candidate, "weight": 0}},
+    }
+    for key, value in extra.items():
+        if key == "weights":
+            for arm, weight in value.items():
+                doc["arms"][arm]["weight"] = weight
+        elif key == "admission":
+            for arm, limits in value.items():
+                doc["arms"][arm]["admission"] = limits
+        else:
+            doc[key] = value
+    return json.dumps(doc)
+
+
+def test_config_rejects_typos_and_inconsistent_documents() -> None:
+    with pytest.raises(ValueError, match="mirror_fractoin"):
+        parse_config(_config_text(1, mirror_fractoin=0.1))
+    with pytest.raises(ValueError, match=r"needs arms\.candidate"):
+        parse_config(json.dumps({"version": 1, "arms": {"stable": {"url": "http://a", "weight": 1}},
+                                 "mirror_fraction": 0.5}))
+    with pytest.raises(ValueError, match="positive weight"):
+        parse_config(_config_text(1, weights={"stable": 0}))
+
+
+def test_apply_decision_makes_file_and_admin_paths_commute() -> None:
+    v1, v2 = parse_config(_config_text(1)), parse_config(_config_text(2, weights={"candidate": 10}))
+    assert apply_decision(None, v1) == "apply"
+    assert apply_decision(v1, v2) == "apply"
+    assert apply_decision(v2, v1) == "stale"  # the ConfigMap lagging behind an admin push
+    assert apply_decision(v2, parse_config(_config_text(2, weights={"candidate": 10}))) == "unchanged"
+    assert apply_decision(v2, parse_config(_config_text(2, weights={"candidate": 50}))) == "conflict"
+
+
+# ---- over HTTP: fixtures ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    stable: EngineStandin
+    candidate: EngineStandin
+    stable_url: str
+    candidate_url: str
+
+
+@dataclass
+class RunningRouter:
+    router: Router
+    url: str
+    config_path: Path
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[Stack]:
+    stable, candidate = EngineStandin(Behaviour(model="m")), EngineStandin(Behaviour(model="m"))
+    (r1, p1), (r2, p2) = await start_standin(stable), await start_standin(candidate)
+    try:
+        yield Stack(stable, candidate, f"http://127.0.0.1:{p1}", f"http://127.0.0.1:{p2}")
+    finally:
+        await r1.cleanup()
+        await r2.cleanup()
+
+
+RouterFactory = Callable[..., Awaitable[RunningRouter]]
+
+
+@pytest.fixture
+async def start_router(stack: Stack, tmp_path: Path) -> AsyncIterator[RouterFactory]:
+    runners: list[web.AppRunner] = []
+
+    async def start(version: int = 1, **extra: Any) -> RunningRouter:
+        path = tmp_path / f"router-{len(runners)}.json"
+        path.write_text(_config_text(version, stack.stable_url, stack.candidate_url, **extra))
+        router = Router(parse_config(path.read_text()), config_path=path, admin_token=AdminToken(None, TOKEN),
+                        reload_interval_s=0.05, seed=7)
+        runner = web.AppRunner(router.make_app(), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return RunningRouter(router, f"http://127.0.0.1:{port}", path)
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def completion(prompt: str = "hello world", max_tokens: int = 8, stream: bool = False, **extra: Any) -> dict[str, Any]:
+    return {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream, **extra}
+
+
+def chat(content: str = "hello", max_tokens: int = 8, stream: bool = False) -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": stream}
+
+
+async def read_sse(response: aiohttp.ClientResponse) -> list[Any]:
+    parser, events = protocol.SSEParser(), []
+    async for chunk in response.content.iter_any():
+        for data in parser.feed(chunk):
+            events.append("[DONE]" if data == b"[DONE]" else json.loads(data))
+    return events
+
+
+def strip_volatile(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: strip_volatile(v) for k, v in obj.items() if k not in ("id", "created")}
+    if isinstance(obj, list):
+        return [strip_volatile(v) for v in obj]
+    return obj
+
+
+async def scrape(http: aiohttp.ClientSession, url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    async with http.get(url + "/metrics") as response:
+        text = await response.text()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def total(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    want = set(labels.items())
+    return sum(v for (n, lab), v in samples.items() if n == name and want <= lab)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within_s: float = 5.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not await check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+# ---- over HTTP: split, sticky, passthrough -------------------------------------------------------------------
+
+
+async def test_split_follows_the_weights(stack: Stack, start_router: RouterFactory,
+                                         http: aiohttp.ClientSession) -> None:
+    running = await start_router(weights={"stable": 70, "candidate": 30})
+    n = 400
+    sem = asyncio.Semaphore(32)
+
+    async def one() -> None:
+        async with sem, http.post(running.url + "/v1/completions", json=completion(max_tokens=2)) as r:
+            assert r.status == 200
+
+    await asyncio.gather(*(one() for _ in range(n)))
+    share = stack.candidate.stats.requests["/v1/completions"] / n
+    assert abs(share - 0.30) < 0.08, share  # ±3.5 standard deviations of a binomial(400, 0.3)
+
+
+async def test_sticky_header_keeps_a_conversation_on_one_arm(stack: Stack, start_router: RouterFactory,
+                                                             http: aiohttp.ClientSession) -> None:
+    running = await start_router(weights={"stable": 50, "candidate": 50}, sticky_header="X-Session")
+    arms_by_key: dict[str, set[int]] = {}
+    for key in ("alice", "bob", "carol", "dave"):
+        for _ in range(10):
+            before = stack.candidate.stats.requests.get("/v1/chat/completions", 0)
+            async with http.post(running.url + "/v1/chat/completions", json=chat(max_tokens=1),
+                                 headers={"X-Session": key}) as r:
+                assert r.status == 200
+            arms_by_key.setdefault(key, set()).add(stack.candidate.stats.requests.get("/v1/chat/completions", 0)
+                                                   - before)
+    assert all(len(arms) == 1 for arms in arms_by_key.values()), arms_by_key
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("stream", [True, False])
+async def test_answers_pass_through_unchanged(stack: Stack, start_router: RouterFactory,
+                                             http: aiohttp.ClientSession, path: str, stream: bool) -> None:
+    running = await start_router()
+    body = completion(max_tokens=6, stream=stream, logprobs=1) if path == "/v1/completions" \
+        else chat(max_tokens=6, stream=stream)
+    results = []
+    for base in (stack.stable_url, running.url):
+        async with http.post(base + path, json=body) as r:
+            assert r.status == 200
+            if stream:
+                assert r.headers["Content-Type"].startswith("text/event-stream")
+                results.append(await read_sse(r))
+            else:
+                results.append(await r.json())
+    assert strip_volatile(results[0]) == strip_volatile(results[1])
+    if stream:
+        assert results[1][-1] == "[DONE]"
+
+
+async def test_models_and_health_pass_through_and_healthz_is_the_router(
+        stack: Stack, start_router: RouterFactory, http: aiohttp.ClientSession) -> None:
+    running = await start_router()
+    async with http.get(running.url + "/v1/models") as r:
+        assert r.status == 200 and (await r.json())["data"][0]["id"] == "m"
+    async with http.get(running.url + "/health") as r:
+        assert r.status == 200
+    async with http.get(running.url + "/healthz") as r:
+        assert (await r.json()) == {"status": "ok", "config_version": 1}
+
+
+async def test_upstream_errors_reach_the_client_and_the_metrics(stack: Stack, start_router: RouterFactory,
+                                                                http: aiohttp.ClientSession) -> None:
+    stack.candidate.behaviour.error_rate = 1.0
+    running = await start_router(weights={"stable": 0, "candidate": 100})
+    async with http.post(running.url + "/v1/completions", json=completion()) as r:
+        assert r.status == 500
+        assert "injected" in (await r.json())["error"]["message"]
+    samples = await scrape(http, running.url)
+    assert total(samples, "quantrol_router_errors_total", arm="candidate", traffic="live", kind="upstream_5xx") == 1
+
+
+async def test_unreachable_arm_is_a_502_not_a_hang(stack: Stack, start_router: RouterFactory,
+                                                   http: aiohttp.ClientSession) -> None:
+    running = await start_router()
+    running.router.offer(parse_config(_config_text(2, "http://127.0.0.1:9", stack.candidate_url)), "test")
+    async with http.post(running.url + "/v1/completions", json=completion()) as r:
+        assert r.status == 502
+    samples = await scrape(http, running.url)
+    assert total(samples, "quantrol_router_errors_total", arm="stable", kind="upstream_connect") == 1
+
+
+# ---- over HTTP: shadow ---------------------------------------------------------------------------------------
+
+
+async def test_shadow_mirrors_a_fraction_and_compares_identical_answers(
+        stack: Stack, start_router: RouterFactory, http: aiohttp.ClientSession) -> None:
+    running = await start_router(mirror_fraction=0.5, compare={"max_concurrent_mirrors": 1000})
+    n = 200
+    for i in range(n):
+        body = completion(f"prompt number {i}", max_tokens=4, stream=bool(i % 2))
+        async with http.post(running.url + "/v1/completions", json=body) as r:
+            assert r.status == 200
+            payload = await (read_sse(r) if i % 2 else r.json())
+        async with http.post(stack.stable_url + "/v1/completions", json=body) as r:
+            direct = await (read_sse(r) if i % 2 else r.json())
+        # The client's answer is exactly the stable arm's, although the router asked it for token ids too.
+        assert strip_volatile(payload) == strip_volatile(direct)
+
+    async def settled() -> bool:
+        return running.router.mirrors_in_flight == 0
+
+    await eventually(settled)
+    mirrored = stack.candidate.stats.requests["/v1/completions"] - stack.candidate.stats.prompt_logprob_requests
+    assert abs(mirrored / n - 0.5) < 0.15, mirrored
+    samples = await scrape(http, running.url)
+    assert total(samples, "quantrol_router_mirrored_total", outcome="sent") == mirrored
+    assert total(samples, "quantrol_router_compared_total", result="identical") == mirrored
+    assert total(samples, "quantrol_router_agreement_ratio_count") == mirrored
+    assert total(samples, "quantrol_router_agreement_ratio_sum") == mirrored  # every ratio is 1.0
+    assert total(samples, "quantrol_router_quality_delta_nats_count") == mirrored
+    assert total(samples, "quantrol_router_quality_delta_nats_bucket", le="0.0") == mirrored
+    assert total(samples, "quantrol_router_quality_delta_nats_bucket", le="-0.01") == 0
+    nll = [total(samples, "quantrol_router_probe_nll_nats_total", arm=arm) for arm in ("stable", "candidate")]
+    assert nll[0] == pytest.approx(nll[1]) and nll[0] > 0
+    # Mirror and probe traffic is never counted as live: the candidate has no live requests at all.
+    assert total(samples, "quantrol_router_requests_total", arm="candidate", traffic="live") == 0
+    assert total(samples, "quantrol_router_requests_total", arm="stable", traffic="live") == n
+    assert total(samples, "quantrol_router_requests_total", arm="candidate", traffic="mirror") == mirrored
+    assert total(samples, "quantrol_router_requests_total", traffic="probe") == 2 * mirrored
+
+
+async def test_a_slow_candidate_does_not_slow_the_client(stack: Stack, start_router: RouterFactory,
+                                                         http: aiohttp.ClientSession) -> None:
+    stack.candidate.behaviour.token_latency_s = 0.25  # 8 tokens: 2 s per mirrored answer
+    running = await start_router(mirror_fraction=1.0)
+    for stream in (False, True):
+        started = time.perf_counter()
+        async with http.post(running.url + "/v1/completions", json=completion(stream=stream)) as r:
+            assert r.status == 200
+            await r.read()
+        assert time.perf_counter() - started < 0.5
+    assert running.router.mirrors_in_flight == 2  # still running in the background
+
+
+async def test_mirrors_beyond_the_bound_are_dropped_not_queued(stack: Stack, start_router: RouterFactory,
+                                                               http: aiohttp.ClientSession) -> None:
+    stack.candidate.behaviour.token_latency_s = 0.25
+    running = await start_router(mirror_fraction=1.0, compare={"max_concurrent_mirrors": 2})
+    for _ in range(5):
+        async with http.post(running.url + "/v1/completions", json=completion()) as r:
+            assert r.status == 200
+    samples = await scrape(http, running.url)
+    assert total(samples, "quantrol_router_mirrored_total", outcome="dropped_busy") == 3
+    assert running.router.mirrors_in_flight == 2
+
+
+async def test_a_candidate_that_answers_differently_shows_in_agreement_quality_and_diffs(
+        stack: Stack, start_router: RouterFactory, http: aiohttp.ClientSession) -> None:
+    stack.candidate.behaviour.deviation = 0.5
+    running = await start_router(mirror_fraction=1.0, diffs={"enabled": True, "capacity": 3})
+    for i in range(8):
+        body = chat(f"write to jane.doe@example.com about topic {i}", max_tokens=16, stream=i % 2 == 0)
+        async with http.post(running.url + "/v1/chat/completions", json=body) as r:
+            assert r.status == 200
+            await r.read()
+
+    async def settled() -> bool:
+        return running.router.mirrors_in_flight == 0
+
+    await eventually(settled)
+    samples = await scrape(http, running.url)
+    compared = total(samples, "quantrol_router_agreement_ratio_count")
+    assert compared == 8
+    assert total(samples, "quantrol_router_agreement_ratio_sum") / compared < 0.9
+    assert total(samples, "quantrol_router_compared_total", result="diverged") >= 6
+    assert total(samples, "quantrol_router_first_divergence_position_count") >= 6
+    assert total(samples, "quantrol_router_quality_delta_nats_bucket", le="-0.5") == 8
+    delta_mean = (total(samples, "quantrol_router_probe_nll_nats_total", arm="stable")
+                  - total(samples, "quantrol_router_probe_nll_nats_total", arm="candidate")) / total(
+        samples, "quantrol_router_probe_tokens_total")
+    assert delta_mean < -0.5  # the candidate finds stable's tokens markedly less likely
+
+    async with http.get(running.url + "/quantrol/diffs") as r:
+        assert r.status == 401
+    async with http.get(running.url + "/quantrol/diffs", headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+        samples_json = (await r.json())["samples"]
+    assert 1 <= len(samples_json) <= 3  # bounded
+    sample = samples_json[-1]
+    assert "jane.doe" not in sample["prompt"] and compare.REDACTED in sample["prompt"]
+    assert sample["stable"] != sample["candidate"] and sample["first_divergence"] is not None
+
+
+async def test_sampled_requests_are_not_compared(stack: Stack, start_router: RouterFactory,
+                                                 http: aiohttp.ClientSession) -> None:
+    running = await start_router(mirror_fraction=1.0)
+    async with http.post(running.url + "/v1/completions", json=completion(temperature=0.8)) as r:
+        assert r.status == 200
+
+    async def counted() -> bool:
+        samples = await scrape(http, running.url)
+        return total(samples, "quantrol_router_compared_total", result="skipped_sampled") == 1
+
+    await eventually(counted)
+
+
+async def test_diffs_are_off_by_default(stack: Stack, start_router: RouterFactory,
+                                        http: aiohttp.ClientSession) -> None:
+    running = await start_router()
+    async with http.get(running.url + "/quantrol/diffs", headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+        assert r.status == 404
+
+
+# ---- over HTTP: admission ------------------------------------------------------------------------------------
+
+
+async def test_admission_answers_429_with_retry_after_beyond_the_bounds(
+        stack: Stack, start_router: RouterFactory, http: aiohttp.ClientSession) -> None:
+    stack.stable.behaviour.token_latency_s = 0.05  # 8 tokens: 0.4 s per request
+    running = await start_router(admission={"stable": {"max_in_flight": 2, "max_queue": 2, "max_queue_wait_s": 1.0}})
+
+    async def one() -> tuple[int, str | None]:
+        async with http.post(running.url + "/v1/completions", json=completion()) as r:
+            await r.read()
+            return r.status, r.headers.get("Retry-After")
+
+    results = await asyncio.gather(*(one() for _ in range(8)))
+    statuses = sorted(status for status, _ in results)
+    assert statuses == [200] * 4 + [429] * 4  # 2 in flight + 2 queued; the rest refused at once
+    assert all(int(after) >= 1 for status, after in results if status == 429 and after is not None)
+    assert stack.stable.stats.max_in_flight == 2
+
+    # A queue wait beyond max_queue_wait_s is refused too, rather than waiting on.
+    running.router.offer(parse_config(_config_text(
+        2, stack.stable_url, stack.candidate_url,
+        admission={"stable": {"max_in_flight": 1, "max_queue": 5, "max_queue_wait_s": 0.1}})), "test")
+    results = await asyncio.gather(*(one() for _ in range(3)))
+    assert sorted(s for s, _ in results) == [200, 429, 429]
+    samples = await scrape(http, running.url)
+    assert total(samples, "quantrol_router_errors_total", kind="admission_queue_full") == 4
+    assert total(samples, "quantrol_router_errors_total", kind="admission_queue_timeout") == 2
+    assert total(samples, "quantrol_router_queue_wait_seconds_count", arm="stable", traffic="live") == 5
+
+
+# ---- over HTTP: configuration --------------------------------------------------------------------------------
+
+
+async def _start_slow_stream(http: aiohttp.ClientSession, url: str) -> asyncio.Task[list[Any]]:
+    async def run() -> list[Any]:
+        async with http.post(url + "/v1/completions", json=completion(max_tokens=20, stream=True)) as r:
+            assert r.status == 200
+            return await read_sse(r)
+
+    task = asyncio.create_task(run())
+    await asyncio.sleep(0.15)  # the stream is flowing
+    return task
+
+
+async def test_file_reload_moves_traffic_without_dropping_a_stream(
+        stack: Stack, start_router: RouterFactory, http: aiohttp.ClientSession) -> None:
+    stack.stable.behaviour.token_latency_s = 0.04
+    running = await start_router()
+    stream = await _start_slow_stream(http, running.url)
+    running.config_path.write_text(_config_text(2, stack.stable_url, stack.candidate_url,
+                                                weights={"stable": 0, "candidate": 100}))
+
+    async def applied() -> bool:
+        return running.router.config.version == 2
+
+    await eventually(applied)
+    assert not stream.done()
+    async with http.post(running.url + "/v1/completions", json=completion(max_tokens=1)) as r:
+        assert r.status == 200
+    assert stack.candidate.stats.requests["/v1/completions"] == 1
+    events = await stream
+    assert events[-1] == "[DONE]" and len([e for e in events if e != "[DONE]"]) == 20
+    # An older file (the ConfigMap lagging an admin push) is not applied; SIGHUP forces a re-read.
+    running.config_path.write_text(_config_text(1, stack.stable_url, stack.candidate_url))
+    running.router._on_sighup()
+    assert running.router.config.version == 2
+    samples = await scrape(http, running.url)
+    assert total(samples, "quantrol_router_config_version") == 2
+    assert total(samples, "quantrol_router_weight", arm="candidate") == 100
+    assert total(samples, "quantrol_router_config_updates_total", source="file", result="stale") >= 1
+
+
+async def test_a_broken_config_file_keeps_the_applied_config(stack: Stack, start_router: RouterFactory,
+                                                             http: aiohttp.ClientSession) -> None:
+    running = await start_router()
+    running.config_path.write_text("version: 2\narms: {stable: {url: not-a-url}}")
+    running.router.reload_file(force=True)
+    assert running.router.config.version == 1
+    async with http.post(running.url + "/v1/completions", json=completion(max_tokens=1)) as r:
+        assert r.status == 200
+
+
+async def test_admin_endpoint_applies_in_milliseconds_and_checks_the_token(
+        stack: Stack, start_router: RouterFactory, http: aiohttp.ClientSession) -> None:
+    stack.stable.behaviour.token_latency_s = 0.04
+    running = await start_router()
+    new = _config_text(5, stack.stable_url, stack.candidate_url, weights={"stable": 0, "candidate": 100})
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        async with http.post(running.url + "/quantrol/config", data=new, headers=headers) as r:
+            assert r.status == 401
+    assert running.router.config.version == 1
+
+    stream = await _start_slow_stream(http, running.url)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    started = time.perf_counter()
+    async with http.post(running.url + "/quantrol/config", data=new, headers=auth) as r:
+        assert r.status == 200 and (await r.json()) == {"result": "apply", "applied_version": 5}
+    assert time.perf_counter() - started < 0.05
+    async with http.post(running.url + "/v1/completions", json=completion(max_tokens=1)) as r:
+        assert r.status == 200
+    assert stack.candidate.stats.requests["/v1/completions"] == 1
+    events = await stream
+    assert events[-1] == "[DONE]" and len(events) == 21
+
+    async with http.get(running.url + "/quantrol/config", headers=auth) as r:
+        assert (await r.json())["version"] == 5
+    async with http.get(running.url + "/quantrol/config") as r:
+        assert r.status == 401
+    stale = _config_text(4, stack.stable_url, stack.candidate_url)
+    async with http.post(running.url + "/quantrol/config", data=stale, headers=auth) as r:
+        assert r.status == 409 and (await r.json())["result"] == "stale"
+    async with http.post(running.url + "/quantrol/config", data="{not json", headers=auth) as r:
+        assert r.status == 400
+    assert total(await scrape(http, running.url), "quantrol_router_config_version") == 5
+
+
+async def test_without_a_configured_token_the_admin_endpoint_is_closed(
+        stack: Stack, start_router: RouterFactory, http: aiohttp.ClientSession) -> None:
+    running = await start_router()
+    running.router.admin_token = AdminToken(None, None)
+    async with http.post(running.url + "/quantrol/config", data=_config_text(2),
+                         headers={"Authorization": "Bearer "}) as r:
+        assert r.status == 403
+
+
+async def test_admin_token_file_is_reread_when_rotated(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("first\n")
+    token = AdminToken(path)
+    assert token.current() == "first"
+    path.write_text("second")
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    assert token.current() == "second"
+
+
+# ---- over HTTP: metrics ------------------------------------------------------------------------------------------
+
+
+async def test_latency_token_and_goodput_metrics_carry_arm_traffic_and_slice(
+        stack: Stack, start_router: RouterFactory, http: aiohttp.ClientSession) -> None:
+    stack.stable.behaviour.token_latency_s = 0.01
+    running = await start_router(slices={"allowed": ["code"]})
+    async with http.post(running.url + "/v1/completions", json=completion(max_tokens=5, stream=True),
+                         headers={"X-Quantrol-Slice": "code"}) as r:
+        await r.read()
+    async with http.post(running.url + "/v1/completions", json=completion(max_tokens=5),
+                         headers={"X-Quantrol-Slice": "unbounded-user-value"}) as r:
+        await r.read()
+    async with http.post(running.url + "/v1/completions", json=completion("short", max_tokens=3)) as r:
+        await r.read()
+    s = await scrape(http, running.url)
+    live_code = {"arm": "stable", "traffic": "live", "slice": "code"}
+    assert total(s, "quantrol_router_time_to_first_token_seconds_count", **live_code) == 1
+    assert total(s, "quantrol_router_inter_token_latency_seconds_count", **live_code) == 4
+    assert total(s, "quantrol_router_request_duration_seconds_count", **live_code) == 1
+    assert total(s, "quantrol_router_time_per_output_token_seconds_count", **live_code) == 1
+    assert total(s, "quantrol_router_output_tokens_total", **live_code) == 5
+    assert total(s, "quantrol_router_deadline_output_tokens_total", deadline="interactive", **live_code) == 5
+    assert total(s, "quantrol_router_output_tokens_total", slice="other") == 5
+    assert total(s, "quantrol_router_output_tokens_total", slice="len_le_256") == 3
+    assert total(s, "quantrol_router_requests_total", arm="stable", traffic="live", code="200") == 3
+    assert total(s, "quantrol_router_in_flight", arm="stable", traffic="live") == 0
+    assert total(s, "quantrol_router_weight", arm="stable") == 100
+    assert ("quantrol_router_queued", frozenset({("arm", "stable")})) in s

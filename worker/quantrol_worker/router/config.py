@@ -1,0 +1,178 @@
+"""The router's configuration: what the operator writes into the ConfigMap and pushes to the admin endpoint.
+
+One document, one schema, two ways in (file and `POST /quantrol/config`), so the durable copy and the fast copy
+can never mean different things. `version` is a monotonic integer the operator bumps on every change: the router
+applies a document only when its version is newer than the applied one, which makes the two paths commute (an
+admin push that overtook the kubelet's ConfigMap sync is not undone when the older file arrives) and lets the
+operator confirm, from `quantrol_router_config_version`, that a rollback has really landed.
+
+Torch-free and aiohttp-free: the operator imports this module to build the ConfigMap.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ArmName = Literal["stable", "candidate"]
+ARMS: tuple[ArmName, ...] = ("stable", "candidate")
+
+
+class _Strict(BaseModel):
+    # A typo in a hand-edited ConfigMap must fail loudly, not be ignored silently.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AdmissionLimits(_Strict):
+    """Per-arm admission: at most `max_in_flight` requests upstream, at most `max_queue` waiting for a slot, and no
+    request waits longer than `max_queue_wait_s`; beyond either bound the client gets 429 with Retry-After.
+
+    Set these at or a little above the arm's vLLM `--max-num-seqs` times its replicas: vLLM queues without bound
+    on its own, and a queue the router cannot see is exactly what makes a slow candidate look like an outage.
+    """
+
+    max_in_flight: int = Field(default=64, ge=1)
+    max_queue: int = Field(default=128, ge=0)
+    max_queue_wait_s: float = Field(default=5.0, ge=0.0)
+
+
+class ArmConfig(_Strict):
+    """One serving arm: its upstream base URL (the arm's Service) and its share of live traffic."""
+
+    url: str = Field(description="Base URL of the arm's OpenAI-compatible server, e.g. http://sp-stable:8000")
+    weight: int = Field(default=0, ge=0, le=100, description="Share of live traffic, relative to the other arm")
+    admission: AdmissionLimits = Field(default_factory=AdmissionLimits)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"arm url must be http(s)://host[:port], got {value!r}")
+        return value.rstrip("/")
+
+
+class GoodputDeadline(_Strict):
+    """A latency deadline a request must meet for its output tokens to count toward goodput (see metrics)."""
+
+    name: str = Field(pattern=r"^[a-z0-9_]{1,32}$")
+    ttft_s: float = Field(gt=0)
+    tpot_s: float = Field(gt=0, description="Mean time per output token after the first")
+
+
+class CompareConfig(_Strict):
+    """Shadow comparison of mirrored requests."""
+
+    max_concurrent_mirrors: int = Field(
+        default=8, ge=0, description="Mirrors beyond this many in flight are dropped (counted), never queued"
+    )
+    quality_probe: bool = Field(
+        default=True,
+        description="Teacher-forced probe: score the stable arm's tokens on both arms with prompt_logprobs",
+    )
+    timeout_s: float = Field(default=120.0, gt=0, description="A mirror or probe running longer is abandoned")
+
+
+class DiffsConfig(_Strict):
+    """Samples of differing stable/candidate pairs for a human. Prompts are user data: off unless enabled."""
+
+    enabled: bool = False
+    capacity: int = Field(default=50, ge=1, le=10_000)
+    max_chars: int = Field(default=2000, ge=16, description="Each text is cut to this many characters")
+    redact_patterns: list[str] = Field(
+        default_factory=lambda: [
+            r"[\w.+-]+@[\w-]+\.[\w.-]+",  # e-mail addresses
+            r"\b(?:\d[ -]?){13,19}\b",  # card-like digit runs
+            r"(?i)\b(?:bearer|api[_-]?key|token|password)\b\s*[:=]?\s*\S+",  # credentials pasted into prompts
+        ],
+        description="Regular expressions whose matches are replaced by [REDACTED] before a sample is stored",
+    )
+
+    @field_validator("redact_patterns")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"redact pattern {pattern!r} does not compile: {exc}") from exc
+        return patterns
+
+
+class SliceConfig(_Strict):
+    """How a request's `slice` label is chosen. Header values are user input, so only listed ones become label
+    values (anything else is `other`): an unbounded label would let any client blow up Prometheus."""
+
+    header: str = "X-Quantrol-Slice"
+    allowed: list[str] = Field(default_factory=list)
+    # Character counts, not tokens: the router has no tokenizer (it must stay torch- and transformers-free).
+    length_buckets: list[int] = Field(default_factory=lambda: [256, 1024, 4096, 16384])
+
+
+class RouterConfig(_Strict):
+    """The whole router configuration (ConfigMap key `router.yaml`, or the JSON body of POST /quantrol/config)."""
+
+    version: int = Field(ge=0, description="Monotonic; a document is applied only when newer than the applied one")
+    arms: dict[ArmName, ArmConfig]
+    mirror_fraction: float = Field(default=0.0, ge=0.0, le=1.0, description="Share of stable traffic mirrored")
+    sticky_header: str | None = Field(default=None, description="Requests with equal values stay on one arm")
+    slices: SliceConfig = Field(default_factory=SliceConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
+    diffs: DiffsConfig = Field(default_factory=DiffsConfig)
+    goodput_deadlines: list[GoodputDeadline] = Field(
+        default_factory=lambda: [GoodputDeadline(name="interactive", ttft_s=2.0, tpot_s=0.2)]
+    )
+    upstream_timeout_s: float = Field(default=600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RouterConfig:
+        if "stable" not in self.arms:
+            raise ValueError("arms.stable is required: it is what serves when anything else is in doubt")
+        if sum(arm.weight for arm in self.arms.values()) <= 0:
+            raise ValueError("at least one arm needs a positive weight")
+        if self.mirror_fraction > 0 and "candidate" not in self.arms:
+            raise ValueError("mirror_fraction > 0 needs arms.candidate")
+        return self
+
+    def weights(self) -> dict[ArmName, int]:
+        return {name: self.arms[name].weight if name in self.arms else 0 for name in ARMS}
+
+
+def parse_config(text: str) -> RouterConfig:
+    """Parse YAML (a superset of JSON) into a validated config; raises ValueError with the reason."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config is not valid YAML/JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError("config must be a mapping")
+    return RouterConfig.model_validate(data)
+
+
+def load_config(path: Path) -> RouterConfig:
+    return parse_config(path.read_text(encoding="utf-8"))
+
+
+def dump_config(config: RouterConfig) -> str:
+    """The canonical JSON form (what GET /quantrol/config returns and what the operator may push)."""
+    return json.dumps(config.model_dump(mode="json"), sort_keys=True)
+
+
+ApplyDecision = Literal["apply", "unchanged", "stale", "conflict"]
+
+
+def apply_decision(applied: RouterConfig | None, offered: RouterConfig) -> ApplyDecision:
+    """Whether an offered document replaces the applied one.
+
+    Newer version → apply. Same version and content → unchanged (the ConfigMap catching up with an admin push).
+    Same version, other content → conflict: two writers disagree, keep what serves and say so. Older → stale.
+    """
+    if applied is None or offered.version > applied.version:
+        return "apply"
+    if offered.version < applied.version:
+        return "stale"
+    return "unchanged" if offered == applied else "conflict"

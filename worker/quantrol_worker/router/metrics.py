@@ -1,0 +1,117 @@
+"""The router's Prometheus metrics (`quantrol_router_*`).
+
+Labels: `arm` (stable / candidate), `traffic` (live / mirror / probe: SLO queries select `traffic="live"` so that
+shadow and teacher-forcing traffic never count), `slice` (see protocol.slice_label; bounded by config).
+
+Latencies are measured at the router from the moment the request arrived, so they include admission queueing
+(which is what the client feels); queueing alone is `queue_wait_seconds`. Time to first token and inter-token
+latency exist for streamed responses only (a non-streamed body arrives at once).
+
+Goodput inputs: every request adds its output tokens to `output_tokens_total`, and to
+`deadline_output_tokens_total{deadline=…}` when it met that configured deadline (TTFT and mean time per output
+token both within bounds); the analysis side divides by engine time and applies its quality rule.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Milliseconds to tens of seconds: a cached short prompt answers in ~10 ms, a long generation on a loaded CPU arm
+# takes a minute.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0)
+# Per-token gaps: vLLM decodes at 5-100 ms per token on GPUs, ~1.8 s per token for FP8 on this CPU.
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
+QUEUE_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+TOKEN_COUNT_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+AGREEMENT_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
+POSITION_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Nats per token; negative = the candidate finds the stable answer less likely.
+DELTA_BUCKETS = (-5.0, -2.0, -1.0, -0.5, -0.2, -0.1, -0.05, -0.02, -0.01, 0.0, 0.01, 0.05, 0.1, 0.5)
+
+ARM_TRAFFIC_SLICE = ("arm", "traffic", "slice")
+
+
+class RouterMetrics:
+    """All router metrics in one registry per router (tests run several routers in one process)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        p = "quantrol_router_"
+        self.requests = Counter(p + "requests", "Requests answered, by arm", [*ARM_TRAFFIC_SLICE, "code"], registry=r)
+        self.errors = Counter(
+            p + "errors",
+            "Failed requests by kind: upstream_5xx, upstream_4xx, upstream_connect, upstream_timeout, "
+            "stream_interrupted, admission_queue_full, admission_queue_timeout, client_cancelled",
+            [*ARM_TRAFFIC_SLICE, "kind"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            p + "request_duration_seconds", "Arrival to last byte", ARM_TRAFFIC_SLICE, buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            p + "time_to_first_token_seconds", "Arrival to first streamed token", ARM_TRAFFIC_SLICE,
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.itl = Histogram(
+            p + "inter_token_latency_seconds", "Gap between streamed chunks, per token in the chunk",
+            ARM_TRAFFIC_SLICE, buckets=TOKEN_BUCKETS, registry=r,
+        )
+        self.tpot = Histogram(
+            p + "time_per_output_token_seconds", "Per request: (duration - TTFT) / (output tokens - 1)",
+            ARM_TRAFFIC_SLICE, buckets=TOKEN_BUCKETS, registry=r,
+        )
+        self.output_tokens = Counter(p + "output_tokens", "Output tokens", ARM_TRAFFIC_SLICE, registry=r)
+        self.request_output_tokens = Histogram(
+            p + "request_output_tokens", "Output tokens per request", ARM_TRAFFIC_SLICE,
+            buckets=TOKEN_COUNT_BUCKETS, registry=r,
+        )
+        self.deadline_tokens = Counter(
+            p + "deadline_output_tokens",
+            "Output tokens of successful requests that met the named deadline (TTFT and TPOT); goodput's numerator",
+            [*ARM_TRAFFIC_SLICE, "deadline"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            p + "queue_wait_seconds", "Time waiting for an admission slot", ["arm", "traffic"],
+            buckets=QUEUE_BUCKETS, registry=r,
+        )
+        self.in_flight = Gauge(p + "in_flight", "Requests holding an upstream slot", ["arm", "traffic"], registry=r)
+        self.queued = Gauge(p + "queued", "Requests waiting for an admission slot", ["arm"], registry=r)
+        self.mirrored = Counter(
+            p + "mirrored", "Stable requests mirrored to the candidate, by outcome (sent, dropped_busy, "
+            "dropped_admission)", ["outcome"], registry=r,
+        )
+        self.compared = Counter(
+            p + "compared", "Mirrored pairs compared, by result (identical, diverged) or why skipped",
+            ["slice", "result"], registry=r,
+        )
+        self.agreement = Histogram(
+            p + "agreement_ratio", "Greedy token agreement of candidate with stable, per mirrored request",
+            ["slice"], buckets=AGREEMENT_BUCKETS, registry=r,
+        )
+        self.divergence = Histogram(
+            p + "first_divergence_position", "First differing output position, diverged pairs only", ["slice"],
+            buckets=POSITION_BUCKETS, registry=r,
+        )
+        self.quality_delta = Histogram(
+            p + "quality_delta_nats", "Teacher-forced: candidate minus stable mean log-prob of stable's tokens",
+            ["slice"], buckets=DELTA_BUCKETS, registry=r,
+        )
+        # The histogram above has negative buckets, so Prometheus exposes no _sum for it (exposition format
+        # rule); the mean delta comes from these counters instead, token-weighted over any window:
+        #   (rate(nll{arm="candidate"}) - rate(nll{arm="stable"})) / rate(probe_tokens)  = -mean delta.
+        self.probe_nll = Counter(
+            p + "probe_nll_nats", "Teacher-forced negative log-likelihood of stable's tokens, summed, per scoring arm",
+            ["arm", "slice"], registry=r,
+        )
+        self.probe_tokens = Counter(p + "probe_tokens", "Tokens scored by teacher-forced probes", ["slice"],
+                                    registry=r)
+        self.weight = Gauge(p + "weight", "Live traffic weight in the applied config", ["arm"], registry=r)
+        self.mirror_fraction = Gauge(p + "mirror_fraction", "Mirrored share of stable traffic", registry=r)
+        self.config_version = Gauge(p + "config_version", "Version of the applied config", registry=r)
+        self.config_updates = Counter(
+            p + "config_updates", "Config documents offered, by source (file, admin) and result "
+            "(apply, unchanged, stale, conflict, invalid)", ["source", "result"], registry=r,
+        )
