@@ -43,6 +43,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from quantrol_operator.demo import run_demo  # starts servers; imported only when asked for
+
+    return run_demo(Path(args.output))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantrol", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check QuantizedModel/ServingPolicy YAML as the API server would")
     validate.add_argument("files", nargs="+", metavar="FILE")
     validate.set_defaults(func=_cmd_validate)
+
+    demo = sub.add_parser("demo", help="run the local end-to-end job on the embedded stack (no cluster needed)")
+    demo.add_argument("--local", action="store_true", help="use the embedded stack (the only mode so far)")
+    demo.add_argument("--output", default="out/demo", help="where the report and figures go")
+    demo.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -1,0 +1,78 @@
+"""The whole local stack in one object: API emulation, Prometheus, OCI registry and the real operator.
+
+Used by `quantrol demo` and by tests that need everything at once. Each part is started on 127.0.0.1,
+waited for with a bounded timeout, and stopped in reverse order, even when a later part fails to start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from quantrol_operator import crdgen
+from quantrol_operator.localstack.kubeapi import KubeAPIServer, OperatorProcess
+from quantrol_operator.localstack.prometheus import PrometheusServer, start_prometheus
+from quantrol_operator.localstack.registry import RegistryServer, start_registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LocalStack:
+    workdir: Path
+    with_operator: bool = True
+    progress: Callable[[str], None] = log.info
+    kubeapi: KubeAPIServer | None = field(default=None, init=False)
+    kubeconfig: Path | None = field(default=None, init=False)
+    prometheus: PrometheusServer | None = field(default=None, init=False)
+    registry: RegistryServer | None = field(default=None, init=False)
+    operator: OperatorProcess | None = field(default=None, init=False)
+    _stops: list[Callable[[], None]] = field(default_factory=list, init=False)
+
+    def start(self) -> Self:
+        if self._stops:
+            raise RuntimeError("this LocalStack is already running; stop() it first")
+        progress = self.progress
+        try:
+            crds = self.workdir / "crds"
+            crdgen.write_all(crds)  # the CRDs of this very version, registered like `kubectl apply`
+            self.kubeapi = KubeAPIServer(self.workdir / "kubeapi", crds_dir=crds).start()
+            self._stops.append(self.kubeapi.stop)
+            self.kubeconfig = self.kubeapi.write_kubeconfig()
+            progress(f"Kubernetes API emulation (KMock) on {self.kubeapi.url}, kubeconfig {self.kubeconfig}")
+
+            self.prometheus = start_prometheus(workdir=self.workdir / "prometheus")
+            self._stops.append(self.prometheus.stop)
+            progress(f"Prometheus on {self.prometheus.url}")
+
+            self.registry = start_registry(workdir=self.workdir / "registry")
+            self._stops.append(self.registry.stop)
+            progress(f"OCI registry (CNCF distribution) on {self.registry.address}")
+
+            if self.with_operator:
+                self.operator = OperatorProcess(self.kubeconfig, self.workdir / "operator").start()
+                self._stops.append(self.operator.stop)
+                progress(f"operator (kopf run) watching, log {self.operator.log_path}")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        while self._stops:
+            stop = self._stops.pop()
+            with contextlib.suppress(Exception):  # stop everything else even if one part misbehaves
+                stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
