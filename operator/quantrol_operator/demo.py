@@ -36,13 +36,18 @@ def _plural(kind: str) -> str:
 
 def _apply(stack: LocalStack, obj: dict[str, Any]) -> None:
     from kubernetes import client, config  # the operator extra; imported late to keep `quantrol crds` light
+    from kubernetes.client.exceptions import ApiException
 
-    api = client.CustomObjectsApi(config.new_client_from_config(config_file=str(stack.kubeconfig)))
+    api_client = config.new_client_from_config(config_file=str(stack.kubeconfig))  # type: ignore[no-untyped-call]
     namespace = obj["metadata"].get("namespace", "default")
-    core = client.CoreV1Api(api.api_client)
-    if namespace not in {ns.metadata.name for ns in core.list_namespace().items}:
-        core.create_namespace({"metadata": {"name": namespace}})
-    api.create_namespaced_custom_object(GROUP, VERSION, namespace, _plural(obj["kind"]), obj)
+    try:
+        client.CoreV1Api(api_client).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
+    except ApiException as exc:
+        if exc.status != 409:  # already there is fine, as with `kubectl create namespace` twice
+            raise
+    client.CustomObjectsApi(api_client).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, _plural(obj["kind"]), obj
+    )
 
 
 def _registry_roundtrip(stack: LocalStack, payload: Path) -> str:

@@ -15,7 +15,12 @@ from quantrol_worker import __version__
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantrol-worker", description=__doc__)
     parser.add_argument("--version", action="version", version=f"quantrol-worker {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from quantrol_worker.router.main import add_parser as add_route  # argparse only: no aiohttp at parse time
+
+    add_route(commands)
+    calibrate = commands.add_parser("calibrate", help="calibrate, quantize, evaluate and publish a model (torch)")
+    calibrate.add_argument("--config", required=True, help="CalibrationConfig file (JSON or YAML)")
     return parser
 
 
@@ -25,6 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    if args.command == "route":
+        from quantrol_worker.router.main import run as run_route
+
+        return run_route(args)
+    if args.command == "calibrate":
+        from quantrol_worker.calibrate.pipeline import main as run_calibrate  # torch is imported only here
+
+        return run_calibrate(["--config", args.config])
     return 0
 
 
