@@ -50,11 +50,11 @@ def validate_object(obj: dict[str, Any]) -> list[FieldError]:
     try:
         model.model_validate(body)
     except ValidationError as exc:
-        return [_field_error(error) for error in exc.errors()]
+        return [field_error(error) for error in exc.errors()]
     return []
 
 
-def _field_error(error: ErrorDetails) -> FieldError:
+def field_error(error: ErrorDetails) -> FieldError:
     path = _path(error["loc"])
     # A cross-field rule names the field it is about, as its CEL twin's fieldPath does.
     field_path = str((error.get("ctx") or {}).get("field_path", ""))

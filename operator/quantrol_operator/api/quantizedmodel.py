@@ -19,59 +19,18 @@ from quantrol_operator.api.common import (
     Toleration,
 )
 
+# The scheme/method/target vocabulary is the worker's contract; the API re-exports it so both speak one language.
+from quantrol_worker.contracts import (
+    METHODS_BY_SCHEME,
+    WEIGHT_ONLY_INT_SCHEMES,
+    KvCacheScheme,
+    Method,
+    Scheme,
+    Target,
+)
+
 KIND = "QuantizedModel"
 PLURAL = "quantizedmodels"
-
-
-class Scheme(StrEnum):
-    """llm-compressor / compressed-tensors preset schemes."""
-
-    FP8_DYNAMIC = "FP8_DYNAMIC"
-    FP8 = "FP8"  # static per-tensor activation scales
-    W8A8 = "W8A8"  # int8 weights and activations
-    W4A16 = "W4A16"
-    W4A16_ASYM = "W4A16_ASYM"
-    W4A8 = "W4A8"
-    W8A16 = "W8A16"
-
-
-# Schemes that quantize weights only, to integers; the only ones where a group size means anything.
-WEIGHT_ONLY_INT_SCHEMES = frozenset({Scheme.W4A16, Scheme.W4A16_ASYM, Scheme.W8A16})
-
-
-class Method(StrEnum):
-    RTN = "rtn"
-    GPTQ = "gptq"
-    AWQ = "awq"
-    SMOOTHQUANT_GPTQ = "smoothquant+gptq"
-
-
-# Which method can produce which scheme (llm-compressor modifiers); everything else is refused at admission.
-METHODS_BY_SCHEME: dict[Scheme, frozenset[Method]] = {
-    Scheme.FP8_DYNAMIC: frozenset({Method.RTN}),
-    Scheme.FP8: frozenset({Method.RTN, Method.GPTQ}),
-    Scheme.W8A8: frozenset({Method.RTN, Method.GPTQ, Method.SMOOTHQUANT_GPTQ}),
-    Scheme.W4A16: frozenset({Method.RTN, Method.GPTQ, Method.AWQ}),
-    Scheme.W4A16_ASYM: frozenset({Method.RTN, Method.GPTQ, Method.AWQ}),
-    Scheme.W4A8: frozenset({Method.RTN, Method.GPTQ}),
-    Scheme.W8A16: frozenset({Method.RTN, Method.GPTQ}),
-}
-
-
-class KvCacheScheme(StrEnum):
-    """KV-cache quantization; `fp8` calibrates per-layer scales (vLLM's `--kv-cache-dtype fp8`)."""
-
-    NONE = "none"
-    FP8 = "fp8"
-
-
-class Target(StrEnum):
-    """The hardware the artifact must be served on; decides which kernels must exist."""
-
-    CUDA_SM90 = "cuda-sm90"
-    CUDA_SM89 = "cuda-sm89"
-    CUDA_SM80 = "cuda-sm80"
-    CPU_X86 = "cpu-x86"
 
 
 class QuantizedModelPhase(StrEnum):

@@ -27,7 +27,8 @@ def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) ->
         prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
     )
     settings.persistence.finalizer = FINALIZER
-    settings.posting.level = logging.INFO  # Events for info and above; debug stays in the log
+    # Only warnings become Events on their own; transitions are posted explicitly with kopf.event().
+    settings.posting.level = logging.WARNING
     settings.posting.reporting_component = "quantrol-operator"
     scope = os.environ.get(SCOPE_ENV, "the namespaces given to kopf run")
     logger.info("watching %s in %s", " and ".join(WATCHED_KINDS), scope)

@@ -190,6 +190,7 @@ class OperatorProcess:
     kubeconfig: Path
     workdir: Path
     args: Sequence[str] = ("--standalone", "--all-namespaces")
+    env: dict[str, str] = field(default_factory=dict)  # extra settings, e.g. QUANTROL_POLL_SECONDS
     process: ManagedProcess | None = field(default=None, init=False)
     started_in: float = field(default=0.0, init=False)
 
@@ -205,7 +206,7 @@ class OperatorProcess:
     def start(self, *, ready: Callable[[], bool] | None = None, timeout: float = 60.0) -> Self:
         """Start and wait until the operator logs that it watches both kinds (and `ready()` holds, if given)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self.env, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
         began = time.monotonic()
         self.process = ManagedProcess("operator", self.command(), self.log_path, env=env).start()
         try:

@@ -1,0 +1,146 @@
+"""The thin applier: the only module that talks to the Kubernetes API (besides kopf itself).
+
+Children are found by owner reference (label selectors only narrow the list), created when missing,
+merge-patched only on the fields Quantrol owns and only when those differ, so a steady-state pass makes
+zero writes. Status goes through the /status subresource as a JSON merge patch of what changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+# kind → (API path prefix, plural). Only the kinds Quantrol manages or reads.
+_KINDS: dict[tuple[str, str], str] = {
+    ("v1", "ConfigMap"): "configmaps",
+    ("v1", "Service"): "services",
+    ("v1", "Pod"): "pods",
+    ("v1", "Secret"): "secrets",
+    ("batch/v1", "Job"): "jobs",
+    ("apps/v1", "Deployment"): "deployments",
+    ("quantrol.io/v1alpha1", "QuantizedModel"): "quantizedmodels",
+    ("quantrol.io/v1alpha1", "ServingPolicy"): "servingpolicies",
+}
+# Fields a controller may not change after creation; Quantrol makes a new object instead.
+_IMMUTABLE_SPEC_KINDS = {"Job", "Pod"}
+
+
+def _collection(api_version: str, kind: str, namespace: str) -> str:
+    prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    return f"{prefix}/namespaces/{namespace}/{_KINDS[(api_version, kind)]}"
+
+
+def contains(actual: Any, desired: Any) -> bool:
+    """Whether `actual` already holds everything in `desired` (defaults the server added are ignored)."""
+    if isinstance(desired, dict):
+        return isinstance(actual, dict) and all(contains(actual.get(k), v) for k, v in desired.items())
+    if isinstance(desired, list):
+        return (
+            isinstance(actual, list) and len(actual) == len(desired)
+            and all(contains(a, d) for a, d in zip(actual, desired, strict=True))
+        )
+    return bool(actual == desired)
+
+
+def merge_patch(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The RFC 7386 merge patch turning `before` into `after` (None deletes a key; lists are replaced)."""
+    patch: dict[str, Any] = {key: None for key in before if key not in after}
+    for key, value in after.items():
+        old = before.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            sub = merge_patch(old, value)
+            if sub:
+                patch[key] = sub
+        elif value != old:
+            patch[key] = value
+    return patch
+
+
+@dataclass
+class Kube:
+    api: client.ApiClient
+
+    @classmethod
+    def from_environment(cls) -> Kube:
+        """In a pod: the service account. Elsewhere: the kubeconfig named by $KUBECONFIG (read now, not at import)."""
+        if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
+            return cls(client.ApiClient())
+        path = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+        return cls(config.new_client_from_config(config_file=path))  # type: ignore[no-untyped-call]
+
+    def _call(self, method: str, path: str, body: Any = None, query: list[tuple[str, str]] | None = None,
+              content_type: str = "application/json") -> Any:
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        request = self.api.param_serialize(
+            method, path, query_params=query or [], header_params=headers, body=body, auth_settings=["BearerToken"]
+        )
+        response = self.api.call_api(*request)
+        raw = response.read()  # type: ignore[no-untyped-call]
+        if response.status >= 400:  # call_api itself does not raise; the generated methods do it afterwards
+            raise ApiException(status=response.status, reason=response.reason, body=raw.decode(errors="replace"))
+        return json.loads(raw) if raw else None
+
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            result: dict[str, Any] = self._call("GET", f"{_collection(api_version, kind, namespace)}/{name}")
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return result
+
+    def list_owned(self, api_version: str, kind: str, namespace: str, owner_uid: str,
+                   label_selector: str = "") -> list[dict[str, Any]]:
+        """Objects whose ownerReferences name `owner_uid`; labels only narrow what the server sends."""
+        query = [("labelSelector", label_selector)] if label_selector else []
+        found = self._call("GET", _collection(api_version, kind, namespace), query=query)
+        return [
+            item for item in found.get("items", [])
+            if any(ref.get("uid") == owner_uid for ref in item.get("metadata", {}).get("ownerReferences", []))
+        ]
+
+    def apply(self, desired: dict[str, Any]) -> str:
+        """Create `desired` or merge-patch the fields it names; returns created / patched / unchanged."""
+        meta = desired["metadata"]
+        collection = _collection(desired["apiVersion"], desired["kind"], meta["namespace"])
+        actual = self.get(desired["apiVersion"], desired["kind"], meta["namespace"], meta["name"])
+        if actual is None:
+            try:
+                self._call("POST", collection, body=desired)
+            except ApiException as exc:
+                if exc.status != 409:  # a concurrent pass created it a moment ago
+                    raise
+                return "unchanged"
+            return "created"
+        owned = dict(desired)
+        if desired["kind"] in _IMMUTABLE_SPEC_KINDS:
+            owned = {"metadata": {k: v for k, v in meta.items() if k in ("labels", "ownerReferences")}}
+        owned = {k: v for k, v in owned.items() if k not in ("apiVersion", "kind", "status")}
+        if contains(actual, owned):
+            return "unchanged"
+        self._call("PATCH", f"{collection}/{meta['name']}", body=owned, content_type="application/merge-patch+json")
+        return "patched"
+
+    def delete(self, ref: dict[str, Any]) -> None:
+        path = f"{_collection(ref['apiVersion'], ref['kind'], ref['namespace'])}/{ref['name']}"
+        try:
+            self._call("DELETE", path, body={"propagationPolicy": "Background"})
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def patch_status(self, obj: dict[str, Any], status: dict[str, Any]) -> bool:
+        """Merge-patch what changed in `status`; no request at all when nothing did."""
+        patch = merge_patch(obj.get("status") or {}, status)
+        if not patch:
+            return False
+        meta = obj["metadata"]
+        path = f"{_collection(obj['apiVersion'], obj['kind'], meta['namespace'])}/{meta['name']}/status"
+        self._call("PATCH", path, body={"status": patch}, content_type="application/merge-patch+json")
+        return True

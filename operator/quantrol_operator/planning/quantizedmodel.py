@@ -1,0 +1,265 @@
+"""QuantizedModel: from spec, status and the generation's Job and pod to the next status.
+
+Phases: Pending → Calibrating → Ready, or Rejected (quality gate, kernel pre-check) or Failed (bad input,
+job failure, deadline). One Job per generation; a finished generation is never calibrated again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import ValidationError
+
+from quantrol_operator.api.common import ConditionStatus
+from quantrol_operator.api.quantizedmodel import QuantizedModelPhase, QuantizedModelSpec
+from quantrol_operator.children import calibration
+from quantrol_operator.conditions import set_condition
+from quantrol_operator.planning import Event, Plan
+from quantrol_operator.validation import field_error
+from quantrol_worker.contracts import Reason, TerminationResult, WorkerPhase
+
+TERMINAL = {QuantizedModelPhase.READY, QuantizedModelPhase.REJECTED, QuantizedModelPhase.FAILED}
+
+
+class QmReason(StrEnum):
+    """Condition reasons the operator itself decides (the worker's come from `contracts.Reason`)."""
+
+    INVALID_SPEC = "InvalidSpec"
+    UNSUPPORTED_SOURCE = "UnsupportedSource"
+    JOB_CREATED = "JobCreated"
+    JOB_RUNNING = "JobRunning"
+    IMAGE_PULL_FAILING = "ImagePullFailing"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+    OOM_KILLED = "OOMKilled"
+    NO_RESULT = "NoResult"
+    NOT_YET = "NotYet"
+
+
+@dataclass(frozen=True)
+class QmObserved:
+    obj: dict[str, Any]  # the QuantizedModel as read (metadata, spec, status)
+    jobs: list[dict[str, Any]] = field(default_factory=list)  # Jobs it owns, any generation
+    pods: list[dict[str, Any]] = field(default_factory=list)  # pods owned by this generation's Job
+    now: datetime = field(default_factory=datetime.now)
+
+
+def plan(observed: QmObserved, worker_image: str) -> Plan:
+    obj = observed.obj
+    meta = obj["metadata"]
+    generation = int(meta.get("generation", 1))
+    status = dict(obj.get("status") or {})
+    current = _Status(status, generation, observed.now)
+    result = Plan()
+
+    stale_jobs = [j for j in observed.jobs if _generation_of(j) != generation and _active(j)]
+    # A spec change withdraws the calibration of the old spec: its GPU time is wasted otherwise.
+    result.delete = [_ref(j) for j in stale_jobs]
+
+    if status.get("observedGeneration") == generation and status.get("phase") in TERMINAL:
+        result.status = status
+        return result
+
+    try:
+        spec = QuantizedModelSpec.model_validate(obj.get("spec") or {})
+    except ValidationError as exc:
+        errors = "; ".join(f"spec.{e}" for e in map(field_error, exc.errors()))
+        current.fail(QmReason.INVALID_SPEC, f"the spec is invalid, fix it and re-apply: {errors}")
+        return current.into(result)
+    try:
+        config = calibration.worker_config(meta["name"], meta["namespace"], generation, spec)
+    except calibration.UnsupportedSource as exc:
+        current.fail(QmReason.UNSUPPORTED_SOURCE, str(exc))
+        return current.into(result)
+
+    name = calibration.job_name(meta["name"], generation)
+    job = next((j for j in observed.jobs if j["metadata"]["name"] == name), None)
+    result.apply = [calibration.config_map(obj, config)]
+    if job is None:
+        result.apply.append(calibration.job(obj, spec, worker_image))
+        current.running(QuantizedModelPhase.PENDING, QmReason.JOB_CREATED, f"calibration Job {name} created")
+        current.status["jobName"] = name
+        return current.into(result)
+    current.status["jobName"] = name
+    _follow_job(current, job, observed.pods, name)
+    return current.into(result)
+
+
+def _follow_job(current: _Status, job: dict[str, Any], pods: list[dict[str, Any]], name: str) -> None:
+    job_status = job.get("status") or {}
+    terminated = _terminated(pods)
+    result = _result(terminated)
+    finished = _job_condition(job_status, "Complete") or _job_condition(job_status, "Failed")
+    if not finished:
+        waiting = _waiting_reason(pods)
+        if waiting in ("ErrImagePull", "ImagePullBackOff", "InvalidImageName"):
+            current.running(
+                QuantizedModelPhase.PENDING, QmReason.IMAGE_PULL_FAILING,
+                f"Job {name}: the worker image cannot be pulled ({waiting}); check spec.job.image and pull secrets",
+            )
+        elif job_status.get("active") or _phase_of(pods) == "Running":
+            current.running(QuantizedModelPhase.CALIBRATING, QmReason.JOB_RUNNING, f"Job {name} is calibrating")
+        else:
+            current.running(QuantizedModelPhase.PENDING, QmReason.JOB_CREATED, f"Job {name} waits to be scheduled")
+        return
+    if result is not None:
+        current.finish(result, name)
+        return
+    failed = _job_condition(job_status, "Failed")
+    reason = str(failed.get("reason", "")) if failed else ""
+    if terminated and terminated.get("reason") == "OOMKilled":
+        current.fail(QmReason.OOM_KILLED, f"Job {name}: the worker ran out of memory; raise spec.job.resources")
+    elif reason == "DeadlineExceeded":
+        current.fail(
+            QmReason.DEADLINE_EXCEEDED,
+            f"Job {name} ran past spec.job.activeDeadlineSeconds and was stopped; raise the deadline or shrink "
+            "the calibration set",
+        )
+    elif reason == "BackoffLimitExceeded":
+        tail = (terminated or {}).get("message", "")
+        current.fail(QmReason.BACKOFF_LIMIT_EXCEEDED, f"Job {name} failed: {tail}".strip()[:1024])
+    else:
+        current.fail(
+            QmReason.NO_RESULT,
+            f"Job {name} finished but its pod left no readable result at its termination-message path",
+        )
+
+
+class _Status:
+    """The status being built, with the transitions' events collected on the side."""
+
+    def __init__(self, status: dict[str, Any], generation: int, now: datetime) -> None:
+        self.before = status
+        self.status = {k: v for k, v in status.items() if k in ("conditions", "artifact", "quality", "envelope")}
+        if status.get("observedGeneration") not in (None, generation):
+            # A new generation starts from scratch; the old artifact stays only in the old Job's evidence.
+            self.status = {"conditions": status.get("conditions", [])}
+        self.status["observedGeneration"] = generation
+        self.generation = generation
+        self.now = now
+        self.events: list[Event] = []
+
+    def _set(self, type_: str, ok: bool | None, reason: str, message: str) -> None:
+        state = ConditionStatus.UNKNOWN if ok is None else (ConditionStatus.TRUE if ok else ConditionStatus.FALSE)
+        self.status["conditions"] = set_condition(
+            list(self.status.get("conditions", [])), type_, state, reason, message,
+            now=self.now, generation=self.generation,
+        )
+
+    def _phase(self, phase: QuantizedModelPhase, message: str, event_type: str, reason: str) -> None:
+        self.status["phase"] = phase.value
+        self.status["message"] = message
+        if self.before.get("phase") != phase.value or self.before.get("observedGeneration") != self.generation:
+            self.events.append(Event(event_type, reason, message))
+
+    def running(self, phase: QuantizedModelPhase, reason: QmReason, message: str) -> None:
+        self._phase(phase, message, "Normal", reason.value)
+        for type_ in ("Calibrated", "QualityQualified", "Published"):
+            self._set(type_, None, QmReason.NOT_YET.value, "calibration in progress")
+        self._set("Ready", False, reason.value, message)
+
+    def fail(self, reason: QmReason | Reason, message: str) -> None:
+        self._phase(QuantizedModelPhase.FAILED, message, "Warning", reason.value)
+        self._set("Ready", False, reason.value, message)
+
+    def finish(self, result: TerminationResult, job: str) -> None:
+        phase = QuantizedModelPhase(result.phase.value)
+        reason = result.reason.value
+        message = result.message or f"Job {job}: {reason}"
+        quality = [
+            {
+                "slice": h.slice, "meanKlDivergence": h.mean_kl, "p99KlDivergence": h.p99_kl,
+                "top1Agreement": h.top1, "perplexityRatio": h.ppl_ratio, "passed": h.passed,
+                "failedLimits": h.failed,
+            }
+            for h in result.quality
+        ]
+        self.status["quality"] = [{k: v for k, v in q.items() if v is not None} for q in quality]
+        self.status["envelope"] = {
+            k: v for k, v in (("baseModelDigest", result.base_model_digest),
+                              ("calibrationDataDigest", result.calibration_data_digest)) if v
+        }
+        if result.phase is WorkerPhase.READY and result.artifact_ref and result.digest:
+            self.status["artifact"] = {
+                "ref": result.artifact_ref,
+                "shortDigest": result.digest.removeprefix("sha256:")[:12],
+                "sizeBytes": result.size_bytes,
+                "format": "compressed-tensors",
+            }
+            self._set("Calibrated", True, "Succeeded", "calibration and quantization finished")
+            self._set("QualityQualified", True, "Succeeded", "every slice passed the quality gate")
+            self._set("Published", True, "Succeeded", f"published {result.artifact_ref}")
+            self._set("Ready", True, "Succeeded", f"artifact {result.artifact_ref} is qualified and published")
+            self._phase(phase, message, "Normal", "Ready")
+            return
+        self.status.pop("artifact", None)
+        # Rejected by the gate means calibration itself ran; a kernel pre-check or an error means it did not.
+        calibrated = result.reason in (Reason.QUALITY_GATE_FAILED, Reason.INTEGRITY_CHECK_FAILED)
+        self._set("Calibrated", calibrated, reason, message)
+        self._set("QualityQualified", False, reason, message)
+        evidence = f"evidence kept at {result.report_ref}" if result.report_ref else "no report was published"
+        self._set("Published", False, reason, evidence)
+        self._set("Ready", False, reason, message)
+        self._phase(phase, f"{message} ({evidence})", "Warning", reason)
+
+    def into(self, result: Plan) -> Plan:
+        result.status = {k: v for k, v in self.status.items() if v is not None}
+        result.events = self.events
+        return result
+
+
+def _generation_of(job: dict[str, Any]) -> int | None:
+    value = (job["metadata"].get("labels") or {}).get(calibration.LABEL_GENERATION)
+    return int(value) if value and value.isdigit() else None
+
+
+def _active(job: dict[str, Any]) -> bool:
+    status = job.get("status") or {}
+    return not (_job_condition(status, "Complete") or _job_condition(status, "Failed"))
+
+
+def _ref(obj: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "namespace": obj["metadata"]["namespace"],
+            "name": obj["metadata"]["name"]}
+
+
+def _job_condition(job_status: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    return next(
+        (c for c in job_status.get("conditions", []) if c.get("type") == type_ and c.get("status") == "True"), None
+    )
+
+
+def _container_states(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    newest = sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""))
+    return [
+        s.get("state") or {}
+        for pod in newest[-1:]
+        for s in (pod.get("status") or {}).get("containerStatuses", [])
+        if s.get("name") == calibration.CONTAINER
+    ]
+
+
+def _terminated(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return next((s["terminated"] for s in _container_states(pods) if "terminated" in s), None)
+
+
+def _waiting_reason(pods: list[dict[str, Any]]) -> str | None:
+    return next((str(s["waiting"].get("reason")) for s in _container_states(pods) if "waiting" in s), None)
+
+
+def _phase_of(pods: list[dict[str, Any]]) -> str | None:
+    newest = sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""))
+    return (newest[-1].get("status") or {}).get("phase") if newest else None
+
+
+def _result(terminated: dict[str, Any] | None) -> TerminationResult | None:
+    message = (terminated or {}).get("message")
+    if not message:
+        return None
+    try:
+        return TerminationResult.from_message(message)
+    except ValueError:
+        return None  # a crash log (FallbackToLogsOnError), not a result

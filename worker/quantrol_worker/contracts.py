@@ -1,0 +1,413 @@
+"""The calibration worker's command-line contract: its input config, its report and its termination message.
+
+Torch-free on purpose: the operator imports this module to build the Job's ConfigMap and to read the result,
+and the serving side reads the report. The enums here are the single definition of their values; the operator's
+API models should import them from here (`quantrol_worker.contracts`) rather than define their own.
+
+Wire format: camelCase keys (like every Kubernetes object), snake_case attributes in Python.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+REPORT_FILE = "quantrol-report.json"
+REPORT_VERSION = "quantrol.io/calibration-report/v1alpha1"
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+# Kubernetes keeps at most 4096 bytes of a container's termination message.
+TERMINATION_MESSAGE_LIMIT = 4096
+
+# OCI media types of a published artifact.
+ARTIFACT_TYPE = "application/vnd.quantrol.model.v1"
+CONFIG_MEDIA_TYPE = "application/vnd.quantrol.model.config.v1+json"
+REPORT_MEDIA_TYPE = "application/vnd.quantrol.report.v1+json"
+SAFETENSORS_MEDIA_TYPE = "application/vnd.quantrol.model.safetensors"
+JSON_FILE_MEDIA_TYPE = "application/vnd.quantrol.model.file.v1+json"
+FILE_MEDIA_TYPE = "application/vnd.quantrol.model.file.v1"
+
+
+# --- enums shared with the operator's API (same values; the operator should import these) ---
+
+
+class Scheme(StrEnum):
+    """llm-compressor / compressed-tensors preset schemes."""
+
+    FP8_DYNAMIC = "FP8_DYNAMIC"
+    FP8 = "FP8"  # static per-tensor activation scales
+    W8A8 = "W8A8"  # int8 weights (per channel) and activations (per token, dynamic)
+    W4A16 = "W4A16"
+    W4A16_ASYM = "W4A16_ASYM"
+    W4A8 = "W4A8"
+    W8A16 = "W8A16"
+
+
+# Schemes that quantize weights only, to integers; the only ones where a group size means anything.
+WEIGHT_ONLY_INT_SCHEMES = frozenset({Scheme.W4A16, Scheme.W4A16_ASYM, Scheme.W8A16})
+
+
+class Method(StrEnum):
+    RTN = "rtn"
+    GPTQ = "gptq"
+    AWQ = "awq"
+    SMOOTHQUANT_GPTQ = "smoothquant+gptq"
+
+
+# Which method can produce which scheme (llm-compressor modifiers); everything else is refused.
+METHODS_BY_SCHEME: dict[Scheme, frozenset[Method]] = {
+    Scheme.FP8_DYNAMIC: frozenset({Method.RTN}),
+    Scheme.FP8: frozenset({Method.RTN, Method.GPTQ}),
+    Scheme.W8A8: frozenset({Method.RTN, Method.GPTQ, Method.SMOOTHQUANT_GPTQ}),
+    Scheme.W4A16: frozenset({Method.RTN, Method.GPTQ, Method.AWQ}),
+    Scheme.W4A16_ASYM: frozenset({Method.RTN, Method.GPTQ, Method.AWQ}),
+    Scheme.W4A8: frozenset({Method.RTN, Method.GPTQ}),
+    Scheme.W8A16: frozenset({Method.RTN, Method.GPTQ}),
+}
+
+
+class KvCacheScheme(StrEnum):
+    """KV-cache quantization; `fp8` calibrates per-layer scales (vLLM's `--kv-cache-dtype fp8`)."""
+
+    NONE = "none"
+    FP8 = "fp8"
+
+
+class Target(StrEnum):
+    """The hardware the artifact must be served on; decides which kernels must exist."""
+
+    CUDA_SM90 = "cuda-sm90"
+    CUDA_SM89 = "cuda-sm89"
+    CUDA_SM80 = "cuda-sm80"
+    CPU_X86 = "cpu-x86"
+
+
+class WorkerPhase(StrEnum):
+    """Terminal phases the worker reports; the values are the QuantizedModel phases of the same name."""
+
+    READY = "Ready"
+    REJECTED = "Rejected"
+    FAILED = "Failed"
+
+
+class Reason(StrEnum):
+    """Machine-readable reasons for Rejected / Failed (CamelCase, as Kubernetes condition reasons)."""
+
+    SUCCEEDED = "Succeeded"
+    QUALITY_GATE_FAILED = "QualityGateFailed"
+    INTEGRITY_CHECK_FAILED = "IntegrityCheckFailed"
+    KERNEL_INCOMPATIBLE = "KernelIncompatible"
+    INVALID_CONFIG = "InvalidConfig"
+    BASE_MODEL_UNAVAILABLE = "BaseModelUnavailable"
+    DIGEST_MISMATCH = "DigestMismatch"
+    CALIBRATION_DATA_INVALID = "CalibrationDataInvalid"
+    EMPTY_SLICE = "EmptySlice"
+    QUANTIZATION_FAILED = "QuantizationFailed"
+    PUBLISH_FAILED = "PublishFailed"
+    INTERNAL_ERROR = "InternalError"
+
+
+class KernelVerdict(StrEnum):
+    """What serving the scheme on the target will use: a native kernel, a slower fallback, or nothing."""
+
+    NATIVE = "native"
+    FALLBACK = "fallback"
+    NONE = "none"
+
+
+class Stage(StrEnum):
+    LOAD = "load"
+    PRECHECK = "precheck"
+    DATA = "data"
+    CALIBRATE = "calibrate"
+    SAVE = "save"
+    EVALUATE = "evaluate"
+    INTEGRITY = "integrity"
+    PACKAGE = "package"
+    PUBLISH = "publish"
+
+
+# --- base ---
+
+
+class ContractModel(BaseModel):
+    """camelCase on the wire, unknown fields refused (a typo in a ConfigMap fails loudly)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_wire(), sort_keys=True, separators=(",", ":"))
+
+
+class ReportModel(ContractModel):
+    """Read by older and newer readers: unknown fields are ignored, not refused."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+# --- input: CalibrationConfig (the ConfigMap the operator writes) ---
+
+
+class QualityLimits(ContractModel):
+    """Limits one slice must meet against the baseline; an unset limit is not checked."""
+
+    max_mean_kl_divergence: float | None = Field(default=None, ge=0, description="Mean next-token KL (nats).")
+    max_p99_kl_divergence: float | None = Field(default=None, ge=0, description="p99 next-token KL (nats).")
+    min_top1_agreement: float | None = Field(default=None, ge=0, le=1, description="Fraction, 0..1.")
+    max_perplexity_increase: float | None = Field(
+        default=None, ge=0, description="Allowed perplexity increase as a fraction (0.05 = +5%)."
+    )
+
+    def merged(self, override: QualityLimits | None) -> QualityLimits:
+        """This gate with the override's set fields on top (a slice's own gate overrides field by field)."""
+        if override is None:
+            return self
+        return self.model_copy(update=override.model_dump(exclude_none=True))
+
+
+def default_quality_gate() -> QualityLimits:
+    return QualityLimits(max_mean_kl_divergence=0.05, min_top1_agreement=0.9, max_perplexity_increase=0.05)
+
+
+class QuantizationConfig(ContractModel):
+    scheme: Scheme
+    method: Method = Method.GPTQ
+    group_size: int | None = Field(default=None, ge=16, le=1024, description="Weight-only int schemes; default 128.")
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"], max_length=256)
+    kv_cache_scheme: KvCacheScheme = KvCacheScheme.NONE
+    target: Target = Target.CUDA_SM90
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    smoothing_strength: float = Field(default=0.8, gt=0, lt=1, description="SmoothQuant alpha (smoothquant+gptq).")
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.method not in METHODS_BY_SCHEME[self.scheme]:
+            allowed = ", ".join(sorted(m.value for m in METHODS_BY_SCHEME[self.scheme]))
+            raise ValueError(f"method {self.method.value} does not fit scheme {self.scheme.value} (allowed: {allowed})")
+        if self.group_size is not None and self.scheme not in WEIGHT_ONLY_INT_SCHEMES:
+            raise ValueError("groupSize applies only to weight-only integer schemes (W4A16, W4A16_ASYM, W8A16)")
+        return self
+
+    @property
+    def effective_group_size(self) -> int | None:
+        """The weight group size the recipe will use (None: per-channel or per-tensor scales)."""
+        if self.scheme in (*WEIGHT_ONLY_INT_SCHEMES, Scheme.W4A8):
+            return self.group_size or 128
+        return None
+
+
+class SliceConfig(ContractModel):
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    samples: int = Field(default=64, ge=1, le=100_000, description="Calibration samples from this slice.")
+    eval_samples: int = Field(default=32, ge=1, le=100_000, description="Held-out samples to evaluate.")
+    quality_gate: QualityLimits | None = None
+
+
+class DataConfig(ContractModel):
+    uri: str = Field(description="JSONL with `text` or `messages`, and `slice`: file:// or a path.")
+    max_sequence_length: int = Field(default=2048, ge=16, le=1_048_576)
+    seed: int = Field(default=0, ge=0)
+    slices: list[SliceConfig] = Field(min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Self:
+        if len({s.name for s in self.slices}) != len(self.slices):
+            raise ValueError("slice names must be unique")
+        return self
+
+
+class ArtifactConfig(ContractModel):
+    repository: str = Field(pattern=r"^[a-z0-9.\-]+(:[0-9]+)?/[a-z0-9._\-/]+$", max_length=512)
+    insecure: bool = False
+    tag: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+
+
+class EvaluationConfig(ContractModel):
+    sample_generations: int = Field(default=2, ge=0, le=16, description="Side-by-side generations per slice.")
+    max_new_tokens: int = Field(default=24, ge=1, le=512)
+    prompt_tokens: int = Field(default=24, ge=1, le=4096)
+
+
+class CalibrationConfig(ContractModel):
+    """Everything `quantrol-worker calibrate --config FILE` needs (JSON or YAML)."""
+
+    base_model: str = Field(description="hf://org/name@rev, oci://registry/repo@sha256:…, file:///path or a path.")
+    quantization: QuantizationConfig
+    calibration: DataConfig
+    quality_gate: QualityLimits = Field(default_factory=default_quality_gate)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    artifact: ArtifactConfig | None = Field(default=None, description="Where to push; unset: package locally only.")
+    work_dir: str = Field(default="/tmp/quantrol-work", description="Scratch space for model, checkpoint, report.")
+    termination_message_path: str = TERMINATION_MESSAGE_PATH
+    name: str | None = Field(default=None, description="QuantizedModel namespace/name, for annotations.")
+    generation: int | None = Field(default=None, description="QuantizedModel metadata.generation.")
+
+    def gate_for(self, slice_name: str) -> QualityLimits:
+        own = next((s.quality_gate for s in self.calibration.slices if s.name == slice_name), None)
+        return self.quality_gate.merged(own)
+
+
+# --- output: the report ---
+
+
+class SliceQuality(ReportModel):
+    slice: str
+    samples: int = 0
+    tokens: int = 0
+    mean_kl_divergence: float | None = None
+    p99_kl_divergence: float | None = None
+    top1_agreement: float | None = None
+    perplexity_ratio: float | None = None
+    baseline_perplexity: float | None = None
+    candidate_perplexity: float | None = None
+    passed: bool | None = None
+    failed_limits: list[str] = Field(default_factory=list)
+
+
+class IntegrityCheck(ReportModel):
+    name: str
+    passed: bool
+    detail: str = ""
+
+
+class LayerScaleStats(ReportModel):
+    layer: str
+    kind: str = Field(description="weight, input, k or v")
+    max_abs: float | None = Field(default=None, description="Largest |value| the scales cover.")
+    min_scale: float | None = None
+    max_scale: float | None = None
+    fraction_clipped: float | None = Field(default=None, description="Weights outside the quantized range.")
+
+
+class KernelViolation(ReportModel):
+    layer: str
+    rule: str
+    detail: str
+
+
+class KernelCheck(ReportModel):
+    target: Target
+    scheme: Scheme
+    family: str | None = None
+    verdict: KernelVerdict
+    compatible: bool
+    violations: list[KernelViolation] = Field(default_factory=list)
+    note: str = ""
+
+
+class SampleGeneration(ReportModel):
+    slice: str
+    prompt: str
+    baseline: str
+    candidate: str
+
+
+class ExperimentEnvelope(ReportModel):
+    """What it takes to reproduce the artifact: inputs by digest, the recipe, and the tools' versions."""
+
+    base_model_uri: str | None = None
+    base_model_digest: str | None = None
+    tokenizer_digest: str | None = None
+    calibration_data_digest: str | None = None
+    recipe: str | None = None
+    seed: int | None = None
+    hardware: str | None = None
+    tool_versions: dict[str, str] = Field(default_factory=dict)
+
+
+class CalibrationReport(ReportModel):
+    """quantrol-report.json: the evidence a human or the operator reads."""
+
+    version: str = REPORT_VERSION
+    phase: WorkerPhase
+    reason: Reason
+    message: str = ""
+    name: str | None = None
+    generation: int | None = None
+    scheme: Scheme | None = None
+    method: Method | None = None
+    kv_cache_scheme: KvCacheScheme | None = None
+    gate_passed: bool | None = None
+    quality: list[SliceQuality] = Field(default_factory=list)
+    integrity: list[IntegrityCheck] = Field(default_factory=list)
+    scale_stats: list[LayerScaleStats] = Field(default_factory=list)
+    kernel_check: KernelCheck | None = None
+    samples: list[SampleGeneration] = Field(default_factory=list)
+    envelope: ExperimentEnvelope = Field(default_factory=ExperimentEnvelope)
+    timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage.")
+    checkpoint_bytes: int | None = None
+    baseline_bf16_bytes: int | None = Field(default=None, description="Size of the same weights in bf16.")
+
+
+# --- output: the termination message ---
+
+
+class SliceHeadline(ReportModel):
+    """Compact per-slice quality for the termination message (short keys keep it under 4 KB)."""
+
+    slice: str
+    mean_kl: float | None = None
+    p99_kl: float | None = None
+    top1: float | None = None
+    ppl_ratio: float | None = None
+    passed: bool | None = None
+    failed: list[str] = Field(default_factory=list)
+
+    @classmethod
+    def of(cls, q: SliceQuality) -> SliceHeadline:
+        def r(v: float | None) -> float | None:
+            return None if v is None else float(f"{v:.5g}")
+
+        return cls(
+            slice=q.slice,
+            mean_kl=r(q.mean_kl_divergence),
+            p99_kl=r(q.p99_kl_divergence),
+            top1=r(q.top1_agreement),
+            ppl_ratio=r(q.perplexity_ratio),
+            passed=q.passed,
+            failed=q.failed_limits,
+        )
+
+
+class TerminationResult(ReportModel):
+    """What the worker writes to the container's termination-message path (≤ 4096 bytes of JSON)."""
+
+    phase: WorkerPhase
+    reason: Reason
+    message: str = ""
+    stage: Stage | None = None
+    artifact_ref: str | None = Field(default=None, description="repo@sha256:… of the published artifact.")
+    digest: str | None = None
+    size_bytes: int | None = None
+    report_ref: str | None = Field(default=None, description="repo@sha256:… holding the report when rejected.")
+    gate_passed: bool | None = None
+    quality: list[SliceHeadline] = Field(default_factory=list)
+    base_model_digest: str | None = None
+    calibration_data_digest: str | None = None
+
+    def to_message(self, limit: int = TERMINATION_MESSAGE_LIMIT) -> str:
+        """Compact JSON within `limit` bytes: the message is cut first, then trailing slices are dropped."""
+        result = self.model_copy(deep=True)
+        text = result.to_json()
+        if len(text.encode()) > limit and result.message:
+            excess = len(text.encode()) - limit
+            keep = max(0, len(result.message.encode()) - excess - 8)
+            result.message = result.message.encode()[:keep].decode(errors="ignore") + "…"
+            text = result.to_json()
+        while len(text.encode()) > limit and result.quality:
+            result.quality = result.quality[:-1]
+            result.message = (result.message + " [slices truncated]")[-512:]
+            text = result.to_json()
+        if len(text.encode()) > limit:
+            raise ValueError(f"termination result does not fit {limit} bytes")
+        return text
+
+    @classmethod
+    def from_message(cls, text: str) -> TerminationResult:
+        return cls.model_validate_json(text)
