@@ -46,8 +46,14 @@ def with_status(job: dict[str, Any], **status: Any) -> dict[str, Any]:
     return out
 
 
-def pod(terminated: dict[str, Any] | None = None, waiting: str | None = None, phase: str = "Running") -> dict[str, Any]:
-    state = {"terminated": terminated} if terminated else ({"waiting": {"reason": waiting}} if waiting else {"running": {}})
+def pod(
+    terminated: dict[str, Any] | None = None, waiting: str | None = None, phase: str = "Running"
+) -> dict[str, Any]:
+    state: dict[str, Any] = {"running": {}}
+    if terminated:
+        state = {"terminated": terminated}
+    elif waiting:
+        state = {"waiting": {"reason": waiting}}
     return {
         "metadata": {"name": "p", "creationTimestamp": "2026-11-23T11:59:00Z",
                      "ownerReferences": [{"uid": "uid-job"}]},
@@ -124,7 +130,9 @@ def test_pvc_model_is_mounted_read_only_and_rewritten_to_a_path() -> None:
         ({"calibration__slices": []}, "InvalidSpec", "spec.calibration.slices"),
     ],
 )
-def test_hopeless_specs_fail_naming_the_field_and_create_nothing(edits: dict[str, Any], reason: str, field: str) -> None:
+def test_hopeless_specs_fail_naming_the_field_and_create_nothing(
+    edits: dict[str, Any], reason: str, field: str
+) -> None:
     result = plan(QmObserved(qm(**edits), now=NOW), IMAGE)
     assert result.apply == [] and result.status["phase"] == "Failed"
     ready = next(c for c in result.status["conditions"] if c["type"] == "Ready")
