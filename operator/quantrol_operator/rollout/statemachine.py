@@ -1,0 +1,196 @@
+"""The ServingPolicy rollout as one state machine with a visible transition table.
+
+    Pending → Shadow → Canary(step 0..n-1) → Promoted
+    any live phase → RolledBack (SLO breach, kernel refusal, candidate failure, manual)
+    live phases ⇄ Paused (annotation, or analysis that cannot judge)
+    RolledBack / Failed / Promoted / Paused → Pending (retry annotation, or a new candidate digest)
+
+`step()` is pure: (phase, step index, facts observed now) → the next phase, step and the reason. Rows are
+tried in order and the first whose guard holds wins, so precedence is the order of `TRANSITIONS`.
+Weights are a function of (phase, step) only (`weights_for`), so they can only take the values the spec lists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from quantrol_operator.api.servingpolicy import RolloutPhase as P
+
+
+class Decision(StrEnum):
+    """What the SLO analysis concludes over its streak counters (see analysis.py)."""
+
+    ADVANCE = "advance"  # success streak reached: the step may move on once its dwell time is over
+    HOLD = "hold"  # keep the current weights and keep measuring
+    ROLLBACK = "rollback"  # failure limit reached
+    PAUSE = "pause"  # inconclusive or query-error limit reached: a human must look; never promote
+
+
+class KernelCheck(StrEnum):
+    """The candidate engine's kernels against the scheme's promise (the shared kernel table)."""
+
+    UNKNOWN = "unknown"  # the engine has not reported yet
+    NATIVE = "native"
+    FALLBACK = "fallback"
+    NONE = "none"
+
+
+class Reason(StrEnum):
+    """Why a transition happened; machine-readable, shown in status history and Events."""
+
+    CANDIDATE_PINNED = "CandidatePinned"
+    ARMS_READY = "ArmsReady"
+    SHADOW_PASSED = "ShadowPassed"
+    STEP_PASSED = "StepPassed"
+    PROMOTED = "Promoted"
+    SLO_BREACH = "SloBreach"
+    KERNEL_UNAVAILABLE = "KernelUnavailable"
+    KERNEL_FALLBACK = "KernelFallback"
+    CANDIDATE_FAILED = "CandidateFailed"
+    MANUAL_ROLLBACK = "ManualRollback"
+    PAUSED_BY_USER = "PausedByUser"
+    ANALYSIS_CANNOT_JUDGE = "AnalysisCannotJudge"
+    RESUMED = "Resumed"
+    RETRY = "Retry"
+    NEW_CANDIDATE = "NewCandidate"
+
+
+@dataclass(frozen=True)
+class Facts:
+    """Everything a transition may depend on, observed for this pass (plain values, no I/O)."""
+
+    now: datetime
+    phase_since: datetime
+    steps: tuple[int, ...]  # the spec's canary weights, strictly increasing
+    shadow_seconds: int
+    dwell_seconds: tuple[int, ...]  # per canary step
+    candidate_pinned: bool = False  # a qualified candidate digest is pinned in status
+    stable_ready: bool = False
+    candidate_ready: bool = False
+    candidate_failed: bool = False  # the candidate arm cannot run (crash loop, fetch refused the digest)
+    kernel: KernelCheck = KernelCheck.UNKNOWN
+    enforce_kernels: bool = True
+    decision: Decision = Decision.HOLD
+    paused_annotation: bool = False
+    paused_from: P | None = None  # the live phase a user pause interrupted
+    paused_by_user: bool = False
+    retry_requested: bool = False  # the retry annotation has a value not yet handled
+    rollback_requested: bool = False  # the rollback annotation has a value not yet handled
+    new_candidate: bool = False  # the desired candidate digest differs from the pinned one
+
+    def dwell_over(self, phase: P, step: int | None) -> bool:
+        needed = self.shadow_seconds if phase is P.SHADOW else self.dwell_seconds[step or 0]
+        return (self.now - self.phase_since).total_seconds() >= needed
+
+
+LIVE = frozenset({P.PENDING, P.SHADOW, P.CANARY})
+SETTLED = frozenset({P.PROMOTED, P.ROLLED_BACK, P.FAILED})
+CANDIDATE_SERVING = frozenset({P.SHADOW, P.CANARY})
+
+
+@dataclass(frozen=True)
+class Transition:
+    source: frozenset[P]
+    guard: Callable[[Facts, P, int | None], bool]
+    target: Callable[[Facts, P, int | None], tuple[P, int | None]]
+    reason: Reason
+    doc: str
+
+
+def _to(phase: P, step: int | None = None) -> Callable[[Facts, P, int | None], tuple[P, int | None]]:
+    return lambda _f, _p, _s: (phase, step)
+
+
+def _next_step(f: Facts, _p: P, s: int | None) -> tuple[P, int | None]:
+    nxt = 0 if s is None else s + 1
+    return (P.PROMOTED, None) if nxt >= len(f.steps) else (P.CANARY, nxt)
+
+
+def _is_last(f: Facts, s: int | None) -> bool:
+    return s is not None and s + 1 >= len(f.steps)
+
+
+def _resume(f: Facts, _p: P, s: int | None) -> tuple[P, int | None]:
+    return (f.paused_from or P.PENDING, s)
+
+
+ANY = frozenset(P)
+
+TRANSITIONS: tuple[Transition, ...] = (
+    Transition(LIVE | {P.PAUSED}, lambda f, p, s: f.rollback_requested, _to(P.ROLLED_BACK),
+               Reason.MANUAL_ROLLBACK, "the rollback annotation got a new value: all traffic to stable now"),
+    Transition(SETTLED | {P.PAUSED}, lambda f, p, s: f.retry_requested, _to(P.PENDING),
+               Reason.RETRY, "the retry annotation got a new value: start again from Pending"),
+    Transition(ANY - {P.PENDING}, lambda f, p, s: f.new_candidate, _to(P.PENDING),
+               Reason.NEW_CANDIDATE, "a new candidate digest: withdraw the current one, start again"),
+    Transition(CANDIDATE_SERVING | {P.PENDING}, lambda f, p, s: f.kernel is KernelCheck.NONE, _to(P.ROLLED_BACK),
+               Reason.KERNEL_UNAVAILABLE, "the candidate's scheme has no kernel on this hardware"),
+    Transition(CANDIDATE_SERVING | {P.PENDING},
+               lambda f, p, s: f.kernel is KernelCheck.FALLBACK and f.enforce_kernels, _to(P.ROLLED_BACK),
+               Reason.KERNEL_FALLBACK, "kernelPolicy enforce: a fallback kernel is refused"),
+    Transition(CANDIDATE_SERVING | {P.PENDING}, lambda f, p, s: f.candidate_failed, _to(P.ROLLED_BACK),
+               Reason.CANDIDATE_FAILED, "the candidate arm cannot run"),
+    Transition(LIVE, lambda f, p, s: f.paused_annotation, _to(P.PAUSED),
+               Reason.PAUSED_BY_USER, "the paused annotation is set: hold the current weights"),
+    Transition(frozenset({P.PAUSED}), lambda f, p, s: f.paused_by_user and not f.paused_annotation, _resume,
+               Reason.RESUMED, "the paused annotation was removed: continue where the rollout stood"),
+    Transition(CANDIDATE_SERVING, lambda f, p, s: f.decision is Decision.ROLLBACK, _to(P.ROLLED_BACK),
+               Reason.SLO_BREACH, "the analysis reached its failure limit"),
+    Transition(CANDIDATE_SERVING, lambda f, p, s: f.decision is Decision.PAUSE, _to(P.PAUSED),
+               Reason.ANALYSIS_CANNOT_JUDGE, "no judgement possible (no data, or metrics unreachable): hold"),
+    Transition(frozenset({P.PENDING}),
+               lambda f, p, s: f.candidate_pinned and f.stable_ready and f.candidate_ready
+               and f.kernel in (KernelCheck.NATIVE, KernelCheck.FALLBACK),
+               _to(P.SHADOW), Reason.ARMS_READY, "both arms ready and the candidate's kernels verified"),
+    Transition(frozenset({P.SHADOW}),
+               lambda f, p, s: f.decision is Decision.ADVANCE and f.dwell_over(p, s) and f.candidate_ready,
+               _next_step, Reason.SHADOW_PASSED, "shadow analysis passed for the shadow duration"),
+    Transition(frozenset({P.CANARY}),
+               lambda f, p, s: f.decision is Decision.ADVANCE and f.dwell_over(p, s) and not _is_last(f, s),
+               _next_step, Reason.STEP_PASSED, "this step's analysis passed for its minimum dwell"),
+    Transition(frozenset({P.CANARY}),
+               lambda f, p, s: f.decision is Decision.ADVANCE and f.dwell_over(p, s) and _is_last(f, s),
+               _next_step, Reason.PROMOTED, "the last step passed: the candidate becomes the stable arm"),
+)
+
+
+@dataclass(frozen=True)
+class Step:
+    phase: P
+    step: int | None
+    reason: Reason | None  # None: no transition this pass
+    doc: str = ""
+
+
+def step(phase: P, index: int | None, facts: Facts) -> Step:
+    for row in TRANSITIONS:
+        if phase in row.source and row.guard(facts, phase, index):
+            target, target_step = row.target(facts, phase, index)
+            if target is P.PAUSED:
+                target_step = index  # a pause keeps the step it interrupted
+            return Step(target, target_step, row.reason, row.doc)
+    return Step(phase, index, None)
+
+
+@dataclass(frozen=True)
+class Weights:
+    stable: int
+    candidate: int
+    mirror_fraction: float
+
+
+def weights_for(phase: P, index: int | None, steps: tuple[int, ...], mirror_fraction: float,
+                held: Weights | None = None) -> Weights:
+    """Traffic for a phase. A pause holds what was live (`held`); everything else comes from the spec."""
+    if phase is P.SHADOW:
+        return Weights(100, 0, mirror_fraction)
+    if phase is P.CANARY and index is not None:
+        return Weights(100 - steps[index], steps[index], 0.0)
+    # Promoted: the candidate's artifact *is* the stable arm now (status.stableArtifact moved), so "stable"
+    # gets everything; RolledBack, Failed and Pending send everything to stable too.
+    if phase is P.PAUSED and held is not None:
+        return held
+    return Weights(100, 0, 0.0)
