@@ -1,0 +1,124 @@
+"""SLO analysis: verdicts per SLO, the window verdict, and the streak counters that decide the rollout."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from quantrol_operator.api.servingpolicy import Analysis, SloFloor, SloLimit, Verdict
+from quantrol_operator.rollout.analysis import Counters, Judgement, Sample, decide, goodput, judge, window_verdict
+from quantrol_operator.rollout.statemachine import Decision
+
+T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+TTFT = SloLimit(max=2.0, max_relative_to_stable=1.2)
+AGREEMENT = SloFloor(min=0.9)
+GOODPUT = SloFloor(min_relative_to_stable=1.0)
+
+
+def s(cand: float | None, stab: float | None = 1.0, n: float = 100, sn: float = 100, **kw: object) -> Sample:
+    return Sample("ttft_p99", cand, stab, n, sn, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("sample", "limit", "verdict"),
+    [
+        (s(1.1), TTFT, Verdict.PASS),
+        (s(1.3), TTFT, Verdict.FAIL),  # above 1.2 × stable
+        (s(2.5, 2.4), TTFT, Verdict.OVERLOAD),  # both arms above the absolute 2 s: load
+        (s(2.5, 1.0), TTFT, Verdict.FAIL),
+        (s(None), TTFT, Verdict.INCONCLUSIVE),  # no series
+        (s(math.nan), TTFT, Verdict.INCONCLUSIVE),
+        (s(1.0, n=5), TTFT, Verdict.INCONCLUSIVE),  # too few requests
+        (s(1.0, None), TTFT, Verdict.INCONCLUSIVE),  # relative limit, nothing to compare with
+        (s(1.0, error="connection refused"), TTFT, Verdict.ERROR),
+        (s(0.95), AGREEMENT, Verdict.PASS),
+        (s(0.80, 0.99), AGREEMENT, Verdict.FAIL),
+        (s(0.80, 0.85), AGREEMENT, Verdict.OVERLOAD),
+        (s(110.0, 100.0), GOODPUT, Verdict.PASS),
+        (s(90.0, 100.0), GOODPUT, Verdict.FAIL),  # a smaller artifact that serves fewer good tokens loses
+    ],
+)
+def test_verdict_per_slo(sample: Sample, limit: SloLimit | SloFloor, verdict: Verdict) -> None:
+    judgement = judge(sample, limit, min_samples=20)
+    assert judgement.verdict is verdict, judgement.message
+    assert judgement.message
+
+
+def test_window_verdict_takes_the_most_severe_and_nothing_is_never_pass() -> None:
+    def j(v: Verdict) -> Judgement:
+        return Judgement("x", v, None, None, None, "")
+
+    assert window_verdict([]) is Verdict.INCONCLUSIVE
+    assert window_verdict([j(Verdict.PASS), j(Verdict.INCONCLUSIVE)]) is Verdict.INCONCLUSIVE
+    assert window_verdict([j(Verdict.PASS), j(Verdict.FAIL), j(Verdict.OVERLOAD)]) is Verdict.FAIL
+    assert window_verdict([j(Verdict.FAIL), j(Verdict.ERROR)]) is Verdict.ERROR
+
+
+POLICY = Analysis(failure_limit=3, success_streak=2, inconclusive_limit=4, error_limit=3)
+
+
+def test_failures_one_below_the_limit_then_one_more_rolls_back() -> None:
+    counters = Counters()
+    for i in range(2):
+        decision, counters = decide(Verdict.FAIL, T0 + timedelta(seconds=i), counters, POLICY)
+        assert decision is Decision.HOLD
+    # The counters are what status keeps: a restarted operator resumes from them.
+    decision, counters = decide(Verdict.FAIL, T0 + timedelta(seconds=5), Counters(**vars(counters)), POLICY)
+    assert decision is Decision.ROLLBACK and counters.failures == 3
+
+
+def test_the_same_scrape_is_never_counted_twice() -> None:
+    decision, counters = decide(Verdict.FAIL, T0, Counters(), POLICY)
+    for _ in range(10):
+        decision, counters = decide(Verdict.FAIL, T0, counters, POLICY)
+    assert decision is Decision.HOLD and counters.failures == 1
+
+
+def test_a_pass_streak_advances_and_a_failure_resets_it() -> None:
+    _d, c = decide(Verdict.PASS, T0, Counters(), POLICY)
+    _d, c = decide(Verdict.FAIL, T0 + timedelta(seconds=1), c, POLICY)
+    d, c = decide(Verdict.PASS, T0 + timedelta(seconds=2), c, POLICY)
+    assert d is Decision.HOLD and c.successes == 1
+    d, c = decide(Verdict.PASS, T0 + timedelta(seconds=3), c, POLICY)
+    assert d is Decision.ADVANCE
+
+
+def test_errors_and_silence_pause_without_touching_the_failure_count() -> None:
+    c = Counters(failures=2)
+    for _ in range(3):
+        d, c = decide(Verdict.ERROR, None, c, POLICY)
+    assert d is Decision.PAUSE and c.failures == 2
+    c = Counters()
+    for i in range(4):
+        d, c = decide(Verdict.INCONCLUSIVE, T0 + timedelta(seconds=i), c, POLICY)
+    assert d is Decision.PAUSE
+
+
+verdicts = st.sampled_from(list(Verdict))
+
+
+@given(st.lists(st.tuples(verdicts, st.integers(min_value=0, max_value=30)), max_size=60))
+def test_no_advance_without_a_fresh_passing_window(windows: list[tuple[Verdict, int]]) -> None:
+    counters = Counters()
+    for verdict, offset in windows:
+        newest = T0 + timedelta(seconds=offset)
+        before = counters
+        decision, counters = decide(verdict, newest, counters, POLICY)
+        if decision is Decision.ADVANCE:
+            assert verdict is Verdict.PASS and (before.newest is None or newest > before.newest)
+        if decision is Decision.ROLLBACK:
+            assert verdict is Verdict.FAIL
+
+
+@given(st.one_of(st.none(), st.just(math.nan)), st.integers(min_value=0, max_value=10_000))
+def test_no_data_never_reads_as_pass(value: float | None, requests: int) -> None:
+    assert judge(s(value, n=requests), TTFT, 20).verdict is not Verdict.PASS
+
+
+def test_goodput_counts_accepted_tokens_per_engine_second() -> None:
+    assert goodput(1200.0, 60.0) == 20.0
+    assert goodput(1200.0, 0.0) is None
