@@ -28,6 +28,8 @@ _KINDS: dict[tuple[str, str], str] = {
 }
 # Fields a controller may not change after creation; Quantrol makes a new object instead.
 _IMMUTABLE_SPEC_KINDS = {"Job", "Pod"}
+# Created once, never rewritten: a Secret's generated token must not change under the pods that read it.
+_CREATE_ONLY_KINDS = {"Secret"}
 
 
 def _collection(api_version: str, kind: str, namespace: str) -> str:
@@ -95,13 +97,18 @@ class Kube:
             raise
         return result
 
+    def list_objects(
+        self, api_version: str, kind: str, namespace: str, label_selector: str = ""
+    ) -> list[dict[str, Any]]:
+        query = [("labelSelector", label_selector)] if label_selector else []
+        found = self._call("GET", _collection(api_version, kind, namespace), query=query)
+        return list(found.get("items", []))
+
     def list_owned(self, api_version: str, kind: str, namespace: str, owner_uid: str,
                    label_selector: str = "") -> list[dict[str, Any]]:
         """Objects whose ownerReferences name `owner_uid`; labels only narrow what the server sends."""
-        query = [("labelSelector", label_selector)] if label_selector else []
-        found = self._call("GET", _collection(api_version, kind, namespace), query=query)
         return [
-            item for item in found.get("items", [])
+            item for item in self.list_objects(api_version, kind, namespace, label_selector)
             if any(ref.get("uid") == owner_uid for ref in item.get("metadata", {}).get("ownerReferences", []))
         ]
 
@@ -118,6 +125,8 @@ class Kube:
                     raise
                 return "unchanged"
             return "created"
+        if desired["kind"] in _CREATE_ONLY_KINDS:
+            return "unchanged"
         owned = dict(desired)
         if desired["kind"] in _IMMUTABLE_SPEC_KINDS:
             owned = {"metadata": {k: v for k, v in meta.items() if k in ("labels", "ownerReferences")}}
@@ -134,6 +143,10 @@ class Kube:
         except ApiException as exc:
             if exc.status != 404:
                 raise
+
+    def patch(self, api_version: str, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        path = f"{_collection(api_version, kind, namespace)}/{name}"
+        self._call("PATCH", path, body=patch, content_type="application/merge-patch+json")
 
     def patch_status(self, obj: dict[str, Any], status: dict[str, Any]) -> bool:
         """Merge-patch what changed in `status`; no request at all when nothing did."""

@@ -318,6 +318,22 @@ class Weights(StatusModel):
     mirror_fraction: float = Field(default=0.0, ge=0, le=1)
 
 
+class KernelReport(StatusModel):
+    """What the candidate engine's launcher found in use, against the scheme's promise."""
+
+    verdict: str = Field(description="native, fallback, none or unknown")
+    kernels: list[str] = Field(default_factory=list, max_length=32)
+    message: str = ""
+
+
+class RouterState(StatusModel):
+    """The router config the operator last wrote (ConfigMap) and pushed (admin endpoint)."""
+
+    version: int = 0
+    config_hash: str | None = None
+    applied_version: int | None = Field(default=None, description="Lowest version the routers confirmed.")
+
+
 class HandledAnnotations(StatusModel):
     retry: str | None = None
     rollback: str | None = None
@@ -346,6 +362,9 @@ class ServingPolicyStatus(StatusModel):
     candidate_short_digest: str | None = None
     rollback_target: str | None = None
     phase_since: datetime | None = None
+    paused_from: RolloutPhase | None = Field(default=None, description="The phase a user pause interrupted.")
+    candidate_kernels: KernelReport | None = None
+    router: RouterState = Field(default_factory=RouterState)
     last_analysis: AnalysisRun | None = None
     counters: AnalysisCounters = Field(default_factory=AnalysisCounters)
     rollback: RollbackRecord | None = None

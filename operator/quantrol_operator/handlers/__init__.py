@@ -4,6 +4,6 @@ Handlers stay thin (read, plan, apply, patch status); the reconcile logic lives 
 issues. For now the operator logs in, configures kopf, and says what it watches and which objects it has seen.
 """
 
-from quantrol_operator.handlers import login, quantizedmodel, seen, settings
+from quantrol_operator.handlers import login, quantizedmodel, seen, servingpolicy, settings
 
-__all__ = ["login", "quantizedmodel", "seen", "settings"]
+__all__ = ["login", "quantizedmodel", "seen", "servingpolicy", "settings"]

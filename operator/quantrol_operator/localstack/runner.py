@@ -5,8 +5,10 @@ the emulated API (tests/ fixtures, `quantrol demo`). On a real cluster it is nev
 logic: it does what a kubelet, the Job and Deployment controllers and the garbage collector would, for the
 subset of the pod spec the stack uses. The rules live in runner_plan.py (pure); this module does the I/O.
 
-It polls (watches on the emulation are not something to lean on) Jobs, Deployments and Services, and runs
-each container's command as a local process in its own process group. Conventions:
+It polls Jobs, Deployments and Services every `poll_interval` seconds (simple, bounded, and indifferent to
+API restarts: no watch bookkeeping), and runs each container's command as a local process in its own process
+group, with its output in `<state dir>/pods/<ns>/<pod>/<container>.log` (the pod's `local-runner.quantrol.io/logs`
+annotation names the dir: there is no `kubectl logs`). Conventions:
 
 - Images are never pulled. An image map (`ImageEnv`: fnmatch pattern -> a virtual environment's bin dir)
   decides what runs: that bin dir goes first on PATH, so `quantrol-worker` or `python` resolve to that
@@ -32,7 +34,9 @@ each container's command as a local process in its own process group. Convention
   whose main containers map to a `serving` environment hold processes at once (terminating ones included);
   the rest stay Pending with PodScheduled=False, reason Unschedulable, and a message saying why.
 - Liveness and startup probes are not run; restart back-off is 1, 2, 4, ... 10 s; a Job retries failed
-  pods at once (each retry a new pod, also under OnFailure); grace periods are capped at `max_grace` seconds.
+  pods at once (each retry a new pod, also under OnFailure) and keeps the pods its deadline stopped (Failed,
+  reason DeadlineExceeded); a pod deleted by a client is replaced; grace periods are capped at `max_grace` s.
+- The runner's state is in memory: a restarted runner does not adopt the pods of its predecessor.
 """
 
 from __future__ import annotations
@@ -377,9 +381,6 @@ class LocalRunner:
     def live_pids(self) -> list[int]:
         """Processes started by this runner that are still alive (children are reaped by their ManagedProcess)."""
         return [pid for pid in self.started_pids if pid_alive(pid)]
-
-    def pod_runs(self) -> list[_PodRun]:
-        return list(self._runs.values())
 
     # -- one pass ---------------------------------------------------------------------------------------------
 

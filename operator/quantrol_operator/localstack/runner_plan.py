@@ -649,59 +649,57 @@ def _finished(conditions: Iterable[Mapping[str, Any]]) -> bool:
     return any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in conditions)
 
 
+def _job_outcome(spec: Mapping[str, Any], succeeded: int, failed: int, started: datetime | None,
+                 now: datetime) -> JSON | None:
+    """The condition that finishes the Job now (Complete, or Failed with its reason), if any."""
+    backoff_limit = int(spec["backoffLimit"]) if spec.get("backoffLimit") is not None else 6
+    deadline = spec.get("activeDeadlineSeconds")
+    if succeeded >= int(spec.get("completions") or 1):
+        return {"type": "Complete", "status": "True", "reason": "CompletionsReached",
+                "message": "Reached expected number of succeeded pods"}
+    if failed > backoff_limit:
+        return {"type": "Failed", "status": "True", "reason": BACKOFF_LIMIT_EXCEEDED,
+                "message": "Job has reached the specified backoff limit"}
+    if deadline is not None and started is not None and now >= started + timedelta(seconds=float(deadline)):
+        return {"type": "Failed", "status": "True", "reason": DEADLINE_EXCEEDED,
+                "message": "Job was active longer than specified deadline"}
+    return None
+
+
 def plan_job(job: Mapping[str, Any], pods: Sequence[JobPod], now: datetime) -> JobPlan:
     """The Job controller: start pods up to parallelism, count results, enforce backoffLimit and the deadline.
 
     Failed pods are retried at once (the controller's 10 s, 20 s, ... back-off between retries is not
-    applied); every retry is a new pod, also under `restartPolicy: OnFailure`.
+    applied); every retry is a new pod, also under `restartPolicy: OnFailure`. Pods stopped by the deadline
+    stay (Failed, reason DeadlineExceeded) rather than being deleted, so their logs and exit codes stay readable.
     """
     spec, status = job.get("spec") or {}, job.get("status") or {}
     conditions: list[JSON] = list(status.get("conditions") or [])
     active = [p for p in pods if p.phase not in TERMINAL]
     succeeded = sum(p.phase == "Succeeded" for p in pods)
     failed = sum(p.phase == "Failed" for p in pods)
-    started = parse_time(status.get("startTime"))
     suspended = bool(spec.get("suspend"))
-    if started is None and not suspended:
-        started = now
-    completions = int(spec.get("completions") or 1)
-    parallelism = int(spec["parallelism"]) if spec.get("parallelism") is not None else 1
-    backoff_limit = int(spec["backoffLimit"]) if spec.get("backoffLimit") is not None else 6
-    deadline = spec.get("activeDeadlineSeconds")
-    start, kill_reason = 0, ""
+    started = parse_time(status.get("startTime")) or (None if suspended else now)
+    finished = _finished(conditions)
+    outcome = None if finished else _job_outcome(spec, succeeded, failed, started, now)
+    start, kill_reason, completion = 0, "", status.get("completionTime")
     kill: tuple[str, ...] = ()
-    out: JSON = {}
-    if not _finished(conditions):
-        new_condition: JSON | None = None
-        if succeeded >= completions:
-            new_condition = {"type": "Complete", "status": "True", "reason": "CompletionsReached",
-                             "message": "Reached expected number of succeeded pods"}
-            out["completionTime"] = rfc3339(now)
-        elif failed > backoff_limit:
-            new_condition = {"type": "Failed", "status": "True", "reason": BACKOFF_LIMIT_EXCEEDED,
-                             "message": "Job has reached the specified backoff limit"}
-        elif deadline is not None and started is not None and now >= started + timedelta(seconds=float(deadline)):
-            new_condition = {"type": "Failed", "status": "True", "reason": DEADLINE_EXCEEDED,
-                             "message": "Job was active longer than specified deadline"}
-        elif not suspended:
-            start = max(0, min(parallelism, completions - succeeded) - len(active))
-        if new_condition is not None:
-            conditions.append({**new_condition, "lastProbeTime": rfc3339(now), "lastTransitionTime": rfc3339(now)})
-            kill, kill_reason = tuple(p.name for p in active), new_condition["reason"]
-    elif active:  # finished earlier (e.g. by the deadline) and something still runs: stop it
+    if outcome is not None:
+        conditions.append({**outcome, "lastProbeTime": rfc3339(now), "lastTransitionTime": rfc3339(now)})
+        kill, kill_reason = tuple(p.name for p in active), str(outcome["reason"])
+        completion = rfc3339(now) if outcome["type"] == "Complete" else completion
+    elif finished and active:  # finished earlier (e.g. by the deadline) and something still runs: stop it
         failed_reason = next((c.get("reason", "") for c in conditions if c.get("type") == "Failed"), "")
         kill, kill_reason = tuple(p.name for p in active), str(failed_reason or DEADLINE_EXCEEDED)
-    out.update(
-        active=len(active) + start,
-        succeeded=succeeded,
-        failed=failed,
-        ready=sum(p.ready for p in active),
-        conditions=conditions,
-    )
+    elif not finished and not suspended:
+        parallelism = int(spec["parallelism"]) if spec.get("parallelism") is not None else 1
+        start = max(0, min(parallelism, int(spec.get("completions") or 1) - succeeded) - len(active))
+    out: JSON = {"active": len(active) + start, "succeeded": succeeded, "failed": failed,
+                 "ready": sum(p.ready for p in active), "conditions": conditions}
     if started is not None:
         out["startTime"] = status.get("startTime") or rfc3339(started)
-    if status.get("completionTime"):
-        out["completionTime"] = status["completionTime"]
+    if completion:
+        out["completionTime"] = completion
     return JobPlan(start=start, kill=kill, kill_reason=kill_reason, status=out)
 
 

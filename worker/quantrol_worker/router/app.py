@@ -30,6 +30,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from quantrol_worker.localservices import resolve
 from quantrol_worker.router import compare, protocol
 from quantrol_worker.router.admission import ArmGate, Rejected
 from quantrol_worker.router.config import (
@@ -295,7 +296,7 @@ class Router:
     async def handle_passthrough(self, request: web.Request) -> web.Response:
         """/v1/models and /health answer from the stable arm: it is what serves when anything is in doubt."""
         assert self.session is not None
-        url = self.config.arms["stable"].url + request.path_qs
+        url = resolve(self.config.arms["stable"].url) + request.path_qs
         try:
             async with self.session.get(url, headers=_forward_headers(request.headers),
                                         timeout=aiohttp.ClientTimeout(total=10)) as upstream:
@@ -419,7 +420,7 @@ class Router:
     ) -> _Result:
         """One request to one arm, streamed through `sink` (the client) when there is one; records the metrics."""
         assert self.session is not None
-        url = config.arms[arm].url + path
+        url = resolve(config.arms[arm].url) + path  # unchanged on a cluster; the local stack maps Services
         chat = path == protocol.CHAT
         output = protocol.Output()
         timing = _Timing(arrived)

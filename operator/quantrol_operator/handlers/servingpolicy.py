@@ -1,0 +1,209 @@
+"""ServingPolicy handlers: gather facts (children, kernels, SLO metrics), plan, apply, push, patch status."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import secrets
+import time
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+
+from quantrol_operator import metrics
+from quantrol_operator.api import servingpolicy as sp_api
+from quantrol_operator.api.common import GROUP, VERSION
+from quantrol_operator.api.servingpolicy import RolloutPhase, ServingPolicySpec
+from quantrol_operator.children import router, serving
+from quantrol_operator.children.serving import LABEL_POLICY
+from quantrol_operator.handlers.quantizedmodel import DEFAULTS, kube
+from quantrol_operator.planning.servingpolicy import SpObserved, Window, plan
+from quantrol_operator.rollout.analysis import judge
+from quantrol_operator.rollout.queries import PrometheusSource, Scope, collect
+from quantrol_worker.localservices import service_url
+
+HTTP_TIMEOUT = 3.0
+
+
+def _http_json(url: str, body: bytes | None = None, token: str = "") -> Any:
+    request = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET")
+    request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT) as response:  # cluster-internal URLs only
+        return json.loads(response.read() or b"null")
+
+
+def _terminated_messages(pods: list[dict[str, Any]], container: str, init: bool) -> list[str]:
+    key = "initContainerStatuses" if init else "containerStatuses"
+    out = []
+    for pod in pods:
+        for status in (pod.get("status") or {}).get(key, []):
+            if status.get("name") != container:
+                continue
+            for state in (status.get("state") or {}, status.get("lastState") or {}):
+                terminated = state.get("terminated") or {}
+                if terminated.get("exitCode", 0) != 0:
+                    out.append(str(terminated.get("message") or terminated.get("reason") or "exited"))
+    return out
+
+
+def _candidate_health(namespace: str, policy: str, ref: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The launcher's kernel report, or why the candidate cannot run (from its pods' termination messages)."""
+    arm = serving.arm_name(policy, ref)
+    try:
+        report = _http_json(service_url(arm, namespace, serving.LAUNCHER_PORT, "/kernels"))
+        if isinstance(report, dict):
+            return report, None
+    except (OSError, urllib.error.URLError, ValueError):
+        pass  # not up yet, or gone: the pods say why
+    pods = kube().list_objects("v1", "Pod", namespace, ",".join(f"{k}={v}" for k, v in
+                                                                 serving.arm_selector(policy, ref).items()))
+    for message in _terminated_messages(pods, "engine", init=False):
+        try:
+            report = json.loads(message)
+        except ValueError:
+            continue
+        if isinstance(report, dict) and report.get("verdict"):
+            return report, None
+    fetch = _terminated_messages(pods, "fetch", init=True)
+    return None, (f"the artifact fetch refused to start the candidate: {fetch[-1]}" if fetch else None)
+
+
+def _window(obj: dict[str, Any], spec: ServingPolicySpec, now: datetime) -> Window | None:
+    status = obj.get("status") or {}
+    if status.get("phase") not in (RolloutPhase.SHADOW.value, RolloutPhase.CANARY.value):
+        return None
+    last = (status.get("lastAnalysis") or {}).get("time")
+    if last and now - datetime.fromisoformat(last.replace("Z", "+00:00")) < timedelta(
+            seconds=spec.analysis.interval_seconds):
+        return None
+    address = spec.analysis.prometheus.address if spec.analysis.prometheus else DEFAULTS.prometheus_url
+    scope = Scope(obj["metadata"]["namespace"], obj["metadata"]["name"], f"{spec.analysis.window_seconds}s")
+    samples, newest = collect(PrometheusSource(address), scope, spec.slos)
+    judgements = [judge(sample, limit, spec.analysis.min_sample_count) for sample, limit in samples]
+    return Window(judgements, newest, spec.analysis.window_seconds)
+
+
+def _token(namespace: str, policy: str) -> tuple[str, bool]:
+    """(admin token, whether the Secret must be created)."""
+    secret = kube().get("v1", "Secret", namespace, router.admin_secret_name(policy))
+    if secret is None:
+        return secrets.token_urlsafe(32), True
+    data = (secret.get("data") or {}).get(router.TOKEN_KEY)
+    string = (secret.get("stringData") or {}).get(router.TOKEN_KEY)
+    return (base64.b64decode(data).decode() if data else str(string or "")), False
+
+
+def _push(namespace: str, policy: str, config: str, token: str) -> int | None:
+    """Push the router config over the admin endpoint; returns the version the router says it applied."""
+    try:
+        answer = _http_json(service_url(policy, namespace, router.ROUTER_PORT, "/quantrol/config"),
+                            config.encode(), token)
+    except (OSError, urllib.error.URLError, ValueError):
+        return None  # the ConfigMap is the durable copy; the next pass pushes again
+    version = (answer or {}).get("version") if isinstance(answer, dict) else None
+    return int(version) if isinstance(version, int) else None
+
+
+def _reconcile(obj: dict[str, Any]) -> tuple[list[tuple[str, str, str]], dict[str, Any]]:
+    meta = obj["metadata"]
+    namespace, policy = meta["namespace"], meta["name"]
+    now = datetime.now(UTC)
+    k = kube()
+    try:
+        spec: ServingPolicySpec | None = ServingPolicySpec.model_validate(obj.get("spec") or {})
+    except ValueError:
+        spec = None
+    qm = None
+    if spec is not None and spec.candidate.quantized_model_ref is not None:
+        qm = k.get("quantrol.io/v1alpha1", "QuantizedModel", namespace, spec.candidate.quantized_model_ref.name)
+    deployments = k.list_owned("apps/v1", "Deployment", namespace, meta["uid"], f"{LABEL_POLICY}={policy}")
+    status = obj.get("status") or {}
+    kernels, failed = None, None
+    candidate = status.get("candidateArtifact")
+    if candidate and candidate != status.get("stableArtifact"):
+        kernels, failed = _candidate_health(namespace, policy, candidate)
+    token, create_token = _token(namespace, policy)
+    window = _window(obj, spec, now) if spec is not None else None
+    observed = SpObserved(obj=obj, quantized_model=qm, deployments=deployments, candidate_kernels=kernels,
+                          candidate_failed=failed, window=window, router_token=token if create_token else "", now=now)
+    result = plan(observed, (DEFAULTS.serving_image, DEFAULTS.router_image))
+    for child in result.apply:
+        k.apply(child)
+    for ref in result.delete:
+        k.delete(ref)
+    if result.router_config is not None:
+        applied = _push(namespace, policy, result.router_config, token)
+        if applied is not None:
+            result.status.setdefault("router", {})["appliedVersion"] = applied
+    k.patch_status(obj, result.status)
+    _export(obj, result.status, window, result.rollback)
+    return [(e.type, e.reason, e.message) for e in result.events], result.status
+
+
+def _export(obj: dict[str, Any], status: dict[str, Any], window: Window | None,
+            rollback: dict[str, Any] | None) -> None:
+    ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+    for phase in RolloutPhase:
+        metrics.ROLLOUT_PHASE.labels(ns, name, phase.value).set(1 if status.get("phase") == phase.value else 0)
+    metrics.CANDIDATE_WEIGHT.labels(ns, name).set((status.get("weights") or {}).get("candidate", 0))
+    since = status.get("phaseSince")
+    if since:
+        metrics.ROLLOUT_PHASE_SINCE.labels(ns, name).set(datetime.fromisoformat(since.replace("Z", "+00:00"))
+                                                           .timestamp())
+    for judgement in (window.judgements if window else []):
+        metrics.ANALYSIS_VERDICTS.labels(ns, name, judgement.slo, judgement.verdict.value).inc()
+    if rollback is not None:
+        metrics.ROLLBACKS.labels(ns, name, rollback.get("reason", ""), rollback.get("slo", "")).inc()
+
+
+async def _handle(body: kopf.Body, logger: kopf.Logger, handler: str) -> None:
+    obj = {"apiVersion": body["apiVersion"], "kind": body["kind"], "metadata": dict(body.meta),
+           "spec": dict(body.spec), "status": dict(body.status)}
+    began = time.monotonic()
+    try:
+        events, _status = await asyncio.to_thread(_reconcile, obj)
+    except ApiException as exc:
+        metrics.RECONCILE_ERRORS.labels(sp_api.KIND, handler).inc()
+        raise kopf.TemporaryError(f"Kubernetes API error {exc.status} {exc.reason}; retrying", delay=5) from exc
+    finally:
+        metrics.RECONCILE_DURATION.labels(sp_api.KIND, handler).observe(time.monotonic() - began)
+    for type_, reason, message in events:
+        kopf.event(body, type=type_, reason=reason, message=message)
+        log = logger.warning if type_ == "Warning" else logger.info
+        log("%s %s/%s: %s", reason, body.meta.namespace, body.meta.name, message)
+
+
+@kopf.on.event(GROUP, VERSION, sp_api.PLURAL)
+async def serving_policy_changed(type: str, body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+    if type == "DELETED" or body.meta.get("deletionTimestamp"):
+        return
+    await _handle(body, logger, "event")
+
+
+@kopf.timer(GROUP, VERSION, sp_api.PLURAL, interval=DEFAULTS.poll_seconds, initial_delay=1)
+async def serving_policy_poll(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+    """The control loop's clock: arms' readiness, kernels, and SLO analysis when due (reads; writes on change)."""
+    if body.meta.get("deletionTimestamp"):
+        return
+    await _handle(body, logger, "timer")
+
+
+@kopf.on.delete(GROUP, VERSION, sp_api.PLURAL)
+def serving_policy_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+    """deletionPolicy Orphan: take the owner references off the arms so nothing garbage-collects them."""
+    if dict(body.spec).get("deletionPolicy", "Delete") != "Orphan":
+        return
+    namespace, policy, uid = body.meta.namespace, body.meta.name, body.meta.uid
+    assert namespace is not None and uid is not None
+    for api_version, kind in (("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "ConfigMap"), ("v1", "Secret")):
+        for child in kube().list_owned(api_version, kind, namespace, uid, f"{LABEL_POLICY}={policy}"):
+            kube().patch(api_version, kind, namespace, child["metadata"]["name"], {"metadata": {
+                "ownerReferences": [r for r in child["metadata"]["ownerReferences"] if r.get("uid") != uid]}})
+    logger.info("deletionPolicy Orphan: %s/%s removed, its arms and router keep serving", namespace, policy)

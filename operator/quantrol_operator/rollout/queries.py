@@ -1,0 +1,184 @@
+"""PromQL for every SLO, per arm, over the analysis window, and the metric-source protocol that runs it.
+
+Latency and error SLOs read the router's `traffic="live"` series, so mirrored and probe traffic never
+count. Series carry `namespace` and `policy` labels from the scrape configuration (PodMonitor relabelling
+on a cluster, file_sd labels in the local stack); `arm` is the router's role label (stable, candidate).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+from quantrol_operator.api.servingpolicy import CustomSlo, SloFloor, SloLimit, Slos
+from quantrol_operator.rollout.analysis import Sample
+
+R = "quantrol_router_"
+
+
+class QueryError(Exception):
+    """The metric source could not answer (unreachable, bad query): the verdict is `error`, never pass."""
+
+
+class MetricSource(Protocol):
+    def scalar(self, promql: str) -> float | None:
+        """One value, or None when the result is empty. Raises QueryError."""
+        ...
+
+
+@dataclass(frozen=True)
+class Scope:
+    namespace: str
+    policy: str
+    window: str  # e.g. "60s"
+
+    def sel(self, arm: str | None = None, live: bool = True, **extra: str) -> str:
+        labels = {"namespace": self.namespace, "policy": self.policy, **extra}
+        if arm:
+            labels["arm"] = arm
+        if live:
+            labels["traffic"] = "live"
+        return "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+
+
+def _p99(metric: str) -> Callable[[Scope, str], str]:
+    return lambda s, arm: f"histogram_quantile(0.99, sum by (le) (rate({R}{metric}_bucket{s.sel(arm)}[{s.window}])))"
+
+
+def _error_rate(s: Scope, arm: str) -> str:
+    errors = f"sum(rate({R}errors_total{s.sel(arm)}[{s.window}]))"
+    requests = f"sum(rate({R}requests_total{s.sel(arm)}[{s.window}]))"
+    return f"({errors} or vector(0)) / {requests}"
+
+
+def _queue_p99(s: Scope, arm: str) -> str:
+    return (f"histogram_quantile(0.99, sum by (le) (rate({R}queue_wait_seconds_bucket"
+            f"{s.sel(arm)}[{s.window}])))")
+
+
+def _goodput(s: Scope, arm: str) -> str:
+    # Accepted (deadline-meeting) output tokens per second of the arm's busy time: arms with different traffic
+    # shares compare fairly, and only serving faster raises it. See analysis.goodput for the definition.
+    accepted = f'sum(rate({R}deadline_output_tokens_total{s.sel(arm, deadline="interactive")}[{s.window}]))'
+    busy = f"sum(rate({R}request_duration_seconds_sum{s.sel(arm)}[{s.window}]))"
+    return f"({accepted} or vector(0)) / {busy}"
+
+
+def _requests(s: Scope, arm: str) -> str:
+    return f"sum(increase({R}requests_total{s.sel(arm)}[{s.window}]))"
+
+
+# Per-arm SLOs: value queries for both arms, compared (absolute and relative) by the analysis.
+ARM_SLOS: dict[str, Callable[[Scope, str], str]] = {
+    "ttftP99": _p99("time_to_first_token_seconds"),
+    "interTokenLatencyP99": _p99("inter_token_latency_seconds"),
+    "errorRate": _error_rate,
+    "queueTimeP99": _queue_p99,
+    "goodput": _goodput,
+}
+
+
+def _quality_delta(s: Scope) -> tuple[str, str]:
+    nll = f"{R}probe_nll_nats_total"
+    value = (f"(sum(rate({nll}{s.sel('candidate', live=False)}[{s.window}])) - "
+             f"sum(rate({nll}{s.sel('stable', live=False)}[{s.window}]))) / "
+             f"sum(rate({R}probe_tokens_total{s.sel(live=False)}[{s.window}]))")
+    count = f"sum(increase({R}compared_total{s.sel(live=False)}[{s.window}]))"
+    return value, count
+
+
+def _agreement(s: Scope) -> tuple[str, str]:
+    value = (f"sum(rate({R}agreement_ratio_sum{s.sel(live=False)}[{s.window}])) / "
+             f"sum(rate({R}agreement_ratio_count{s.sel(live=False)}[{s.window}]))")
+    count = f"sum(increase({R}agreement_ratio_count{s.sel(live=False)}[{s.window}]))"
+    return value, count
+
+
+PAIR_SLOS: dict[str, Callable[[Scope], tuple[str, str]]] = {"qualityDelta": _quality_delta, "agreement": _agreement}
+
+
+def newest_sample(source: MetricSource, scope: Scope) -> datetime | None:
+    value = source.scalar(f"max(timestamp({R}requests_total{scope.sel(live=False)}))")
+    return None if value is None or math.isnan(value) else datetime.fromtimestamp(value, UTC)
+
+
+def _safe(source: MetricSource, promql: str) -> float | None:
+    value = source.scalar(promql)
+    return None if value is None or math.isnan(value) else value
+
+
+def collect(source: MetricSource, scope: Scope, slos: Slos) -> tuple[list[tuple[Sample, SloLimit | SloFloor]],
+                                                                       datetime | None]:
+    """Samples for every configured SLO; a failing source turns into `error` samples, never an exception."""
+    try:
+        newest = newest_sample(source, scope)
+        requests = {arm: _safe(source, _requests(scope, arm)) for arm in ("candidate", "stable")}
+    except QueryError as exc:
+        limits = _configured(slos)
+        return [(Sample(name, error=str(exc)), limit) for name, limit in limits], None
+    out: list[tuple[Sample, SloLimit | SloFloor]] = []
+    for name, limit in _configured(slos):
+        try:
+            if name in ARM_SLOS:
+                query = ARM_SLOS[name]
+                sample = Sample(name, _safe(source, query(scope, "candidate")), _safe(source, query(scope, "stable")),
+                                requests["candidate"], requests["stable"], newest=newest)
+            elif name in PAIR_SLOS:
+                value, count = PAIR_SLOS[name](scope)
+                sample = Sample(name, _safe(source, value), None, _safe(source, count), None, newest=newest)
+            else:
+                custom = next(c for c in slos.custom if c.name == name)
+                sample = Sample(name, *_custom(source, scope, custom), requests["candidate"], requests["stable"],
+                                newest=newest)
+        except QueryError as exc:
+            sample = Sample(name, error=str(exc))
+        out.append((sample, limit))
+    return out, newest
+
+
+def _custom(source: MetricSource, scope: Scope, slo: CustomSlo) -> tuple[float | None, float | None]:
+    def run(arm: str) -> float | None:
+        query = (slo.query.replace("$arm", arm).replace("$namespace", scope.namespace)
+                 .replace("$policy", scope.policy).replace("$window", scope.window))
+        return _safe(source, query)
+
+    return run("candidate"), run("stable")
+
+
+def _configured(slos: Slos) -> list[tuple[str, SloLimit | SloFloor]]:
+    named: list[tuple[str, SloLimit | SloFloor | None]] = [
+        ("ttftP99", slos.ttft_p99), ("interTokenLatencyP99", slos.inter_token_latency_p99),
+        ("errorRate", slos.error_rate), ("queueTimeP99", slos.queue_time_p99),
+        ("qualityDelta", slos.quality_delta), ("agreement", slos.agreement), ("goodput", slos.goodput),
+    ]
+    out = [(name, limit) for name, limit in named if limit is not None]
+    for custom in slos.custom:
+        limit: SloLimit | SloFloor = SloLimit(max=custom.max) if custom.max is not None else SloFloor(min=custom.min)
+        out.append((custom.name, limit))
+    return out
+
+
+class PrometheusSource:
+    """prometheus-api-client behind the MetricSource protocol, with a bounded timeout per query."""
+
+    def __init__(self, url: str, timeout: float = 5.0) -> None:
+        from prometheus_api_client import PrometheusConnect
+        from urllib3.util.retry import Retry
+
+        self.url = url
+        # No retries inside one analysis pass: the next pass is the retry, and a down Prometheus must read as
+        # `error` within seconds, not after a back-off.
+        self.client = PrometheusConnect(url=url, disable_ssl=True, timeout=int(timeout), retry=Retry(total=0))
+        self.timeout = timeout
+
+    def scalar(self, promql: str) -> float | None:
+        try:
+            result = self.client.custom_query(promql, params={"timeout": f"{self.timeout}s"})
+        except Exception as exc:  # connection refused, HTTP 4xx/5xx, timeouts: all mean "no judgement"
+            raise QueryError(f"{self.url}: {type(exc).__name__}: {str(exc)[:200]}") from exc
+        if not result:
+            return None
+        return float(result[0]["value"][1])

@@ -1,0 +1,219 @@
+"""The ServingPolicy planner as a pure function: children, router config, phases, rollback record."""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from quantrol_operator.api.servingpolicy import Verdict
+from quantrol_operator.children import serving
+from quantrol_operator.kube import merge_patch
+from quantrol_operator.planning.servingpolicy import SpObserved, SpPlan, Window, plan
+from quantrol_operator.rollout.analysis import Judgement
+
+ROOT = Path(__file__).resolve().parent.parent
+T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+CANDIDATE = "oci://registry.example.com/models/llama-w4a16@sha256:" + "c" * 64
+IMAGES = ("serve:test", "router:test")
+
+
+def policy(status: dict[str, Any] | None = None, annotations: dict[str, str] | None = None,
+           **spec: Any) -> dict[str, Any]:
+    obj = yaml.safe_load((ROOT / "e2e/samples/servingpolicy-llama-8b.yaml").read_text())
+    obj["metadata"].update(uid="uid-sp", generation=1, annotations=annotations or {})
+    obj["spec"]["rollout"]["shadow"]["durationSeconds"] = 60
+    obj["spec"]["rollout"]["canarySteps"] = [{"weight": w, "minDwellSeconds": 60} for w in (5, 25, 50, 100)]
+    obj["spec"]["analysis"]["successStreak"] = 2
+    obj["spec"].update(spec)
+    obj["status"] = status or {}
+    return obj
+
+
+def qm(phase: str = "Ready", reason: str = "Succeeded") -> dict[str, Any]:
+    return {"metadata": {"name": "llama-3-1-8b-w4a16", "generation": 1},
+            "status": {"phase": phase, "observedGeneration": 1,
+                       "artifact": {"ref": CANDIDATE.removeprefix("oci://")} if phase == "Ready" else {},
+                       "conditions": [{"type": "QualityQualified", "status": "True" if phase == "Ready" else "False",
+                                       "reason": reason},
+                                      {"type": "Ready", "status": "True" if phase == "Ready" else "False",
+                                       "reason": reason}],
+                       "message": "W8A16 has no kernel on cpu-x86"}}
+
+
+def ready(deployments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for d in deployments:
+        d = copy.deepcopy(d)
+        n = d["spec"]["replicas"]
+        d["metadata"]["generation"] = 1
+        d["status"] = {"observedGeneration": 1, "replicas": n, "readyReplicas": n, "updatedReplicas": n}
+        out.append(d)
+    return out
+
+
+def deployments(p: SpPlan) -> list[dict[str, Any]]:
+    return [o for o in p.apply if o["kind"] == "Deployment"]
+
+
+def window(verdict: Verdict, newest: datetime, slo: str = "ttftP99", value: float = 1.0) -> Window:
+    return Window([Judgement(slo, verdict, value, 1.0, 1.2, f"{slo} {verdict.value}")], newest, 60)
+
+
+def run(obj: dict[str, Any], **kw: Any) -> SpPlan:
+    return plan(SpObserved(obj=obj, **kw), IMAGES)
+
+
+def advance(obj: dict[str, Any], result: SpPlan) -> dict[str, Any]:
+    """What the next pass reads: the same object with the status just written."""
+    nxt = copy.deepcopy(obj)
+    nxt["status"] = result.status
+    return nxt
+
+
+def test_waits_for_a_qualified_candidate_while_the_stable_arm_serves() -> None:
+    result = run(policy(), quantized_model=qm("Calibrating"), now=T0)
+    assert result.status["phase"] == "Pending" and "candidateArtifact" not in result.status
+    assert "not Ready and qualified" in result.status["message"]
+    names = [d["metadata"]["name"] for d in deployments(result)]
+    assert names == [serving.arm_name("llama-3-1-8b", policy()["spec"]["baseline"]["artifact"]), "llama-3-1-8b-router"]
+    router_cm = next(o for o in result.apply if o["kind"] == "ConfigMap")
+    config = json.loads(router_cm["data"]["router.yaml"])
+    assert set(config["arms"]) == {"stable"} and config["arms"]["stable"]["weight"] == 100
+
+
+def test_arm_deployment_carries_the_batch_budget_and_fetches_by_digest() -> None:
+    result = run(policy(), quantized_model=qm(), now=T0)
+    candidate = next(d for d in deployments(result) if d["metadata"]["name"].endswith("cccccccccccc"))
+    pod = candidate["spec"]["template"]["spec"]
+    args = pod["containers"][0]["command"]
+    assert args[args.index("--max-num-seqs") + 1] == "64" and args[args.index("--max-num-batched-tokens") + 1] == "8192"
+    assert args[args.index("--kv-cache-dtype") + 1] == "fp8"
+    assert pod["initContainers"][0]["command"][:4] == ["quantrol-worker", "fetch", "--ref", CANDIDATE]
+    assert candidate["metadata"]["ownerReferences"][0]["uid"] == "uid-sp"
+    assert result.status["candidateArtifact"] == CANDIDATE and result.status["candidateShortDigest"] == "c" * 12
+
+
+def test_a_steady_state_pass_changes_nothing() -> None:
+    first = run(policy(), quantized_model=qm(), now=T0)
+    again = run(advance(policy(), first), quantized_model=qm(), now=T0 + timedelta(seconds=5))
+    assert merge_patch(first.status, again.status) == {} and again.router_config is None and again.events == []
+
+
+def _to_shadow() -> tuple[dict[str, Any], SpPlan]:
+    obj = policy()
+    first = run(obj, quantized_model=qm(), now=T0)
+    kernels = {"verdict": "native", "kernels": ["MarlinLinearKernel"], "message": ""}
+    shadow = run(advance(obj, first), quantized_model=qm(), deployments=ready(deployments(first)),
+                 candidate_kernels=kernels, now=T0 + timedelta(seconds=10))
+    return advance(obj, shadow), shadow
+
+
+def test_ready_arms_with_verified_kernels_go_to_shadow_with_mirroring() -> None:
+    _obj, shadow = _to_shadow()
+    assert shadow.status["phase"] == "Shadow"
+    config = json.loads(shadow.router_config or "{}")
+    assert config["mirror_fraction"] == 0.1 and config["arms"]["candidate"]["weight"] == 0
+    assert config["version"] == 2  # bumped because the content changed
+    assert shadow.status["history"][-1]["reason"] == "ArmsReady"
+
+
+def test_slo_failures_up_to_the_limit_roll_back_with_a_record() -> None:
+    obj, shadow = _to_shadow()
+    deps = ready(deployments(shadow))
+    now = T0 + timedelta(seconds=20)
+    result = shadow
+    for i in range(3):
+        now += timedelta(seconds=5)
+        result = run(obj, quantized_model=qm(), deployments=deps, window=window(Verdict.FAIL, now, value=3.1),
+                     candidate_kernels={"verdict": "native"}, now=now)
+        obj = advance(obj, result)
+        assert result.status["phase"] == ("RolledBack" if i == 2 else "Shadow")
+    record = result.status["rollback"]
+    assert record["reason"] == "SloBreach" and record["slo"] == "ttftP99" and record["candidateValue"] == 3.1
+    assert result.rollback == record
+    config = json.loads(result.router_config or "{}")
+    assert set(config["arms"]) == {"stable"}  # all live traffic on stable at once
+    candidate = next(d for d in deployments(result) if d["metadata"]["name"].endswith("cccccccccccc"))
+    assert candidate["spec"]["replicas"] == 0  # scaled down, kept as evidence
+
+
+def test_passing_windows_walk_the_steps_to_promotion_and_swap_the_stable_arm() -> None:
+    obj, shadow = _to_shadow()
+    deps = ready(deployments(shadow))
+    now = T0 + timedelta(seconds=10)
+    phases = []
+    for _ in range(40):
+        now += timedelta(seconds=31)
+        result = run(obj, quantized_model=qm(), deployments=deps, window=window(Verdict.PASS, now),
+                     candidate_kernels={"verdict": "native"}, now=now)
+        obj = advance(obj, result)
+        phases.append((result.status["phase"], result.status.get("step")))
+        if result.status["phase"] == "Promoted":
+            break
+    seen = [p for i, p in enumerate(phases) if i == 0 or p != phases[i - 1]]
+    assert seen == [("Shadow", None), ("Canary", 0), ("Canary", 1), ("Canary", 2), ("Canary", 3), ("Promoted", None)]
+    status = obj["status"]
+    assert status["stableArtifact"] == CANDIDATE and status["rollbackTarget"].startswith("oci://registry.example.com")
+    assert status["weights"] == {"stable": 100, "candidate": 0, "mirrorFraction": 0.0}
+
+
+def test_a_candidate_without_a_kernel_is_refused_before_it_takes_traffic() -> None:
+    result = run(policy(), quantized_model=qm("Rejected", "KernelIncompatible"), now=T0)
+    assert result.status["phase"] == "RolledBack"
+    assert result.status["rollback"]["reason"] == "KernelUnavailable"
+
+
+def test_a_fallback_kernel_is_refused_under_enforce() -> None:
+    obj = policy()
+    first = run(obj, quantized_model=qm(), now=T0)
+    result = run(advance(obj, first), quantized_model=qm(), deployments=ready(deployments(first)),
+                 candidate_kernels={"verdict": "fallback", "message": "FP8 weight-only Marlin fallback"}, now=T0)
+    assert result.status["phase"] == "RolledBack" and result.status["rollback"]["reason"] == "KernelFallback"
+    assert "Marlin" in result.status["rollback"]["message"]
+
+
+def test_rolled_back_stays_until_the_retry_annotation_and_records_it() -> None:
+    obj, _shadow = _to_shadow()
+    obj["metadata"]["annotations"] = {"quantrol.io/rollback": "oncall-1"}
+    rolled = run(obj, quantized_model=qm(), now=T0 + timedelta(seconds=30))
+    assert rolled.status["phase"] == "RolledBack" and rolled.status["rollback"]["reason"] == "Manual"
+    obj = advance(obj, rolled)
+    again = run(obj, quantized_model=qm(), now=T0 + timedelta(seconds=60))
+    assert again.status["phase"] == "RolledBack"
+    obj["metadata"]["annotations"]["quantrol.io/retry"] = "1"
+    retried = run(obj, quantized_model=qm(), now=T0 + timedelta(seconds=90))
+    assert retried.status["phase"] == "Pending"
+    assert retried.status["handledAnnotations"] == {"rollback": "oncall-1", "retry": "1"}
+
+
+def test_an_invalid_spec_changes_nothing_that_serves() -> None:
+    obj, _shadow = _to_shadow()
+    obj["spec"]["rollout"]["canarySteps"] = [{"weight": 50}, {"weight": 25}]
+    result = run(obj, now=T0 + timedelta(seconds=30))
+    assert result.apply == [] and result.router_config is None
+    assert result.status["phase"] == "Shadow" and "strictly increasing" in result.status["message"]
+    assert result.events[0].reason == "InvalidSpec"
+
+
+def test_a_tag_instead_of_a_digest_is_refused() -> None:
+    obj = policy(candidate={"artifact": "oci://registry.example.com/models/llama:latest"})
+    result = run(obj, now=T0)
+    assert result.apply == [] and "pinned by digest" in result.status["message"]
+
+
+def test_a_new_candidate_digest_mid_rollout_withdraws_the_current_one() -> None:
+    obj, shadow = _to_shadow()
+    newer = "oci://registry.example.com/models/llama-w4a16@sha256:" + "d" * 64
+    obj["spec"]["candidate"] = {"artifact": newer}
+    result = run(obj, deployments=ready(deployments(shadow)), now=T0 + timedelta(seconds=30))
+    withdrawn = serving.arm_name("llama-3-1-8b", CANDIDATE)
+    assert {(d["kind"], d["name"]) for d in result.delete} == {("Deployment", withdrawn), ("Service", withdrawn)}
+    assert result.status["phase"] == "Pending" and result.status["candidateArtifact"] == newer
+    assert result.events[0].reason == "NewCandidate"
+    config = json.loads(result.router_config or "{}")
+    assert config["arms"]["candidate"]["weight"] == 0 and config["mirror_fraction"] == 0.0
