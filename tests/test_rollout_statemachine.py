@@ -76,7 +76,7 @@ def test_every_row_documents_its_guard() -> None:
 
 
 @pytest.mark.parametrize(("phase", "index", "expected"), [
-    (P.PENDING, None, (100, 0, 0.0)), (P.SHADOW, None, (100, 0, 0.2)), (P.CANARY, 0, (95, 5, 0.0)),
+    (P.PENDING, None, (100, 0, 0.0)), (P.SHADOW, None, (100, 0, 0.2)), (P.CANARY, 0, (95, 5, 0.2)),
     (P.CANARY, 3, (0, 100, 0.0)), (P.PROMOTED, None, (100, 0, 0.0)), (P.ROLLED_BACK, None, (100, 0, 0.0)),
 ])
 def test_weights_come_from_the_spec(phase: P, index: int | None, expected: tuple[int, int, float]) -> None:

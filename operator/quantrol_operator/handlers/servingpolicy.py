@@ -84,8 +84,10 @@ def _window(obj: dict[str, Any], spec: ServingPolicySpec, now: datetime) -> Wind
             seconds=spec.analysis.interval_seconds):
         return None
     address = spec.analysis.prometheus.address if spec.analysis.prometheus else DEFAULTS.prometheus_url
-    scope = Scope(obj["metadata"]["namespace"], obj["metadata"]["name"], f"{spec.analysis.window_seconds}s")
-    samples, newest = collect(PrometheusSource(address), scope, spec.slos)
+    traffic = "mirror" if status.get("phase") == RolloutPhase.SHADOW.value else "live"
+    scope = Scope(obj["metadata"]["namespace"], obj["metadata"]["name"], f"{spec.analysis.window_seconds}s", traffic)
+    stable_live = (status.get("weights") or {}).get("stable", 100) > 0
+    samples, newest = collect(PrometheusSource(address), scope, spec.slos, stable_live)
     judgements = [judge(sample, limit, spec.analysis.min_sample_count) for sample, limit in samples]
     return Window(judgements, newest, spec.analysis.window_seconds)
 
@@ -107,7 +109,7 @@ def _push(namespace: str, policy: str, config: str, token: str) -> int | None:
                             config.encode(), token)
     except (OSError, urllib.error.URLError, ValueError):
         return None  # the ConfigMap is the durable copy; the next pass pushes again
-    version = (answer or {}).get("version") if isinstance(answer, dict) else None
+    version = answer.get("applied_version") if isinstance(answer, dict) else None
     return int(version) if isinstance(version, int) else None
 
 

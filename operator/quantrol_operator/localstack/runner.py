@@ -14,12 +14,16 @@ annotation names the dir: there is no `kubectl logs`). Conventions:
   decides what runs: that bin dir goes first on PATH, so `quantrol-worker` or `python` resolve to that
   environment's. An unmapped image fails a Job's pod (ErrImagePull, with the map in the message) and keeps
   a Deployment's pod Pending with the same waiting reason, as an image that cannot be pulled would.
-- Paths: every volumeMount's mountPath and the terminationMessagePath are rewritten, wherever they appear in
-  command, args and env values, to local dirs/files under the state dir (processes cannot mount). A pod spec
-  that passes paths explicitly (`--out=/data/x`, `env: REPORT=/dev/termination-log`) works unchanged here and
-  on a cluster. emptyDir -> a fresh dir; configMap/secret -> files written at start (no live updates);
+- Paths: processes cannot mount, so every volumeMount's mountPath and the terminationMessagePath are
+  rewritten to local dirs/files under the state dir wherever they appear as a whole path in command, args,
+  env values and the text of mounted ConfigMap/Secret files (a config file naming `/var/quantrol/work` or
+  `/dev/termination-log` then points where the process can write). A path a program only knows as a
+  built-in default cannot be rewritten: pod specs pass paths explicitly (`--termination-log
+  /dev/termination-log`), which works unchanged on a cluster. emptyDir -> a dir shared by the pod's
+  containers; configMap/secret -> files written per container when it starts (no live updates);
   persistentVolumeClaim -> a dir per claim under the state dir that outlives pods; hostPath -> itself.
-- Ports: each declared containerPort gets a free port on 127.0.0.1. Processes see `QUANTROL_PORT_<port>`
+- Ports: each declared containerPort gets a free port on 127.0.0.1, recorded in the pod's
+  `local-runner.quantrol.io/ports` annotation (JSON, containerPort -> local). Processes see `QUANTROL_PORT_<port>`
   and `QUANTROL_PORT_<NAME>`; flags ending in `port` (`--port=8000`, `--metrics-port 9000`), env vars
   `PORT`/`*_PORT` and `localhost:8000` in args are rewritten when the number is a declared containerPort;
   `--host 0.0.0.0` becomes 127.0.0.1. Readiness probes (httpGet, tcpSocket, exec) use the mapped ports.
@@ -88,7 +92,9 @@ from quantrol_operator.localstack.runner_plan import (
     cap_message,
     declared_ports,
     fallback_message,
+    file_volume_source,
     is_serving_pod,
+    mount_paths,
     orphaned,
     owner_refs,
     plan_deployment,
@@ -99,12 +105,14 @@ from quantrol_operator.localstack.runner_plan import (
     services_map,
     template_hash,
     truncate_message,
+    volume_files,
 )
 
 log = logging.getLogger("quantrol.localstack.runner")
 
 USER_AGENT = "quantrol-local-runner"
 LOGS_ANNOTATION = "local-runner.quantrol.io/logs"
+PORTS_ANNOTATION = "local-runner.quantrol.io/ports"  # JSON: {"<containerPort>": <local port>}
 NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # the API server's generateName alphabet
 # What the collector scans for dangling owner references: (apiVersion, plural).
 DEPENDENTS = (("v1", "pods"), ("v1", "services"), ("v1", "configmaps"), ("v1", "secrets"),
@@ -306,7 +314,7 @@ class LocalRunner:
         self._kube = KubeClient(kubeconfig)
         self._runs: dict[tuple[str, str], _PodRun] = {}
         self._rollouts: dict[tuple[str, str], datetime] = {}  # (deployment uid, template hash) -> first seen
-        self._plurals: dict[tuple[str, str], str | None] = dict(BUILTIN_PLURALS)
+        self._plurals: dict[tuple[str, str], str] = dict(BUILTIN_PLURALS)
         self._services_written: JSON | None = None
         self._last_gc = 0.0
         self._probe_pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="runner-probe")
@@ -436,16 +444,16 @@ class LocalRunner:
                 self._retire(run, delete=False)
 
     def _plural(self, api_version: str, kind: str) -> str | None:
-        """The resource name for a kind, from discovery (cached; None when the API does not know it)."""
+        """The resource name for a kind, from discovery (None while the API does not know it, e.g. a CRD to come)."""
         key = (api_version, kind)
         if key not in self._plurals:
-            found = None
             with contextlib.suppress(ApiError):
                 root = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
                 resources = self._kube.call("GET", root).get("resources") or []
                 found = next((r["name"] for r in resources if r.get("kind") == kind and "/" not in r["name"]), None)
-            self._plurals[key] = found
-        return self._plurals[key]
+                if found is not None:
+                    self._plurals[key] = found
+        return self._plurals.get(key)
 
     def _collect_garbage(self) -> None:
         dependents = [obj for version, plural in DEPENDENTS for obj in self._scoped(version, plural)]
@@ -523,12 +531,14 @@ class LocalRunner:
         labels = {**(_meta(template).get("labels") or {}), **extra_labels}
         template_meta = {**_meta(template), "labels": labels}
         pod_dir = self.state_dir / "pods" / ns / name
+        ports = {port: free_port() for port in declared_ports(spec)}  # known at creation: the annotation shows them
         owner_ref = {"apiVersion": owner["apiVersion"], "kind": owner["kind"], "name": meta["name"],
                      "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}
         body = {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": ns, "labels": labels,
-                         "annotations": {**(template_meta.get("annotations") or {}), LOGS_ANNOTATION: str(pod_dir)},
+                         "annotations": {**(template_meta.get("annotations") or {}), LOGS_ANNOTATION: str(pod_dir),
+                                         PORTS_ANNOTATION: json.dumps({str(k): v for k, v in ports.items()})},
                          "ownerReferences": [owner_ref]},
             "spec": {**spec, "nodeName": NODE_NAME},
         }
@@ -545,6 +555,8 @@ class LocalRunner:
         created = self._kube.call("POST", api_path("v1", "pods", ns), body)
         run.template["metadata"]["uid"] = _meta(created).get("uid", "")
         run.in_api = True
+        run.ports = ports
+        self.allocated_ports.extend(ports.values())
         self._runs[run.key] = run
         log.info("%s %s/%s: created pod %s", owner["kind"], ns, meta["name"], name)
 
@@ -647,20 +659,21 @@ class LocalRunner:
             self._start_container(run, name, now)
 
     def _prepare(self, run: _PodRun) -> None:
-        """Volumes as local dirs and ports as free local ports, once per pod."""
+        """Pod-level volumes as local dirs, once per pod (ports were chosen when the pod was created)."""
         run.pod_dir.mkdir(parents=True, exist_ok=True)
         (run.pod_dir / "tmp").mkdir(exist_ok=True)
         for volume in run.spec.get("volumes") or []:
-            run.volume_dirs[str(volume["name"])] = self._materialize(run, volume)
-        for port in declared_ports(run.spec):
-            if port not in run.ports:
-                run.ports[port] = free_port()
-                self.allocated_ports.append(run.ports[port])
+            local = self._pod_volume(run, volume)
+            if local is not None:
+                run.volume_dirs[str(volume["name"])] = local
         run.prepared = True
 
-    def _materialize(self, run: _PodRun, volume: Mapping[str, Any]) -> Path:
-        target = run.pod_dir / "volumes" / str(volume["name"])
+    def _pod_volume(self, run: _PodRun, volume: Mapping[str, Any]) -> Path | None:
+        """The local dir of a volume shared by the pod's containers (None for configMap/secret: per container)."""
+        if file_volume_source(volume) is not None:
+            return None
         if "emptyDir" in volume:
+            target = run.pod_dir / "volumes" / str(volume["name"])
             target.mkdir(parents=True, exist_ok=True)
             return target
         if "persistentVolumeClaim" in volume:  # outlives the pod, as the claim's volume would
@@ -669,25 +682,35 @@ class LocalRunner:
             return claim
         if "hostPath" in volume:
             return Path(str(volume["hostPath"]["path"]))
-        for key, plural, name_field in (("configMap", "configmaps", "name"), ("secret", "secrets", "secretName")):
-            if key not in volume:
-                continue
-            source = volume[key]
-            data = self._key_values(run.namespace, plural, str(source.get(name_field, "")))
-            if data is None and not source.get("optional"):
-                raise LaunchError(CONFIG_ERROR, f'{key} "{source.get(name_field)}" not found (volume {volume["name"]})')
-            items = source.get("items") or [{"key": k, "path": k} for k in (data or {})]
-            shutil.rmtree(target, ignore_errors=True)
-            target.mkdir(parents=True)
-            for item in items:
-                if (data or {}).get(item["key"]) is None:
-                    continue
-                path = target / str(item["path"])
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes((data or {})[item["key"]])
-            return target
         raise LaunchError(CONFIG_ERROR, f"volume {volume['name']}: only emptyDir, configMap, secret, "
                                         "persistentVolumeClaim and hostPath are supported by the local runner")
+
+    def _file_volume_dirs(self, run: _PodRun, container: str) -> dict[str, Path]:
+        # ConfigMaps and Secrets are read-only in a pod, so a copy per container is faithful, and lets each
+        # container's copy carry that container's path rewriting (its termination-message file differs).
+        return {
+            str(v["name"]): run.pod_dir / "containers" / container / "volumes" / str(v["name"])
+            for v in run.spec.get("volumes") or [] if file_volume_source(v) is not None
+        }
+
+    def _write_file_volumes(self, run: _PodRun, container: Mapping[str, Any], ctx: PodContext) -> None:
+        paths = mount_paths(container, ctx)
+        mounted = {str(m.get("name")) for m in container.get("volumeMounts") or []}
+        for volume in run.spec.get("volumes") or []:
+            found = file_volume_source(volume)
+            if found is None or str(volume["name"]) not in mounted:
+                continue
+            plural, name, source = found
+            data = self._key_values(run.namespace, plural, name)
+            if data is None and not source.get("optional"):
+                kind = "configmap" if plural == "configmaps" else "secret"
+                raise LaunchError(CONFIG_ERROR, f'{kind} "{name}" not found (volume {volume["name"]})')
+            target = ctx.volume_dirs[str(volume["name"])]
+            shutil.rmtree(target, ignore_errors=True)  # a restart sees the object as it is now
+            target.mkdir(parents=True)
+            for relative, content in volume_files(source, data or {}, paths).items():
+                (target / relative).parent.mkdir(parents=True, exist_ok=True)
+                (target / relative).write_bytes(content)
 
     def _key_values(self, namespace: str, plural: str, name: str) -> dict[str, bytes] | None:
         """A ConfigMap's or Secret's data as bytes (Secrets and binaryData are base64 in the API)."""
@@ -729,15 +752,17 @@ class LocalRunner:
             name=run.name, namespace=run.namespace, uid=str(meta.get("uid", "")), labels=run.labels,
             annotations=dict(meta.get("annotations") or {}),
             service_account=str(run.spec.get("serviceAccountName", "default")), pod_dir=run.pod_dir,
-            volume_dirs=run.volume_dirs, ports=run.ports, port_names=names, config_maps=config_maps,
-            secrets=secret_data, base_env=base_env,
+            volume_dirs={**run.volume_dirs, **self._file_volume_dirs(run, str(container["name"]))},
+            ports=run.ports, port_names=names, config_maps=config_maps, secrets=secret_data, base_env=base_env,
         )
 
     def _start_container(self, run: _PodRun, name: str, now: datetime) -> None:
         container = next(r for r in run.runs() if r.name == name)
         spec = run.container(name)
         try:
-            launch = build_launch(spec, self._context(run, spec), self.image_map)
+            ctx = self._context(run, spec)
+            self._write_file_volumes(run, spec, ctx)
+            launch = build_launch(spec, ctx, self.image_map)
         except LaunchError as exc:
             if (container.waiting_reason, container.waiting_message) != (exc.reason, exc.message):
                 log.info("pod %s/%s: container %s cannot start: %s", *run.key, name, exc.message)

@@ -311,6 +311,37 @@ def mount_paths(container: Mapping[str, Any], ctx: PodContext) -> dict[str, str]
     return paths
 
 
+FILE_VOLUMES: Mapping[str, tuple[str, str]] = {"configMap": ("configmaps", "name"), "secret": ("secrets", "secretName")}
+
+
+def file_volume_source(volume: Mapping[str, Any]) -> tuple[str, str, Mapping[str, Any]] | None:
+    """(plural, object name, source) for a configMap or secret volume; None for other kinds."""
+    for key, (plural, name_field) in FILE_VOLUMES.items():
+        if key in volume:
+            source = volume[key] or {}
+            return plural, str(source.get(name_field, "")), source
+    return None
+
+
+def volume_files(source: Mapping[str, Any], data: Mapping[str, bytes], paths: Mapping[str, str]) -> dict[str, bytes]:
+    """A configMap/secret volume's files (every key, or `items`), with in-container paths in text rewritten.
+
+    A config file that names `/var/quantrol/work` or `/dev/termination-log` then points where the process
+    can write, as its command line would: text is rewritten like args and env; binary data is kept as is.
+    """
+    items = source.get("items") or [{"key": k, "path": k} for k in sorted(data)]
+    files: dict[str, bytes] = {}
+    for item in items:
+        raw = data.get(str(item["key"]))
+        if raw is None:
+            continue
+        try:
+            files[str(item.get("path", item["key"]))] = rewrite_paths(raw.decode(), paths).encode()
+        except UnicodeDecodeError:
+            files[str(item.get("path", item["key"]))] = raw
+    return files
+
+
 def termination_file(pod_dir: Path, container: str) -> Path:
     return pod_dir / f"{container}.termination-log"
 

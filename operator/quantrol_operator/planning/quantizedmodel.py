@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from quantrol_operator.api.common import ConditionStatus
-from quantrol_operator.api.quantizedmodel import QuantizedModelPhase, QuantizedModelSpec
+from quantrol_operator.api.quantizedmodel import QuantizedModelPhase, QuantizedModelSpec, QuantizedModelStatus
 from quantrol_operator.children import calibration
 from quantrol_operator.conditions import set_condition
 from quantrol_operator.planning import Event, Plan
@@ -60,7 +60,7 @@ def plan(observed: QmObserved, worker_image: str) -> Plan:
     result.delete = [_ref(j) for j in stale_jobs]
 
     if status.get("observedGeneration") == generation and status.get("phase") in TERMINAL:
-        result.status = status
+        result.status = QuantizedModelStatus.model_validate(status).to_wire()
         return result
 
     try:
@@ -206,7 +206,9 @@ class _Status:
         self._phase(phase, f"{message} ({evidence})", "Warning", reason)
 
     def into(self, result: Plan) -> Plan:
-        result.status = {k: v for k, v in self.status.items() if v is not None}
+        # Through the model: what the API server keeps after pruning, so a re-read compares equal.
+        declared = {k: v for k, v in self.status.items() if v is not None}
+        result.status = QuantizedModelStatus.model_validate(declared).to_wire()
         result.events = self.events
         return result
 

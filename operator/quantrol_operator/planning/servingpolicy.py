@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from quantrol_operator.api.common import ConditionStatus, is_digest_pinned
 from quantrol_operator.api.servingpolicy import RolloutPhase as P
-from quantrol_operator.api.servingpolicy import ServingPolicySpec
+from quantrol_operator.api.servingpolicy import ServingPolicySpec, ServingPolicyStatus
 from quantrol_operator.children import router, serving
 from quantrol_operator.conditions import iso, set_condition
 from quantrol_operator.planning import Event, Plan
@@ -130,8 +130,7 @@ def plan(observed: SpObserved, images: tuple[str, str]) -> SpPlan:
     handled = dict(status.get("handledAnnotations") or {})
     annotations = meta.get("annotations") or {}
     retry, rollback = annotations.get(ANNOTATION_RETRY), annotations.get(ANNOTATION_ROLLBACK)
-    counters = Counters(**{k: v for k, v in (status.get("counters") or {}).items()
-                           if k in ("failures", "successes", "inconclusive", "errors")})
+    counters = _read_counters(status.get("counters") or {})
     decision = Decision.HOLD
     if observed.window is not None and phase in (P.SHADOW, P.CANARY):
         verdict = window_verdict(observed.window.judgements)
@@ -176,8 +175,7 @@ def plan(observed: SpObserved, images: tuple[str, str]) -> SpPlan:
         counters = Counters()
         phase, index = moved.phase, moved.step
     status["handledAnnotations"] = handled
-    status["counters"] = {k: v for k, v in vars(counters).items() if k != "newest"} | (
-        {"newestSampleTime": iso(counters.newest)} if counters.newest else {})
+    status["counters"] = _write_counters(counters)
     status["candidateArtifact"] = pinned
     if pinned is None and phase is P.PENDING:
         status["message"] = f"waiting for a candidate: {why_not}"
@@ -186,8 +184,29 @@ def plan(observed: SpObserved, images: tuple[str, str]) -> SpPlan:
     _children(result, obj, spec, images, stable, pinned, phase, status, weights, now, observed.router_token)
     _withdraw_stale_arms(result, observed.deployments)
     _status_fields(status, phase, index, stable, pinned, weights, facts, before, now, generation)
-    result.status = {k: v for k, v in status.items() if v is not None}
+    result.status = _as_declared(status)
     return result
+
+
+def _as_declared(status: dict[str, Any]) -> dict[str, Any]:
+    """The status through its model: what the API server would keep after pruning, so re-reads compare equal."""
+    return ServingPolicyStatus.model_validate({k: v for k, v in status.items() if v is not None}).to_wire()
+
+
+_COUNTER_KEYS = {"failures": "consecutiveFailures", "successes": "consecutiveSuccesses",
+                 "inconclusive": "consecutiveInconclusive", "errors": "consecutiveErrors"}
+
+
+def _read_counters(stored: dict[str, Any]) -> Counters:
+    values = {attr: int(stored.get(key, 0)) for attr, key in _COUNTER_KEYS.items()}
+    return Counters(**values, newest=_parse(stored.get("newestSampleTime")))
+
+
+def _write_counters(counters: Counters) -> dict[str, Any]:
+    out: dict[str, Any] = {key: getattr(counters, attr) for attr, key in _COUNTER_KEYS.items()}
+    if counters.newest is not None:
+        out["newestSampleTime"] = iso(counters.newest)
+    return out
 
 
 def _invalid(result: SpPlan, status: dict[str, Any], before: dict[str, Any], now: datetime, generation: int,
@@ -197,7 +216,7 @@ def _invalid(result: SpPlan, status: dict[str, Any], before: dict[str, Any], now
                                          "InvalidSpec", message, now=now, generation=generation)
     if before.get("message") != message:
         result.events.append(Event("Warning", "InvalidSpec", message))
-    result.status = status
+    result.status = _as_declared(status)
     return result
 
 

@@ -53,7 +53,9 @@ def judge(sample: Sample, limit: SloLimit | SloFloor, min_samples: int) -> Judge
 
     if sample.error:
         return verdict(Verdict.ERROR, None, f"query failed: {sample.error}")
-    if not _usable(cand) or (sample.candidate_requests or 0) < min_samples:
+    if not _usable(cand):
+        return verdict(Verdict.INCONCLUSIVE, None, "no value for the candidate in the window (no series, or NaN)")
+    if (sample.candidate_requests or 0) < min_samples:
         return verdict(Verdict.INCONCLUSIVE, None,
                        f"{sample.candidate_requests or 0:.0f} candidate requests in the window, {min_samples} needed")
     assert cand is not None
@@ -106,6 +108,11 @@ def decide(verdict: Verdict, newest: datetime | None, counters: Counters, policy
     if verdict is Verdict.ERROR:
         counted = replace(counters, errors=counters.errors + 1, successes=0)
         return (Decision.PAUSE if counted.errors >= policy.error_limit else Decision.HOLD), counted
+    if newest is None and verdict is Verdict.INCONCLUSIVE:
+        # No series at all (no traffic, or nothing scraped): each analysis pass counts as one silent window,
+        # so silence ends in Paused instead of holding forever.
+        counted = replace(counters, inconclusive=counters.inconclusive + 1, successes=0, errors=0)
+        return (Decision.PAUSE if counted.inconclusive >= policy.inconclusive_limit else Decision.HOLD), counted
     if newest is None or (counters.newest is not None and newest <= counters.newest):
         return Decision.HOLD, counters  # nothing new since the last counted window
     fresh = replace(counters, newest=newest, errors=0)

@@ -34,13 +34,17 @@ class Scope:
     namespace: str
     policy: str
     window: str  # e.g. "60s"
+    # During Shadow the candidate serves only mirrored copies of stable requests: its latency and errors are
+    # judged on those (the client never waited for them, but the engine did the same work). From the first
+    # canary step on, only live traffic counts.
+    candidate_traffic: str = "live"
 
     def sel(self, arm: str | None = None, live: bool = True, **extra: str) -> str:
         labels = {"namespace": self.namespace, "policy": self.policy, **extra}
         if arm:
             labels["arm"] = arm
         if live:
-            labels["traffic"] = "live"
+            labels["traffic"] = self.candidate_traffic if arm == "candidate" else "live"
         return "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
 
 
@@ -110,9 +114,14 @@ def _safe(source: MetricSource, promql: str) -> float | None:
     return None if value is None or math.isnan(value) else value
 
 
-def collect(source: MetricSource, scope: Scope, slos: Slos) -> tuple[list[tuple[Sample, SloLimit | SloFloor]],
-                                                                       datetime | None]:
-    """Samples for every configured SLO; a failing source turns into `error` samples, never an exception."""
+def collect(source: MetricSource, scope: Scope, slos: Slos, stable_live: bool = True
+            ) -> tuple[list[tuple[Sample, SloLimit | SloFloor]], datetime | None]:
+    """Samples for every applicable SLO; a failing source turns into `error` samples, never an exception.
+
+    With no live traffic on the stable arm (the last canary step at 100%), nothing can be compared with it:
+    relative limits and the mirrored quality SLOs do not apply there (they were judged at every earlier step);
+    absolute limits still do.
+    """
     try:
         newest = newest_sample(source, scope)
         requests = {arm: _safe(source, _requests(scope, arm)) for arm in ("candidate", "stable")}
@@ -120,7 +129,10 @@ def collect(source: MetricSource, scope: Scope, slos: Slos) -> tuple[list[tuple[
         limits = _configured(slos)
         return [(Sample(name, error=str(exc)), limit) for name, limit in limits], None
     out: list[tuple[Sample, SloLimit | SloFloor]] = []
-    for name, limit in _configured(slos):
+    for name, configured in _configured(slos):
+        limit = configured if stable_live else _absolute_only(name, configured)
+        if limit is None or (name == "queueTimeP99" and scope.candidate_traffic == "mirror"):
+            continue  # mirrored requests never wait in the router's queue: nothing to judge in Shadow
         try:
             if name in ARM_SLOS:
                 query = ARM_SLOS[name]
@@ -137,6 +149,14 @@ def collect(source: MetricSource, scope: Scope, slos: Slos) -> tuple[list[tuple[
             sample = Sample(name, error=str(exc))
         out.append((sample, limit))
     return out, newest
+
+
+def _absolute_only(name: str, limit: SloLimit | SloFloor) -> SloLimit | SloFloor | None:
+    if name in PAIR_SLOS:
+        return None
+    if isinstance(limit, SloLimit):
+        return SloLimit(max=limit.max) if limit.max is not None else None
+    return SloFloor(min=limit.min) if limit.min is not None else None
 
 
 def _custom(source: MetricSource, scope: Scope, slo: CustomSlo) -> tuple[float | None, float | None]:
@@ -176,7 +196,7 @@ class PrometheusSource:
 
     def scalar(self, promql: str) -> float | None:
         try:
-            result = self.client.custom_query(promql, params={"timeout": f"{self.timeout}s"})
+            result = self.client.custom_query(promql, params={"timeout": f"{int(self.timeout)}s"})
         except Exception as exc:  # connection refused, HTTP 4xx/5xx, timeouts: all mean "no judgement"
             raise QueryError(f"{self.url}: {type(exc).__name__}: {str(exc)[:200]}") from exc
         if not result:

@@ -188,7 +188,8 @@ def weights_for(phase: P, index: int | None, steps: tuple[int, ...], mirror_frac
     if phase is P.SHADOW:
         return Weights(100, 0, mirror_fraction)
     if phase is P.CANARY and index is not None:
-        return Weights(100 - steps[index], steps[index], 0.0)
+        # Mirroring goes on during the canary: the stable share keeps feeding the quality comparison.
+        return Weights(100 - steps[index], steps[index], mirror_fraction if steps[index] < 100 else 0.0)
     # Promoted: the candidate's artifact *is* the stable arm now (status.stableArtifact moved), so "stable"
     # gets everything; RolledBack, Failed and Pending send everything to stable too.
     if phase is P.PAUSED and held is not None:

@@ -1,0 +1,289 @@
+"""The SLO control loop closed for real: operator (kopf run) → router (real process) → engine stand-ins,
+scraped by a real Prometheus at 1 s, judged by the operator, which moves the weights through the router's
+admin endpoint.
+
+Played openly by the test, because nothing local can stand for them: the Deployment controller (the test
+marks the arms' Deployments ready; the stand-in processes are started by the test, not from the pod spec),
+the cluster DNS (a services.json map, the same convention the local workload runner uses), and the engines
+themselves (tests/engine_standin.py, a labelled stand-in for vLLM whose latency, errors and answers the test
+changes at run time). The faults are real: the stand-in really answers slower, fails, or answers differently,
+and the router really measures it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import pytest
+
+from quantrol_operator.children import router, serving
+from quantrol_operator.localstack.kubeapi import KubeAPIServer, OperatorProcess
+from quantrol_operator.localstack.procs import ManagedProcess, free_port, port_is_open, wait_until
+from quantrol_operator.localstack.prometheus import PrometheusServer, TargetGroup
+from tests.plugins.kubeapi import kopf_watches
+
+pytestmark = pytest.mark.stack
+ROOT = Path(__file__).resolve().parent.parent
+GROUP, VERSION = "quantrol.io", "v1alpha1"
+STABLE = "oci://127.0.0.1:5000/models/tiny-bf16@sha256:" + "a" * 64
+CANDIDATE = "oci://127.0.0.1:5000/models/tiny-w8a8@sha256:" + "b" * 64
+TOKEN = "test-admin-token"
+
+
+class _Kernels(BaseHTTPRequestHandler):
+    report: dict[str, Any] = {"verdict": "native", "kernels": ["CPUInt8ScaledMMLinearKernel"], "message": ""}
+
+    def do_GET(self) -> None:
+        body = json.dumps(self.report).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@dataclass
+class Rig:
+    namespace: str
+    policy: str
+    custom: kubernetes.client.CustomObjectsApi
+    apps: kubernetes.client.AppsV1Api
+    engines: dict[str, int] = field(default_factory=dict)
+    router_port: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
+    sent: int = 0
+
+    def status(self) -> dict[str, Any]:
+        obj = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, "servingpolicies", self.policy)
+        return dict(obj.get("status") or {})
+
+    def wait_phase(self, *phases: str, timeout: float = 60) -> dict[str, Any]:
+        try:
+            wait_until(lambda: self.status().get("phase") in phases, timeout=timeout, interval=0.5, what="phase")
+        except TimeoutError as exc:
+            status = self.status()
+            raise AssertionError(f"phase {status.get('phase')} not in {phases} after {timeout}s; counters "
+                                 f"{status.get('counters')}; last analysis {status.get('lastAnalysis')}") from exc
+        return self.status()
+
+    def behave(self, arm: str, **behaviour: float) -> None:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.engines[arm]}/standin/behaviour",
+                                         data=json.dumps(behaviour).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=5):
+            pass
+
+    def router_weights(self) -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.router_port}/metrics", timeout=5) as rsp:
+            text = rsp.read().decode()
+        return {line.split('arm="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines() if line.startswith("quantrol_router_weight{")}
+
+
+def _policy(name: str, namespace: str, prometheus_url: str, **analysis: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "ServingPolicy",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "baseline": {"artifact": STABLE}, "candidate": {"artifact": CANDIDATE},
+            "routerReplicas": 1,
+            "serving": {"batchBudget": {"maxNumSeqs": 8, "maxNumBatchedTokens": 512}},
+            "rollout": {"shadow": {"durationSeconds": 3, "mirrorFraction": 0.5},
+                        "canarySteps": [{"weight": 50, "minDwellSeconds": 3}, {"weight": 100, "minDwellSeconds": 2}],
+                        "promotionGraceSeconds": 0},
+            "analysis": {"prometheus": {"address": prometheus_url}, "intervalSeconds": 1, "windowSeconds": 8,
+                         "failureLimit": 2, "successStreak": 2, "minSampleCount": 5, "inconclusiveLimit": 8,
+                         "errorLimit": 4, **analysis},
+            "slos": {"ttftP99": {"max": 1.0, "maxRelativeToStable": 3.0},
+                     "interTokenLatencyP99": {"max": 0.5},
+                     "errorRate": {"max": 0.05},
+                     "queueTimeP99": {"max": 1.0},
+                     "qualityDelta": {"max": 0.5},
+                     "agreement": {"min": 0.8},
+                     # The stand-ins run at the same speed; the goodput rule is exercised in its unit tests.
+                     "goodput": {"minRelativeToStable": 0.3}},
+        },
+    }
+
+
+@pytest.fixture
+def rig(kubeapi: KubeAPIServer, kubeconfig: Path, kube_client: kubernetes.client.ApiClient, namespace: str,
+        prometheus: PrometheusServer, tmp_path: Path) -> Iterator[Rig]:
+    policy = "tiny"
+    rig = Rig(namespace, policy, kubernetes.client.CustomObjectsApi(kube_client),
+              kubernetes.client.AppsV1Api(kube_client))
+    core = kubernetes.client.CoreV1Api(kube_client)
+    core.create_namespaced_secret(namespace, {"metadata": {"name": router.admin_secret_name(policy)},
+                                              "stringData": {router.TOKEN_KEY: TOKEN}})
+    processes: list[ManagedProcess] = []
+    kernels = ThreadingHTTPServer(("127.0.0.1", 0), _Kernels)
+    threading.Thread(target=kernels.serve_forever, daemon=True).start()
+    services: dict[str, Any] = {}
+    for arm, ref in (("stable", STABLE), ("candidate", CANDIDATE)):
+        port = free_port()
+        processes.append(ManagedProcess(f"standin-{arm}", [sys.executable, str(ROOT / "tests/engine_standin.py"),
+                                                           "--port", str(port), "--model", policy],
+                                        tmp_path / f"{arm}.log").start())
+        rig.engines[arm] = port
+        services[f"{namespace}/{serving.arm_name(policy, ref)}"] = {
+            "host": "127.0.0.1", "ports": {str(serving.ENGINE_PORT): port,
+                                           str(serving.LAUNCHER_PORT): kernels.server_address[1]}}
+    rig.router_port = free_port()
+    services[f"{namespace}/{policy}"] = {"host": "127.0.0.1", "ports": {str(router.ROUTER_PORT): rig.router_port}}
+    services_file = tmp_path / "services.json"
+    services_file.write_text(json.dumps(services))
+    (tmp_path / "token").write_text(TOKEN)
+    # The router starts with a stable-only config at version 0; the operator's pushes take over from there.
+    stable_url = f"http://{serving.arm_name(policy, STABLE)}.{namespace}.svc:{serving.ENGINE_PORT}"
+    (tmp_path / "router.json").write_text(json.dumps({"version": 0, "arms": {"stable": {"url": stable_url,
+                                                                                       "weight": 100}}}))
+    env = {"QUANTROL_LOCAL_SERVICES": str(services_file)}
+    import os
+
+    processes.append(ManagedProcess("router", [sys.executable, "-m", "quantrol_worker.cli", "route", "--config",
+                                               str(tmp_path / "router.json"), "--host", "127.0.0.1", "--port",
+                                               str(rig.router_port), "--admin-token-file", str(tmp_path / "token")],
+                                    tmp_path / "router.log", env={**os.environ, **env}).start())
+    for name, port in (*rig.engines.items(), ("router", rig.router_port)):
+        wait_until(lambda p=port: port_is_open(p), timeout=20, what=f"{name} on {port}")
+    prometheus.set_file_sd_targets([TargetGroup([f"127.0.0.1:{rig.router_port}"],
+                                                {"namespace": namespace, "policy": policy})])
+    began = time.time()
+    operator = OperatorProcess(kubeconfig, tmp_path / "operator", env={**env, "QUANTROL_POLL_SECONDS": "1"})
+    operator.start(ready=lambda: kopf_watches(kubeapi, began, ("servingpolicies",)))
+    controller = threading.Thread(target=_deployment_controller, args=(rig,), daemon=True)
+    controller.start()
+    try:
+        yield rig
+    finally:
+        rig.stop.set()
+        operator.stop()
+        for process in processes:
+            process.stop()
+        kernels.shutdown()
+        prometheus.set_file_sd_targets([])
+        controller.join(timeout=5)
+
+
+def _deployment_controller(rig: Rig) -> None:
+    """The Deployment controller's part: every arm and router Deployment reports its replicas ready."""
+    while not rig.stop.is_set():
+        with contextlib.suppress(Exception):
+            for d in rig.apps.list_namespaced_deployment(rig.namespace).items:
+                want = d.spec.replicas or 0
+                status = d.status
+                if status is None or status.ready_replicas != want or status.observed_generation != \
+                        d.metadata.generation:
+                    rig.apps.patch_namespaced_deployment_status(d.metadata.name, rig.namespace, {"status": {
+                        "observedGeneration": d.metadata.generation, "replicas": want, "readyReplicas": want,
+                        "updatedReplicas": want, "availableReplicas": want}})
+        rig.stop.wait(0.3)
+
+
+@contextlib.contextmanager
+def load(rig: Rig, rps: float = 20.0, seconds: float = 90.0) -> Iterator[None]:
+    """A bounded load generator: greedy completions at about `rps`, for at most `seconds`."""
+    done = threading.Event()
+
+    def one(i: int) -> None:
+        body = json.dumps({"model": rig.policy, "prompt": f"request {i % 50}", "max_tokens": 6,
+                           "temperature": 0, "stream": True}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{rig.router_port}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with contextlib.suppress(Exception), urllib.request.urlopen(request, timeout=10) as rsp:
+            rsp.read()
+
+    def loop() -> None:
+        deadline = time.monotonic() + seconds
+        i = 0
+        while not done.is_set() and time.monotonic() < deadline:
+            threading.Thread(target=one, args=(i,), daemon=True).start()
+            i += 1
+            rig.sent = i
+            done.wait(1 / rps)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=5)
+
+
+def _create(rig: Rig, policy: dict[str, Any]) -> None:
+    rig.custom.create_namespaced_custom_object(GROUP, VERSION, rig.namespace, "servingpolicies", policy)
+
+
+def test_a_healthy_candidate_with_noisy_latency_is_promoted(rig: Rig, prometheus: PrometheusServer) -> None:
+    rig.behave("stable", token_latency_s=0.01)
+    rig.behave("candidate", token_latency_s=0.012)
+    with load(rig):
+        _create(rig, _policy(rig.policy, rig.namespace, prometheus.url))
+        rig.wait_phase("Shadow", timeout=30)
+        status = rig.wait_phase("Promoted", "RolledBack", "Paused", timeout=90)
+    assert status["phase"] == "Promoted", json.dumps(status.get("lastAnalysis"), indent=1)
+    assert status["stableArtifact"] == CANDIDATE
+    reasons = [h["reason"] for h in status["history"]]
+    assert reasons == ["ArmsReady", "ShadowPassed", "StepPassed", "Promoted"]
+    weights = rig.router_weights()  # the promoted artifact now serves as stable, confirmed by the router
+    assert weights["stable"] == 100.0 and weights.get("candidate", 0.0) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("fault", "slo"),
+    [
+        # A slower engine shows first in time to first token and goodput; ITL p99 sits near its bucket edge.
+        ({"token_latency_s": 0.4}, {"ttftP99", "interTokenLatencyP99", "goodput"}),
+        ({"error_rate": 0.5}, {"errorRate"}),
+        ({"deviation": 0.6}, {"agreement", "qualityDelta"}),
+    ],
+    ids=["latency", "errors", "quality"],
+)
+def test_an_injected_fault_rolls_back_to_stable(rig: Rig, prometheus: PrometheusServer, fault: dict[str, float],
+                                               slo: set[str]) -> None:
+    rig.behave("stable", token_latency_s=0.01)
+    rig.behave("candidate", token_latency_s=0.01)
+    with load(rig):
+        _create(rig, _policy(rig.policy, rig.namespace, prometheus.url, successStreak=3))
+        rig.wait_phase("Canary", timeout=60)
+        rig.behave("candidate", **fault)
+        status = rig.wait_phase("RolledBack", "Promoted", "Paused", timeout=60)
+        assert status["phase"] == "RolledBack", status.get("lastAnalysis")
+        record = status["rollback"]
+        assert record["reason"] == "SloBreach"
+        failing = {m["slo"] for m in status["lastAnalysis"]["metrics"] if m["verdict"] == "fail"}
+        assert failing and failing <= slo | {"goodput"}, json.dumps(status["lastAnalysis"], indent=1)
+        assert record["slo"] in slo | {"goodput"}
+        # All live traffic is back on stable, confirmed by the router itself, while requests keep flowing.
+        wait_until(lambda: rig.router_weights().get("candidate", 0.0) == 0.0, timeout=5, what="candidate weight 0")
+    assert status["router"]["appliedVersion"] == status["router"]["version"]
+
+
+def test_no_traffic_pauses_and_never_promotes(rig: Rig, prometheus: PrometheusServer) -> None:
+    _create(rig, _policy(rig.policy, rig.namespace, prometheus.url))
+    status = rig.wait_phase("Paused", "Canary", "Promoted", timeout=60)
+    assert status["phase"] == "Paused" and status["history"][-1]["reason"] == "AnalysisCannotJudge"
+    assert status["lastAnalysis"]["verdict"] == "inconclusive"
+
+
+def test_prometheus_down_pauses_with_the_stable_arm_untouched(rig: Rig) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    with load(rig, seconds=40):
+        _create(rig, _policy(rig.policy, rig.namespace, dead))
+        status = rig.wait_phase("Paused", "Canary", "Promoted", "RolledBack", timeout=60)
+    assert status["phase"] == "Paused" and status["lastAnalysis"]["verdict"] == "error"
+    assert status["weights"]["stable"] == 100 and "rollback" not in status
