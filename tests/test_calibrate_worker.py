@@ -1,0 +1,379 @@
+"""The calibration worker end to end, for real: torch on the CPU, a tiny Llama the session trains, llm-compressor.
+
+The worker runs in its own environment (llm-compressor pins conflict with the serving engine's and with this dev
+environment, which has no torch): set QUANTROL_CALIBRATE_PYTHON to that environment's python
+(`.ci/setup` creates `.venvs/calibrate`). Every worker call is a subprocess of that python; these tests only read
+what it writes (termination message, quantrol-report.json, checkpoint files, registry blobs).
+
+QUANTROL_TINY_CACHE (optional) keeps the trained tiny model between sessions; by default it is trained once per
+session in a temp dir (about a minute on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from quantrol_worker import contracts as c
+
+CALIBRATE_PYTHON = os.environ.get("QUANTROL_CALIBRATE_PYTHON")
+SKIP_REASON = (
+    "QUANTROL_CALIBRATE_PYTHON is unset: the calibration worker tests need the calibrate environment "
+    "(torch CPU + llm-compressor), e.g. QUANTROL_CALIBRATE_PYTHON=.venvs/calibrate/bin/python"
+)
+REPO = Path(__file__).resolve().parents[1]
+
+# Small on purpose: the whole file must stay within a few minutes on 2 shared cores.
+SLICES = [{"name": "prose", "samples": 8, "evalSamples": 12}, {"name": "code", "samples": 8, "evalSamples": 12}]
+GATE = {"maxMeanKlDivergence": 0.02, "minTop1Agreement": 0.9, "maxPerplexityIncrease": 0.05}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "worker")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["HF_HUB_OFFLINE"] = "1"
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    return env
+
+
+def calib(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    assert CALIBRATE_PYTHON
+    return subprocess.run(
+        [CALIBRATE_PYTHON, *args], capture_output=True, text=True, env=_env(), timeout=timeout, check=False
+    )
+
+
+def _last_json(stdout: str) -> Any:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    if not CALIBRATE_PYTHON:
+        pytest.skip(SKIP_REASON)
+    cache = Path(os.environ.get("QUANTROL_TINY_CACHE") or tmp_path_factory.mktemp("tiny-model"))
+    proc = calib("-m", "quantrol_worker.tinymodel", "--out", str(cache), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info: dict[str, Any] = _last_json(proc.stdout)
+    return info
+
+
+def run_worker(tmp: Path, tiny: dict[str, Any], **overrides: Any) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """Run `quantrol-worker calibrate`; returns (exit code, termination message, report)."""
+    config: dict[str, Any] = {
+        "baseModel": f"file://{tiny['model_dir']}",
+        "quantization": {"scheme": "W8A8", "method": "rtn", "target": "cpu-x86"},
+        "calibration": {"uri": tiny["calibration_jsonl"], "maxSequenceLength": 96, "slices": SLICES},
+        "evaluation": {"sampleGenerations": 1, "maxNewTokens": 8, "promptTokens": 16},
+        "qualityGate": GATE,
+        "workDir": str(tmp / "work"),
+        "terminationMessagePath": str(tmp / "termination-log"),
+    }
+    config.update(overrides)
+    c.CalibrationConfig.model_validate(config)  # the contract accepts what the test writes
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = calib("-m", "quantrol_worker.cli", "calibrate", "--config", str(path))
+    term_path = tmp / "termination-log"
+    assert term_path.exists(), proc.stderr[-3000:]
+    message = term_path.read_text()
+    assert len(message.encode()) <= c.TERMINATION_MESSAGE_LIMIT
+    report = json.loads((tmp / "work" / c.REPORT_FILE).read_text())
+    return proc.returncode, json.loads(message), report
+
+
+@pytest.fixture(scope="session")
+def w8a8(tiny: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("w8a8")
+    rc, term, report = run_worker(tmp, tiny)
+    assert rc == 0, term
+    return {"dir": tmp, "term": term, "report": report, "checkpoint": tmp / "work" / "checkpoint"}
+
+
+def by_slice(quality: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {q["slice"]: q for q in quality}
+
+
+# --- torch-free contract tests (run everywhere) ---
+
+
+def test_enums_share_values_with_the_operator_api() -> None:
+    """The operator's API speaks the worker's vocabulary (it re-exports these from quantrol_worker.contracts)."""
+    from quantrol_operator.api import quantizedmodel
+
+    api: dict[str, Any] = vars(quantizedmodel)
+    for ours in (c.Scheme, c.Method, c.Target, c.KvCacheScheme):
+        assert {e.value for e in ours} == {e.value for e in api[ours.__name__]}, ours.__name__
+    assert {s.value: {m.value for m in ms} for s, ms in c.METHODS_BY_SCHEME.items()} == {
+        s.value: {m.value for m in ms} for s, ms in api["METHODS_BY_SCHEME"].items()
+    }
+    assert {p.value for p in c.WorkerPhase} <= {p.value for p in api["QuantizedModelPhase"]}
+    assert set(c.QualityLimits.model_fields) == set(api["QualityLimits"].model_fields)
+
+
+def test_termination_message_fits_4k_whatever_the_input() -> None:
+    result = c.TerminationResult(
+        phase=c.WorkerPhase.REJECTED,
+        reason=c.Reason.QUALITY_GATE_FAILED,
+        message="x" * 10_000,
+        artifact_ref="registry.example.com/models/m@sha256:" + "a" * 64,
+        quality=[
+            c.SliceHeadline(slice=f"slice-{i:02d}", mean_kl=0.123456789, top1=0.9, failed=["maxMeanKlDivergence"])
+            for i in range(64)
+        ],
+    )
+    text = result.to_message()
+    assert len(text.encode()) <= 4096
+    back = c.TerminationResult.from_message(text)
+    assert back.phase is c.WorkerPhase.REJECTED and back.artifact_ref == result.artifact_ref
+    assert back.quality, "some slices survive the cut"
+
+
+def test_config_refuses_what_admission_refuses() -> None:
+    base = {"baseModel": "file:///m", "calibration": {"uri": "/d.jsonl", "slices": [{"name": "a"}]}}
+    with pytest.raises(ValueError, match="does not fit scheme"):
+        c.CalibrationConfig.model_validate({**base, "quantization": {"scheme": "FP8_DYNAMIC", "method": "gptq"}})
+    with pytest.raises(ValueError, match="groupSize"):
+        c.CalibrationConfig.model_validate({**base, "quantization": {"scheme": "W8A8", "groupSize": 64}})
+    cfg = c.CalibrationConfig.model_validate({**base, "quantization": {"scheme": "W4A16"}})
+    assert cfg.quantization.effective_group_size == 128
+    assert cfg.quantization.ignore == ["lm_head"]
+    gate = cfg.quality_gate.merged(c.QualityLimits(min_top1_agreement=0.5))
+    assert gate.min_top1_agreement == 0.5 and gate.max_mean_kl_divergence == 0.05
+
+
+# --- the worker for real ---
+
+
+@pytest.mark.calibrate
+def test_tiny_model_really_learnt(tiny: dict[str, Any]) -> None:
+    for name, m in tiny["slices"].items():
+        # A model that learnt nothing sits at (or above) the unigram perplexity.
+        assert m["heldout_perplexity"] < 0.6 * m["unigram_perplexity"], (name, m)
+
+
+@pytest.mark.calibrate
+def test_w8a8_is_ready_with_a_full_report(w8a8: dict[str, Any]) -> None:
+    term, report = w8a8["term"], w8a8["report"]
+    assert term["phase"] == "Ready" and term["reason"] == "Succeeded" and term["gatePassed"] is True
+    assert {q["slice"] for q in term["quality"]} == {"prose", "code"}
+    env = report["envelope"]
+    for key in ("baseModelDigest", "tokenizerDigest", "calibrationDataDigest", "recipe", "hardware"):
+        assert env.get(key), key
+    assert env["seed"] == 0
+    assert {"torch", "transformers", "llmcompressor", "compressed-tensors"} <= set(env["toolVersions"])
+    assert report["kernelCheck"]["family"] == "CPUInt8ScaledMMLinearKernel"
+    assert all(check["passed"] for check in report["integrity"])
+    assert len([s for s in report["scaleStats"] if s["kind"] == "weight"]) == 28  # 4 layers x 7 Linear, lm_head kept
+    assert {s["slice"] for s in report["samples"]} == {"prose", "code"}
+    assert report["checkpointBytes"] < report["baselineBf16Bytes"]
+    ckpt = json.loads((w8a8["checkpoint"] / "config.json").read_text())
+    assert ckpt["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert ckpt["quantization_config"]["ignore"] == ["lm_head"]
+
+
+@pytest.mark.calibrate
+def test_w4a16_rtn_measures_worse_than_w8a8(w8a8: dict[str, Any], tiny: dict[str, Any], tmp_path: Path) -> None:
+    _rc, term, report = run_worker(
+        tmp_path, tiny, quantization={"scheme": "W4A16", "method": "rtn", "target": "cpu-x86"}
+    )
+    assert term["reason"] in ("Succeeded", "QualityGateFailed"), term
+    w4, w8 = by_slice(report["quality"]), by_slice(w8a8["report"]["quality"])
+    for name in ("prose", "code"):
+        assert w4[name]["meanKlDivergence"] > 3 * w8[name]["meanKlDivergence"], (w4[name], w8[name])
+        assert w4[name]["top1Agreement"] < w8[name]["top1Agreement"]
+    assert report["kernelCheck"]["family"] == "CPUWNA16LinearKernel"
+    assert report["checkpointBytes"] < w8a8["report"]["checkpointBytes"]
+
+
+@pytest.mark.calibrate
+def test_kernel_precheck_fails_fast_naming_layer_and_rule(tiny: dict[str, Any], tmp_path: Path) -> None:
+    rc, term, report = run_worker(
+        tmp_path, tiny, quantization={"scheme": "W8A16", "method": "rtn", "target": "cpu-x86"}
+    )
+    assert rc == 0, "a rejection is a result, not a crash (no Job retry)"
+    assert term["phase"] == "Rejected" and term["reason"] == "KernelIncompatible" and term["stage"] == "precheck"
+    assert "model.layers.0.self_attn.q_proj" in term["message"]
+    assert "WNA16" in term["message"]
+    assert "calibrate" not in report["timings"], "no compute was spent"
+
+    rc, term, _ = run_worker(
+        tmp_path / "tp",
+        tiny,
+        quantization={"scheme": "W4A16", "method": "rtn", "target": "cuda-sm90", "tensorParallelSize": 4},
+    )
+    assert term["reason"] == "KernelIncompatible", term
+    # k_proj has 2 KV heads x 64 = 128 outputs: 32 per shard at TP 4, below Machete's 128 and Marlin's 64
+    assert term["message"].startswith("model.layers.0.self_attn.k_proj: MacheteLinearKernel"), term["message"]
+    assert "out_features per partition = 32" in term["message"]
+
+
+DAMAGE = r"""
+import json, shutil, sys
+from pathlib import Path
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+base, src, dst, data, target, other, frac, factor = sys.argv[1:9]
+frac, factor = float(frac), float(factor)
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+tok = AutoTokenizer.from_pretrained(base)
+lines = [json.loads(line) for line in open(data)]
+acts = {}
+
+def hook(i, name):
+    def record(_module, args):
+        acts.setdefault((name, i), []).append(args[0][0].abs().mean(0))
+    return record
+
+# mean |activation| of every MLP intermediate channel (down_proj's input), per slice
+for name in (target, other):
+    handles = [l.mlp.down_proj.register_forward_pre_hook(hook(i, name)) for i, l in enumerate(model.model.layers)]
+    for line in [x for x in lines if x["slice"] == name][:24]:
+        ids = tok(line["text"], truncation=True, max_length=96, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            model(input_ids=ids)
+    for h in handles:
+        h.remove()
+shutil.copytree(src, dst, dirs_exist_ok=True)
+path = Path(dst) / "model.safetensors"
+tensors = load_file(str(path))
+shrunk = {}
+for i in range(len(model.model.layers)):
+    mine = torch.stack(acts[(target, i)]).mean(0)
+    theirs = torch.stack(acts[(other, i)]).mean(0)
+    idx = torch.topk(mine / (theirs + 1e-6), int(frac * mine.numel())).indices
+    key = f"model.layers.{i}.mlp.up_proj.weight_scale"
+    tensors[key][idx] *= factor  # small, positive, finite: every integrity check still passes
+    shrunk[key] = int(idx.numel())
+save_file(tensors, str(path), metadata={"format": "pt"})
+print(json.dumps(shrunk))
+"""
+
+
+@pytest.mark.calibrate
+def test_per_slice_gate_rejects_damage_to_one_slice_only(
+    w8a8: dict[str, Any], tiny: dict[str, Any], tmp_path: Path
+) -> None:
+    damaged = tmp_path / "damaged"
+    proc = calib(
+        "-c", DAMAGE, tiny["model_dir"], str(w8a8["checkpoint"]), str(damaged), tiny["calibration_jsonl"],
+        "code", "prose", "0.1", "0.05",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all(n > 0 for n in _last_json(proc.stdout).values())
+    proc = calib(
+        "-m", "quantrol_worker.calibrate", "evaluate", "--config", str(w8a8["dir"] / "config.yaml"),
+        "--candidate", str(damaged),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = _last_json(proc.stdout)
+    assert all(check["passed"] for check in out["integrity"]), out["integrity"]
+    quality = by_slice(out["quality"])
+    undamaged = by_slice(w8a8["report"]["quality"])
+    assert undamaged["code"]["passed"] and undamaged["prose"]["passed"]
+    assert quality["prose"]["passed"] is True, quality["prose"]
+    assert quality["code"]["passed"] is False, quality["code"]
+    assert quality["code"]["failedLimits"]
+    assert quality["code"]["meanKlDivergence"] > 3 * quality["prose"]["meanKlDivergence"]
+
+
+@pytest.mark.calibrate
+def test_fp8_dynamic_with_calibrated_kv_cache_scales(tiny: dict[str, Any], tmp_path: Path) -> None:
+    _rc, term, report = run_worker(
+        tmp_path,
+        tiny,
+        quantization={"scheme": "FP8_DYNAMIC", "method": "rtn", "target": "cuda-sm90", "kvCacheScheme": "fp8"},
+        qualityGate={"maxMeanKlDivergence": 0.5},
+    )
+    assert term["phase"] == "Ready", term
+    checks = {check["name"]: check for check in report["integrity"]}
+    assert checks["kv-scales-present"]["passed"], checks
+    kv = [s for s in report["scaleStats"] if s["kind"] in ("k", "v")]
+    assert len(kv) == 8 and all(s["minScale"] > 0 for s in kv)
+    assert report["kernelCheck"]["family"] == "CutlassFP8ScaledMMLinearKernel"
+    ckpt = json.loads((tmp_path / "work" / "checkpoint" / "config.json").read_text())
+    assert ckpt["quantization_config"]["kv_cache_scheme"]["type"] == "float"
+
+
+@pytest.mark.calibrate
+def test_oci_base_model_in_artifact_out_and_corruption_detected(
+    request: pytest.FixtureRequest, tiny: dict[str, Any], tmp_path: Path
+) -> None:
+    try:
+        registry = request.getfixturevalue("oci_registry")
+    except pytest.FixtureLookupError:
+        pytest.skip("the oci_registry fixture (tests/plugins/servers.py) is not available")
+    push_base = (
+        "import sys; from pathlib import Path; from quantrol_worker.calibrate import oci; "
+        "print(oci.push(Path(sys.argv[1]), sys.argv[2], insecure=True, tag='base', annotations={}))"
+    )
+    proc = calib("-c", push_base, tiny["model_dir"], f"{registry.address}/models/tiny-base")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base_ref = proc.stdout.strip().splitlines()[-1]
+    assert "@sha256:" in base_ref
+
+    _rc, term, report = run_worker(
+        tmp_path,
+        tiny,
+        baseModel=f"oci://{base_ref}",
+        artifact={"repository": f"{registry.address}/models/tiny-w8a8", "insecure": True},
+    )
+    assert term["phase"] == "Ready", term
+    ref = term["artifactRef"]
+    assert ref.startswith(f"{registry.address}/models/tiny-w8a8@sha256:") and term["digest"] == ref.split("@")[1]
+    assert report["envelope"]["baseModelUri"] == f"oci://{base_ref}"
+
+    proc = calib("-m", "quantrol_worker.calibrate", "pull", ref, "--out", str(tmp_path / "pulled"), "--insecure")
+    pulled = _last_json(proc.stdout)
+    assert pulled["ok"], pulled
+    assert {"model.safetensors", "config.json", c.REPORT_FILE} <= set(pulled["files"])
+    assert json.loads((tmp_path / "pulled" / c.REPORT_FILE).read_text())["phase"] == "Ready"
+
+    # Corrupt the weights blob inside the registry's storage (same size, one byte flipped).
+    manifest = json.loads((tmp_path / "pulled" / "config.json").read_text())  # sanity: the pull wrote real files
+    assert manifest["model_type"] == "llama"
+    weights_digest = _layer_digest(registry.url, ref, "model.safetensors")
+    hexdigest = weights_digest.split(":")[1]
+    blob = registry.storage_dir / "docker/registry/v2/blobs/sha256" / hexdigest[:2] / hexdigest / "data"
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    proc = calib("-m", "quantrol_worker.calibrate", "pull", ref, "--out", str(tmp_path / "again"), "--insecure")
+    result = _last_json(proc.stdout)
+    assert proc.returncode == 1 and not result["ok"], result
+    assert result["reason"] == "DigestMismatch" and "model.safetensors" in result["message"], result
+    assert not (tmp_path / "again" / "model.safetensors").exists(), "a corrupted blob is never left to be loaded"
+
+
+def _layer_digest(url: str, ref: str, title: str) -> str:
+    import urllib.request
+
+    repo, digest = ref.split("/", 1)[1].split("@")
+    req = urllib.request.Request(
+        f"{url}/v2/{repo}/manifests/{digest}", headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(req, timeout=10) as response:
+        manifest: dict[str, Any] = json.loads(response.read())
+    return str(
+        next(
+            layer["digest"]
+            for layer in manifest["layers"]
+            if layer.get("annotations", {}).get("org.opencontainers.image.title") == title
+        )
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-v"]))
