@@ -228,7 +228,8 @@ def _create(rig: Rig, policy: dict[str, Any]) -> None:
     rig.custom.create_namespaced_custom_object(GROUP, VERSION, rig.namespace, "servingpolicies", policy)
 
 
-def test_a_healthy_candidate_with_noisy_latency_is_promoted(rig: Rig, prometheus: PrometheusServer) -> None:
+def test_a_healthy_candidate_with_noisy_latency_is_promoted(rig: Rig, prometheus: PrometheusServer,
+                                                          kubeapi: KubeAPIServer) -> None:
     rig.behave("stable", token_latency_s=0.01)
     rig.behave("candidate", token_latency_s=0.012)
     with load(rig):
@@ -241,6 +242,15 @@ def test_a_healthy_candidate_with_noisy_latency_is_promoted(rig: Rig, prometheus
     assert reasons == ["ArmsReady", "ShadowPassed", "StepPassed", "Promoted"]
     weights = rig.router_weights()  # the promoted artifact now serves as stable, confirmed by the router
     assert weights["stable"] == 100.0 and weights.get("candidate", 0.0) == 0.0
+    # Steady state: the operator keeps polling every second, and writes nothing at all.
+    time.sleep(2)
+    quiet_since = time.time()
+    time.sleep(5)
+    operator = ("quantrol-operator", "kopf/")
+    writes = [w for w in kubeapi.writes(since=quiet_since) if w["user_agent"].startswith(operator)]
+    reads = [r for r in kubeapi.requests(since=quiet_since) if r.get("namespace") == rig.namespace
+             and r["verb"] in ("get", "list") and r["user_agent"].startswith("quantrol-operator")]
+    assert writes == [] and len(reads) >= 5, writes
 
 
 @pytest.mark.parametrize(

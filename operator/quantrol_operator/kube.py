@@ -63,9 +63,15 @@ def merge_patch(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]
     return patch
 
 
+USER_AGENT = "quantrol-operator"  # audit logs (and the tests' request log) tell the operator's calls apart
+
+
 @dataclass
 class Kube:
     api: client.ApiClient
+
+    def __post_init__(self) -> None:
+        self.api.user_agent = USER_AGENT
 
     @classmethod
     def from_environment(cls) -> Kube:
