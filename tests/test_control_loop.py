@@ -63,6 +63,7 @@ class Rig:
     apps: kubernetes.client.AppsV1Api
     engines: dict[str, int] = field(default_factory=dict)
     router_port: int = 0
+    operator_metrics_port: int = 0
     stop: threading.Event = field(default_factory=threading.Event)
     sent: int = 0
 
@@ -85,6 +86,16 @@ class Rig:
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=5):
             pass
+
+    def operator_metric(self, name: str, **labels: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.operator_metrics_port}/metrics", timeout=5) as rsp:
+            text = rsp.read().decode()
+        wanted = {"namespace": self.namespace, "policy": self.policy, **labels}
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in wanted.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
 
     def router_weights(self) -> dict[str, float]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.router_port}/metrics", timeout=5) as rsp:
@@ -162,7 +173,9 @@ def rig(kubeapi: KubeAPIServer, kubeconfig: Path, kube_client: kubernetes.client
     prometheus.set_file_sd_targets([TargetGroup([f"127.0.0.1:{rig.router_port}"],
                                                 {"namespace": namespace, "policy": policy})])
     began = time.time()
-    operator = OperatorProcess(kubeconfig, tmp_path / "operator", env={**env, "QUANTROL_POLL_SECONDS": "1"})
+    rig.operator_metrics_port = free_port()
+    operator = OperatorProcess(kubeconfig, tmp_path / "operator", env={
+        **env, "QUANTROL_POLL_SECONDS": "1", "QUANTROL_METRICS_PORT": str(rig.operator_metrics_port)})
     operator.start(ready=lambda: kopf_watches(kubeapi, began, ("servingpolicies",)))
     controller = threading.Thread(target=_deployment_controller, args=(rig,), daemon=True)
     controller.start()
@@ -251,6 +264,8 @@ def test_a_healthy_candidate_with_noisy_latency_is_promoted(rig: Rig, prometheus
     reads = [r for r in kubeapi.requests(since=quiet_since) if r.get("namespace") == rig.namespace
              and r["verb"] in ("get", "list") and r["user_agent"].startswith("quantrol-operator")]
     assert writes == [] and len(reads) >= 5, writes
+    assert rig.operator_metric("quantrol_rollout_phase", phase="Promoted") == 1.0
+    assert rig.operator_metric("quantrol_rollbacks_total") == 0.0
 
 
 @pytest.mark.parametrize(
@@ -278,6 +293,7 @@ def test_an_injected_fault_rolls_back_to_stable(rig: Rig, prometheus: Prometheus
         failing = {m["slo"] for m in status["lastAnalysis"]["metrics"] if m["verdict"] == "fail"}
         assert failing and failing <= slo | {"goodput"}, json.dumps(status["lastAnalysis"], indent=1)
         assert record["slo"] in slo | {"goodput"}
+        assert rig.operator_metric("quantrol_rollbacks_total", reason="SloBreach") == 1.0
         # All live traffic is back on stable, confirmed by the router itself, while requests keep flowing.
         wait_until(lambda: rig.router_weights().get("candidate", 0.0) == 0.0, timeout=5, what="candidate weight 0")
     assert status["router"]["appliedVersion"] == status["router"]["version"]
