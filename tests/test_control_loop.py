@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -279,7 +280,7 @@ def test_a_healthy_candidate_with_noisy_latency_is_promoted(rig: Rig, prometheus
     ids=["latency", "errors", "quality"],
 )
 def test_an_injected_fault_rolls_back_to_stable(rig: Rig, prometheus: PrometheusServer, fault: dict[str, float],
-                                               slo: set[str]) -> None:
+                                               slo: set[str], kubeconfig: Path) -> None:
     rig.behave("stable", token_latency_s=0.01)
     rig.behave("candidate", token_latency_s=0.01)
     with load(rig):
@@ -297,6 +298,12 @@ def test_an_injected_fault_rolls_back_to_stable(rig: Rig, prometheus: Prometheus
         # All live traffic is back on stable, confirmed by the router itself, while requests keep flowing.
         wait_until(lambda: rig.router_weights().get("candidate", 0.0) == 0.0, timeout=5, what="candidate weight 0")
     assert status["router"]["appliedVersion"] == status["router"]["version"]
+    # The status view a human reads at 3 a.m. names the rollback, the SLO and how to retry.
+    view = subprocess.run([sys.executable, "-m", "quantrol_operator.cli", "status", f"sp/{rig.policy}", "-n",
+                           rig.namespace, "--kubeconfig", str(kubeconfig)], capture_output=True, text=True,
+                          timeout=60, check=True).stdout
+    assert "RolledBack" in view and f"on {record['slo']}" in view and "quantrol.io/retry" in view
+
 
 
 def test_no_traffic_pauses_and_never_promotes(rig: Rig, prometheus: PrometheusServer) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import yaml
 
@@ -49,6 +50,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.output))
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from kubernetes import client, config
+
+    from quantrol_operator.statusview import render_quantizedmodel, render_servingpolicy
+
+    kind, _, name = args.target.partition("/")
+    plural, render = {"sp": ("servingpolicies", render_servingpolicy),
+                      "servingpolicy": ("servingpolicies", render_servingpolicy),
+                      "qm": ("quantizedmodels", render_quantizedmodel),
+                      "quantizedmodel": ("quantizedmodels", render_quantizedmodel)}.get(kind.lower(), ("", None))
+    if render is None or not name:
+        print(f"expected sp/NAME or qm/NAME, got {args.target!r}", file=sys.stderr)
+        return 2
+    api_client = config.new_client_from_config(config_file=args.kubeconfig)  # type: ignore[no-untyped-call]
+    contexts = config.list_kube_config_contexts(config_file=args.kubeconfig)  # type: ignore[no-untyped-call]
+    namespace = args.namespace or contexts[1]["context"].get("namespace", "default")
+    obj = cast(dict[str, Any], client.CustomObjectsApi(api_client).get_namespaced_custom_object(
+        "quantrol.io", "v1alpha1", namespace, plural, name))
+    print(render(obj))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantrol", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check QuantizedModel/ServingPolicy YAML as the API server would")
     validate.add_argument("files", nargs="+", metavar="FILE")
     validate.set_defaults(func=_cmd_validate)
+
+    status = sub.add_parser("status", help="a ServingPolicy or QuantizedModel at a glance (also: kubectl quantrol)")
+    status.add_argument("target", metavar="sp/NAME|qm/NAME")
+    status.add_argument("-n", "--namespace", default=None)
+    status.add_argument("--kubeconfig", default=None, help="default: $KUBECONFIG or ~/.kube/config")
+    status.set_defaults(func=_cmd_status)
 
     demo = sub.add_parser("demo", help="run the local end-to-end job on the embedded stack (no cluster needed)")
     demo.add_argument("--local", action="store_true", help="use the embedded stack (the only mode so far)")

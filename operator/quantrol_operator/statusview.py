@@ -1,0 +1,75 @@
+"""`quantrol status`: a ServingPolicy or QuantizedModel readable at a glance (also as `kubectl quantrol`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def render_servingpolicy(obj: dict[str, Any]) -> str:
+    meta, status = obj["metadata"], obj.get("status") or {}
+    weights = status.get("weights") or {}
+    lines = [
+        f"ServingPolicy {meta.get('namespace')}/{meta['name']}: {status.get('phase', 'Pending')}"
+        + (f" step {status['step']}" if status.get("step") is not None else ""),
+        f"  weights     stable {weights.get('stable', 100)}%  candidate {weights.get('candidate', 0)}%"
+        f"  mirror {weights.get('mirrorFraction', 0.0):.0%}",
+        f"  stable      {_fmt(status.get('stableArtifact'))}",
+        f"  candidate   {_fmt(status.get('candidateArtifact'))}",
+    ]
+    if status.get("rollbackTarget"):
+        lines.append(f"  rollback to {status['rollbackTarget']}")
+    if status.get("message"):
+        lines.append(f"  message     {status['message']}")
+    analysis = status.get("lastAnalysis")
+    if analysis:
+        lines.append(f"  last analysis {analysis.get('time')} over {analysis.get('windowSeconds')}s: "
+                     f"{analysis.get('verdict')}")
+        lines.append(f"    {'SLO':<22} {'candidate':>10} {'stable':>10} {'limit':>10}  verdict")
+        for m in analysis.get("metrics", []):
+            lines.append(f"    {m.get('slo', ''):<22} {_fmt(m.get('value')):>10} {_fmt(m.get('stableValue')):>10} "
+                         f"{_fmt(m.get('limit')):>10}  {m.get('verdict')}")
+    rollback = status.get("rollback")
+    if rollback:
+        lines.append(f"  ROLLED BACK {rollback.get('time')}: {rollback.get('reason')}"
+                     + (f" on {rollback['slo']}: candidate {_fmt(rollback.get('candidateValue'))} vs limit "
+                        f"{_fmt(rollback.get('limit'))}" if rollback.get("slo") else "")
+                     + (f" — {rollback['message']}" if rollback.get("message") else ""))
+        lines.append("  to retry:   kubectl annotate sp "
+                     f"{meta['name']} quantrol.io/retry=$(date +%s) --overwrite")
+    history = status.get("history") or []
+    if history:
+        lines.append("  recent transitions:")
+        lines += [f"    {h.get('time')}  {h.get('from', '-'):>10} → {h.get('to'):<10} {h.get('reason')}"
+                  for h in history[-8:]]
+    return "\n".join(lines)
+
+
+def render_quantizedmodel(obj: dict[str, Any]) -> str:
+    meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
+    quant = spec.get("quantization") or {}
+    artifact = status.get("artifact") or {}
+    lines = [
+        f"QuantizedModel {meta.get('namespace')}/{meta['name']}: {status.get('phase', 'Pending')} "
+        f"({quant.get('scheme')} {quant.get('method', '')} for {quant.get('target', '')})",
+        f"  artifact    {_fmt(artifact.get('ref'))}" + (f"  ({artifact['sizeBytes']} bytes)"
+                                                       if artifact.get("sizeBytes") else ""),
+    ]
+    if status.get("message"):
+        lines.append(f"  message     {status['message']}")
+    quality = status.get("quality") or []
+    if quality:
+        lines.append(f"    {'slice':<16} {'mean KL':>10} {'p99 KL':>10} {'top-1':>8} {'ppl ×':>8}  gate")
+        for q in quality:
+            gate = "pass" if q.get("passed") else "FAIL " + ",".join(q.get("failedLimits", []))
+            lines.append(f"    {q.get('slice', ''):<16} {_fmt(q.get('meanKlDivergence')):>10} "
+                         f"{_fmt(q.get('p99KlDivergence')):>10} {_fmt(q.get('top1Agreement')):>8} "
+                         f"{_fmt(q.get('perplexityRatio')):>8}  {gate}")
+    for c in status.get("conditions", []):
+        lines.append(f"  {c.get('type'):<16} {c.get('status'):<7} {c.get('reason')}: {c.get('message', '')}")
+    return "\n".join(lines)
