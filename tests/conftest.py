@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.plugins.kubeapi",
     "tests.plugins.servers",
+    "tests.plugins.runner",
 ]

@@ -19,6 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
     from quantrol_worker.router.main import add_parser as add_route  # argparse only: no aiohttp at parse time
 
     add_route(commands)
+    from quantrol_worker.fetch import add_parser as add_fetch  # stdlib only at import time
+    from quantrol_worker.serve.main import add_parser as add_serve
+
+    add_fetch(commands)
+    add_serve(commands)
     calibrate = commands.add_parser("calibrate", help="calibrate, quantize, evaluate and publish a model (torch)")
     calibrate.add_argument("--config", required=True, help="CalibrationConfig file (JSON or YAML)")
     return parser
@@ -38,6 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         from quantrol_worker.calibrate.pipeline import main as run_calibrate  # torch is imported only here
 
         return run_calibrate(["--config", args.config])
+    if args.command == "fetch":
+        from quantrol_worker.fetch import run as run_fetch
+
+        return run_fetch(args)
+    if args.command == "serve":
+        from quantrol_worker.serve.main import run as run_serve
+
+        return run_serve(args)
     return 0
 
 

@@ -18,6 +18,7 @@ from quantrol_operator.api.common import (
     ModelUri,
     Resources,
 )
+from quantrol_worker.contracts import Target
 
 KIND = "ServingPolicy"
 PLURAL = "servingpolicies"
@@ -118,6 +119,9 @@ class ServingTemplate(ApiModel):
     batch_budget: BatchBudget = Field(default_factory=BatchBudget)
     admission: Admission = Field(default_factory=Admission)
     kv_cache_dtype: KvCacheDtype = Field(default=KvCacheDtype.AUTO)
+    target: Target = Field(
+        default=Target.CUDA_SM90, description="Hardware the arms run on: decides which kernels the launcher expects."
+    )
     node_selector: dict[str, str] = Field(default_factory=dict)
 
 

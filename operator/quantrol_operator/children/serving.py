@@ -14,11 +14,12 @@ from quantrol_operator.children import MANAGED_BY, child_name, owner_reference
 from quantrol_operator.children.calibration import quantities
 
 ENGINE_PORT = 8000
-LAUNCHER_PORT = 9400  # the launcher's /metrics (quantrol_engine_kernel_info) and /kernels
+LAUNCHER_PORT = 9400  # the launcher's status port: /metrics (quantrol_engine_kernel_info) and /kernels
 MODEL_DIR = "/models/artifact"
 LABEL_POLICY = "quantrol.io/servingpolicy"
 LABEL_ARM = "quantrol.io/arm"
 LOOPBACK_REGISTRIES = ("127.0.0.1", "localhost")
+TERMINATION_LOG = "/dev/termination-log"
 
 
 def short_digest(ref: str) -> str:
@@ -37,10 +38,10 @@ def arm_selector(policy: str, ref: str) -> dict[str, str]:
 
 
 def engine_args(policy: str, spec: ServingPolicySpec) -> list[str]:
-    """vLLM's OpenAI server with the batch budget as flags: the bound that keeps the candidate honest."""
+    """vLLM's OpenAI server flags (the launcher runs `python -m vllm.entrypoints.openai.api_server` with them),
+    with the batch budget as flags: the bound that keeps the candidate honest."""
     serving = spec.serving
     args = [
-        "python", "-m", "vllm.entrypoints.openai.api_server",
         "--model", MODEL_DIR,
         "--served-model-name", policy,
         "--host", "0.0.0.0",
@@ -56,7 +57,7 @@ def engine_args(policy: str, spec: ServingPolicySpec) -> list[str]:
 
 
 def fetch_args(ref: str) -> list[str]:
-    args = ["quantrol-worker", "fetch", "--ref", ref, "--dest", MODEL_DIR]
+    args = ["quantrol-worker", "fetch", "--ref", ref, "--dest", MODEL_DIR, "--termination-log", TERMINATION_LOG]
     host = ref.removeprefix("oci://").split("/", 1)[0].split(":", 1)[0]
     if host in LOOPBACK_REGISTRIES:
         args.append("--insecure")  # plain HTTP only for a registry on the node itself (the local stack)
@@ -69,10 +70,15 @@ def arm_deployment(owner: dict[str, Any], spec: ServingPolicySpec, ref: str, ima
     policy = meta["name"]
     selector = arm_selector(policy, ref)
     serving = spec.serving
+    # The launcher holds fp8 KV caches to their promise (calibrated scales, not a default 1.0).
+    kv_flags = ["--kv-cache-scheme", "fp8"] if serving.kv_cache_dtype is not KvCacheDtype.AUTO else []
     container: dict[str, Any] = {
         "name": "engine",
         "image": serving.image or image,
-        "command": ["quantrol-worker", "serve", "--metrics-port", str(LAUNCHER_PORT), "--",
+        # The termination-message path is passed explicitly so it is the same on a cluster and under the local
+        # runner, which rewrites declared paths (a program's built-in default it cannot see).
+        "command": ["quantrol-worker", "serve", "--target", serving.target.value, "--status-port",
+                    str(LAUNCHER_PORT), "--termination-log", TERMINATION_LOG, *kv_flags, "--",
                     *engine_args(policy, spec)],
         "ports": [{"name": "http", "containerPort": ENGINE_PORT},
                   {"name": "launcher", "containerPort": LAUNCHER_PORT}],

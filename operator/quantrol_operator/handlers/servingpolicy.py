@@ -53,13 +53,22 @@ def _terminated_messages(pods: list[dict[str, Any]], container: str, init: bool)
     return out
 
 
+def _kernel_report(raw: dict[str, Any]) -> dict[str, Any]:
+    """The launcher's /kernels JSON or termination message, in the shape status keeps (KernelReport)."""
+    kernels = [k.get("kernel", "") if isinstance(k, dict) else str(k) for k in raw.get("kernels") or []]
+    mismatches = "; ".join(f"{m.get('reason')}: {m.get('detail')}" for m in raw.get("mismatches") or [])
+    message = " ".join(part for part in (str(raw.get("message") or ""), mismatches) if part)
+    return {"verdict": raw.get("verdict") or "unknown", "kernels": [k for k in kernels if k][:32],
+            "message": message[:1024]}
+
+
 def _candidate_health(namespace: str, policy: str, ref: str) -> tuple[dict[str, Any] | None, str | None]:
     """The launcher's kernel report, or why the candidate cannot run (from its pods' termination messages)."""
     arm = serving.arm_name(policy, ref)
     try:
         report = _http_json(service_url(arm, namespace, serving.LAUNCHER_PORT, "/kernels"))
         if isinstance(report, dict):
-            return report, None
+            return _kernel_report(report), None
     except (OSError, urllib.error.URLError, ValueError):
         pass  # not up yet, or gone: the pods say why
     pods = kube().list_objects("v1", "Pod", namespace, ",".join(f"{k}={v}" for k, v in
@@ -70,7 +79,7 @@ def _candidate_health(namespace: str, policy: str, ref: str) -> tuple[dict[str, 
         except ValueError:
             continue
         if isinstance(report, dict) and report.get("verdict"):
-            return report, None
+            return _kernel_report(report), None
     fetch = _terminated_messages(pods, "fetch", init=True)
     return None, (f"the artifact fetch refused to start the candidate: {fetch[-1]}" if fetch else None)
 

@@ -1,0 +1,224 @@
+"""Kernel verification on real engines: vLLM's CPU build under `quantrol-worker serve`, tiny Llama models.
+
+W8A8 must be verified `native` (CPUInt8ScaledMMLinearKernel), the bf16 baseline `native` (dense), and W8A16 refused
+as `none` with exit code 3 and a KernelUnavailable termination message naming the layer, well before any readiness
+timeout. Three vLLM starts in all, never more than two at once (≈3 GB each on 2 cores): W8A16 alone first, then
+bf16 and W8A8 side by side for the rest of the module.
+
+Needs two environments (their pins conflict, ARCHITECTURE.md): QUANTROL_CALIBRATE_PYTHON builds the tiny model and
+quantizes it with llm-compressor (round-to-nearest, no calibration data: kernel choice depends on the scheme, not
+on the scales); QUANTROL_SERVE_PYTHON runs the launcher and vLLM. The tiny model is deliberately undertrained (four
+steps, ≈15 s to build: quality is not what is tested here) and has a 4096-token vocabulary: with tinymodel's default
+of 2048, vLLM CPU 0.32's worker dies with SIGILL (exit -4) at the first request on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.serve
+
+SERVE_PYTHON = os.environ.get("QUANTROL_SERVE_PYTHON")
+CALIBRATE_PYTHON = os.environ.get("QUANTROL_CALIBRATE_PYTHON")
+SKIP_REASON = (
+    "REAL-ENGINE TIER SKIPPED: set QUANTROL_SERVE_PYTHON (vLLM CPU) and QUANTROL_CALIBRATE_PYTHON (llm-compressor), "
+    "e.g. `. /tmp/fresh-venvs/env.sh` after .ci/setup"
+)
+REPO = Path(__file__).resolve().parents[1]
+START_TIMEOUT = 300.0  # ≈25 s on an idle 2-core machine; several times that when other suites share the cores
+
+BUILD = """
+import json, sys
+from pathlib import Path
+from quantrol_worker.tinymodel import TinySpec, build
+spec = TinySpec(vocab_size=4096, steps=4, prose_chars=200_000, code_chars=200_000)
+print(json.dumps(build(Path(sys.argv[1]), spec)))
+"""
+QUANTIZE = """
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import QuantizationModifier
+src, out = sys.argv[1], sys.argv[2]
+tok = AutoTokenizer.from_pretrained(src)
+for scheme in sys.argv[3:]:
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    oneshot(model=model, recipe=[QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])])
+    model.save_pretrained(f"{out}/{scheme}", save_compressed=True)
+    tok.save_pretrained(f"{out}/{scheme}")
+"""
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO / "worker"),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "VLLM_CACHE_ROOT": str(tmp / "vllm-cache"),
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "NO_PROXY": "127.0.0.1,localhost",
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    if not (SERVE_PYTHON and CALIBRATE_PYTHON):
+        pytest.skip(SKIP_REASON)
+    assert CALIBRATE_PYTHON
+    started = time.monotonic()
+    tmp = tmp_path_factory.mktemp("real-engines")
+    build = subprocess.run([CALIBRATE_PYTHON, "-c", BUILD, str(tmp / "tiny")],
+                           capture_output=True, text=True, env=_env(tmp), timeout=900, check=False)
+    assert build.returncode == 0, build.stderr[-3000:]
+    base = Path(json.loads(build.stdout.strip().splitlines()[-1])["model_dir"])
+    quant = subprocess.run([CALIBRATE_PYTHON, "-c", QUANTIZE, str(base), str(tmp), "W8A8", "W8A16"],
+                           capture_output=True, text=True, env=_env(tmp), timeout=600, check=False)
+    assert quant.returncode == 0, quant.stderr[-3000:]
+    print(f"\n[real-engines] tiny model + W8A8/W8A16 ready in {time.monotonic() - started:.1f}s", file=sys.stderr)
+    return {"bf16": base, "W8A8": tmp / "W8A8", "W8A16": tmp / "W8A16"}
+
+
+class Served:
+    """One `quantrol-worker serve` around one vLLM, on free ports; its output goes to a log file."""
+
+    def __init__(self, tmp: Path, name: str, model: Path, scheme: str) -> None:
+        assert SERVE_PYTHON
+        self.name, self.status_port, self.port = name, _free_port(), _free_port()
+        self.termination = tmp / f"{name}.termination"
+        self.log_path = tmp / f"{name}.log"
+        self.started = time.monotonic()
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [SERVE_PYTHON, "-m", "quantrol_worker.cli", "serve", "--target", "cpu-x86", "--scheme", scheme,
+             "--status-host", "127.0.0.1", "--status-port", str(self.status_port),
+             "--termination-log", str(self.termination), "--",
+             "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port), "--enforce-eager",
+             "--max-model-len", "256", "--max-num-seqs", "4"],
+            stdout=self._log, stderr=subprocess.STDOUT, env=_env(tmp),
+        )
+
+    def kernels(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.status_port}/kernels", timeout=5) as r:
+            return dict(json.loads(r.read()))
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.status_port}/metrics", timeout=5) as r:
+            return str(r.read().decode())
+
+    def wait_serving(self) -> float:
+        deadline = self.started + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if self.kernels()["phase"] == "serving":
+                    return time.monotonic() - self.started
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"{self.name} not serving after {START_TIMEOUT:.0f}s:\n{self.tail()}")
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
+
+
+def test_w8a16_is_refused_as_kernel_unavailable(models: dict[str, Path], tmp_path: Path) -> None:
+    """Runs first and alone: vLLM dies at load; the launcher says why and exits 3 instead of hanging."""
+    served = Served(tmp_path, "w8a16", models["W8A16"], "W8A16")
+    try:
+        code = served.proc.wait(START_TIMEOUT)
+    finally:
+        served.stop()
+    elapsed = time.monotonic() - served.started
+    print(f"\n[real-engines] W8A16 refused after {elapsed:.1f}s", file=sys.stderr)
+    assert code == 3, served.tail()
+    message = json.loads(served.termination.read_text())
+    assert (message["reason"], message["verdict"], message["scheme"]) == ("KernelUnavailable", "none", "W8A16")
+    assert message["layer"], message  # the Linear vLLM was building when it gave up
+    assert any("CPUWNA16LinearKernel" in k for k in message["kernels"]), message
+    assert "Failed to find a kernel that can implement the WNA16 linear layer" in served.log_path.read_text()
+
+
+@pytest.fixture(scope="module")
+def engines(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Served]]:
+    tmp = tmp_path_factory.mktemp("engines")
+    served = {"bf16": Served(tmp, "bf16", models["bf16"], "unquantized"),
+              "W8A8": Served(tmp, "w8a8", models["W8A8"], "W8A8")}
+    try:
+        for name, s in served.items():
+            print(f"\n[real-engines] {name} serving after {s.wait_serving():.1f}s", file=sys.stderr)
+        yield served
+    finally:
+        for s in served.values():
+            s.stop()
+
+
+def _complete(port: int) -> str:
+    body = json.dumps({"model": "m", "prompt": "The licence", "max_tokens": 4, "temperature": 0}).encode()
+    models_url = f"http://127.0.0.1:{port}/v1/models"
+    with urllib.request.urlopen(models_url, timeout=10) as r:
+        name = json.loads(r.read())["data"][0]["id"]
+    body = body.replace(b'"model": "m"', json.dumps({"model": name})[1:-1].encode())
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return str(json.loads(r.read())["choices"][0]["text"])
+
+
+def test_w8a8_kernels_verified_native(engines: dict[str, Served]) -> None:
+    w8a8 = engines["W8A8"]
+    status = w8a8.kernels()
+    assert (status["verdict"], status["verified"], status["family"]) == ("native", True, "CPUInt8ScaledMMLinearKernel")
+    assert status["kernels"][0]["subject"] == "CompressedTensorsW8A8Int8"
+    assert (
+        'quantrol_engine_kernel_info{family="CPUInt8ScaledMMLinearKernel",kernel="CPUInt8ScaledMMLinearKernel",'
+        'kv_cache_dtype="auto",scheme="W8A8",verdict="native"} 1.0'
+    ) in w8a8.metrics()
+    assert isinstance(_complete(w8a8.port), str)  # verified and actually answering
+
+
+def test_bf16_baseline_is_native_dense(engines: dict[str, Served]) -> None:
+    status = engines["bf16"].kernels()
+    assert (status["scheme"], status["verdict"], status["family"], status["kernels"]) == (
+        "unquantized", "native", "dense", [])
+
+
+def test_sigterm_is_forwarded_and_vllm_stops(engines: dict[str, Served]) -> None:
+    bf16 = engines["bf16"]
+    started = time.monotonic()
+    code = bf16.stop()
+    print(f"\n[real-engines] bf16 stopped in {time.monotonic() - started:.1f}s", file=sys.stderr)
+    assert code == 0, bf16.tail()
+    assert "forwarding to vLLM" in bf16.log_path.read_text()
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", bf16.port)) != 0  # vLLM's port is closed: the engine is gone too
