@@ -142,7 +142,7 @@ def quantize(run: Run, tokenizer: Any) -> Path:
     """llm-compressor oneshot on the calibration samples of every slice; saves the compressed checkpoint."""
     import torch
     from datasets import Dataset
-    from llmcompressor import oneshot
+    from llmcompressor.entrypoints.oneshot import oneshot  # where it is defined: the package re-export is implicit
     from transformers import AutoModelForCausalLM
 
     from quantrol_worker.calibrate.recipe import build_modifiers, recipe_text
