@@ -65,6 +65,7 @@ class Rig:
     engines: dict[str, int] = field(default_factory=dict)
     router_port: int = 0
     operator_metrics_port: int = 0
+    operator: OperatorProcess | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     sent: int = 0
 
@@ -178,13 +179,15 @@ def rig(kubeapi: KubeAPIServer, kubeconfig: Path, kube_client: kubernetes.client
     operator = OperatorProcess(kubeconfig, tmp_path / "operator", env={
         **env, "QUANTROL_POLL_SECONDS": "1", "QUANTROL_METRICS_PORT": str(rig.operator_metrics_port)})
     operator.start(ready=lambda: kopf_watches(kubeapi, began, ("servingpolicies",)))
+    rig.operator = operator
     controller = threading.Thread(target=_deployment_controller, args=(rig,), daemon=True)
     controller.start()
     try:
         yield rig
     finally:
         rig.stop.set()
-        operator.stop()
+        if rig.operator is not None:
+            rig.operator.stop()
         for process in processes:
             process.stop()
         kernels.shutdown()
@@ -320,3 +323,36 @@ def test_prometheus_down_pauses_with_the_stable_arm_untouched(rig: Rig) -> None:
         status = rig.wait_phase("Paused", "Canary", "Promoted", "RolledBack", timeout=60)
     assert status["phase"] == "Paused" and status["lastAnalysis"]["verdict"] == "error"
     assert status["weights"]["stable"] == 100 and "rollback" not in status
+
+
+def test_an_operator_restart_one_failure_below_the_limit_resumes_the_count(
+        rig: Rig, prometheus: PrometheusServer, kubeapi: KubeAPIServer) -> None:
+    """Streak counters live in status: a restarted operator resumes them instead of granting a fresh budget."""
+    rig.behave("stable", token_latency_s=0.01)
+    rig.behave("candidate", token_latency_s=0.01)
+    with load(rig):
+        _create(rig, _policy(rig.policy, rig.namespace, prometheus.url, failureLimit=4, intervalSeconds=2,
+                             successStreak=3))
+        rig.wait_phase("Canary", timeout=60)
+        rig.behave("candidate", error_rate=0.5)
+        wait_until(lambda: (rig.status().get("counters") or {}).get("consecutiveFailures") == 3, timeout=30,
+                   interval=0.1, what="three failing windows, one below the limit")
+        assert rig.operator is not None
+        old = rig.operator
+        old.stop()  # SIGTERM to the whole kopf process group, mid-rollout
+        assert rig.status()["phase"] == "Canary"
+        began = time.time()
+        rig.operator = OperatorProcess(old.kubeconfig, old.workdir.with_name("operator-restarted"), env=old.env)
+        rig.operator.start(ready=lambda: kopf_watches(kubeapi, began, ("servingpolicies",)))
+        seen = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            status = rig.status()
+            seen.append((status.get("counters") or {}).get("consecutiveFailures"))
+            if status["phase"] == "RolledBack":
+                break
+            time.sleep(0.1)
+    assert status["phase"] == "RolledBack", status
+    # Never counted again from zero: every observation after the restart is 3 (or 0 once rolled back).
+    assert all(v in (3, 0, None) for v in seen), seen
+    assert status["rollback"]["reason"] == "SloBreach" and status["rollback"]["slo"] == "errorRate"
