@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from datetime import UTC, datetime
 from typing import Any
 
 import kopf
-from kubernetes.client.exceptions import ApiException
 
 from quantrol_operator import metrics
 from quantrol_operator.api import quantizedmodel
 from quantrol_operator.api.common import GROUP, VERSION
 from quantrol_operator.children import calibration
-from quantrol_operator.defaults import OperatorDefaults
-from quantrol_operator.kube import Kube
+from quantrol_operator.handlers.common import DEFAULTS, Events, handle, kube
 from quantrol_operator.planning.quantizedmodel import TERMINAL, QmObserved, plan
-
-DEFAULTS = OperatorDefaults.from_env()
-_kube: Kube | None = None
-
-
-def kube() -> Kube:
-    global _kube
-    if _kube is None:
-        _kube = Kube.from_environment()
-    return _kube
 
 
 def _observe(obj: dict[str, Any]) -> QmObserved:
@@ -43,7 +29,7 @@ def _observe(obj: dict[str, Any]) -> QmObserved:
     return QmObserved(obj=obj, jobs=jobs, pods=pods, now=datetime.now(UTC))
 
 
-def _reconcile(obj: dict[str, Any]) -> list[tuple[str, str, str]]:
+def _reconcile(obj: dict[str, Any]) -> Events:
     observed = _observe(obj)
     result = plan(observed, DEFAULTS.worker_image)
     k = kube()
@@ -63,27 +49,11 @@ def _settled(body: kopf.Body) -> bool:
     return bool(status.get("observedGeneration") == body.meta.get("generation") and status.get("phase") in TERMINAL)
 
 
-async def _handle(body: kopf.Body, logger: kopf.Logger, handler: str) -> None:
-    obj = {"apiVersion": body["apiVersion"], "kind": body["kind"], "metadata": dict(body.meta),
-           "spec": dict(body.spec), "status": dict(body.status)}
-    began = time.monotonic()
-    try:
-        events = await asyncio.to_thread(_reconcile, obj)
-    except ApiException as exc:
-        metrics.RECONCILE_ERRORS.labels(quantizedmodel.KIND, handler).inc()
-        raise kopf.TemporaryError(f"Kubernetes API error {exc.status} {exc.reason}; retrying", delay=5) from exc
-    finally:
-        metrics.RECONCILE_DURATION.labels(quantizedmodel.KIND, handler).observe(time.monotonic() - began)
-    for type_, reason, message in events:
-        kopf.event(body, type=type_, reason=reason, message=message)
-        logger.info("%s %s/%s: %s", reason, body.meta.namespace, body.meta.name, message)
-
-
 @kopf.on.event(GROUP, VERSION, quantizedmodel.PLURAL)
 async def quantized_model_changed(type: str, body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
     if type == "DELETED" or body.meta.get("deletionTimestamp") or _settled(body):
         return
-    await _handle(body, logger, "event")
+    await handle(body, logger, quantizedmodel.KIND, "event", _reconcile)
 
 
 @kopf.timer(GROUP, VERSION, quantizedmodel.PLURAL, interval=DEFAULTS.poll_seconds, initial_delay=1)
@@ -91,4 +61,4 @@ async def quantized_model_poll(body: kopf.Body, logger: kopf.Logger, **_: Any) -
     """Follows the Job while it runs (reads only; a write happens only when the plan changes something)."""
     if body.meta.get("deletionTimestamp") or _settled(body):
         return
-    await _handle(body, logger, "timer")
+    await handle(body, logger, quantizedmodel.KIND, "timer", _reconcile)

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import secrets
-import time
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import kopf
-from kubernetes.client.exceptions import ApiException
 
 from quantrol_operator import metrics
 from quantrol_operator.api import servingpolicy as sp_api
@@ -21,7 +18,7 @@ from quantrol_operator.api.common import GROUP, VERSION
 from quantrol_operator.api.servingpolicy import RolloutPhase, ServingPolicySpec
 from quantrol_operator.children import router, serving
 from quantrol_operator.children.serving import LABEL_POLICY
-from quantrol_operator.handlers.quantizedmodel import DEFAULTS, kube
+from quantrol_operator.handlers.common import DEFAULTS, Events, handle, kube
 from quantrol_operator.planning.servingpolicy import SpObserved, Window, plan
 from quantrol_operator.rollout.analysis import judge
 from quantrol_operator.rollout.queries import PrometheusSource, Scope, collect
@@ -122,7 +119,7 @@ def _push(namespace: str, policy: str, config: str, token: str) -> int | None:
     return int(version) if isinstance(version, int) else None
 
 
-def _reconcile(obj: dict[str, Any]) -> tuple[list[tuple[str, str, str]], dict[str, Any]]:
+def _reconcile(obj: dict[str, Any]) -> Events:
     meta = obj["metadata"]
     namespace, policy = meta["namespace"], meta["name"]
     now = datetime.now(UTC)
@@ -155,7 +152,7 @@ def _reconcile(obj: dict[str, Any]) -> tuple[list[tuple[str, str, str]], dict[st
             result.status.setdefault("router", {})["appliedVersion"] = applied
     k.patch_status(obj, result.status)
     _export(obj, result.status, window, result.rollback)
-    return [(e.type, e.reason, e.message) for e in result.events], result.status
+    return [(e.type, e.reason, e.message) for e in result.events]
 
 
 def _export(obj: dict[str, Any], status: dict[str, Any], window: Window | None,
@@ -174,28 +171,11 @@ def _export(obj: dict[str, Any], status: dict[str, Any], window: Window | None,
         metrics.ROLLBACKS.labels(ns, name, rollback.get("reason", ""), rollback.get("slo", "")).inc()
 
 
-async def _handle(body: kopf.Body, logger: kopf.Logger, handler: str) -> None:
-    obj = {"apiVersion": body["apiVersion"], "kind": body["kind"], "metadata": dict(body.meta),
-           "spec": dict(body.spec), "status": dict(body.status)}
-    began = time.monotonic()
-    try:
-        events, _status = await asyncio.to_thread(_reconcile, obj)
-    except ApiException as exc:
-        metrics.RECONCILE_ERRORS.labels(sp_api.KIND, handler).inc()
-        raise kopf.TemporaryError(f"Kubernetes API error {exc.status} {exc.reason}; retrying", delay=5) from exc
-    finally:
-        metrics.RECONCILE_DURATION.labels(sp_api.KIND, handler).observe(time.monotonic() - began)
-    for type_, reason, message in events:
-        kopf.event(body, type=type_, reason=reason, message=message)
-        log = logger.warning if type_ == "Warning" else logger.info
-        log("%s %s/%s: %s", reason, body.meta.namespace, body.meta.name, message)
-
-
 @kopf.on.event(GROUP, VERSION, sp_api.PLURAL)
 async def serving_policy_changed(type: str, body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
     if type == "DELETED" or body.meta.get("deletionTimestamp"):
         return
-    await _handle(body, logger, "event")
+    await handle(body, logger, sp_api.KIND, "event", _reconcile)
 
 
 @kopf.timer(GROUP, VERSION, sp_api.PLURAL, interval=DEFAULTS.poll_seconds, initial_delay=1)
@@ -203,7 +183,7 @@ async def serving_policy_poll(body: kopf.Body, logger: kopf.Logger, **_: Any) ->
     """The control loop's clock: arms' readiness, kernels, and SLO analysis when due (reads; writes on change)."""
     if body.meta.get("deletionTimestamp"):
         return
-    await _handle(body, logger, "timer")
+    await handle(body, logger, sp_api.KIND, "timer", _reconcile)
 
 
 @kopf.on.delete(GROUP, VERSION, sp_api.PLURAL)
