@@ -20,13 +20,15 @@ from quantrol_operator.api.common import (
 )
 
 # The scheme/method/target vocabulary is the worker's contract; the API re-exports it so both speak one language.
-from quantrol_worker.contracts import (
+from quantrol_worker.contracts import (  # the gate's limits too: the worker applies exactly what the spec says
     METHODS_BY_SCHEME,
     WEIGHT_ONLY_INT_SCHEMES,
     KvCacheScheme,
     Method,
+    QualityLimits,
     Scheme,
     Target,
+    default_quality_gate,
 )
 
 KIND = "QuantizedModel"
@@ -105,17 +107,6 @@ class Quantization(ApiModel):
     )
 
 
-class QualityLimits(ApiModel):
-    """Limits one slice must meet against the baseline; an unset limit is not checked."""
-
-    max_mean_kl_divergence: float | None = Field(default=None, ge=0, description="Mean next-token KL (nats).")
-    max_p99_kl_divergence: float | None = Field(default=None, ge=0, description="p99 next-token KL (nats).")
-    min_top1_agreement: float | None = Field(default=None, ge=0, le=1, description="Fraction, 0..1.")
-    max_perplexity_increase: float | None = Field(
-        default=None, ge=0, description="Allowed perplexity increase as a fraction (0.05 = +5%)."
-    )
-
-
 class Slice(ApiModel):
     """A named part of the calibration data (a workload), measured and gated on its own."""
 
@@ -180,9 +171,7 @@ class QuantizedModelSpec(ApiModel):
     quantization: Quantization
     calibration: CalibrationData
     quality_gate: QualityLimits = Field(
-        default_factory=lambda: QualityLimits(
-            max_mean_kl_divergence=0.05, min_top1_agreement=0.9, max_perplexity_increase=0.05
-        ),
+        default_factory=default_quality_gate,
         description="Per-slice limits against the baseline (each slice may override).",
     )
     job: CalibrationJob = Field(default_factory=CalibrationJob)

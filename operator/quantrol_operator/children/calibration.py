@@ -12,7 +12,6 @@ from quantrol_worker.contracts import (
     ArtifactConfig,
     CalibrationConfig,
     DataConfig,
-    QualityLimits,
     QuantizationConfig,
     SliceConfig,
 )
@@ -102,12 +101,12 @@ def worker_config(name: str, namespace: str, generation: int, spec: QuantizedMod
                     name=s.name,
                     samples=s.samples,
                     eval_samples=s.eval_samples,
-                    quality_gate=QualityLimits.model_validate(s.quality_gate.to_wire()) if s.quality_gate else None,
+                    quality_gate=s.quality_gate,
                 )
                 for s in data.slices
             ],
         ),
-        quality_gate=QualityLimits.model_validate(spec.quality_gate.to_wire()),
+        quality_gate=spec.quality_gate,
         artifact=ArtifactConfig(
             repository=spec.artifact.repository, insecure=spec.artifact.insecure, tag=f"{name}-g{generation}"[:128]
         ),

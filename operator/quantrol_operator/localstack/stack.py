@@ -1,14 +1,20 @@
-"""The whole local stack in one object: API emulation, Prometheus, OCI registry and the real operator.
+"""The whole local stack in one object: API emulation, Prometheus, OCI registry, the workload runner and the
+real operator.
 
 Used by `quantrol demo` and by tests that need everything at once. Each part is started on 127.0.0.1,
 waited for with a bounded timeout, and stopped in reverse order, even when a later part fails to start.
+
+With an `image_map`, the local workload runner (the kubelet stand-in, runner.py) runs the operator's Jobs and
+Deployments as local processes; the operator then resolves Services through the runner's services.json
+(QUANTROL_LOCAL_SERVICES), queries this Prometheus (QUANTROL_PROMETHEUS_URL), and Prometheus scrapes every
+router the runner serves (scrape.py). Without one, Jobs and Deployments are only objects in the API.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -18,6 +24,9 @@ from quantrol_operator import crdgen
 from quantrol_operator.localstack.kubeapi import KubeAPIServer, OperatorProcess
 from quantrol_operator.localstack.prometheus import PrometheusServer, start_prometheus
 from quantrol_operator.localstack.registry import RegistryServer, start_registry
+from quantrol_operator.localstack.runner import LocalRunner
+from quantrol_operator.localstack.runner_plan import ImageEnv
+from quantrol_operator.localstack.scrape import RouterScrapeSync
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +36,17 @@ class LocalStack:
     workdir: Path
     with_operator: bool = True
     progress: Callable[[str], None] = log.info
+    image_map: Sequence[ImageEnv] | None = None  # None: no runner (Jobs and Deployments stay objects)
+    operator_env: Mapping[str, str] = field(default_factory=dict)  # e.g. QUANTROL_WORKER_IMAGE
+    runner_env: Mapping[str, str] = field(default_factory=dict)  # added to every process the runner starts
+    runner_poll: float = 0.3
     kubeapi: KubeAPIServer | None = field(default=None, init=False)
     kubeconfig: Path | None = field(default=None, init=False)
     prometheus: PrometheusServer | None = field(default=None, init=False)
     registry: RegistryServer | None = field(default=None, init=False)
     operator: OperatorProcess | None = field(default=None, init=False)
+    runner: LocalRunner | None = field(default=None, init=False)
+    scrape: RouterScrapeSync | None = field(default=None, init=False)
     _stops: list[Callable[[], None]] = field(default_factory=list, init=False)
 
     def start(self) -> Self:
@@ -54,8 +69,21 @@ class LocalStack:
             self._stops.append(self.registry.stop)
             progress(f"OCI registry (CNCF distribution) on {self.registry.address}")
 
+            operator_env = {"QUANTROL_PROMETHEUS_URL": self.prometheus.url}
+            if self.image_map is not None:
+                self.runner = LocalRunner(kubeconfig=self.kubeconfig, image_map=self.image_map,
+                                          state_dir=self.workdir / "runner", poll_interval=self.runner_poll,
+                                          extra_env=dict(self.runner_env)).start()
+                self._stops.append(self.runner.stop)
+                operator_env["QUANTROL_LOCAL_SERVICES"] = str(self.runner.services_path)
+                progress(f"local workload runner (kubelet stand-in), pod logs under {self.runner.state_dir}/pods")
+                self.scrape = RouterScrapeSync(kubeconfig=self.kubeconfig, services_path=self.runner.services_path,
+                                               prometheus=self.prometheus).start()
+                self._stops.append(self.scrape.stop)
+
             if self.with_operator:
-                self.operator = OperatorProcess(self.kubeconfig, self.workdir / "operator").start()
+                self.operator = OperatorProcess(self.kubeconfig, self.workdir / "operator",
+                                                env={**operator_env, **self.operator_env}).start()
                 self._stops.append(self.operator.stop)
                 progress(f"operator (kopf run) watching, log {self.operator.log_path}")
         except BaseException:
