@@ -106,7 +106,7 @@ class Rig:
                 for line in text.splitlines() if line.startswith("quantrol_router_weight{")}
 
 
-def _policy(name: str, namespace: str, prometheus_url: str, **analysis: Any) -> dict[str, Any]:
+def _policy(name: str, namespace: str, prometheus_url: str, first_dwell: int = 3, **analysis: Any) -> dict[str, Any]:
     return {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "ServingPolicy",
         "metadata": {"name": name, "namespace": namespace},
@@ -115,7 +115,8 @@ def _policy(name: str, namespace: str, prometheus_url: str, **analysis: Any) -> 
             "routerReplicas": 1,
             "serving": {"batchBudget": {"maxNumSeqs": 8, "maxNumBatchedTokens": 512}},
             "rollout": {"shadow": {"durationSeconds": 3, "mirrorFraction": 0.5},
-                        "canarySteps": [{"weight": 50, "minDwellSeconds": 3}, {"weight": 100, "minDwellSeconds": 2}],
+                        "canarySteps": [{"weight": 50, "minDwellSeconds": first_dwell},
+                                        {"weight": 100, "minDwellSeconds": 2}],
                         "promotionGraceSeconds": 0},
             "analysis": {"prometheus": {"address": prometheus_url}, "intervalSeconds": 1, "windowSeconds": 8,
                          "failureLimit": 2, "successStreak": 2, "minSampleCount": 5, "inconclusiveLimit": 8,
@@ -287,7 +288,9 @@ def test_an_injected_fault_rolls_back_to_stable(rig: Rig, prometheus: Prometheus
     rig.behave("stable", token_latency_s=0.01)
     rig.behave("candidate", token_latency_s=0.01)
     with load(rig):
-        _create(rig, _policy(rig.policy, rig.namespace, prometheus.url, successStreak=3))
+        # The fault lands during the 50% step, which dwells long enough for an 8 s window to see it: at 100%
+        # nothing is left to compare with, so a fault that arrives only then is judged on absolute limits alone.
+        _create(rig, _policy(rig.policy, rig.namespace, prometheus.url, first_dwell=25, successStreak=3))
         rig.wait_phase("Canary", timeout=60)
         rig.behave("candidate", **fault)
         status = rig.wait_phase("RolledBack", "Promoted", "Paused", timeout=60)
