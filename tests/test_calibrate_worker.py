@@ -377,3 +377,36 @@ def _layer_digest(url: str, ref: str, title: str) -> str:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-v"]))
+
+
+@pytest.mark.calibrate
+def test_w4a8_is_served_on_cpu_and_qualified(tiny: dict[str, Any], tmp_path: Path) -> None:
+    rc, term, report = run_worker(tmp_path, tiny,
+                                  quantization={"scheme": "W4A8", "method": "rtn", "target": "cpu-x86"})
+    assert rc == 0 and term["phase"] == "Ready", term
+    assert report["kernelCheck"]["verdict"] in ("native", "fallback")
+    assert {q["slice"] for q in report["quality"]} == {s["name"] for s in SLICES}
+
+
+@pytest.mark.calibrate
+def test_a_rejected_calibration_still_publishes_its_evidence(
+    request: pytest.FixtureRequest, tiny: dict[str, Any], tmp_path: Path
+) -> None:
+    try:
+        registry = request.getfixturevalue("oci_registry")
+    except pytest.FixtureLookupError:
+        pytest.skip("the oci_registry fixture (tests/plugins/servers.py) is not available")
+    impossible = {"minTop1Agreement": 1.0, "maxMeanKlDivergence": 0.0}  # no 4-bit model meets these
+    rc, term, _report = run_worker(
+        tmp_path, tiny, quantization={"scheme": "W4A16", "method": "rtn", "target": "cpu-x86"},
+        qualityGate=impossible, artifact={"repository": f"{registry.address}/models/tiny-w4a16", "insecure": True},
+    )
+    assert rc == 0 and term["phase"] == "Rejected" and term["reason"] == "QualityGateFailed", term
+    assert "artifactRef" not in term  # nothing servable was published
+    ref = term["reportRef"]
+    assert ref.startswith(f"{registry.address}/models/tiny-w4a16@sha256:"), term
+    proc = calib("-m", "quantrol_worker.calibrate", "pull", ref, "--out", str(tmp_path / "evidence"), "--insecure")
+    assert _last_json(proc.stdout)["ok"]
+    evidence = json.loads((tmp_path / "evidence" / c.REPORT_FILE).read_text())
+    assert evidence["phase"] == "Rejected" and all(q["passed"] is False for q in evidence["quality"])
+    assert not (tmp_path / "evidence" / "model.safetensors").exists()
