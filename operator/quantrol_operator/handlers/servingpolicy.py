@@ -193,8 +193,15 @@ def serving_policy_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> No
         return
     namespace, policy, uid = body.meta.namespace, body.meta.name, body.meta.uid
     assert namespace is not None and uid is not None
-    for api_version, kind in (("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "ConfigMap"), ("v1", "Secret")):
-        for child in kube().list_owned(api_version, kind, namespace, uid, f"{LABEL_POLICY}={policy}"):
-            kube().patch(api_version, kind, namespace, child["metadata"]["name"], {"metadata": {
-                "ownerReferences": [r for r in child["metadata"]["ownerReferences"] if r.get("uid") != uid]}})
+    children = [(api_version, kind, c) for api_version, kind in (("apps/v1", "Deployment"), ("v1", "Service"),
+                                                                 ("v1", "ConfigMap"))
+                for c in kube().list_owned(api_version, kind, namespace, uid, f"{LABEL_POLICY}={policy}")]
+    # Secrets are read by name only: the operator holds no right to list them (or read others by enumeration).
+    secret = kube().get("v1", "Secret", namespace, router.admin_secret_name(policy))
+    if secret is not None:
+        children.append(("v1", "Secret", secret))
+    for api_version, kind, child in children:
+        refs = child["metadata"].get("ownerReferences") or []
+        kube().patch(api_version, kind, namespace, child["metadata"]["name"],
+                     {"metadata": {"ownerReferences": [r for r in refs if r.get("uid") != uid]}})
     logger.info("deletionPolicy Orphan: %s/%s removed, its arms and router keep serving", namespace, policy)

@@ -125,7 +125,11 @@ def plan(observed: SpObserved, images: tuple[str, str]) -> SpPlan:
     index: int | None = status.get("step")
     desired, why_not, refused = _desired_candidate(observed, spec)
     pinned: str | None = status.get("candidateArtifact")
-    if pinned is None and desired is not None and desired != stable:
+    if desired is not None and desired != stable and pinned != desired and (pinned is None or phase is P.PENDING):
+        # Nothing serves the old pin yet: re-pin without a transition (its arm is withdrawn below).
+        if pinned is not None:
+            result.events.append(Event("Normal", Reason.NEW_CANDIDATE.value,
+                                       f"candidate changed before it took traffic: now {serving.short_digest(desired)}"))
         pinned = desired
     handled = dict(status.get("handledAnnotations") or {})
     annotations = meta.get("annotations") or {}
