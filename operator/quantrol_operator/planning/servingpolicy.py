@@ -128,8 +128,8 @@ def plan(observed: SpObserved, images: tuple[str, str]) -> SpPlan:
     if desired is not None and desired != stable and pinned != desired and (pinned is None or phase is P.PENDING):
         # Nothing serves the old pin yet: re-pin without a transition (its arm is withdrawn below).
         if pinned is not None:
-            result.events.append(Event("Normal", Reason.NEW_CANDIDATE.value,
-                                       f"candidate changed before it took traffic: now {serving.short_digest(desired)}"))
+            message = f"candidate changed before it took traffic: now {serving.short_digest(desired)}"
+            result.events.append(Event("Normal", Reason.NEW_CANDIDATE.value, message))
         pinned = desired
     handled = dict(status.get("handledAnnotations") or {})
     annotations = meta.get("annotations") or {}
