@@ -21,7 +21,7 @@ from quantrol_operator.children.serving import LABEL_POLICY
 from quantrol_operator.handlers.common import DEFAULTS, Events, handle, kube
 from quantrol_operator.planning.servingpolicy import SpObserved, Window, plan
 from quantrol_operator.rollout.analysis import judge
-from quantrol_operator.rollout.queries import PrometheusSource, Scope, collect
+from quantrol_operator.rollout.queries import PrometheusSource, QueryError, Scope, collect
 from quantrol_worker.localservices import service_url
 
 HTTP_TIMEOUT = 3.0
@@ -119,6 +119,35 @@ def _push(namespace: str, policy: str, config: str, token: str) -> int | None:
     return int(version) if isinstance(version, int) else None
 
 
+def _sync_routers(status: dict[str, Any], children: list[dict[str, Any]], spec: ServingPolicySpec | None,
+                  namespace: str, policy: str, token: str) -> None:
+    """Push the router config until every router confirms it; the ConfigMap stays the durable copy.
+
+    A push goes through the router Service, so one replica answers it; with several replicas the confirmation
+    is the lowest `quantrol_router_config_version` Prometheus scraped from them, and pushes repeat until that
+    reaches the version written to status. Once confirmed, nothing is pushed or queried again.
+    """
+    state = status.setdefault("router", {})
+    desired = int(state.get("version", 0))
+    if spec is None or state.get("appliedVersion") == desired:
+        return
+    document = next((c["data"][router.CONFIG_FILE] for c in children
+                     if c["kind"] == "ConfigMap" and c["metadata"]["name"] == router.router_name(policy)), None)
+    if document is None:
+        return
+    confirmed = _push(namespace, policy, document, token)
+    if spec.router_replicas > 1:
+        address = spec.analysis.prometheus.address if spec.analysis.prometheus else DEFAULTS.prometheus_url
+        try:
+            lowest = PrometheusSource(address).scalar(
+                f'min(quantrol_router_config_version{{namespace="{namespace}",policy="{policy}"}})')
+        except QueryError:
+            lowest = None
+        confirmed = int(lowest) if lowest is not None else None
+    if confirmed is not None:
+        state["appliedVersion"] = confirmed
+
+
 def _reconcile(obj: dict[str, Any]) -> Events:
     meta = obj["metadata"]
     namespace, policy = meta["namespace"], meta["name"]
@@ -146,10 +175,7 @@ def _reconcile(obj: dict[str, Any]) -> Events:
         k.apply(child)
     for ref in result.delete:
         k.delete(ref)
-    if result.router_config is not None:
-        applied = _push(namespace, policy, result.router_config, token)
-        if applied is not None:
-            result.status.setdefault("router", {})["appliedVersion"] = applied
+    _sync_routers(result.status, result.apply, spec, namespace, policy, token)
     k.patch_status(obj, result.status)
     _export(obj, result.status, window, result.rollback)
     return [(e.type, e.reason, e.message) for e in result.events]
