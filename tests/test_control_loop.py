@@ -136,6 +136,14 @@ def _policy(name: str, namespace: str, prometheus_url: str, first_dwell: int = 3
 @pytest.fixture
 def rig(kubeapi: KubeAPIServer, kubeconfig: Path, kube_client: kubernetes.client.ApiClient, namespace: str,
         prometheus: PrometheusServer, tmp_path: Path) -> Iterator[Rig]:
+    with open_rig(kubeapi, kubeconfig, kube_client, namespace, prometheus, tmp_path) as opened:
+        yield opened
+
+
+@contextlib.contextmanager
+def open_rig(kubeapi: KubeAPIServer, kubeconfig: Path, kube_client: kubernetes.client.ApiClient, namespace: str,
+             prometheus: PrometheusServer, tmp_path: Path) -> Iterator[Rig]:
+    """Stand-ins, router, kernel endpoint, services map, scrape target and operator for one policy (also bench/)."""
     policy = "tiny"
     rig = Rig(namespace, policy, kubernetes.client.CustomObjectsApi(kube_client),
               kubernetes.client.AppsV1Api(kube_client))
