@@ -111,7 +111,8 @@ class Served:
             [SERVE_PYTHON, "-m", "quantrol_worker.cli", "serve", "--target", "cpu-x86", "--scheme", scheme,
              "--status-host", "127.0.0.1", "--status-port", str(self.status_port),
              "--termination-log", str(self.termination), "--",
-             "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port), "--enforce-eager",
+             "--model", str(model), "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(self.port),
+             "--enforce-eager",
              "--max-model-len", "256", "--max-num-seqs", "4"],
             stdout=self._log, stderr=subprocess.STDOUT, env=_env(tmp),
         )
@@ -211,6 +212,57 @@ def test_bf16_baseline_is_native_dense(engines: dict[str, Served]) -> None:
     status = engines["bf16"].kernels()
     assert (status["scheme"], status["verdict"], status["family"], status["kernels"]) == (
         "unquantized", "native", "dense", [])
+
+
+def test_router_in_front_of_real_engines_mirrors_and_compares(engines: dict[str, Served], tmp_path: Path) -> None:
+    """The router over real HTTP against two real vLLM CPU servers: bf16 stable, W8A8 candidate, everything mirrored.
+
+    Checks what only real engines can tell: vLLM's token ids and prompt log-probabilities have the shapes the
+    router's comparison and teacher-forced probe expect.
+    """
+    port = _free_port()
+    config = {"version": 1, "mirror_fraction": 1.0, "arms": {
+        "stable": {"url": f"http://127.0.0.1:{engines['bf16'].port}", "weight": 100},
+        "candidate": {"url": f"http://127.0.0.1:{engines['W8A8'].port}", "weight": 0}}}
+    (tmp_path / "router.json").write_text(json.dumps(config))
+    router = subprocess.Popen([sys.executable, "-m", "quantrol_worker.cli", "route", "--config",
+                               str(tmp_path / "router.json"), "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=(tmp_path / "router.log").open("wb"), stderr=subprocess.STDOUT,
+                              env={**os.environ, "NO_PROXY": "127.0.0.1,localhost"})
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.2)
+        for i in range(4):
+            body = json.dumps({"model": "tiny", "prompt": f"The licence {i}", "max_tokens": 6,
+                               "temperature": 0}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                answer = json.loads(r.read())
+            # vLLM always has the field (null unless asked); the router asked for ids on mirrored requests and
+            # must hand the client exactly what it would have got directly.
+            assert answer["choices"][0]["text"] and answer["choices"][0].get("token_ids") is None
+        metrics = ""
+        deadline = time.monotonic() + 120  # mirrors and probes run after the client got its answer
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                metrics = r.read().decode()
+            compared = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                           if line.startswith("quantrol_router_compared_total{")
+                           and ('result="identical"' in line or 'result="diverged"' in line))
+            probed = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                         if line.startswith("quantrol_router_probe_tokens_total{"))
+            if compared >= 4 and probed > 0:
+                break
+            time.sleep(1)
+        assert compared >= 4 and probed > 0, (tmp_path / "router.log").read_text()[-3000:] + metrics[-3000:]
+    finally:
+        router.terminate()
+        router.wait(30)
 
 
 def test_sigterm_is_forwarded_and_vllm_stops(engines: dict[str, Served]) -> None:
