@@ -49,6 +49,40 @@ def test_a_failing_part_stops_the_parts_already_started(tmp_path: Path, monkeypa
     assert not port_is_open(stack.kubeapi.port) and not port_is_open(stack.prometheus.port)
 
 
+def test_stack_with_runner_runs_workloads_and_scrapes_routers(tmp_path: Path) -> None:
+    """With an image map, the runner runs pods, and every ready router Service becomes a Prometheus target with
+    the namespace/policy labels the analysis selects on."""
+    import json
+
+    import kubernetes
+
+    from quantrol_operator.localstack.runner_plan import ImageEnv
+    from quantrol_operator.localstack.scrape import router_targets
+
+    stack = LocalStack(tmp_path, with_operator=False,
+                       image_map=[ImageEnv("quantrol-test/*", Path(sys.executable).parent)]).start()
+    try:
+        assert stack.runner is not None and stack.scrape is not None and stack.kubeconfig is not None
+        assert stack.runner.services_path.is_file()
+        api = kubernetes.config.new_client_from_config(config_file=str(stack.kubeconfig))
+        core = kubernetes.client.CoreV1Api(api)
+        core.create_namespace({"metadata": {"name": "demo"}})
+        labels = {"quantrol.io/servingpolicy": "tiny", "app.kubernetes.io/component": "router"}
+        core.create_namespaced_service("demo", {"metadata": {"name": "tiny", "labels": labels},
+                                                "spec": {"selector": labels, "ports": [{"port": 8080}]}})
+        listed = [api.sanitize_for_serialization(s) for s in core.list_service_for_all_namespaces().items]
+        groups = router_targets({"demo/tiny": {"host": "127.0.0.1", "ports": {"8080": 4242}}}, listed)
+        assert [g.as_json() for g in groups] == [{"targets": ["127.0.0.1:4242"],
+                                                  "labels": {"namespace": "demo", "policy": "tiny"}}]
+        assert router_targets({"demo/tiny": {"host": "127.0.0.1", "ports": {}}}, listed) == []  # not ready yet
+        api.close()
+        ports = [stack.kubeapi.port, stack.prometheus.port, stack.registry.port]  # type: ignore[union-attr]
+    finally:
+        stack.stop()
+    assert not any(map(port_is_open, ports))
+    assert json.loads((tmp_path / "prometheus" / "file_sd" / "targets.json").read_text()) == []
+
+
 def test_demo_command_runs_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = subprocess.run(
@@ -59,3 +93,16 @@ def test_demo_command_runs_end_to_end(tmp_path: Path) -> None:
     assert (out / "stack.json").is_file()
     assert "the operator has seen it" in result.stdout  # the operator really reconciled the applied objects
     assert "spec.rollout.canarySteps" in result.stdout  # the broken spec was refused naming the field
+
+
+def test_demo_without_the_worker_environments_says_what_to_do(tmp_path: Path) -> None:
+    """The full demo is tests/test_demo.py (it needs the calibrate and serve environments); without them the
+    command stops at once, says which variables to set, and starts nothing."""
+    env = {k: v for k, v in os.environ.items() if k not in ("QUANTROL_CALIBRATE_PYTHON", "QUANTROL_SERVE_PYTHON")}
+    result = subprocess.run(
+        [sys.executable, "-m", "quantrol_operator.cli", "demo", "--local", "--story", "--output",
+         str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=60, check=False, env=env,
+    )
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "QUANTROL_CALIBRATE_PYTHON" in result.stdout

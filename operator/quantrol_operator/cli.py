@@ -45,6 +45,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.story:
+        from quantrol_operator.demo_story import run_demo as run_story
+
+        return run_story(Path(args.output))
     from quantrol_operator.demo import run_demo  # starts servers; imported only when asked for
 
     return run_demo(Path(args.output))
@@ -94,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the local end-to-end job on the embedded stack (no cluster needed)")
     demo.add_argument("--local", action="store_true", help="use the embedded stack (the only mode so far)")
     demo.add_argument("--output", default="out/demo", help="where the report and figures go")
+    demo.add_argument("--story", action="store_true",
+                      help="the full story with real calibration and vLLM arms (work in progress, issue #8)")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

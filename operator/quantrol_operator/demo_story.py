@@ -1,0 +1,787 @@
+"""`quantrol demo --local --story`: the whole mission on a laptop, for real, with no cluster and no GPU.
+
+Work in progress (issue #8): the full story runs end to end when the machine is quiet, but vLLM's CPU build has
+been seen to stall for 40–60 s under mirrored plus probe traffic on a shared 2-core machine, and the SLOs then
+(rightly) roll W8A8 back. Until that is tamed, `quantrol demo --local` runs the foundation-stage check
+(demo.py) and this story is opt-in.
+
+What runs (nothing is faked for the story; ARCHITECTURE.md says what each local part stands for):
+
+1. The local stack: the Kubernetes API emulation, Prometheus, an OCI registry, the local workload runner (the
+   kubelet stand-in that runs the operator's Jobs and Deployments as processes) and the operator (`kopf run`).
+2. A tiny Llama-architecture model and tokenizer, trained briefly on local text (cached), with calibration data in
+   two slices (prose, code). The bf16 checkpoint is pushed to the registry and pinned by digest: the baseline.
+3. Three QuantizedModels on target cpu-x86 — W8A8, FP8_DYNAMIC, W8A16 — calibrated by real llm-compressor Jobs;
+   W8A16 is refused by the kernel pre-check (vLLM's CPU build has no kernel for it).
+4. One ServingPolicy (kernelPolicy `warn`), and a bounded load generator against its router. Its candidate is
+   edited as a user would in git: W8A8 (shadowed, canaried, promoted: it becomes the stable arm), then
+   FP8_DYNAMIC (passes the quality gate, but really runs ≈1.8 s per token on this CPU: the latency SLO rolls it
+   back), then W8A16 (refused as KernelUnavailable before it takes traffic; a retry annotation goes with the
+   edit, because a refused QuantizedModel has no digest and a rolled-back policy only restarts on a new digest
+   or a retry).
+   Each candidate's rollout is held (the `quantrol.io/paused` annotation) until the demo has warmed its engine up
+   with one request of each kind the router sends, straight to the engine: vLLM's CPU build compiles kernels
+   (torch inductor, g++) at the first request that needs them — minutes on 2 busy cores the first time, cached
+   in the cache dir afterwards — and a rollout judged during that compile would judge the compiler.
+5. A report in the output directory: report.md / report.json (artifact digests, quality per slice, every
+   analysis verdict, the rollback record) and chart.png (candidate weight, TTFT p99 per arm, quality delta).
+
+Ctrl-C or any failure stops every process the demo started (the stack stops its parts in reverse order); the
+stack's logs stay under OUTPUT/stack. Caches (the tiny model, vLLM's and torch inductor's compiled kernels) live in
+~/.cache/quantrol, or $QUANTROL_CACHE_DIR, so a second run starts at the stack with warm kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+import yaml
+
+from quantrol_operator.api.common import GROUP, VERSION
+from quantrol_operator.children.router import ROUTER_PORT
+from quantrol_operator.children.serving import ENGINE_PORT, arm_name
+from quantrol_operator.localstack.procs import free_port
+from quantrol_operator.localstack.runner_plan import ImageEnv
+from quantrol_operator.localstack.stack import LocalStack
+from quantrol_operator.statusview import render_quantizedmodel, render_servingpolicy
+
+NAMESPACE = "quantrol-demo"
+POLICY = "tiny"
+WORKER_IMAGE = "quantrol/worker:demo"  # -> the calibrate environment
+SERVING_IMAGE = "quantrol/vllm-cpu:demo"  # -> the serve environment (vLLM's CPU build), counted against the cap
+ROUTER_IMAGE = "quantrol/router:demo"  # -> this (dev) environment: the router is not an engine
+CANDIDATES = (("tiny-w8a8", "W8A8"), ("tiny-fp8-dynamic", "FP8_DYNAMIC"), ("tiny-w8a16", "W8A16"))
+LATENCY_SLOS = ("ttftP99", "interTokenLatencyP99")
+PAUSED = "quantrol.io/paused"  # held while the demo warms a new candidate engine up (see hold_and_warm)
+_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 never goes through a proxy
+_T0 = time.monotonic()
+
+
+class DemoError(RuntimeError):
+    """The demo cannot go on; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    output: Path
+    cache_dir: Path = field(default_factory=lambda: Path(
+        os.environ.get("QUANTROL_CACHE_DIR") or Path.home() / ".cache" / "quantrol"))
+    kernel_policy: str = "warn"  # `enforce` refuses FP8_DYNAMIC as KernelFallback before it takes traffic
+    shadow_seconds: int = 16
+    canary: tuple[tuple[int, int], ...] = ((50, 12), (100, 8))  # (weight %, minimum dwell s)
+    load_workers: int = 2
+    max_tokens: int = 4
+    phase_timeout: float = 420.0
+    quiet: bool = False
+
+
+def _say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} +{time.monotonic() - _T0:5.0f}s] {message}", flush=True)
+
+
+def _interpreters() -> tuple[Path, Path]:
+    calibrate, serve = os.environ.get("QUANTROL_CALIBRATE_PYTHON"), os.environ.get("QUANTROL_SERVE_PYTHON")
+    if not (calibrate and serve):
+        raise DemoError("QUANTROL_CALIBRATE_PYTHON and QUANTROL_SERVE_PYTHON must name the calibrate and serve "
+                        "environments' python (their pins conflict, ARCHITECTURE.md); run `bash .ci/demo`, or "
+                        "`bash .ci/setup && . .venvs/env.sh` first")
+    return Path(calibrate), Path(serve)
+
+
+def _worker_env() -> dict[str, str]:
+    return {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+            "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+
+
+def build_tiny_model(calibrate_python: Path, cache: Path) -> dict[str, Any]:
+    """The tiny model and its two-slice calibration JSONL, built once and reused from `cache` afterwards."""
+    cache.mkdir(parents=True, exist_ok=True)
+    command = [str(calibrate_python), "-m", "quantrol_worker.tinymodel", "--out", str(cache)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **_worker_env()})
+    lines: list[str] = []
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if line.startswith("tinymodel:"):
+                _say("  " + line.strip())
+        code = proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if code != 0:
+        raise DemoError("building the tiny model failed:\n" + "\n".join(lines[-30:]))
+    info: dict[str, Any] = json.loads(lines[-1])
+    return info
+
+
+def serving_image_bin(serve_python: Path, cache: Path) -> Path:
+    """The serving image's entrypoint on this machine: the serve environment's quantrol-worker, with vLLM's CPU
+    build in eager mode (`--enforce-eager`, as a CPU image would bake in; the ServingPolicy has no engine-flags
+    field). Everything else is the serve environment's own."""
+    bin_dir = cache / "images" / "vllm-cpu" / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    worker = serve_python.parent / "quantrol-worker"
+    script = bin_dir / "quantrol-worker"
+    script.write_text(
+        "#!/bin/sh\n# quantrol demo: the local stand-in of the CPU serving image's entrypoint\n"
+        f'if [ "$1" = serve ]; then exec "{worker}" "$@" --enforce-eager; fi\n'
+        f'exec "{worker}" "$@"\n'
+    )
+    script.chmod(0o755)
+    return bin_dir
+
+
+def image_map(calibrate_python: Path, serve_python: Path, cache: Path, short_tmp: Path) -> list[ImageEnv]:
+    """`short_tmp`: vLLM binds ZeroMQ IPC sockets under $TMPDIR, and a socket path must stay under 108 bytes;
+    the runner's per-pod TMPDIR (under the output dir) can be longer, so engines get a short one of their own."""
+    return [
+        ImageEnv("quantrol/worker*", calibrate_python.parent, env=_worker_env()),
+        ImageEnv("quantrol/vllm-cpu*", serving_image_bin(serve_python, cache), serving=True,
+                 env={**_worker_env(), "VLLM_CACHE_ROOT": str(cache / "vllm"), "VLLM_CPU_KVCACHE_SPACE": "1",
+                      "TMPDIR": str(short_tmp), "TORCHINDUCTOR_CACHE_DIR": str(cache / "torchinductor")}),
+        ImageEnv("quantrol/router*", Path(sys.executable).parent, env=_worker_env()),
+    ]
+
+
+def push_baseline(registry: str, model_dir: Path) -> str:
+    """Publish the bf16 checkpoint as the baseline artifact; returns `oci://…@sha256:…`."""
+    from quantrol_worker.calibrate.oci import push
+
+    ref = push(model_dir, f"{registry}/models/tiny-bf16", insecure=True, tag="bf16",
+               annotations={"org.opencontainers.image.title": "tiny-llama bf16 baseline"})
+    return f"oci://{ref}"
+
+
+# --- the YAML a user would apply ------------------------------------------------------------------------------
+
+
+def quantized_model(name: str, scheme: str, info: dict[str, Any], registry: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "QuantizedModel",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {
+            "baseModel": {"uri": f"file://{info['model_dir']}"},
+            "quantization": {"scheme": scheme, "method": "rtn", "target": "cpu-x86", "ignore": ["lm_head"]},
+            "calibration": {"uri": f"file://{info['calibration_jsonl']}", "maxSequenceLength": 96,
+                            "slices": [{"name": "prose", "samples": 8, "evalSamples": 12},
+                                       {"name": "code", "samples": 8, "evalSamples": 12}]},
+            "qualityGate": {"maxMeanKlDivergence": 0.05, "minTop1Agreement": 0.85, "maxPerplexityIncrease": 0.1},
+            "job": {"gpus": 0, "activeDeadlineSeconds": 900},
+            "artifact": {"repository": f"{registry}/models/{name}", "insecure": True},
+        },
+    }
+
+
+def serving_policy(baseline: str, candidate: str, settings: DemoSettings, prometheus_url: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "ServingPolicy",
+        # Held until the demo has warmed the candidate's engine (hold_and_warm); a user would not need this.
+        "metadata": {"name": POLICY, "namespace": NAMESPACE, "annotations": {PAUSED: "true"}},
+        "spec": {
+            "baseline": {"artifact": baseline},
+            "candidate": {"quantizedModelRef": {"name": candidate}},
+            "kernelPolicy": settings.kernel_policy,
+            "serving": {"replicas": 1, "target": "cpu-x86", "maxModelLen": 256,
+                        "batchBudget": {"maxNumSeqs": 4, "maxNumBatchedTokens": 512},
+                        "admission": {"maxInFlight": 16, "maxQueue": 32, "maxQueueWaitSeconds": 30}},
+            "routerReplicas": 1,
+            "rollout": {"shadow": {"durationSeconds": settings.shadow_seconds, "mirrorFraction": 0.5},
+                        "canarySteps": [{"weight": w, "minDwellSeconds": d} for w, d in settings.canary],
+                        "promotionGraceSeconds": 0},
+            # A p99 over a few requests is one slow request (a fresh engine's first ones are): the failure limit
+            # spans well over a window, so one burst of outliers never rolls back; an always slow candidate does.
+            "analysis": {"prometheus": {"address": prometheus_url}, "intervalSeconds": 4, "windowSeconds": 15,
+                         "failureLimit": 6, "successStreak": 2, "minSampleCount": 3, "inconclusiveLimit": 60,
+                         "errorLimit": 15},
+            # Absolute limits only, and generous ones: on 2 shared cores both arms' latencies swing several-fold
+            # with the load (a ratio to the stable arm's p99 over a handful of requests is mostly noise), while
+            # FP8_DYNAMIC's ≈1.8 s per output token breaks the inter-token limit whatever the load.
+            "slos": {"ttftP99": {"max": 5.0}, "interTokenLatencyP99": {"max": 1.2}, "errorRate": {"max": 0.05},
+                     "queueTimeP99": {"max": 5.0}, "qualityDelta": {"max": 0.5}, "agreement": {"min": 0.5},
+                     "goodput": {"minRelativeToStable": 0.2}},
+        },
+    }
+
+
+# --- talking to the (emulated) API ------------------------------------------------------------------------------
+
+
+class Api:
+    def __init__(self, kubeconfig: Path) -> None:
+        from kubernetes import client, config
+
+        self._client = config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
+        self.custom = client.CustomObjectsApi(self._client)
+        self.core = client.CoreV1Api(self._client)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def ensure_namespace(self, name: str) -> None:
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+
+    def create(self, obj: dict[str, Any]) -> None:
+        plural = {"QuantizedModel": "quantizedmodels", "ServingPolicy": "servingpolicies"}[obj["kind"]]
+        self.custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, plural, obj)
+
+    def get(self, plural: str, name: str) -> dict[str, Any]:
+        return cast(dict[str, Any], self.custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, plural, name))
+
+    def patch_policy(self, patch: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "servingpolicies", POLICY, patch)
+
+
+def _print_yaml(obj: dict[str, Any]) -> None:
+    print("---\n" + yaml.safe_dump(obj, sort_keys=False), end="", flush=True)
+
+
+# --- what runs alongside: pod-log progress, the load generator, the status recorder ---------------------------
+
+
+class PodLogs(threading.Thread):
+    """Prints the long steps' progress from the pods' logs: calibration stages and layers, vLLM start-up."""
+
+    KEEP = ("Application startup complete", "verdict", "Failed to find a kernel", "KernelUnavailable",
+            "files verified", "Loading weights took", "Starting vLLM", "Traceback", "Error")
+    PREFIX = re.compile(r"^(?:\S+ \S+ \w+ [\w.]+: |\(\w+ pid=\d+\) |INFO \S+ \S+ \[[^]]*\] )+")
+
+    def __init__(self, pods_dir: Path) -> None:
+        super().__init__(name="demo-pod-logs", daemon=True)
+        self.pods_dir = pods_dir
+        self.offsets: dict[Path, int] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(1.0):
+            with contextlib.suppress(OSError):
+                for path in sorted(self.pods_dir.glob(f"{NAMESPACE}/*/*.log")):
+                    self._follow(path)
+
+    def _follow(self, path: Path) -> None:
+        with path.open("rb") as handle:
+            handle.seek(self.offsets.get(path, 0))
+            data = handle.read()
+        cut = data.rfind(b"\n") + 1
+        self.offsets[path] = self.offsets.get(path, 0) + cut
+        pod = path.parent.name
+        for raw in data[:cut].decode(errors="replace").splitlines():
+            line = self._interesting(raw)
+            if line:
+                _say(f"  [{pod}/{path.stem}] {line}")
+
+    def _interesting(self, line: str) -> str | None:
+        if "ulimit" in line or '" 500 ' in line:
+            return None
+        if line.startswith("quantrol {"):  # the calibration worker's progress: one JSON object per line
+            with contextlib.suppress(ValueError):
+                p = json.loads(line.removeprefix("quantrol "))
+                if p.get("i") is not None and p["i"] != p.get("n") and p["i"] % 4:
+                    return None  # every fourth item of a long step is progress enough
+                where = f" {p['i']}/{p['n']}" if p.get("i") is not None else ""
+                return f"{p.get('stage')}: {p.get('msg')}{where} ({p.get('elapsed', 0):.0f}s)"
+        if any(k in line for k in self.KEEP):
+            text = self.PREFIX.sub("", line.strip())
+            return text if len(text) <= 200 else text[:197] + "…"
+        return None
+
+
+class LoadGenerator:
+    """A bounded load: `workers` clients, one request in flight each, against the router Service."""
+
+    PROMPTS = ("The licence grants", "def parse(self, text):", "Permission is hereby granted", "import os\nimport",
+               "You may not use this file except", "for i in range(")
+
+    def __init__(self, services_path: Path, workers: int, max_tokens: int, stable_service: str) -> None:
+        self.services_path = services_path
+        self.stable_service = stable_service  # no load before the stable arm answers: errors of start-up are noise
+        self.workers = workers
+        self.max_tokens = max_tokens
+        self.stop = threading.Event()
+        self.ok = 0
+        self.failed = 0
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def _router_url(self) -> str | None:
+        with contextlib.suppress(OSError, ValueError):
+            services = json.loads(self.services_path.read_text())
+            entry = services.get(f"{NAMESPACE}/{POLICY}") or {}
+            port = (entry.get("ports") or {}).get(str(ROUTER_PORT))
+            started = self.ok > 0  # after the first answer, the router alone decides (the baseline may be gone)
+            if port and (started or (services.get(f"{NAMESPACE}/{self.stable_service}") or {}).get("ports")):
+                return f"http://127.0.0.1:{port}"
+        return None
+
+    def start(self) -> LoadGenerator:
+        for i in range(self.workers):
+            thread = threading.Thread(target=self._loop, args=(i,), name=f"demo-load-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def close(self) -> None:
+        self.stop.set()
+        for thread in self._threads:
+            thread.join(timeout=70)
+
+    def _loop(self, worker: int) -> None:
+        n = worker
+        while not self.stop.is_set():
+            url = self._router_url()
+            if url is None:
+                self.stop.wait(1.0)
+                continue
+            body = json.dumps({"model": POLICY, "prompt": self.PROMPTS[n % len(self.PROMPTS)],
+                               "max_tokens": self.max_tokens, "temperature": 0, "stream": True}).encode()
+            n += self.workers
+            request = urllib.request.Request(f"{url}/v1/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with _HTTP.open(request, timeout=60) as rsp:
+                    rsp.read()
+                with self._lock:
+                    self.ok += 1
+            except (OSError, urllib.error.HTTPError):
+                with self._lock:
+                    self.failed += 1
+                self.stop.wait(0.5)  # the router is not ready yet, or refused: do not spin
+            self.stop.wait(0.1)
+
+
+def warm_arm(services_path: Path, artifact: str, timeout: float) -> float:
+    """Send one request of each kind the router will send (a streamed completion with token ids, a teacher-forced
+    probe with prompt_logprobs, then both at once) straight to the arm's engine, outside the router so that no
+    metric sees them. A fresh vLLM CPU engine answers its first requests of a kind tens of seconds late; a
+    rollout judged on those would judge the warm-up. Returns the seconds it took."""
+    began = time.monotonic()
+    service = f"{NAMESPACE}/{arm_name(POLICY, artifact)}"
+    url: list[str] = []
+
+    def ready() -> bool:
+        with contextlib.suppress(OSError, ValueError):
+            port = ((json.loads(services_path.read_text()).get(service) or {}).get("ports") or {}).get(
+                str(ENGINE_PORT))
+            if port:
+                url.append(f"http://127.0.0.1:{port}/v1/completions")
+                return True
+        return False
+
+    _wait(f"the arm {service} to be ready", ready, timeout)
+    # Prompt lengths and batch sizes vary: CPU kernels are built per shape (oneDNN primitives, inductor graphs).
+    words = ["the", "licence", "grants", "permission", "to", "use", "copy", "modify", "merge", "publish", "and",
+             "distribute", "the", "software"]
+    bodies: list[dict[str, Any]] = []
+    for n in (1, 3, 6, 10, 15, 22, 30):
+        prompt = " ".join(words[i % len(words)] for i in range(n))
+        bodies.append({"model": POLICY, "prompt": prompt, "max_tokens": 4, "temperature": 0, "stream": True,
+                       "return_token_ids": True})
+        # The router's teacher-forced probe sends token ids, not text (protocol.probe_body).
+        bodies.append({"model": POLICY, "prompt": [(17 * i + 5) % 1000 + 10 for i in range(n + 4)], "max_tokens": 1,
+                       "temperature": 0, "prompt_logprobs": 0})
+
+    def send(body: dict[str, Any]) -> None:
+        request = urllib.request.Request(url[0], data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with _HTTP.open(request, timeout=timeout) as rsp:
+            rsp.read()
+
+    for body in bodies[:2]:  # the first of each kind alone: it may compile for minutes the very first time
+        send(body)
+    for batch in (bodies[2:6], bodies[6:10], bodies[10:]):  # then side by side, as traffic will come
+        threads = [threading.Thread(target=send, args=(b,), daemon=True) for b in batch]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout)
+    return time.monotonic() - began
+
+
+def hold_and_warm(api: Api, services_path: Path, artifacts: list[str], timeout: float) -> None:
+    """The rollout is held (quantrol.io/paused) until the engines of `artifacts` are warm (side by side), then
+    released."""
+    began = time.monotonic()
+    failures: list[BaseException] = []
+
+    def warm(artifact: str) -> None:
+        try:
+            seconds = warm_arm(services_path, artifact, timeout)
+            _say(f"engine {arm_name(POLICY, artifact)} warm after {seconds:.0f}s (requests straight to the engine, "
+                 "unseen by the metrics)")
+        except BaseException as exc:  # reported below, in the demo's thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=warm, args=(a,), daemon=True) for a in artifacts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout + 30)
+    if failures or any(t.is_alive() for t in threads):
+        raise DemoError(f"warming the engines up failed: {failures or 'timed out'}")
+    _say(f"engines warm in {time.monotonic() - began:.0f}s; releasing the hold")
+    api.patch_policy({"metadata": {"annotations": {PAUSED: None}}})
+
+
+@dataclass
+class Snapshot:
+    t: float  # seconds since the policy was applied
+    candidate: str
+    phase: str
+    weight: int
+    mirror: float
+    ttft: dict[str, float | None]
+    quality_delta: float | None
+
+
+class Recorder(threading.Thread):
+    """Polls the policy's status every second: one line per transition, and the series behind the chart."""
+
+    def __init__(self, api: Api, started: float) -> None:
+        super().__init__(name="demo-recorder", daemon=True)
+        self.api = api
+        self.started = started
+        self.stop = threading.Event()
+        self.candidate = ""
+        self.series: list[Snapshot] = []
+        self.analyses: list[dict[str, Any]] = []  # every distinct lastAnalysis, tagged with the candidate
+        self.status: dict[str, Any] = {}
+        self._seen_history = 0
+        self._last_analysis_time: str | None = None
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        while not self.stop.wait(1.0):
+            with contextlib.suppress(Exception):
+                self.observe()
+
+    def dump(self, path: Path) -> None:
+        """What was seen so far (also after a failure): the status, every analysis, the series."""
+        with self.lock:
+            data = {"status": self.status, "analyses": self.analyses, "series": [s.__dict__ for s in self.series]}
+        path.write_text(json.dumps(data, indent=2, default=str))
+
+    def observe(self) -> None:
+        status = dict(self.api.get("servingpolicies", POLICY).get("status") or {})
+        with self.lock:
+            self.status = status
+            history = status.get("history") or []
+            for entry in history[self._seen_history:] if len(history) >= self._seen_history else history:
+                _say(f"● {entry.get('message', entry)}")
+            self._seen_history = len(history)
+            analysis = status.get("lastAnalysis") or {}
+            metrics = {m["slo"]: m for m in analysis.get("metrics", [])}
+            if analysis and analysis.get("time") != self._last_analysis_time:
+                self._last_analysis_time = analysis.get("time")
+                self.analyses.append({"candidate": self.candidate, "phase": status.get("phase"), **analysis})
+            ttft = metrics.get("ttftP99", {})
+            weights = status.get("weights") or {}
+            self.series.append(Snapshot(
+                t=time.monotonic() - self.started, candidate=self.candidate, phase=str(status.get("phase")),
+                weight=int(weights.get("candidate", 0)), mirror=float(weights.get("mirrorFraction", 0.0)),
+                ttft={"stable": ttft.get("stableValue"), "candidate": ttft.get("value")},
+                quality_delta=metrics.get("qualityDelta", {}).get("value"),
+            ))
+
+
+def _wait(what: str, check: Callable[[], bool], timeout: float, every: float = 1.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(every)
+    raise DemoError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def wait_quantized_models(api: Api, names: list[str], timeout: float) -> dict[str, dict[str, Any]]:
+    settled: dict[str, dict[str, Any]] = {}
+
+    def check() -> bool:
+        for name in names:
+            if name in settled:
+                continue
+            obj = api.get("quantizedmodels", name)
+            status = obj.get("status") or {}
+            if status.get("phase") in ("Ready", "Rejected", "Failed") and \
+                    status.get("observedGeneration") == obj["metadata"].get("generation"):
+                settled[name] = obj
+                digest = (status.get("artifact") or {}).get("ref") or "no artifact"
+                _say(f"● QuantizedModel {name}: {status['phase']} — {status.get('message', '')} [{digest}]")
+        return len(settled) == len(names)
+
+    _wait("the QuantizedModels to be calibrated", check, timeout, every=2.0)
+    return settled
+
+
+def _history_since(status: dict[str, Any], count: int) -> list[dict[str, Any]]:
+    return list((status.get("history") or [])[count:])
+
+
+def _rolled_back_after(seen: int) -> Callable[[dict[str, Any]], bool]:
+    return lambda status: any(h.get("to") == "RolledBack" for h in _history_since(status, seen))
+
+
+def wait_policy(recorder: Recorder, what: str, done: Callable[[dict[str, Any]], bool], timeout: float,
+                stop_on: tuple[str, ...] = ()) -> None:
+    def check() -> bool:
+        with recorder.lock:
+            status = dict(recorder.status)
+        held_by_us = status.get("phase") == "Paused" and status.get("pausedFrom")  # our warm-up hold
+        if status.get("phase") in ("Paused", "Failed", *stop_on) and not held_by_us and not done(status):
+            raise DemoError(f"the policy is {status.get('phase')}: {status.get('message')}; rollback "
+                            f"{json.dumps(status.get('rollback'))}; last analysis "
+                            f"{json.dumps(status.get('lastAnalysis'))}")
+        return done(status)
+
+    _wait(what, check, timeout)
+
+
+# --- the report ------------------------------------------------------------------------------------------------
+
+
+def operator_metric(port: int, name: str) -> dict[str, float]:
+    """Every sample of one metric from the operator's /metrics, keyed by its label text."""
+    with _HTTP.open(f"http://127.0.0.1:{port}/metrics", timeout=5) as rsp:
+        text = rsp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            key, _, value = line.rpartition(" ")
+            out[key.removeprefix(name)] = float(value)
+    return out
+
+
+def draw_chart(series: list[Snapshot], marks: list[tuple[float, str]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [s.t for s in series]
+    fig, (ax_w, ax_l, ax_q) = plt.subplots(3, 1, figsize=(11, 8), sharex=True)
+    ax_w.step(t, [s.weight for s in series], where="post", label="candidate weight (%)", color="tab:blue")
+    ax_w.step(t, [100 * s.mirror for s in series], where="post", label="shadow mirror (%)", color="tab:gray",
+              linestyle=":")
+    ax_w.set_ylabel("traffic %")
+    ax_w.set_ylim(-5, 105)
+    for arm, color in (("stable", "tab:green"), ("candidate", "tab:orange")):
+        ax_l.plot(t, [s.ttft[arm] for s in series], label=f"TTFT p99, {arm} arm", color=color, marker=".",
+                  markersize=3, linewidth=1)
+    ax_l.set_ylabel("seconds")
+    ax_l.set_yscale("log")
+    ax_q.plot(t, [s.quality_delta for s in series], label="quality delta vs stable (candidate)",
+              color="tab:purple", marker=".", markersize=3, linewidth=1)
+    ax_q.set_ylabel("delta")
+    ax_q.set_xlabel("seconds since the ServingPolicy was applied")
+    for when, label in marks:
+        rollback = "RolledBack" in label
+        for ax in (ax_w, ax_l, ax_q):
+            ax.axvline(when, color="tab:red" if rollback else "0.6", linestyle="--", linewidth=1)
+        ax_w.annotate(label, (when, 102), fontsize=7, rotation=90, va="top", ha="right",
+                      color="tab:red" if rollback else "0.3")
+    for ax in (ax_w, ax_l, ax_q):
+        ax.legend(loc="upper left", fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"quantrol demo: ServingPolicy {NAMESPACE}/{POLICY}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    return f"{value:.{digits}g}" if isinstance(value, float) else "—" if value is None else str(value)
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    lines = ["# quantrol demo report", "", f"Total run time: {report['seconds']:.0f} s; "
+             f"load generator: {report['load']['ok']} answered, {report['load']['failed']} failed.", "",
+             "## Artifacts", "", "| what | artifact |", "| --- | --- |", f"| baseline (bf16) | {report['baseline']} |"]
+    for name, qm in report["quantizedModels"].items():
+        status = qm.get("status") or {}
+        refused = f"{status.get('phase')}: {status.get('message', '')}"
+        lines.append(f"| {name} ({qm['spec']['quantization']['scheme']}) | "
+                     f"{(status.get('artifact') or {}).get('ref') or refused} |")
+    lines += ["", "## Quality per slice (QuantizedModel status)", "",
+              "| model | slice | mean KL | top-1 agreement | perplexity ratio | passed |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for name, qm in report["quantizedModels"].items():
+        for q in (qm.get("status") or {}).get("quality", []):
+            lines.append(f"| {name} | {q.get('slice')} | {_fmt(q.get('meanKlDivergence'))} | "
+                         f"{_fmt(q.get('top1Agreement'))} | {_fmt(q.get('perplexityRatio'))} | {q.get('passed')} |")
+    lines += ["", "## Analysis verdicts per step", "",
+              "| candidate | phase | verdict | per SLO (value / limit: verdict) |", "| --- | --- | --- | --- |"]
+    for a in report["analyses"]:
+        per = "; ".join(f"{m['slo']} {_fmt(m.get('value'), 3)}/{_fmt(m.get('limit'), 3)}: {m['verdict']}"
+                        for m in a.get("metrics", []))
+        lines.append(f"| {a['candidate']} | {a['phase']} | {a['verdict']} | {per} |")
+    lines += ["", "## Transitions", ""]
+    lines += [f"- {h.get('time')} {h.get('message')}" for h in report["history"]]
+    lines += ["", "## Rollback records", ""]
+    for r in report["rollbacks"]:
+        lines.append(f"- {r['candidate']}: `{json.dumps(r['record'], sort_keys=True)}`")
+    lines += ["", f"Operator counter quantrol_rollbacks_total: `{json.dumps(report['rollbacksTotal'])}`", "",
+              "Chart: chart.png", ""]
+    return "\n".join(lines)
+
+
+# --- the story ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _running(*closers: Callable[[], None]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for close in closers:
+            with contextlib.suppress(Exception):
+                close()
+
+
+def run_story(settings: DemoSettings) -> dict[str, Any]:
+    global _T0
+    began = _T0 = time.monotonic()
+    calibrate_python, serve_python = _interpreters()
+    output = settings.output
+    output.mkdir(parents=True, exist_ok=True)
+    workdir = output / "stack"
+    shutil.rmtree(workdir, ignore_errors=True)  # a previous run's logs; nothing of it is reused
+    _say(f"tiny Llama model and calibration data (cache {settings.cache_dir / 'tiny-model'})")
+    info = build_tiny_model(calibrate_python, settings.cache_dir / "tiny-model")
+    _say(f"tiny model ready: {info['parameters']:,} parameters, slices {', '.join(info['slices'])}")
+
+    metrics_port = free_port()
+    short_tmp = Path(tempfile.mkdtemp(prefix="qd-"))
+    images = image_map(calibrate_python, serve_python, settings.cache_dir, short_tmp)
+    stack = LocalStack(workdir, progress=_say, image_map=images,
+                       operator_env={"QUANTROL_WORKER_IMAGE": WORKER_IMAGE, "QUANTROL_SERVING_IMAGE": SERVING_IMAGE,
+                                     "QUANTROL_ROUTER_IMAGE": ROUTER_IMAGE, "QUANTROL_POLL_SECONDS": "1",
+                                     "QUANTROL_METRICS_PORT": str(metrics_port)})
+    with _running(lambda: shutil.rmtree(short_tmp, ignore_errors=True)), stack:
+        assert stack.registry and stack.prometheus and stack.runner and stack.kubeconfig
+        registry = stack.registry.address
+        baseline = push_baseline(registry, Path(info["model_dir"]))
+        _say(f"baseline published by digest: {baseline}")
+        api = Api(stack.kubeconfig)
+        pod_logs = PodLogs(stack.runner.state_dir / "pods")
+        if not settings.quiet:
+            pod_logs.start()
+        load = LoadGenerator(stack.runner.services_path, settings.load_workers, settings.max_tokens,
+                             arm_name(POLICY, baseline))
+        recorder = Recorder(api, time.monotonic())
+        with _running(pod_logs.stop.set, load.close, recorder.stop.set, lambda: recorder.dump(output / "timeline.json"),
+                      api.close):
+            api.ensure_namespace(NAMESPACE)
+            qms = [quantized_model(name, scheme, info, registry) for name, scheme in CANDIDATES]
+            for qm in qms:
+                _print_yaml(qm)
+                api.create(qm)
+            _say("applied three QuantizedModels; their calibration Jobs run in the calibrate environment")
+            settled = wait_quantized_models(api, [q["metadata"]["name"] for q in qms], settings.phase_timeout)
+
+            policy = serving_policy(baseline, CANDIDATES[0][0], settings, stack.prometheus.url)
+            _print_yaml(policy)
+            recorder.candidate = CANDIDATES[0][0]
+            recorder.started = time.monotonic()
+            api.create(policy)
+            recorder.start()
+            load.start()
+            _say(f"applied ServingPolicy {POLICY} (held while its candidate warms up); bounded load: "
+                 f"{settings.load_workers} clients, {settings.max_tokens} tokens each; vLLM arms start in the serve "
+                 "environment (≈30–70 s)")
+            artifacts = {name: "oci://" + str(((obj.get("status") or {}).get("artifact") or {}).get("ref"))
+                         for name, obj in settled.items()}
+            hold_and_warm(api, stack.runner.services_path, [baseline, artifacts[CANDIDATES[0][0]]],
+                          settings.phase_timeout)
+            marks: list[tuple[float, str]] = []
+            rollbacks: list[dict[str, Any]] = []
+
+            wait_policy(recorder, "W8A8 to be promoted",
+                        lambda s: s.get("phase") == "Promoted", settings.phase_timeout, stop_on=("RolledBack",))
+            marks.append((time.monotonic() - recorder.started, "W8A8 promoted"))
+
+            for name, expect in ((CANDIDATES[1][0], "SloBreach" if settings.kernel_policy == "warn"
+                                  else "KernelFallback"), (CANDIDATES[2][0], "KernelUnavailable")):
+                with recorder.lock:
+                    seen = len(recorder.status.get("history") or [])
+                patch: dict[str, Any] = {"spec": {"candidate": {"quantizedModelRef": {"name": name}}}}
+                refused = (settled[name].get("status") or {}).get("phase") != "Ready"
+                if refused:
+                    # Refused QuantizedModels publish no digest: ask for a retry with the edit, as a user would.
+                    patch["metadata"] = {"annotations": {"quantrol.io/retry": datetime.now(UTC).isoformat()}}
+                else:
+                    patch["metadata"] = {"annotations": {PAUSED: "true"}}
+                _say(f"editing the policy: spec.candidate.quantizedModelRef.name = {name}")
+                recorder.candidate = name
+                marks.append((time.monotonic() - recorder.started, f"candidate → {name}"))
+                api.patch_policy(patch)
+                if not refused:
+                    hold_and_warm(api, stack.runner.services_path, [artifacts[name]], settings.phase_timeout)
+                wait_policy(recorder, f"{name} to be rolled back", _rolled_back_after(seen), settings.phase_timeout)
+                with recorder.lock:
+                    record = dict(recorder.status.get("rollback") or {})
+                marks.append((time.monotonic() - recorder.started, f"RolledBack: {name} ({record.get('reason')})"))
+                rollbacks.append({"candidate": name, "record": record})
+                _say(f"rollback record for {name}: {json.dumps(record, sort_keys=True)}")
+                if record.get("reason") != expect:
+                    _say(f"!! expected {expect} for {name}, got {record.get('reason')}")
+            recorder.observe()
+            load.stop.set()
+            final = api.get("servingpolicies", POLICY)
+            quantized = {name: api.get("quantizedmodels", name) for name in settled}
+            rollbacks_total = operator_metric(metrics_port, "quantrol_rollbacks_total")
+            print(render_servingpolicy(final), flush=True)
+            for obj in quantized.values():
+                print(render_quantizedmodel(obj), flush=True)
+    report: dict[str, Any] = {
+        "seconds": time.monotonic() - began, "kernelPolicy": settings.kernel_policy, "baseline": baseline,
+        "quantizedModels": quantized, "servingPolicy": final, "analyses": recorder.analyses,
+        "history": (final.get("status") or {}).get("history", []), "rollbacks": rollbacks,
+        "rollbacksTotal": rollbacks_total, "load": {"ok": load.ok, "failed": load.failed},
+        "series": [s.__dict__ for s in recorder.series], "marks": marks,
+    }
+    draw_chart(recorder.series, marks, output / "chart.png")
+    (output / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (output / "report.md").write_text(report_markdown(report))
+    return report
+
+
+def run_demo(output: Path, settings: DemoSettings | None = None) -> int:
+    settings = settings or DemoSettings(output=output)
+    _say(f"quantrol demo on the local stack; output in {output}")
+    try:
+        report = run_story(settings)
+    except DemoError as exc:
+        _say(f"demo stopped: {exc}")
+        _say(f"every process stopped; logs under {output / 'stack'}")
+        return 1
+    except KeyboardInterrupt:
+        _say(f"interrupted: every process stopped; logs under {output / 'stack'}")
+        return 130
+    print(report_markdown(report), flush=True)
+    _say(f"every process stopped; report {output / 'report.md'}, chart {output / 'chart.png'}; "
+         f"total {report['seconds']:.0f}s")
+    return 0
