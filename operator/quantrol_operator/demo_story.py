@@ -112,7 +112,8 @@ def _worker_env() -> dict[str, str]:
 def build_tiny_model(calibrate_python: Path, cache: Path) -> dict[str, Any]:
     """The tiny model and its two-slice calibration JSONL, built once and reused from `cache` afterwards."""
     cache.mkdir(parents=True, exist_ok=True)
-    command = [str(calibrate_python), "-m", "quantrol_worker.tinymodel", "--out", str(cache)]
+    # vLLM CPU 0.32 needs the larger vocabulary (see tinymodel.TinySpec).
+    command = [str(calibrate_python), "-m", "quantrol_worker.tinymodel", "--out", str(cache), "--vocab-size", "4096"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **_worker_env()})
     lines: list[str] = []
