@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
+from quantrol_operator.localstack.registry import RegistryServer
 from quantrol_worker import contracts as c
 
 CALIBRATE_PYTHON = os.environ.get("QUANTROL_CALIBRATE_PYTHON")
@@ -308,12 +309,9 @@ def test_fp8_dynamic_with_calibrated_kv_cache_scales(tiny: dict[str, Any], tmp_p
 
 @pytest.mark.calibrate
 def test_oci_base_model_in_artifact_out_and_corruption_detected(
-    request: pytest.FixtureRequest, tiny: dict[str, Any], tmp_path: Path
+    oci_registry: RegistryServer, tiny: dict[str, Any], tmp_path: Path
 ) -> None:
-    try:
-        registry = request.getfixturevalue("oci_registry")
-    except pytest.FixtureLookupError:
-        pytest.skip("the oci_registry fixture (tests/plugins/servers.py) is not available")
+    registry = oci_registry
     push_base = (
         "import sys; from pathlib import Path; from quantrol_worker.calibrate import oci; "
         "print(oci.push(Path(sys.argv[1]), sys.argv[2], insecure=True, tag='base', annotations={}))"
@@ -390,12 +388,9 @@ def test_w4a8_is_served_on_cpu_and_qualified(tiny: dict[str, Any], tmp_path: Pat
 
 @pytest.mark.calibrate
 def test_a_rejected_calibration_still_publishes_its_evidence(
-    request: pytest.FixtureRequest, tiny: dict[str, Any], tmp_path: Path
+    oci_registry: RegistryServer, tiny: dict[str, Any], tmp_path: Path
 ) -> None:
-    try:
-        registry = request.getfixturevalue("oci_registry")
-    except pytest.FixtureLookupError:
-        pytest.skip("the oci_registry fixture (tests/plugins/servers.py) is not available")
+    registry = oci_registry
     impossible = {"minTop1Agreement": 1.0, "maxMeanKlDivergence": 0.0}  # no 4-bit model meets these
     rc, term, _report = run_worker(
         tmp_path, tiny, quantization={"scheme": "W4A16", "method": "rtn", "target": "cpu-x86"},
