@@ -9,6 +9,7 @@ environment's python through the image map (`quantrol-test/*` -> the dev venv's 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -42,7 +43,9 @@ from quantrol_operator.localstack.runner_plan import (
     Terminated,
     admit,
     build_launch,
+    cpu_slots,
     expand_vars,
+    free_slot,
     orphaned,
     plan_deployment,
     plan_job,
@@ -236,6 +239,17 @@ def test_serving_cap_admits_in_order_and_never_holds_other_pods() -> None:
     waiting = [("s1", True), ("tool", False), ("s2", True), ("s3", True)]
     assert admit(waiting, serving_in_use=1, cap=2) == (["s1", "tool"], ["s2", "s3"])
     assert admit(waiting, serving_in_use=0, cap=2) == (["s1", "tool", "s2"], ["s3"])
+
+
+def test_serving_pods_get_disjoint_cpu_slots_like_the_static_cpu_manager() -> None:
+    assert cpu_slots([0, 1], 2) == [(0,), (1,)]
+    assert cpu_slots([3, 0, 2, 1, 4], 2) == [(0, 1), (2, 3)]  # an odd CPU left over stays in the shared pool
+    assert cpu_slots([0], 2) == []  # fewer CPUs than slots: nobody is pinned (sharing beats starving)
+    slots = cpu_slots(range(4), 2)
+    assert free_slot(slots, []) == (0, 1)
+    assert free_slot(slots, [(0, 1)]) == (2, 3)
+    assert free_slot(slots, [(0, 1), (2, 3)]) == ()
+    assert free_slot([], []) == ()
 
 
 def test_orphans_are_objects_whose_owners_all_vanished_and_unknown_kinds_keep_theirs() -> None:
@@ -707,6 +721,14 @@ def test_serving_cap_keeps_the_third_serving_pod_pending_with_the_reason(
 
     eventually(lambda: (ready("serve-a"), ready("serve-b")), lambda r: r == (1, 1), what="two serving pods")
     time.sleep(1.0)  # several passes later, the third is still held
+
+    def cpus(name: str) -> frozenset[int]:
+        [pod] = pods_of(api, namespace, get(api, "apps/v1", "deployments", namespace, name))
+        return frozenset(os.sched_getaffinity(pid_of(pod)))
+
+    slots = [frozenset(slot) for slot in workload_runner.cpu_slots]
+    if slots:  # each engine alone on its CPUs, as with exclusive CPUs on a node (none on a 1-CPU machine)
+        assert {cpus("serve-a"), cpus("serve-b")} == set(slots)
     c_deployment = get(api, "apps/v1", "deployments", namespace, "serve-c")
     [held] = pods_of(api, namespace, c_deployment)
     scheduled = condition(held, "PodScheduled")
@@ -714,8 +736,11 @@ def test_serving_cap_keeps_the_third_serving_pod_pending_with_the_reason(
     assert "caps concurrent serving processes at 2 on this machine" in scheduled["message"]
     assert c_deployment["status"]["readyReplicas"] == 0
 
+    a_cpus = cpus("serve-a") if slots else frozenset()
     api.delete(api_path("apps/v1", "deployments", namespace, "serve-a"))
     eventually(lambda: ready("serve-c"), lambda r: r == 1, what="the held pod to start once a slot frees")
+    if slots:
+        assert cpus("serve-c") == a_cpus  # the freed slot, not the one serve-b still holds
 
 
 @pytest.mark.stack

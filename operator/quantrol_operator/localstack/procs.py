@@ -67,6 +67,7 @@ class ManagedProcess:
     log_path: Path
     env: dict[str, str] | None = None
     cwd: Path | None = None
+    cpus: tuple[int, ...] = ()  # pin the process (and so its children) to these CPUs; () leaves it unpinned
     popen: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     def start(self) -> ManagedProcess:
@@ -81,6 +82,8 @@ class ManagedProcess:
                 env=self.env,
                 cwd=self.cwd,
                 start_new_session=True,
+                # In the child before exec, so no thread of the program ever runs outside its CPUs.
+                preexec_fn=(lambda: os.sched_setaffinity(0, self.cpus)) if self.cpus else None,
             )
         finally:
             log.close()

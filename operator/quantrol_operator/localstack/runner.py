@@ -36,7 +36,9 @@ annotation names the dir: there is no `kubectl logs`). Conventions:
   (all of them) are gone; the emulation has none of its own.
 - Resources are recorded (they stay in the pod spec), not enforced, except that at most `serving_cap` pods
   whose main containers map to a `serving` environment hold processes at once (terminating ones included);
-  the rest stay Pending with PodScheduled=False, reason Unschedulable, and a message saying why.
+  the rest stay Pending with PodScheduled=False, reason Unschedulable, and a message saying why. Like the
+  kubelet's static CPU manager, each admitted serving pod gets an exclusive share of this process's CPUs (the
+  CPUs split into `serving_cap` slots; none when there are fewer CPUs than slots), see `cpu_slots`.
 - Liveness and startup probes are not run; restart back-off is 1, 2, 4, ... 10 s; a Job retries failed
   pods at once (each retry a new pod, also under OnFailure) and keeps the pods its deadline stopped (Failed,
   reason DeadlineExceeded); a pod deleted by a client is replaced; grace periods are capped at `max_grace` s.
@@ -90,9 +92,11 @@ from quantrol_operator.localstack.runner_plan import (
     admit,
     build_launch,
     cap_message,
+    cpu_slots,
     declared_ports,
     fallback_message,
     file_volume_source,
+    free_slot,
     is_serving_pod,
     mount_paths,
     orphaned,
@@ -228,6 +232,7 @@ class _PodRun:
     ports: dict[int, int] = field(default_factory=dict)
     volume_dirs: dict[str, Path] = field(default_factory=dict)
     last_status: JSON | None = None
+    cpus: tuple[int, ...] = ()  # a serving pod's exclusive CPU slot (cpu_slots), () when unpinned
 
     @property
     def key(self) -> tuple[str, str]:
@@ -305,6 +310,7 @@ class LocalRunner:
         self.state_dir = state_dir
         self.namespaces = list(namespaces) if namespaces else None
         self.serving_cap = serving_cap
+        self.cpu_slots = cpu_slots(sorted(os.sched_getaffinity(0)), serving_cap)
         self.poll_interval = poll_interval
         self.gc_interval = gc_interval
         self.max_grace = max_grace
@@ -563,10 +569,11 @@ class LocalRunner:
     # -- scheduling (the serving cap) --------------------------------------------------------------------------
 
     def _admit(self) -> None:
-        in_use = sum(
-            1 for r in self._runs.values()
+        holding = [
+            r for r in self._runs.values()
             if r.serving and r.admitted and (r.procs or (r.phase not in TERMINAL and not r.retired))
-        )
+        ]
+        in_use = len(holding)
         waiting = sorted(
             (r for r in self._runs.values() if not r.admitted and not r.retired), key=lambda r: r.created_at
         )
@@ -574,6 +581,11 @@ class LocalRunner:
         for run in waiting:
             if run.name in admitted:
                 run.admitted, run.unschedulable, run.started_at = True, "", self._clock()
+                if run.serving:
+                    run.cpus = free_slot(self.cpu_slots, (r.cpus for r in holding))
+                    holding.append(run)
+                    if run.cpus:
+                        log.info("pod %s/%s: exclusive CPUs %s", *run.key, ",".join(map(str, run.cpus)))
             elif run.name in held and not run.unschedulable:
                 run.unschedulable = cap_message(self.serving_cap)
                 log.info("pod %s/%s held Pending: %s", *run.key, run.unschedulable)
@@ -772,7 +784,7 @@ class LocalRunner:
         launch.termination_path.write_text("")
         cwd = Path(launch.cwd) if launch.cwd and Path(launch.cwd).is_dir() else self.workdir
         proc = ManagedProcess(f"{run.namespace}/{run.name}/{name}", launch.argv, run.pod_dir / f"{name}.log",
-                              env=dict(launch.env), cwd=cwd)
+                              env=dict(launch.env), cwd=cwd, cpus=run.cpus)
         restarted = container.terminated is not None
         previous = container.terminated or container.last_terminated
         count = container.restart_count + (1 if restarted else 0)

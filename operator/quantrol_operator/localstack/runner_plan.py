@@ -912,6 +912,25 @@ def admit(waiting: Sequence[tuple[str, bool]], serving_in_use: int, cap: int) ->
     return admitted, held
 
 
+def cpu_slots(pool: Sequence[int], cap: int) -> list[tuple[int, ...]]:
+    """Exclusive CPU sets for serving pods, as the kubelet's static CPU manager gives Guaranteed pods: the pool
+    split into `cap` equal slots (2 cores, cap 2: one core each), or none when there are fewer CPUs than slots.
+    Why: vLLM's CPU build binds its OpenMP threads itself (VLLM_CPU_OMP_THREADS_BIND=auto) to the CPUs it is
+    allowed, minus one it reserves; two engines that both see the whole machine bind to the *same* core and
+    stall each other for tens of seconds under load. Within its own slot each engine binds where it should."""
+    cpus = sorted(pool)
+    if cap < 1 or len(cpus) < cap:
+        return []
+    size = len(cpus) // cap
+    return [tuple(cpus[i * size:(i + 1) * size]) for i in range(cap)]
+
+
+def free_slot(slots: Sequence[tuple[int, ...]], taken: Iterable[tuple[int, ...]]) -> tuple[int, ...]:
+    """The first slot nobody holds, or () (no pinning) when there are no slots or all are held."""
+    held = set(taken)
+    return next((slot for slot in slots if slot not in held), ())
+
+
 def cap_message(cap: int) -> str:
     return (
         f"0/1 nodes are available: the local runner caps concurrent serving processes at {cap} on this machine; "
