@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes import client, config
@@ -25,6 +25,7 @@ _KINDS: dict[tuple[str, str], str] = {
     ("apps/v1", "Deployment"): "deployments",
     ("quantrol.io/v1alpha1", "QuantizedModel"): "quantizedmodels",
     ("quantrol.io/v1alpha1", "ServingPolicy"): "servingpolicies",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitors",  # the Prometheus Operator's, when it is installed
 }
 # Fields a controller may not change after creation; Quantrol makes a new object instead.
 _IMMUTABLE_SPEC_KINDS = {"Job", "Pod"}
@@ -32,9 +33,12 @@ _IMMUTABLE_SPEC_KINDS = {"Job", "Pod"}
 _CREATE_ONLY_KINDS = {"Secret"}
 
 
+def _group_version_path(api_version: str) -> str:
+    return "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+
+
 def _collection(api_version: str, kind: str, namespace: str) -> str:
-    prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-    return f"{prefix}/namespaces/{namespace}/{_KINDS[(api_version, kind)]}"
+    return f"{_group_version_path(api_version)}/namespaces/{namespace}/{_KINDS[(api_version, kind)]}"
 
 
 def contains(actual: Any, desired: Any) -> bool:
@@ -69,6 +73,8 @@ USER_AGENT = "quantrol-operator"  # audit logs (and the tests' request log) tell
 @dataclass
 class Kube:
     api: client.ApiClient
+    # uid -> the resourceVersion the last status patch was computed from (see handlers.common.superseded)
+    status_written_from: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.api.user_agent = USER_AGENT
@@ -93,6 +99,18 @@ class Kube:
         if response.status >= 400:  # call_api itself does not raise; the generated methods do it afterwards
             raise ApiException(status=response.status, reason=response.reason, body=raw.decode(errors="replace"))
         return json.loads(raw) if raw else None
+
+    def serves(self, api_version: str, kind: str) -> bool:
+        """Whether the API server serves `kind` in `api_version`, from discovery (which every authenticated client
+        may read: no RBAC rule needed). An API group nobody installed answers 404."""
+        try:
+            found = self._call("GET", _group_version_path(api_version))
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        plural = _KINDS[(api_version, kind)]
+        return any(r.get("name") == plural for r in (found or {}).get("resources", []))
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -162,4 +180,6 @@ class Kube:
         meta = obj["metadata"]
         path = f"{_collection(obj['apiVersion'], obj['kind'], meta['namespace'])}/{meta['name']}/status"
         self._call("PATCH", path, body={"status": patch}, content_type="application/merge-patch+json")
+        if meta.get("uid") and meta.get("resourceVersion"):
+            self.status_written_from[str(meta["uid"])] = str(meta["resourceVersion"])
         return True
