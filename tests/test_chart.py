@@ -32,6 +32,7 @@ import yaml
 from quantrol_operator.api.common import Condition, ConditionStatus
 from quantrol_operator.api.quantizedmodel import Artifact, QuantizedModelStatus, SliceQuality
 from quantrol_operator.api.servingpolicy import RollbackRecord, ServingPolicyStatus, Weights
+from quantrol_operator.defaults import OperatorDefaults
 from quantrol_operator.localstack.prometheus import PrometheusServer, promtool_binary
 from tests.plugins.servers import require_binaries
 
@@ -49,7 +50,7 @@ KUBE_VERSIONS = ("1.29.0", "1.33.0")
 
 MONITORING_ON = {
     "serviceMonitor": {"enabled": True},
-    "podMonitors": {"enabled": True},
+    "podMonitors": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
     "prometheusRule": {"enabled": True},
     "grafanaDashboard": {"enabled": True},
 }
@@ -184,6 +185,9 @@ BAD_VALUES: dict[str, dict[str, Any]] = {
     "stuck deadline too short": {"monitoring": {"prometheusRule": {"rolloutStuckAfterSeconds": 5}}},
     "unknown log level": {"operator": {"logLevel": "trace"}},
     "prometheus url without scheme": {"analysis": {"prometheusUrl": "prometheus:9090"}},
+    "pod monitors neither auto, true nor false": {"monitoring": {"podMonitors": {"enabled": "yes"}}},
+    "pod monitor label value with a comma": {"monitoring": {"podMonitors": {"labels": {"release": "a,b"}}}},
+    "pod monitor label key with an equals sign": {"monitoring": {"podMonitors": {"labels": {"a=b": "c"}}}},
 }
 
 
@@ -265,17 +269,33 @@ def test_operator_defaults_reach_the_operator_only_when_set(chart: helm.Chart) -
 
 def test_cluster_mode_grants_exactly_the_rules_file(chart: helm.Chart) -> None:
     rules = rbac_rules()
+    # podMonitors.enabled=auto (the default) needs the rights as much as true: the operator decides at start-up.
     (role,) = by_kind(render(chart, {}), "ClusterRole")
-    assert role["rules"] == rules["workload"] + rules["clusterDiscovery"]
+    assert role["rules"] == rules["workload"] + rules["podMonitors"] + rules["clusterDiscovery"]
     (monitored,) = by_kind(render(chart, {"monitoring": MONITORING_ON}), "ClusterRole")
     assert monitored["rules"] == rules["workload"] + rules["podMonitors"] + rules["clusterDiscovery"]
+    (unmonitored,) = by_kind(render(chart, {"monitoring": {"podMonitors": {"enabled": False}}}), "ClusterRole")
+    assert unmonitored["rules"] == rules["workload"] + rules["clusterDiscovery"]
+
+
+def test_pod_monitor_settings_reach_the_operator_as_it_reads_them(chart: helm.Chart) -> None:
+    def settings(pod_monitors: dict[str, Any]) -> OperatorDefaults:
+        _, container = operator_container(render(chart, {"monitoring": {"podMonitors": pod_monitors}}))
+        env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+        return OperatorDefaults.from_env(env)  # the operator's own parser, on the rendered environment
+
+    assert (settings({}).pod_monitors, settings({}).pod_monitor_labels) == ("auto", {})
+    assert settings({"enabled": False}).pod_monitors == "false"
+    labelled = settings({"enabled": True, "labels": {"team": "ml", "release": "kube-prometheus-stack"}})
+    assert labelled.pod_monitors == "true"
+    assert labelled.pod_monitor_labels == {"release": "kube-prometheus-stack", "team": "ml"}
 
 
 def test_namespaced_mode_grants_workload_rights_only_in_watched_namespaces(chart: helm.Chart) -> None:
     rules = rbac_rules()
     docs = render(chart, COMBOS["namespaced"][0])
     assert sorted(r["metadata"]["namespace"] for r in by_kind(docs, "Role")) == ["team-a", "team-b"]
-    assert all(r["rules"] == rules["workload"] for r in by_kind(docs, "Role"))
+    assert all(r["rules"] == rules["workload"] + rules["podMonitors"] for r in by_kind(docs, "Role"))
     for binding in by_kind(docs, "RoleBinding"):
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": RELEASE, "namespace": NAMESPACE}]
     # The one cluster-scoped grant left is read-only discovery.

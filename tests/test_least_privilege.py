@@ -3,6 +3,11 @@ full lifecycle of both kinds equal the rules the Helm chart grants (charts/quant
 
 The lifecycle runs against its own API emulation, so the request log holds only this test's traffic. As in the
 other operator tests, the test plays the kubelet and the Deployment controller (Job and Deployment status).
+The Prometheus Operator's PodMonitor CRD is installed (tests/data/crds/), so the chart's default
+(monitoring.podMonitors.enabled=auto) is what runs: the `podMonitors` rules are checked with the rest. Without
+that CRD the operator makes no podmonitors request at all (tests/test_pod_monitor.py), yet the chart still grants
+them, as it cannot know at render time whether the CRD will be there; `monitoring.podMonitors.enabled=false` drops
+them (tests/test_chart.py).
 """
 
 from __future__ import annotations
@@ -28,7 +33,11 @@ OPERATOR_AGENTS = ("quantrol-operator", "kopf/")
 
 @pytest.fixture
 def private_api(tmp_path: Path) -> Iterator[KubeAPIServer]:
-    server = KubeAPIServer(workdir=tmp_path / "kubeapi", crds_dir=ROOT / "crds").start()
+    crds = tmp_path / "crds"  # Quantrol's own CRDs and the Prometheus Operator's PodMonitor
+    crds.mkdir()
+    for path in [*(ROOT / "crds").glob("*.yaml"), *(ROOT / "tests/data/crds").glob("*.yaml")]:
+        (crds / path.name).write_bytes(path.read_bytes())
+    server = KubeAPIServer(workdir=tmp_path / "kubeapi", crds_dir=crds).start()
     try:
         yield server
     finally:
@@ -72,8 +81,9 @@ def test_the_operator_uses_exactly_what_the_chart_grants(private_api: KubeAPISer
         _lifecycle(custom, core, apps, batch, ns, free_port())
     finally:
         operator.stop()
-    missing = used(private_api) - granted("workload", "clusterDiscovery")
-    extra = granted("workload", "clusterDiscovery") - used(private_api)
+    # What the chart grants by default: podMonitors.enabled=auto grants the podmonitors rules too.
+    missing = used(private_api) - granted("workload", "clusterDiscovery", "podMonitors")
+    extra = granted("workload", "clusterDiscovery", "podMonitors") - used(private_api)
     assert not missing, f"the operator used what the chart does not grant: {sorted(missing)}"
     assert not extra, f"the chart grants what the operator never used: {sorted(extra)}"
 
@@ -115,3 +125,5 @@ def _lifecycle(custom: Any, core: Any, apps: Any, batch: Any, ns: str, dead_port
                timeout=20, what="the ServingPolicy to be gone")
     orphans = apps.list_namespaced_deployment(ns).items
     assert orphans and all(not d.metadata.owner_references for d in orphans)
+    (monitor,) = custom.list_namespaced_custom_object("monitoring.coreos.com", "v1", ns, "podmonitors")["items"]
+    assert not monitor["metadata"].get("ownerReferences")  # orphaned with the arms it scrapes

@@ -57,3 +57,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- define "quantrol.rbacRules" -}}
 {{- .Files.Get "files/rbac.yaml" -}}
 {{- end -}}
+
+{{/* A label map as `k=v,k2=v2`, sorted by key (the operator's QUANTROL_POD_MONITOR_LABELS). */}}
+{{- define "quantrol.labelList" -}}
+{{- $pairs := list -}}
+{{- range $key, $value := . -}}
+{{- $pairs = append $pairs (printf "%s=%s" $key $value) -}}
+{{- end -}}
+{{- join "," $pairs -}}
+{{- end -}}

@@ -13,6 +13,7 @@ from quantrol_operator.children.serving import ENGINE_PORT, LABEL_POLICY, arm_na
 from quantrol_worker.router.config import AdmissionLimits, ArmConfig, RouterConfig, dump_config
 
 ROUTER_PORT = 8080
+ROUTER_PORT_NAME = "http"  # container and Service port name; the PodMonitor's router endpoint names it
 CONFIG_DIR = "/etc/quantrol/router"
 CONFIG_FILE = "router.yaml"
 TOKEN_DIR = "/etc/quantrol/admin"
@@ -64,7 +65,7 @@ def router_deployment(owner: dict[str, Any], spec: ServingPolicySpec, image: str
         "image": image,
         "command": ["quantrol-worker", "route", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--port", str(ROUTER_PORT),
                     "--admin-token-file", f"{TOKEN_DIR}/{TOKEN_KEY}"],
-        "ports": [{"name": "http", "containerPort": ROUTER_PORT}],
+        "ports": [{"name": ROUTER_PORT_NAME, "containerPort": ROUTER_PORT}],
         "readinessProbe": {"httpGet": {"path": "/healthz", "port": ROUTER_PORT}, "periodSeconds": 2},
         "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
                          {"name": "admin", "mountPath": TOKEN_DIR, "readOnly": True}],
@@ -94,7 +95,7 @@ def router_service(owner: dict[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": "v1", "kind": "Service", "metadata": _meta(owner, policy),
         "spec": {"selector": {LABEL_POLICY: policy, LABEL_COMPONENT: "router"},
-                 "ports": [{"name": "http", "port": ROUTER_PORT, "targetPort": ROUTER_PORT}]},
+                 "ports": [{"name": ROUTER_PORT_NAME, "port": ROUTER_PORT, "targetPort": ROUTER_PORT}]},
     }
 
 

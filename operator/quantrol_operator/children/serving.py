@@ -15,6 +15,9 @@ from quantrol_operator.children.calibration import quantities
 
 ENGINE_PORT = 8000
 LAUNCHER_PORT = 9400  # the launcher's status port: /metrics (quantrol_engine_kernel_info) and /kernels
+# Container and Service port names (at most 15 characters); the PodMonitor's endpoints name them.
+ENGINE_PORT_NAME = "http"  # vLLM's OpenAI server, /metrics included
+LAUNCHER_PORT_NAME = "launcher"
 MODEL_DIR = "/models/artifact"
 LABEL_POLICY = "quantrol.io/servingpolicy"
 LABEL_ARM = "quantrol.io/arm"
@@ -80,8 +83,8 @@ def arm_deployment(owner: dict[str, Any], spec: ServingPolicySpec, ref: str, ima
         "command": ["quantrol-worker", "serve", "--target", serving.target.value, "--status-port",
                     str(LAUNCHER_PORT), "--termination-log", TERMINATION_LOG, *kv_flags, "--",
                     *engine_args(policy, spec)],
-        "ports": [{"name": "http", "containerPort": ENGINE_PORT},
-                  {"name": "launcher", "containerPort": LAUNCHER_PORT}],
+        "ports": [{"name": ENGINE_PORT_NAME, "containerPort": ENGINE_PORT},
+                  {"name": LAUNCHER_PORT_NAME, "containerPort": LAUNCHER_PORT}],
         "readinessProbe": {"httpGet": {"path": "/health", "port": ENGINE_PORT}, "periodSeconds": 2,
                            "failureThreshold": 3},
         "livenessProbe": {"httpGet": {"path": "/health", "port": ENGINE_PORT}, "initialDelaySeconds": 600,
@@ -134,7 +137,7 @@ def arm_service(owner: dict[str, Any], ref: str) -> dict[str, Any]:
                      "labels": {**MANAGED_BY, **selector}, "ownerReferences": [owner_reference(owner)]},
         "spec": {
             "selector": selector,
-            "ports": [{"name": "http", "port": ENGINE_PORT, "targetPort": ENGINE_PORT},
-                      {"name": "launcher", "port": LAUNCHER_PORT, "targetPort": LAUNCHER_PORT}],
+            "ports": [{"name": ENGINE_PORT_NAME, "port": ENGINE_PORT, "targetPort": ENGINE_PORT},
+                      {"name": LAUNCHER_PORT_NAME, "port": LAUNCHER_PORT, "targetPort": LAUNCHER_PORT}],
         },
     }

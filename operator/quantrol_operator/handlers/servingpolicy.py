@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import secrets
 import urllib.error
 import urllib.request
@@ -11,12 +12,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 
 from quantrol_operator import metrics
 from quantrol_operator.api import servingpolicy as sp_api
 from quantrol_operator.api.common import GROUP, VERSION
 from quantrol_operator.api.servingpolicy import RolloutPhase, ServingPolicySpec
-from quantrol_operator.children import router, serving
+from quantrol_operator.children import monitoring, router, serving
 from quantrol_operator.children.serving import LABEL_POLICY
 from quantrol_operator.handlers.common import DEFAULTS, Events, handle, kube
 from quantrol_operator.planning.servingpolicy import SpObserved, Window, plan
@@ -25,6 +27,23 @@ from quantrol_operator.rollout.queries import PrometheusSource, QueryError, Scop
 from quantrol_worker.localservices import service_url
 
 HTTP_TIMEOUT = 3.0
+log = logging.getLogger(__name__)
+# None: this operator writes no PodMonitors; else the extra labels they carry. Decided once, at start-up.
+_pod_monitor_labels: dict[str, str] | None = None
+# The status of the last failed PodMonitor write per (namespace, name), so a failure is logged once, not every pass.
+_pod_monitor_failures: dict[tuple[str, str], int] = {}
+
+
+@kopf.on.startup()
+def detect_pod_monitors(logger: kopf.Logger, **_: Any) -> None:
+    """Decide whether to write PodMonitors (QUANTROL_POD_MONITORS; `auto` asks API discovery once) and say so."""
+    global _pod_monitor_labels
+    try:
+        enabled, why = DEFAULTS.pod_monitors_enabled(lambda: kube().serves(monitoring.API_VERSION, monitoring.KIND))
+    except ApiException as exc:
+        raise kopf.TemporaryError(f"API discovery failed ({exc.status} {exc.reason}); retrying", delay=5) from exc
+    _pod_monitor_labels = dict(DEFAULTS.pod_monitor_labels) if enabled else None
+    logger.info("%s: %s", "writing one PodMonitor per ServingPolicy" if enabled else "writing no PodMonitors", why)
 
 
 def _http_json(url: str, body: bytes | None = None, token: str = "") -> Any:
@@ -170,15 +189,39 @@ def _reconcile(obj: dict[str, Any]) -> Events:
     window = _window(obj, spec, now) if spec is not None else None
     observed = SpObserved(obj=obj, quantized_model=qm, deployments=deployments, candidate_kernels=kernels,
                           candidate_failed=failed, window=window, router_token=token if create_token else "", now=now)
-    result = plan(observed, (DEFAULTS.serving_image, DEFAULTS.router_image))
+    result = plan(observed, (DEFAULTS.serving_image, DEFAULTS.router_image), _pod_monitor_labels)
     for child in result.apply:
-        k.apply(child)
+        if child["kind"] == monitoring.KIND:
+            _apply_pod_monitor(child)
+        else:
+            k.apply(child)
     for ref in result.delete:
         k.delete(ref)
     _sync_routers(result.status, result.apply, spec, namespace, policy, token)
     k.patch_status(obj, result.status)
     _export(obj, result.status, window, result.rollback)
     return [(e.type, e.reason, e.message) for e in result.events]
+
+
+def _apply_pod_monitor(desired: dict[str, Any]) -> None:
+    """Write the PodMonitor; a failure is logged (once, until it changes), never raised.
+
+    Scraping must not hold the rollout: a refused write (the Prometheus Operator's CRDs removed after start-up,
+    QUANTROL_POD_MONITORS=true without them, RBAC without the podmonitors rule) would otherwise fail every pass,
+    before the router sync and the status patch, and so block rollbacks too. With no metrics the analysis reads
+    no data, which holds the rollout (inconclusive), never promotes it.
+    """
+    meta = desired["metadata"]
+    key = (meta["namespace"], meta["name"])
+    try:
+        kube().apply(desired)
+    except ApiException as exc:
+        if _pod_monitor_failures.get(key) != exc.status:
+            log.warning("PodMonitor %s/%s not written (%s %s); the rollout goes on without it",
+                        *key, exc.status, exc.reason)
+        _pod_monitor_failures[key] = int(exc.status or 0)
+    else:
+        _pod_monitor_failures.pop(key, None)
 
 
 def _export(obj: dict[str, Any], status: dict[str, Any], window: Window | None,
@@ -214,7 +257,11 @@ async def serving_policy_poll(body: kopf.Body, logger: kopf.Logger, **_: Any) ->
 
 @kopf.on.delete(GROUP, VERSION, sp_api.PLURAL)
 def serving_policy_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
-    """deletionPolicy Orphan: take the owner references off the arms so nothing garbage-collects them."""
+    """deletionPolicy Orphan: take the owner references off the arms so nothing garbage-collects them.
+
+    The PodMonitor is orphaned with them: arms that keep serving keep being scraped (and deleting it is one
+    `kubectl delete podmonitor` once they go).
+    """
     if dict(body.spec).get("deletionPolicy", "Delete") != "Orphan":
         return
     namespace, policy, uid = body.meta.namespace, body.meta.name, body.meta.uid
@@ -226,8 +273,23 @@ def serving_policy_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> No
     secret = kube().get("v1", "Secret", namespace, router.admin_secret_name(policy))
     if secret is not None:
         children.append(("v1", "Secret", secret))
+    if _pod_monitor_labels is not None:
+        children += _owned_pod_monitor(namespace, policy, uid, logger)
     for api_version, kind, child in children:
         refs = child["metadata"].get("ownerReferences") or []
         kube().patch(api_version, kind, namespace, child["metadata"]["name"],
                      {"metadata": {"ownerReferences": [r for r in refs if r.get("uid") != uid]}})
     logger.info("deletionPolicy Orphan: %s/%s removed, its arms and router keep serving", namespace, policy)
+
+
+def _owned_pod_monitor(namespace: str, policy: str, uid: str,
+                       logger: kopf.Logger) -> list[tuple[str, str, dict[str, Any]]]:
+    """The policy's PodMonitor, read by name like the Secret (the operator never lists PodMonitors)."""
+    try:
+        monitor = kube().get(monitoring.API_VERSION, monitoring.KIND, namespace, monitoring.pod_monitor_name(policy))
+    except ApiException as exc:  # as when writing it: monitoring never holds the policy's deletion back
+        logger.warning("PodMonitor %s/%s not read (%s %s); left as it is", namespace, policy, exc.status, exc.reason)
+        return []
+    if monitor is None or not any(r.get("uid") == uid for r in monitor["metadata"].get("ownerReferences") or []):
+        return []
+    return [(monitoring.API_VERSION, monitoring.KIND, monitor)]

@@ -5,6 +5,7 @@ children, the router config and the next status. Pure: the handler gathers the f
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -14,7 +15,7 @@ from pydantic import ValidationError
 from quantrol_operator.api.common import ConditionStatus, is_digest_pinned
 from quantrol_operator.api.servingpolicy import RolloutPhase as P
 from quantrol_operator.api.servingpolicy import ServingPolicySpec, ServingPolicyStatus
-from quantrol_operator.children import router, serving
+from quantrol_operator.children import monitoring, router, serving
 from quantrol_operator.conditions import iso, set_condition
 from quantrol_operator.planning import Event, Plan
 from quantrol_operator.rollout.analysis import Counters, Judgement, decide, window_verdict
@@ -100,8 +101,9 @@ def _kernel(report: dict[str, Any] | None) -> KernelCheck:
     return KernelCheck(verdict) if verdict in KernelCheck._value2member_map_ else KernelCheck.UNKNOWN
 
 
-def plan(observed: SpObserved, images: tuple[str, str]) -> SpPlan:
-    """`images`: (serving image, router image) defaults of this installation."""
+def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapping[str, str] | None = None) -> SpPlan:
+    """`images`: (serving image, router image) defaults of this installation. `pod_monitor_labels`: None where this
+    installation writes no PodMonitor (QUANTROL_POD_MONITORS), else the extra labels its PodMonitors carry."""
     obj, now = observed.obj, observed.now
     meta = obj["metadata"]
     policy, generation = meta["name"], int(meta.get("generation", 1))
@@ -186,6 +188,8 @@ def plan(observed: SpObserved, images: tuple[str, str]) -> SpPlan:
     weights = weights_for(phase, index, facts.steps, spec.rollout.shadow.mirror_fraction,
                           held=_held(status.get("weights")))
     _children(result, obj, spec, images, stable, pinned, phase, status, weights, now, observed.router_token)
+    if pod_monitor_labels is not None:
+        result.apply.append(monitoring.pod_monitor(obj, spec, pod_monitor_labels))
     _withdraw_stale_arms(result, observed.deployments)
     _status_fields(status, phase, index, stable, pinned, weights, facts, before, now, generation)
     result.status = _as_declared(status)
