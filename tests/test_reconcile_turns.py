@@ -19,15 +19,16 @@ import pytest
 from kubernetes import client
 
 from quantrol_operator.handlers import common
-from quantrol_operator.kube import Kube
+from quantrol_operator.kube import Kube, status_digest
 
 LOG = logging.getLogger("test")
 
 
-def body(version: str, uid: str = "uid-1") -> kopf.Body:
+def body(version: str, uid: str = "uid-1", phase: str | None = None) -> kopf.Body:
+    """A version of the object; its status differs per version unless `phase` pins it."""
     return kopf.Body({"apiVersion": "quantrol.io/v1alpha1", "kind": "ServingPolicy",
                       "metadata": {"name": "p", "namespace": "ns", "uid": uid, "resourceVersion": version},
-                      "spec": {}, "status": {"phase": "Pending"}})
+                      "spec": {}, "status": {"phase": phase or f"Phase-{version}"}})
 
 
 @pytest.fixture
@@ -57,7 +58,8 @@ class Passes:
         time.sleep(0.1)
         meta = obj["metadata"]
         self.seen.append(meta["resourceVersion"])
-        self.kube.status_written_from[meta["uid"]] = meta["resourceVersion"]  # what Kube.patch_status records
+        # What Kube.patch_status records when it writes: the status this pass started from.
+        self.kube.status_written_from.setdefault(meta["uid"], []).append(status_digest(obj["status"]))
         with self._lock:
             self.running -= 1
         return []
@@ -69,6 +71,16 @@ async def test_event_and_timer_from_the_same_version_make_one_pass(kube: Kube) -
     await asyncio.gather(common.handle(same, LOG, "ServingPolicy", "event", passes),
                          common.handle(same, LOG, "ServingPolicy", "timer", passes))
     assert passes.seen == ["7"]  # the second started from a version the first had written over
+
+
+async def test_a_version_someone_else_wrote_in_between_is_stale_too(kube: Kube) -> None:
+    """The demo counted one refusal twice: the pass from v2 (status Pending) wrote RolledBack, but kopf's own patch
+    of the object had made v3 in between, with v2's status; the pass from v3 decided the same refusal again."""
+    passes = Passes(kube)
+    await common.handle(body("2", phase="Pending"), LOG, "ServingPolicy", "event", passes)
+    await common.handle(body("3", phase="Pending"), LOG, "ServingPolicy", "event", passes)  # same status
+    await common.handle(body("4", phase="RolledBack"), LOG, "ServingPolicy", "event", passes)  # our write's own
+    assert passes.seen == ["2", "4"]
 
 
 async def test_passes_of_one_object_never_overlap_and_newer_versions_run(kube: Kube) -> None:
@@ -85,9 +97,12 @@ async def test_different_objects_are_not_serialized(kube: Kube) -> None:
     assert len(passes.seen) == 3 and passes.max_running > 1
 
 
-def test_superseded_needs_our_own_write_from_that_very_version() -> None:
-    meta = {"uid": "u", "resourceVersion": "5"}
-    assert common.superseded(meta, {"u": "5"})
-    assert not common.superseded(meta, {"u": "4"})  # written from an older version: this one is fresh
-    assert not common.superseded(meta, {})  # never written (e.g. after a restart): run
-    assert not common.superseded({"uid": "u"}, {"u": "5"})  # no version to compare: run
+def test_superseded_means_a_status_one_of_our_writes_started_from() -> None:
+    obj = {"metadata": {"uid": "u", "resourceVersion": "5"}, "status": {"phase": "Pending", "step": 0}}
+    same = {"metadata": {"uid": "u", "resourceVersion": "9"}, "status": {"step": 0, "phase": "Pending"}}
+    written = {"u": [status_digest({"phase": "Canary"}), status_digest({"phase": "Pending", "step": 0})]}
+    assert common.superseded(obj, written)
+    assert common.superseded(same, written)  # any version, key order aside: the status is what counts
+    assert not common.superseded(obj, {"u": [status_digest({"phase": "Canary"})]})  # fresh
+    assert not common.superseded(obj, {})  # never written (e.g. after a restart): run
+    assert not common.superseded({"metadata": {}, "status": {}}, written)  # no uid: run

@@ -7,6 +7,7 @@ zero writes. Status goes through the /status subresource as a JSON merge patch o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -67,14 +68,18 @@ def merge_patch(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]
     return patch
 
 
+def status_digest(status: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(status, sort_keys=True, default=str).encode()).hexdigest()
+
+
 USER_AGENT = "quantrol-operator"  # audit logs (and the tests' request log) tell the operator's calls apart
 
 
 @dataclass
 class Kube:
     api: client.ApiClient
-    # uid -> the resourceVersion the last status patch was computed from (see handlers.common.superseded)
-    status_written_from: dict[str, str] = field(default_factory=dict, repr=False)
+    # uid -> digests of the statuses our last few status patches were computed from (handlers.common.superseded)
+    status_written_from: dict[str, list[str]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.api.user_agent = USER_AGENT
@@ -180,6 +185,8 @@ class Kube:
         meta = obj["metadata"]
         path = f"{_collection(obj['apiVersion'], obj['kind'], meta['namespace'])}/{meta['name']}/status"
         self._call("PATCH", path, body={"status": patch}, content_type="application/merge-patch+json")
-        if meta.get("uid") and meta.get("resourceVersion"):
-            self.status_written_from[str(meta["uid"])] = str(meta["resourceVersion"])
+        if meta.get("uid"):
+            recent = self.status_written_from.setdefault(str(meta["uid"]), [])
+            recent.append(status_digest(obj.get("status") or {}))
+            del recent[:-8]
         return True

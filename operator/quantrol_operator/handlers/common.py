@@ -13,7 +13,7 @@ from kubernetes.client.exceptions import ApiException
 
 from quantrol_operator import metrics
 from quantrol_operator.defaults import OperatorDefaults
-from quantrol_operator.kube import Kube
+from quantrol_operator.kube import Kube, status_digest
 
 DEFAULTS = OperatorDefaults.from_env()
 _kube: Kube | None = None
@@ -33,16 +33,18 @@ def kube() -> Kube:
 _turns: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
 
-def superseded(meta: Mapping[str, Any], status_written_from: Mapping[str, str]) -> bool:
-    """Whether a pass would start from a version of the object that this operator has already written over.
+def superseded(obj: Mapping[str, Any], status_written_from: Mapping[str, list[str]]) -> bool:
+    """Whether a pass would start from a status that this operator has already written over.
 
-    kopf runs an object's event handler and its timer independently, and both can start from the same
-    resourceVersion. The second would then repeat the first's decision on a status its predecessor already
-    replaced: a rollback counted and announced twice, one analysis window counted twice toward a success streak.
-    Such a pass is skipped; the watch event of our own write brings the fresh version within a moment.
+    kopf runs an object's event handler and its timer independently, and the watch delivers every version, also
+    versions that someone else wrote (kopf's own patches, a user's label edit) between our status write and its
+    event. A pass from such a version would repeat the previous pass's decision on a status that pass already
+    replaced: a rollback counted and announced twice, one analysis window counted twice toward a streak. The
+    operator is the only writer of status, so a status that one of our last writes started from is stale: the
+    pass is skipped, and the event of our own write brings the fresh version within a moment.
     """
-    uid, version = meta.get("uid"), meta.get("resourceVersion")
-    return bool(uid and version) and status_written_from.get(str(uid)) == str(version)
+    uid = (obj.get("metadata") or {}).get("uid")
+    return bool(uid) and status_digest(dict(obj.get("status") or {})) in status_written_from.get(str(uid), ())
 
 
 async def handle(body: kopf.Body, logger: kopf.Logger, kind: str, handler: str,
@@ -60,8 +62,8 @@ async def _pass(body: kopf.Body, logger: kopf.Logger, kind: str, handler: str,
     # Read after the turn came: a timer's body is kopf's live view, fresher now than when the pass was queued.
     obj = {"apiVersion": body["apiVersion"], "kind": body["kind"], "metadata": dict(body.meta),
            "spec": dict(body.spec), "status": dict(body.status)}
-    if superseded(obj["metadata"], kube().status_written_from):
-        logger.debug("%s pass skipped: resourceVersion %s is already superseded by our own status write",
+    if superseded(obj, kube().status_written_from):
+        logger.debug("%s pass skipped: resourceVersion %s carries a status our own write already replaced",
                      handler, obj["metadata"].get("resourceVersion"))
         return
     began = time.monotonic()
