@@ -16,9 +16,8 @@ Each candidate's rollout is held (quantrol.io/paused) while the demo warms its e
 metrics: vLLM's CPU build compiles kernels at first use (cached in the cache dir), which the SLOs would otherwise
 judge. The first run on a machine pays those compiles (minutes); later runs reuse them.
 
-Needs QUANTROL_CALIBRATE_PYTHON and QUANTROL_SERVE_PYTHON (`. /tmp/fresh-venvs/env.sh` or `.venvs/env.sh` after
-.ci/setup) and about 5-8 minutes of a 2-core machine; the tiny model is cached in QUANTROL_CACHE_DIR (default
-~/.cache/quantrol).
+Needs QUANTROL_CALIBRATE_PYTHON and QUANTROL_SERVE_PYTHON (`.venvs/env.sh` after .ci/setup) and about 5-8
+minutes of a 2-core machine; the tiny model is cached in QUANTROL_CACHE_DIR (default ~/.cache/quantrol).
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ pytestmark = [pytest.mark.stack, pytest.mark.calibrate, pytest.mark.serve, pytes
 
 SKIP_REASON = (
     "DEMO TEST SKIPPED: set QUANTROL_CALIBRATE_PYTHON (llm-compressor) and QUANTROL_SERVE_PYTHON (vLLM CPU), "
-    "e.g. `. /tmp/fresh-venvs/env.sh` after .ci/setup"
+    "e.g. `. .venvs/env.sh` after .ci/setup"
 )
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -42,15 +41,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     if not (os.environ.get("QUANTROL_CALIBRATE_PYTHON") and os.environ.get("QUANTROL_SERVE_PYTHON")):
         pytest.skip(SKIP_REASON)
-    if os.environ.get("QUANTROL_DEMO_STORY") != "1":
-        pytest.skip("DEMO STORY NOT RUN: work in progress (issue #8) — vLLM's CPU build stalls for 40–60 s under "
-                    "mirrored + probe traffic on a shared 2-core machine and the SLOs then roll W8A8 back; "
-                    "set QUANTROL_DEMO_STORY=1 to run it")
     from quantrol_operator.demo_story import DemoSettings, run_story
 
     output = tmp_path_factory.mktemp("demo")
-    settings = DemoSettings(output=output, shadow_seconds=8, canary=((100, 4),), load_workers=2, max_tokens=4,
-                            quiet=True)
+    settings = DemoSettings.reduced(output, quiet=True)
     result = run_story(settings)
     result["output"] = output
     return result

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from quantrol_operator.localstack.procs import port_is_open
 from quantrol_operator.localstack.stack import LocalStack
@@ -86,7 +87,7 @@ def test_stack_with_runner_runs_workloads_and_scrapes_routers(tmp_path: Path) ->
 def test_demo_command_runs_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "quantrol_operator.cli", "demo", "--local", "--output", str(out)],
+        [sys.executable, "-m", "quantrol_operator.cli", "demo", "--quick", "--output", str(out)],
         capture_output=True, text=True, timeout=180, check=False,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -95,13 +96,30 @@ def test_demo_command_runs_end_to_end(tmp_path: Path) -> None:
     assert "spec.rollout.canarySteps" in result.stdout  # the broken spec was refused naming the field
 
 
+def test_demo_with_a_cluster_configured_asks_which_is_meant(tmp_path: Path) -> None:
+    """`quantrol demo` without --local or --cluster never acts on a configured cluster by surprise."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "prod-eu",
+        "clusters": [{"name": "prod", "cluster": {"server": "https://10.255.255.1:6443"}}],
+        "users": [{"name": "me", "user": {"token": "x"}}],
+        "contexts": [{"name": "prod-eu", "context": {"cluster": "prod", "user": "me"}}]}))
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "quantrol_operator.cli", "demo", "--kubeconfig", str(kubeconfig), "--output", str(out)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "'prod-eu'" in result.stderr and "--local" in result.stderr and "--cluster" in result.stderr
+    assert not out.exists()  # nothing started, nothing written
+
+
 def test_demo_without_the_worker_environments_says_what_to_do(tmp_path: Path) -> None:
     """The full demo is tests/test_demo.py (it needs the calibrate and serve environments); without them the
     command stops at once, says which variables to set, and starts nothing."""
     env = {k: v for k, v in os.environ.items() if k not in ("QUANTROL_CALIBRATE_PYTHON", "QUANTROL_SERVE_PYTHON")}
     result = subprocess.run(
-        [sys.executable, "-m", "quantrol_operator.cli", "demo", "--local", "--story", "--output",
-         str(tmp_path / "out")],
+        [sys.executable, "-m", "quantrol_operator.cli", "demo", "--local", "--output", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=60, check=False, env=env,
     )
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]

@@ -1,9 +1,11 @@
-"""`quantrol`: the user's command line (CRDs, validation; later: demo and status)."""
+"""`quantrol`: the user's command line: CRDs, validation, status, and the demo."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -44,14 +46,47 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _configured_context(kubeconfig: str | None) -> str | None:
+    """The current context of the kubeconfig a client would use, or None when there is none."""
+    path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    if not any(os.path.isfile(p) for p in path.split(os.pathsep)):
+        return None
+    from kubernetes import config
+
+    try:
+        _, current = config.list_kube_config_contexts(config_file=path)  # type: ignore[no-untyped-call]
+    except Exception:  # no usable context in it: as good as none
+        return None
+    return str(current["name"]) if current else None
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    if args.story:
-        from quantrol_operator.demo_story import run_demo as run_story
+    output = Path(args.output)
+    if args.quick:
+        from quantrol_operator.demo import run_demo  # starts servers; imported only when asked for
 
-        return run_story(Path(args.output))
-    from quantrol_operator.demo import run_demo  # starts servers; imported only when asked for
+        return run_demo(output)
+    from quantrol_operator.demo_story import DemoSettings
 
-    return run_demo(Path(args.output))
+    context = _configured_context(args.kubeconfig)
+    if args.cluster:
+        from quantrol_operator.demo_cluster import run_cluster_demo
+
+        # A cluster pulls images and schedules pods, too: longer phase timeouts than on the local stack.
+        base = DemoSettings.reduced(output) if args.reduced else DemoSettings(output=output)
+        cluster = replace(base, phase_timeout=900.0).with_kernel_policy(args.kernel_policy)
+        return run_cluster_demo(output, context=args.context or context, settings=cluster)
+    if not args.local and context:
+        # Never act on a real cluster by surprise: the person says which they mean.
+        print(f"quantrol demo: a cluster is configured (kube context {context!r}); run `quantrol demo --local` for "
+              "the embedded stack (nothing touches that cluster), or `quantrol demo --cluster` to run the story "
+              "there with the installed chart", file=sys.stderr)
+        return 2
+    from quantrol_operator.demo_story import run_demo as run_story
+
+    settings = DemoSettings.reduced(output) if args.reduced else DemoSettings(output=output)
+    settings = settings.with_kernel_policy(args.kernel_policy)
+    return run_story(output, settings)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -95,11 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--kubeconfig", default=None, help="default: $KUBECONFIG or ~/.kube/config")
     status.set_defaults(func=_cmd_status)
 
-    demo = sub.add_parser("demo", help="run the local end-to-end job on the embedded stack (no cluster needed)")
-    demo.add_argument("--local", action="store_true", help="use the embedded stack (the only mode so far)")
-    demo.add_argument("--output", default="out/demo", help="where the report and figures go")
-    demo.add_argument("--story", action="store_true",
-                      help="the full story with real calibration and vLLM arms (work in progress, issue #8)")
+    demo = sub.add_parser(
+        "demo", help="the whole story, for real: calibrate, publish, shadow, canary, promote, roll back",
+        description="With no cluster configured (or with --local): the embedded stack (Kubernetes API emulation, "
+                    "Prometheus, OCI registry, a local workload runner) runs the operator's Jobs and vLLM CPU "
+                    "arms as processes. With --cluster: the same story on the current kube context, through "
+                    "the installed chart.")
+    where = demo.add_mutually_exclusive_group()
+    where.add_argument("--local", action="store_true", help="the embedded stack, even when a cluster is configured")
+    where.add_argument("--cluster", action="store_true", help="the current kube context, with the chart installed")
+    where.add_argument("--quick", action="store_true",
+                       help="only check the embedded stack (API, operator, registry, validation): about 30 s")
+    demo.add_argument("--output", default="out/demo", help="where the report, the chart and the logs go")
+    demo.add_argument("--kernel-policy", choices=("warn", "enforce"), default="warn",
+                      help="warn (default): FP8_DYNAMIC, a fallback on CPU, faces the SLOs and the latency SLO "
+                           "rolls it back; enforce: it is refused as KernelFallback before it takes traffic")
+    demo.add_argument("--reduced", action="store_true", help="shorter dwell times and a lighter load (as in CI)")
+    demo.add_argument("--kubeconfig", default=None, help="default: $KUBECONFIG or ~/.kube/config")
+    demo.add_argument("--context", default=None, help="with --cluster: the kube context (default: the current)")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

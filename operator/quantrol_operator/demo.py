@@ -1,9 +1,9 @@
-"""`quantrol demo`: the main job on a laptop, on the local stack (no cluster, no GPU).
+"""`quantrol demo --quick`: a 30-second check of the embedded stack, without engines or calibration.
 
-Stage reached so far (the rest lands with the calibration, serving and SLO issues): the local stack
-starts for real, the CRDs generated from the API models are registered, the operator runs as `kopf run`
-and watches both kinds, the same YAML a user would `kubectl apply` is printed and applied, a broken spec
-is refused with the field named, and an artifact travels through the registry by digest.
+The local stack starts for real, the CRDs generated from the API models are registered, the operator runs as
+`kopf run` and watches both kinds, the same YAML a user would `kubectl apply` is printed and applied, a broken spec
+is refused with the field named, and an artifact travels through the registry by digest. The whole story is
+`quantrol demo` (demo_story.py).
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Scenarios against a real cluster (e2e/README.md); `pytest` alone never collects them (testpaths: tests)."""

@@ -1,0 +1,713 @@
+"""`quantrol demo --cluster`: the demo story on a real cluster, with the chart's operator and real pods.
+
+The resources are the local story's (demo_story.py): three QuantizedModels on target cpu-x86 (W8A8, FP8_DYNAMIC,
+W8A16) and one ServingPolicy whose candidate is edited from one to the next. They go to the cluster of the current
+kubeconfig (or of `context`), are followed by the same recorder, and end in the same report. What the local stack
+did on this machine, the cluster does:
+
+- the tiny model is built in the cluster, by a Job on the operator's calibration worker image, into a PVC
+  (`tiny-model`), and its bf16 checkpoint is pushed to the registry as the baseline, pinned by digest. The
+  QuantizedModels read it as `pvc://tiny-model/model` and their calibration data from the same claim;
+- the load generator and the engine warm-up run as pods on the operator's image (Python's standard library is all
+  they need), sending to the router's and the arms' Services;
+- the registry and Prometheus are the cluster's: by default the ones e2e/kind-up.sh installs (a TLS registry whose
+  CA the e2e images trust, and a Prometheus that scrapes annotated pods with the `namespace` and `policy` labels).
+
+It first checks that the operator is installed (both CRDs, and a ready operator Deployment with the chart's labels)
+and says how to install it otherwise. It works in namespace quantrol-demo, which it deletes and re-creates at the
+start: a previous run's objects must not be mistaken for this run's. e2e/test_rollout.py runs the same steps as
+pytest scenarios.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+from quantrol_operator.children.calibration import MODELS_DIR
+from quantrol_operator.children.router import ROUTER_PORT
+from quantrol_operator.children.serving import ENGINE_PORT, arm_name
+from quantrol_operator.defaults import OperatorDefaults
+from quantrol_operator.demo_story import (
+    CANDIDATES,
+    NAMESPACE,
+    PAUSED,
+    POLICY,
+    Api,
+    DemoError,
+    DemoSettings,
+    LoadGenerator,
+    Recorder,
+    build_report,
+    print_yaml,
+    quantized_model,
+    report_markdown,
+    rolled_back_after,
+    say,
+    serving_policy,
+    wait_for,
+    wait_policy,
+    wait_quantized_models,
+    warm_bodies,
+)
+from quantrol_operator.statusview import render_quantizedmodel, render_servingpolicy
+
+DEFAULT_REGISTRY = "registry.quantrol-infra.svc:5000"  # e2e/kind-up.sh: TLS, CA baked into the e2e images
+DEFAULT_PROMETHEUS = "http://prometheus.quantrol-infra.svc:9090"
+OPERATOR_SELECTOR = "app.kubernetes.io/name=quantrol,app.kubernetes.io/component=operator"  # the chart's labels
+CRD_NAMES = ("quantizedmodels.quantrol.io", "servingpolicies.quantrol.io")
+HELM_INSTALL = "helm install quantrol charts/quantrol -n quantrol-system --create-namespace"
+MODEL_CLAIM = "tiny-model"
+DEMO_LABELS = {"app.kubernetes.io/part-of": "quantrol-demo"}
+LOAD_NAME = f"{POLICY}-load"
+TERMINATION_LOG = "/dev/termination-log"
+_LOAD_LINE = re.compile(r"quantrol-load ok=(\d+) failed=(\d+)")
+
+
+@dataclass(frozen=True)
+class ClusterTarget:
+    """Where the cluster's registry and Prometheus answer (defaults: what e2e/kind-up.sh installs)."""
+
+    registry: str = DEFAULT_REGISTRY
+    prometheus_url: str = DEFAULT_PROMETHEUS
+    insecure_registry: bool = False  # plain HTTP: the calibration Jobs can, the serving arms' fetch cannot
+    storage_class: str | None = None  # for the tiny-model claim; None: the cluster's default StorageClass
+
+
+@dataclass(frozen=True)
+class OperatorInstall:
+    namespace: str
+    name: str
+    image: str  # the operator's own image: the helper pods run on it
+    defaults: OperatorDefaults  # read from the operator container's environment (the chart's workerImages.*)
+
+
+class ClusterApi(Api):
+    """demo_story's Api (namespace quantrol-demo), on a real kubeconfig and context, plus the built-in kinds."""
+
+    def __init__(self, context: str | None = None, kubeconfig: str | None = None) -> None:
+        from kubernetes import client, config
+
+        path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+        self._client = config.new_client_from_config(config_file=path, context=context)  # type: ignore[no-untyped-call]
+        self.custom = client.CustomObjectsApi(self._client)
+        self.core = client.CoreV1Api(self._client)
+        self.apps = client.AppsV1Api(self._client)
+        self.batch = client.BatchV1Api(self._client)
+        self.extensions = client.ApiextensionsV1Api(self._client)
+
+    def plain(self, obj: object) -> dict[str, Any]:
+        """A client model as the API's JSON (camelCase keys): the models' fields are all optional anyway."""
+        return cast(dict[str, Any], self._client.sanitize_for_serialization(obj))
+
+    def items(self, listed: object) -> list[dict[str, Any]]:
+        return list(self.plain(listed).get("items") or [])
+
+    def create_builtin(self, obj: dict[str, Any]) -> None:
+        """Create a Job, Deployment or PersistentVolumeClaim in the demo namespace from its dict."""
+        from kubernetes import client
+
+        if obj["kind"] == "Job":
+            self.batch.create_namespaced_job(NAMESPACE, client.V1Job.model_validate(obj))
+        elif obj["kind"] == "Deployment":
+            self.apps.create_namespaced_deployment(NAMESPACE, client.V1Deployment.model_validate(obj))
+        elif obj["kind"] == "PersistentVolumeClaim":
+            self.core.create_namespaced_persistent_volume_claim(
+                NAMESPACE, client.V1PersistentVolumeClaim.model_validate(obj))
+        else:
+            raise ValueError(f"create_builtin does not create {obj['kind']}")
+
+    def get_optional(self, plural: str, name: str) -> dict[str, Any] | None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return self.get(plural, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+
+# --- what runs in the helper pods: standard library only (quantrol_worker too for the seed), shipped as source --
+
+
+def _seed_main() -> None:
+    """In the worker image: build the tiny model into the claim, push its bf16 checkpoint, report the digest."""
+    import json
+    import os
+    from pathlib import Path
+
+    from quantrol_worker.calibrate.oci import push
+    from quantrol_worker.tinymodel import TinySpec, build
+
+    info = build(Path(os.environ["QUANTROL_SEED_OUT"]), TinySpec(vocab_size=4096))  # vLLM CPU needs 4096
+    ref = push(Path(info["model_dir"]), os.environ["QUANTROL_SEED_REPOSITORY"],
+               insecure=os.environ.get("QUANTROL_SEED_INSECURE") == "true", tag="bf16",
+               annotations={"org.opencontainers.image.title": "tiny-llama bf16 baseline"})
+    result = json.dumps({"baseline": f"oci://{ref}", "parameters": info["parameters"],
+                         "slices": sorted(info["slices"])})
+    Path(os.environ["QUANTROL_TERMINATION_LOG"]).write_text(result)
+    print(result, flush=True)
+
+
+def _load_main() -> None:
+    """A bounded load against the router: N clients, one streamed completion in flight each, until SIGTERM.
+    Failures before the first answer are not counted: the router and the stable arm are still starting."""
+    import json
+    import os
+    import signal
+    import threading
+    import urllib.request
+
+    url, prompts = os.environ["QUANTROL_LOAD_URL"], json.loads(os.environ["QUANTROL_LOAD_PROMPTS"])
+    workers, max_tokens = int(os.environ["QUANTROL_LOAD_WORKERS"]), int(os.environ["QUANTROL_LOAD_MAX_TOKENS"])
+    stop, lock, counts = threading.Event(), threading.Lock(), {"ok": 0, "failed": 0}
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def loop(n: int) -> None:
+        while not stop.is_set():
+            body = json.dumps({"model": os.environ["QUANTROL_LOAD_MODEL"], "prompt": prompts[n % len(prompts)],
+                               "max_tokens": max_tokens, "temperature": 0, "stream": True}).encode()
+            n += workers
+            request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=60) as rsp:
+                    rsp.read()
+                with lock:
+                    counts["ok"] += 1
+            except OSError:
+                with lock:
+                    counts["failed"] += 1 if counts["ok"] else 0
+                stop.wait(1.0)
+            stop.wait(0.1)
+
+    threads = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(workers)]
+    for thread in threads:
+        thread.start()
+    while not stop.wait(5.0):
+        print(f"quantrol-load ok={counts['ok']} failed={counts['failed']}", flush=True)
+    for thread in threads:
+        thread.join(70)
+    print(f"quantrol-load ok={counts['ok']} failed={counts['failed']}", flush=True)
+
+
+def _warm_main() -> None:
+    """Send each warm-up body straight to one engine: the first two alone, then the rest in batches of four."""
+    import json
+    import os
+    import sys
+    import threading
+    import time
+    import urllib.request
+
+    url, bodies = os.environ["QUANTROL_WARM_URL"], json.loads(os.environ["QUANTROL_WARM_BODIES"])
+    timeout, began = float(os.environ["QUANTROL_WARM_TIMEOUT"]), time.monotonic()
+    failures: list[str] = []
+
+    def send(body: dict[str, object]) -> None:
+        request = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as rsp:
+                rsp.read()
+        except OSError as exc:
+            failures.append(f"{exc!r}")
+
+    for body in bodies[:2]:
+        send(body)
+    for start in range(2, len(bodies), 4):
+        threads = [threading.Thread(target=send, args=(b,), daemon=True) for b in bodies[start:start + 4]]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout)
+    print(f"warm after {time.monotonic() - began:.0f}s; failures: {failures}", flush=True)
+    sys.exit(1 if failures else 0)
+
+
+def pod_script(main: Callable[[], None]) -> str:
+    """A module-level function of this file as a `python -c` program: its source, then a call."""
+    return f"{inspect.getsource(main)}\n{main.__name__}()\n"
+
+
+# --- the objects the demo applies besides the custom resources -----------------------------------------------------
+
+
+def _env(values: dict[str, str]) -> list[dict[str, str]]:
+    return [{"name": k, "value": v} for k, v in values.items()]
+
+
+def _meta(name: str, **labels: str) -> dict[str, Any]:
+    return {"name": name, "namespace": NAMESPACE, "labels": {**DEMO_LABELS, **labels}}
+
+
+def helper_job(name: str, image: str, main: Callable[[], None], env: dict[str, str], deadline: float,
+               volumes: Sequence[dict[str, Any]] = (), mounts: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """A one-shot pod running `main` (see pod_script) on `image`; it fails at once rather than retrying."""
+    container = {"name": "main", "image": image, "command": ["python", "-c", pod_script(main)],
+                 "env": _env({"PYTHONUNBUFFERED": "1", "QUANTROL_TERMINATION_LOG": TERMINATION_LOG, **env}),
+                 "volumeMounts": list(mounts), "terminationMessagePath": TERMINATION_LOG,
+                 "terminationMessagePolicy": "FallbackToLogsOnError"}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(name),
+            "spec": {"backoffLimit": 0, "activeDeadlineSeconds": int(deadline),
+                     "template": {"metadata": {"labels": dict(DEMO_LABELS)},
+                                  "spec": {"restartPolicy": "Never", "containers": [container],
+                                           "volumes": list(volumes)}}}}
+
+
+def model_claim(storage_class: str | None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
+    if storage_class:
+        spec["storageClassName"] = storage_class
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": _meta(MODEL_CLAIM), "spec": spec}
+
+
+def seed_job(name: str, worker_image: str, target: ClusterTarget, deadline: float) -> dict[str, Any]:
+    """Builds the tiny model into the claim (mounted where the operator mounts pvc:// models) and pushes the
+    baseline; the result (`baseline`: oci://…@sha256:…) is the pod's termination message."""
+    mount_path = f"{MODELS_DIR}/{MODEL_CLAIM}"
+    env = {"QUANTROL_SEED_OUT": mount_path, "QUANTROL_SEED_REPOSITORY": f"{target.registry}/models/tiny-bf16",
+           "QUANTROL_SEED_INSECURE": "true" if target.insecure_registry else "false", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    return helper_job(name, worker_image, _seed_main, env, deadline,
+                      volumes=[{"name": "model", "persistentVolumeClaim": {"claimName": MODEL_CLAIM}}],
+                      mounts=[{"name": "model", "mountPath": mount_path}])
+
+
+def warm_job(name: str, image: str, artifact: str, deadline: float) -> dict[str, Any]:
+    url = f"http://{arm_name(POLICY, artifact)}.{NAMESPACE}.svc:{ENGINE_PORT}/v1/completions"
+    env = {"QUANTROL_WARM_URL": url, "QUANTROL_WARM_BODIES": json.dumps(warm_bodies()),
+           "QUANTROL_WARM_TIMEOUT": str(int(deadline))}
+    return helper_job(name, image, _warm_main, env, deadline)
+
+
+def load_deployment(image: str, settings: DemoSettings) -> dict[str, Any]:
+    labels = {**DEMO_LABELS, "app.kubernetes.io/name": LOAD_NAME}
+    env = {"QUANTROL_LOAD_URL": f"http://{POLICY}.{NAMESPACE}.svc:{ROUTER_PORT}/v1/completions",
+           "QUANTROL_LOAD_PROMPTS": json.dumps(LoadGenerator.PROMPTS), "QUANTROL_LOAD_MODEL": POLICY,
+           "QUANTROL_LOAD_WORKERS": str(settings.load_workers), "QUANTROL_LOAD_MAX_TOKENS": str(settings.max_tokens),
+           "PYTHONUNBUFFERED": "1"}
+    container = {"name": "load", "image": image, "command": ["python", "-c", pod_script(_load_main)], "env": _env(env)}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(LOAD_NAME, **labels),
+            "spec": {"replicas": 1, "selector": {"matchLabels": {"app.kubernetes.io/name": LOAD_NAME}},
+                     "template": {"metadata": {"labels": labels},
+                                  "spec": {"terminationGracePeriodSeconds": 75, "containers": [container]}}}}
+
+
+def cluster_quantized_model(name: str, scheme: str, target: ClusterTarget) -> dict[str, Any]:
+    """The local story's QuantizedModel, reading the tiny model and its calibration data from the claim."""
+    qm = quantized_model(name, scheme, {"model_dir": "", "calibration_jsonl": ""}, target.registry)
+    spec = qm["spec"]
+    spec["baseModel"]["uri"] = f"pvc://{MODEL_CLAIM}/model"
+    spec["calibration"]["uri"] = f"file://{MODELS_DIR}/{MODEL_CLAIM}/calibration.jsonl"  # where the claim is mounted
+    spec["artifact"]["insecure"] = target.insecure_registry
+    return qm
+
+
+def _label_text(labels: dict[str, str]) -> str:
+    return "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+
+
+def _ref(obj: dict[str, Any]) -> str:
+    return f"{obj['metadata'].get('namespace')}/{obj['metadata']['name']}"
+
+
+def _ready_replicas(deployment: dict[str, Any]) -> int:
+    return int((deployment.get("status") or {}).get("readyReplicas") or 0)
+
+
+def _container_state(cs: dict[str, Any]) -> str:
+    """Why a container is not running ("" when it is, or ended well), for pods_report."""
+    state = cs.get("state") or {}
+    if state.get("waiting"):
+        waiting = state["waiting"]
+        return f"{cs['name']} waiting: {waiting.get('reason')} {waiting.get('message') or ''}".rstrip()
+    terminated = state.get("terminated") or {}
+    if terminated.get("exitCode"):
+        return (f"{cs['name']} exited {terminated['exitCode']}: {terminated.get('reason')} "
+                f"{(terminated.get('message') or '')[-300:]}").rstrip()
+    return ""
+
+
+# --- the story's steps ---------------------------------------------------------------------------------------------
+
+
+class ClusterStory:
+    """The demo's steps on a cluster, one method each: run_cluster_story runs them all, the e2e scenarios in turn."""
+
+    def __init__(self, settings: DemoSettings, target: ClusterTarget | None = None, context: str | None = None,
+                 kubeconfig: str | None = None) -> None:
+        self.settings = settings
+        self.target = target or ClusterTarget()
+        self.api = ClusterApi(context, kubeconfig)
+        self.recorder = Recorder(self.api, time.monotonic())
+        self.install: OperatorInstall | None = None
+        self.began = time.monotonic()
+        self.baseline = ""
+        self.settled: dict[str, dict[str, Any]] = {}  # QuantizedModel name -> the object once Ready/Rejected/Failed
+        self.artifacts: dict[str, str] = {}  # QuantizedModel name -> oci://…@sha256:… (published ones only)
+        self.marks: list[tuple[float, str]] = []
+        self.rollbacks: list[dict[str, Any]] = []
+        self._jobs = 0
+
+    def preflight(self) -> OperatorInstall:
+        """Both CRDs and a ready operator Deployment with the chart's labels, or a DemoError saying how to install."""
+        from kubernetes.client.exceptions import ApiException
+
+        missing: list[str] = []
+        for name in CRD_NAMES:
+            try:
+                self.api.extensions.read_custom_resource_definition(name)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                missing.append(name)
+        if missing:
+            raise DemoError(f"Quantrol is not installed on this cluster (no CRD {', '.join(missing)}); install it "
+                            f"with `{HELM_INSTALL}` (on kind, `bash e2e/kind-up.sh` does everything)")
+        found = self.api.items(self.api.apps.list_deployment_for_all_namespaces(label_selector=OPERATOR_SELECTOR))
+        ready = [d for d in found if _ready_replicas(d) >= 1]
+        if not ready:
+            seen = ", ".join(f"{_ref(d)} ({_ready_replicas(d)} ready)" for d in found) or "none"
+            raise DemoError(f"no ready Quantrol operator (Deployments labelled {OPERATOR_SELECTOR}: {seen}); install "
+                            f"it with `{HELM_INSTALL}`, or see why its pod is not ready (kubectl describe pod -A -l "
+                            f"{OPERATOR_SELECTOR})")
+        meta, container = ready[0]["metadata"], ready[0]["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e["value"] for e in container.get("env") or [] if e.get("value") is not None}
+        self.install = OperatorInstall(meta["namespace"], meta["name"], container["image"],
+                                       OperatorDefaults.from_env(env))
+        say(f"operator {_ref(ready[0])} ready ({container['image']}); calibration image "
+             f"{self.install.defaults.worker_image}, serving image {self.install.defaults.serving_image}")
+        return self.install
+
+    def _installed(self) -> OperatorInstall:
+        return self.install or self.preflight()
+
+    def reset(self) -> None:
+        """Delete the demo namespace (a previous run's objects, children and claim) and create it afresh."""
+        from kubernetes.client.exceptions import ApiException
+
+        with contextlib.suppress(ApiException):  # 404: nothing to delete
+            self.api.core.delete_namespace(NAMESPACE)
+            say(f"deleting namespace {NAMESPACE} and a previous run's objects in it")
+
+        def gone() -> bool:
+            try:
+                self.api.core.read_namespace(NAMESPACE)
+            except ApiException as exc:
+                if exc.status == 404:
+                    return True
+                raise
+            return False
+
+        wait_for(f"namespace {NAMESPACE} to be deleted (the operator removes its finalizers: is it running?)", gone,
+              self.settings.phase_timeout, every=2.0)
+        self.api.ensure_namespace(NAMESPACE)
+
+    def seed(self) -> str:
+        """The tiny model, built in the cluster into the claim; its bf16 checkpoint pushed as the baseline."""
+        image = self._installed().defaults.worker_image
+        self.api.create_builtin(model_claim(self.target.storage_class))
+        name = self._job_name("seed")
+        self.api.create_builtin(seed_job(name, image, self.target, self.settings.phase_timeout))
+        say(f"Job {name} on {image}: the tiny model into PVC {MODEL_CLAIM}, its bf16 checkpoint to "
+             f"{self.target.registry}")
+        result = json.loads(self.wait_job(name, self.settings.phase_timeout))
+        self.baseline = str(result["baseline"])
+        say(f"tiny model ready ({result.get('parameters'):,} parameters, slices {result.get('slices')}); baseline "
+             f"published by digest: {self.baseline}")
+        return self.baseline
+
+    def calibrate(self, candidates: Sequence[tuple[str, str]]) -> dict[str, dict[str, Any]]:
+        """Apply one QuantizedModel per (name, scheme) and wait until each is Ready, Rejected or Failed."""
+        qms = [cluster_quantized_model(name, scheme, self.target) for name, scheme in candidates]
+        for qm in qms:
+            if not self.settings.quiet:
+                print_yaml(qm)
+            self.api.create(qm)
+        say(f"applied {len(qms)} QuantizedModels; the operator's calibration Jobs run on "
+             f"{self._installed().defaults.worker_image}")
+        settled = wait_quantized_models(self.api, [q["metadata"]["name"] for q in qms], self.settings.phase_timeout)
+        self.settled.update(settled)
+        for name, obj in settled.items():
+            ref = ((obj.get("status") or {}).get("artifact") or {}).get("ref")
+            if ref:
+                self.artifacts[name] = f"oci://{ref}"
+        return settled
+
+    def start_policy(self, candidate: str) -> None:
+        """Apply the ServingPolicy (held), start the load, warm both arms' engines, release the hold."""
+        if candidate not in self.artifacts:
+            raise DemoError(f"{candidate} has no published artifact to roll out ({self.describe_model(candidate)})")
+        policy = serving_policy(self.baseline, candidate, self.settings, self.target.prometheus_url)
+        if not self.settings.quiet:
+            print_yaml(policy)
+        self.recorder.candidate = candidate
+        self.recorder.started = time.monotonic()
+        self.api.create(policy)
+        self.recorder.start()
+        self.api.create_builtin(load_deployment(self._installed().image, self.settings))
+        say(f"applied ServingPolicy {POLICY} (held while its engines warm up); bounded load from Deployment "
+             f"{LOAD_NAME}: {self.settings.load_workers} clients, {self.settings.max_tokens} tokens each")
+        self.hold_and_warm([self.baseline, self.artifacts[candidate]])
+
+    def hold_and_warm(self, artifacts: Sequence[str]) -> None:
+        """While the policy is held (quantrol.io/paused), wait for the arms of `artifacts` and warm their engines
+        up from Jobs that send straight to the engines (demo_story.hold_and_warm), then release the hold."""
+        began, timeout = time.monotonic(), self.settings.phase_timeout
+        arms = [arm_name(POLICY, artifact) for artifact in artifacts]
+        try:
+            wait_for(f"the arms {', '.join(arms)} to be ready", lambda: all(self._ready(a) for a in arms), timeout, 2.0)
+        except DemoError as exc:
+            raise DemoError(f"{exc}\n{self.pods_report()}") from None
+        jobs = [self._job_name("warm") for _ in artifacts]
+        for job, artifact in zip(jobs, artifacts, strict=True):
+            self.api.create_builtin(warm_job(job, self._installed().image, artifact, timeout))
+        for job in jobs:
+            self.wait_job(job, timeout + 60)
+        say(f"engines {', '.join(arms)} warm in {time.monotonic() - began:.0f}s (requests straight to the engines, "
+             "unseen by the metrics); releasing the hold")
+        self.api.patch_policy({"metadata": {"annotations": {PAUSED: None}}})
+
+    def wait_promoted(self) -> None:
+        candidate = self.recorder.candidate
+        wait_policy(self.recorder, f"{candidate} to be promoted", lambda s: s.get("phase") == "Promoted",
+                    self.settings.phase_timeout, stop_on=("RolledBack",))
+        self.marks.append((time.monotonic() - self.recorder.started, f"{candidate} promoted"))
+
+    def switch_candidate(self, name: str) -> dict[str, Any]:
+        """Edit the policy's candidate as a user would in git, and wait for the rollback that ends it; returns the
+        rollback record. A refused QuantizedModel has no digest: a retry annotation goes with the edit."""
+        with self.recorder.lock:
+            seen = len(self.recorder.status.get("history") or [])
+        refused = name not in self.artifacts
+        hold = ("quantrol.io/retry", datetime.now(UTC).isoformat()) if refused else (PAUSED, "true")
+        say(f"editing the policy: spec.candidate.quantizedModelRef.name = {name}")
+        self.recorder.candidate = name
+        self.marks.append((time.monotonic() - self.recorder.started, f"candidate → {name}"))
+        self.api.patch_policy({"metadata": {"annotations": dict([hold])},
+                               "spec": {"candidate": {"quantizedModelRef": {"name": name}}}})
+        if not refused:
+            self.hold_and_warm([self.artifacts[name]])
+        wait_policy(self.recorder, f"{name} to be rolled back", rolled_back_after(seen), self.settings.phase_timeout)
+        with self.recorder.lock:
+            record = dict(self.recorder.status.get("rollback") or {})
+        self.marks.append((time.monotonic() - self.recorder.started, f"RolledBack: {name} ({record.get('reason')})"))
+        self.rollbacks.append({"candidate": name, "record": record})
+        say(f"rollback record for {name}: {json.dumps(record, sort_keys=True)}")
+        return record
+
+    def finish(self) -> dict[str, Any]:
+        """Stop the load and gather the report (the same keys as the local story's report.json)."""
+        self.recorder.observe()
+        load = self.stop_load()
+        final = self.api.get("servingpolicies", POLICY)
+        return build_report(
+            seconds=time.monotonic() - self.began, settings=self.settings, baseline=self.baseline,
+            quantized={name: self.api.get("quantizedmodels", name) for name in self.settled}, final=final,
+            recorder=self.recorder, rollbacks=self.rollbacks,
+            rollbacks_total=self.operator_metric("quantrol_rollbacks_total"), load=load, marks=self.marks)
+
+    def close(self) -> None:
+        """Stop following, stop the load (also after a failure), keep what was recorded."""
+        self.recorder.stop.set()
+        with contextlib.suppress(Exception):
+            self.stop_load()
+        with contextlib.suppress(OSError):
+            self.settings.output.mkdir(parents=True, exist_ok=True)
+            self.recorder.dump(self.settings.output / "timeline.json")
+        self.api.close()
+
+    # --- reading the cluster ---------------------------------------------------------------------------------------
+
+    def _job_name(self, kind: str) -> str:
+        self._jobs += 1
+        return f"{POLICY}-{kind}-{self._jobs}"
+
+    def _ready(self, deployment: str) -> bool:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            found = self.api.plain(self.api.apps.read_namespaced_deployment_status(deployment, NAMESPACE))
+        except ApiException as exc:
+            if exc.status == 404:
+                return False  # not created yet
+            raise
+        return _ready_replicas(found) >= 1
+
+    def wait_job(self, name: str, timeout: float) -> str:
+        """Wait for a helper Job to succeed; returns its pod's termination message. A failure or a timeout raises
+        DemoError with the pod's state and log tail."""
+
+        def done() -> bool:
+            status = self.api.plain(self.api.batch.read_namespaced_job_status(name, NAMESPACE)).get("status") or {}
+            if status.get("failed"):
+                raise DemoError(f"Job {name} failed")
+            return bool(status.get("succeeded"))
+
+        try:
+            wait_for(f"Job {name}", done, timeout, every=2.0)
+        except DemoError as exc:
+            raise DemoError(f"{exc}\n{self.pods_report(f'job-name={name}', logs=True)}") from None
+        for pod in self._pods(f"job-name={name}"):
+            for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+                message = ((cs.get("state") or {}).get("terminated") or {}).get("message")
+                if message:
+                    return str(message)
+        return ""
+
+    def _pods(self, selector: str = "") -> list[dict[str, Any]]:
+        return self.api.items(self.api.core.list_namespaced_pod(NAMESPACE, label_selector=selector))
+
+    def _log_tail(self, pod: dict[str, Any], lines: int) -> str:
+        return str(self.api.core.read_namespaced_pod_log(pod["metadata"]["name"], NAMESPACE, tail_lines=lines))
+
+    def pods_report(self, selector: str = "", logs: bool = False) -> str:
+        """One line per pod of the demo namespace (phase, and why each container is not running), with the last log
+        lines of each when `logs`: what a failed wait shows."""
+        lines: list[str] = []
+        for pod in self._pods(selector):
+            status = pod.get("status") or {}
+            states = [_container_state(cs) for cs in (status.get("initContainerStatuses") or [])
+                      + (status.get("containerStatuses") or [])]
+            why = "; ".join(s for s in states if s)
+            lines.append(f"  pod {pod['metadata']['name']}: {status.get('phase')}" + (f" — {why}" if why else ""))
+            if logs:
+                with contextlib.suppress(Exception):
+                    lines += [f"    | {line}" for line in self._log_tail(pod, 30).splitlines()]
+        return "\n".join(lines) or f"  no pods in {NAMESPACE}" + (f" matching {selector}" if selector else "")
+
+    def describe_model(self, name: str) -> str:
+        obj = self.settled.get(name) or self.api.get_optional("quantizedmodels", name)
+        return render_quantizedmodel(obj) if obj else f"QuantizedModel {NAMESPACE}/{name}: not found"
+
+    def describe(self) -> str:
+        """The policy and the models at a glance (`quantrol status`), and the pods: what a failed test prints."""
+        from quantrol_operator.api.common import GROUP, VERSION
+
+        parts: list[str] = []
+        with contextlib.suppress(Exception):
+            policy = self.api.get_optional("servingpolicies", POLICY)
+            parts.append(render_servingpolicy(policy) if policy else f"ServingPolicy {NAMESPACE}/{POLICY}: not found")
+        with contextlib.suppress(Exception):
+            listed = self.api.custom.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "quantizedmodels")
+            parts += [render_quantizedmodel(obj) for obj in cast(dict[str, Any], listed).get("items", [])]
+        with contextlib.suppress(Exception):
+            parts.append(f"pods in {NAMESPACE}:\n{self.pods_report()}")
+        return "\n".join(parts)
+
+    def stop_load(self) -> dict[str, int]:
+        """The load generator's last counts (from its log), then its Deployment deleted."""
+        from kubernetes.client.exceptions import ApiException
+
+        counts = {"ok": 0, "failed": 0}
+        for pod in self._pods(f"app.kubernetes.io/name={LOAD_NAME}"):
+            with contextlib.suppress(ApiException):
+                found = _LOAD_LINE.findall(self._log_tail(pod, 5))
+                if found:
+                    counts["ok"] += int(found[-1][0])
+                    counts["failed"] += int(found[-1][1])
+        with contextlib.suppress(ApiException):  # 404: never started, or already stopped
+            self.api.apps.delete_namespaced_deployment(LOAD_NAME, NAMESPACE)
+        return counts
+
+    def operator_metric(self, name: str) -> dict[str, float]:
+        """Every sample of one of the operator's metrics, read through the API server's proxy to its metrics Service
+        (the chart's `<release>-metrics`), keyed by label text; empty when that Service is not there."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        install = self._installed()
+        out: dict[str, float] = {}
+        services = self.api.items(self.api.core.list_namespaced_service(install.namespace,
+                                                                          label_selector=OPERATOR_SELECTOR))
+        for svc in services:
+            if not any(port.get("name") == "metrics" for port in svc["spec"].get("ports") or []):
+                continue
+            try:
+                text = self.api.core.connect_get_namespaced_service_proxy_with_path(
+                    f"{svc['metadata']['name']}:metrics", install.namespace, "metrics")
+            except Exception as exc:  # the report says so; the story itself is done
+                say(f"could not read the operator's metrics through {_ref(svc)}: {exc}")
+                return out
+            for family in text_string_to_metric_families(str(text)):
+                out.update({_label_text(s.labels): s.value for s in family.samples if s.name == name})
+        return out
+
+
+# --- the whole story -----------------------------------------------------------------------------------------------
+
+
+def run_cluster_story(story: ClusterStory) -> dict[str, Any]:
+    """The local story's flow on the cluster: W8A8 promoted, FP8_DYNAMIC rolled back on latency (or refused as
+    KernelFallback under kernelPolicy enforce), W8A16 refused as KernelUnavailable."""
+    story.preflight()
+    story.reset()
+    story.seed()
+    story.calibrate(CANDIDATES)
+    story.start_policy(CANDIDATES[0][0])
+    story.wait_promoted()
+    fp8_reason = "SloBreach" if story.settings.kernel_policy == "warn" else "KernelFallback"
+    for name, expect in ((CANDIDATES[1][0], fp8_reason), (CANDIDATES[2][0], "KernelUnavailable")):
+        record = story.switch_candidate(name)
+        if record.get("reason") != expect:
+            say(f"!! expected {expect} for {name}, got {record.get('reason')}")
+    report = story.finish()
+    print(render_servingpolicy(report["servingPolicy"]), flush=True)
+    for obj in report["quantizedModels"].values():
+        print(render_quantizedmodel(obj), flush=True)
+    return report
+
+
+def write_report(output: Path, report: dict[str, Any], story: ClusterStory) -> None:
+    """report.json and report.md as the local story writes them, and chart.png where matplotlib is installed."""
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (output / "report.md").write_text(report_markdown(report))
+    try:
+        from quantrol_operator.demo_story import draw_chart
+
+        draw_chart(story.recorder.series, story.marks, output / "chart.png")
+    except ImportError as exc:  # matplotlib comes with the dev extra, not with the operator's
+        say(f"no chart.png: {exc}")
+
+
+def run_cluster_demo(output: Path, context: str | None = None, *, target: ClusterTarget | None = None,
+                     settings: DemoSettings | None = None) -> int:
+    """`quantrol demo --cluster`: 0 when the story ran to its end, 1 when it stopped (the reason printed)."""
+    from kubernetes.client.exceptions import ApiException
+    from kubernetes.config import ConfigException
+
+    settings = settings or DemoSettings(output=output, phase_timeout=900.0)  # a cluster pulls and schedules, too
+    say(f"quantrol demo on the cluster of {f'context {context}' if context else 'the current kube context'}; "
+         f"output in {output}")
+    try:
+        story = ClusterStory(settings, target, context)
+    except (ConfigException, OSError) as exc:
+        say(f"demo stopped: no usable kubeconfig ({exc}); set KUBECONFIG or pass a context")
+        return 1
+    try:
+        report = run_cluster_story(story)
+    except (DemoError, ApiException) as exc:
+        say(f"demo stopped: {exc}")
+        if story.install is not None:  # past the preflight: the objects and pods say what went wrong
+            with contextlib.suppress(Exception):
+                print(story.describe(), flush=True)
+        return 1
+    except KeyboardInterrupt:
+        say(f"interrupted; the objects stay in namespace {NAMESPACE} (the load generator is stopped)")
+        return 130
+    finally:
+        story.close()
+    write_report(output, report, story)
+    print(report_markdown(report), flush=True)
+    say(f"report {output / 'report.md'}; objects left in namespace {NAMESPACE}; total {report['seconds']:.0f}s")
+    return 0
