@@ -23,6 +23,10 @@ minutes of a 2-core machine; the tiny model is cached in QUANTROL_CACHE_DIR (def
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,3 +101,50 @@ def test_chart_is_a_png(report: dict[str, Any]) -> None:
     chart = Path(report["output"]) / "chart.png"
     assert chart.read_bytes()[:8] == PNG_MAGIC
     assert (Path(report["output"]) / "report.md").is_file()
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Live processes whose command line mentions `text` (the demo's pods run from under its output dir)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        if text in cmdline:
+            found.append(f"{proc.name}: {cmdline[:200]}")
+    return found
+
+
+def test_ctrl_c_mid_calibration_stops_every_process_and_keeps_the_logs(tmp_path: Path) -> None:
+    """Ctrl-C while the calibration Jobs run (the stack, the runner's pods and the operator all alive): the demo
+    exits 130, no process it started lives on, and the stack's logs stay readable."""
+    if not (os.environ.get("QUANTROL_CALIBRATE_PYTHON") and os.environ.get("QUANTROL_SERVE_PYTHON")):
+        pytest.skip(SKIP_REASON)
+    output = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "quantrol_operator.cli", "demo", "--local", "--output",
+                             str(output)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    seen: list[str] = []
+    deadline = time.monotonic() + 600  # the tiny model is built first when the cache is cold
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if "calibrate: start" in line or time.monotonic() > deadline:
+                break
+        assert any("calibrate: start" in line for line in seen), "".join(seen[-40:])
+        assert _processes_mentioning(str(output)), "the calibration pods should be running now"
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, "".join(seen[-20:]) + rest[-3000:]
+    assert "every process stopped" in rest
+    time.sleep(1.0)  # a process group killed a moment ago may still be listed while the kernel reaps it
+    assert _processes_mentioning(str(output)) == []
+    assert (output / "stack" / "operator" / "operator.log").read_text()
+    assert list((output / "stack" / "runner" / "pods").glob("*/*/calibrate.log"))
