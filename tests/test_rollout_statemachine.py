@@ -60,6 +60,10 @@ def facts(**kw: object) -> Facts:
         (P.ROLLED_BACK, None, {"decision": Decision.ADVANCE}, (P.ROLLED_BACK, None, None)),
         (P.ROLLED_BACK, None, {"retry_requested": True}, (P.PENDING, None, Reason.RETRY)),
         (P.ROLLED_BACK, None, {"new_candidate": True}, (P.PENDING, None, Reason.NEW_CANDIDATE)),
+        (P.ROLLED_BACK, None, {"spec_changed": True}, (P.PENDING, None, Reason.SPEC_CHANGED)),
+        (P.FAILED, None, {"spec_changed": True}, (P.PENDING, None, Reason.SPEC_CHANGED)),
+        (P.CANARY, 1, {"spec_changed": True}, (P.CANARY, 1, None)),  # mid-rollout an edit changes no phase
+        (P.PROMOTED, None, {"spec_changed": True}, (P.PROMOTED, None, None)),
         (P.CANARY, 2, {"new_candidate": True}, (P.PENDING, None, Reason.NEW_CANDIDATE)),
         (P.PROMOTED, None, {"decision": Decision.ROLLBACK}, (P.PROMOTED, None, None)),
     ],
@@ -96,6 +100,7 @@ fact_updates = st.fixed_dictionaries(
         "retry_requested": st.booleans(),
         "rollback_requested": st.booleans(),
         "new_candidate": st.booleans(),
+        "spec_changed": st.booleans(),
         "elapsed": st.integers(min_value=0, max_value=200),
     },
 )
@@ -157,12 +162,12 @@ def test_weights_only_take_values_the_spec_lists(updates: list[dict[str, object]
 
 @settings(max_examples=300)
 @given(st.lists(fact_updates, max_size=40), steps_strategy)
-def test_rolled_back_is_absorbing_until_retry_or_new_candidate(updates: list[dict[str, object]],
+def test_rolled_back_is_absorbing_until_retry_new_candidate_or_spec_change(updates: list[dict[str, object]],
                                                                steps: tuple[int, ...]) -> None:
     trail = _run(updates, steps)
     for (prev, _pi, _pr, _pf), (phase, _i, reason, _f) in itertools.pairwise(trail):
         if prev is P.ROLLED_BACK and phase is not P.ROLLED_BACK:
-            assert reason in (Reason.RETRY, Reason.NEW_CANDIDATE)
+            assert reason in (Reason.RETRY, Reason.NEW_CANDIDATE, Reason.SPEC_CHANGED)
 
 
 def test_a_healthy_run_walks_every_step_to_promotion() -> None:

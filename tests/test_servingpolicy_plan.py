@@ -166,6 +166,28 @@ def test_a_candidate_without_a_kernel_is_refused_before_it_takes_traffic() -> No
     result = run(policy(), quantized_model=qm("Rejected", "KernelIncompatible"), now=T0)
     assert result.status["phase"] == "RolledBack"
     assert result.status["rollback"]["reason"] == "KernelUnavailable"
+    # The record says why, in the QuantizedModel's words: what a person needs to pick another scheme.
+    assert "W8A16 has no kernel on cpu-x86" in result.status["rollback"]["message"]
+    assert not deployments(result) or all(CANDIDATE not in json.dumps(d) for d in deployments(result))
+
+
+def test_a_spec_edit_after_a_rollback_starts_again_without_a_retry_annotation() -> None:
+    """Git says something new (here: another candidate, refused before it has a digest): judged again."""
+    obj, _shadow = _to_shadow()
+    obj["metadata"]["annotations"] = {"quantrol.io/rollback": "oncall-1"}
+    obj = advance(obj, run(obj, quantized_model=qm(), now=T0 + timedelta(seconds=30)))
+    assert obj["status"]["phase"] == "RolledBack"
+    assert run(obj, quantized_model=qm(), now=T0 + timedelta(seconds=40)).status["phase"] == "RolledBack"
+    obj["metadata"]["generation"] = 2  # the API server's answer to a spec edit
+    obj["spec"]["candidate"]["quantizedModelRef"]["name"] = "llama-3-1-8b-w8a16"
+    restarted = run(obj, quantized_model=qm("Rejected", "KernelIncompatible"), now=T0 + timedelta(seconds=50))
+    assert restarted.status["phase"] == "Pending" and restarted.status["history"][-1]["reason"] == "SpecChanged"
+    refused = run(advance(obj, restarted), quantized_model=qm("Rejected", "KernelIncompatible"),
+                  now=T0 + timedelta(seconds=51))
+    assert refused.status["phase"] == "RolledBack" and refused.status["rollback"]["reason"] == "KernelUnavailable"
+    settled = run(advance(advance(obj, restarted), refused), quantized_model=qm("Rejected", "KernelIncompatible"),
+                  now=T0 + timedelta(seconds=60))
+    assert settled.status["phase"] == "RolledBack" and settled.status == refused.status  # no loop
 
 
 def test_a_fallback_kernel_is_refused_under_enforce() -> None:

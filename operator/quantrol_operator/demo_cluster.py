@@ -29,7 +29,6 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -486,16 +485,18 @@ class ClusterStory:
 
     def switch_candidate(self, name: str) -> dict[str, Any]:
         """Edit the policy's candidate as a user would in git, and wait for the rollback that ends it; returns the
-        rollback record. A refused QuantizedModel has no digest: a retry annotation goes with the edit."""
+        rollback record. The spec edit alone restarts a rolled-back policy; only a candidate that will be served is
+        held (paused) while its engine warms up."""
         with self.recorder.lock:
             seen = len(self.recorder.status.get("history") or [])
         refused = name not in self.artifacts
-        hold = ("quantrol.io/retry", datetime.now(UTC).isoformat()) if refused else (PAUSED, "true")
         say(f"editing the policy: spec.candidate.quantizedModelRef.name = {name}")
         self.recorder.candidate = name
         self.marks.append((time.monotonic() - self.recorder.started, f"candidate → {name}"))
-        self.api.patch_policy({"metadata": {"annotations": dict([hold])},
-                               "spec": {"candidate": {"quantizedModelRef": {"name": name}}}})
+        patch: dict[str, Any] = {"spec": {"candidate": {"quantizedModelRef": {"name": name}}}}
+        if not refused:
+            patch["metadata"] = {"annotations": {PAUSED: "true"}}
+        self.api.patch_policy(patch)
         if not refused:
             self.hold_and_warm([self.artifacts[name]])
         wait_policy(self.recorder, f"{name} to be rolled back", rolled_back_after(seen), self.settings.phase_timeout)

@@ -12,9 +12,8 @@ What runs (nothing is faked for the story; ARCHITECTURE.md says what each local 
 4. One ServingPolicy (kernelPolicy `warn`), and a bounded load generator against its router. Its candidate is
    edited as a user would in git: W8A8 (shadowed, canaried, promoted: it becomes the stable arm), then
    FP8_DYNAMIC (passes the quality gate, but really runs ≈1.8 s per token on this CPU: the latency SLO rolls it
-   back), then W8A16 (refused as KernelUnavailable before it takes traffic; a retry annotation goes with the
-   edit, because a refused QuantizedModel has no digest and a rolled-back policy only restarts on a new digest
-   or a retry).
+   back), then W8A16 (refused as KernelUnavailable before it takes traffic: the spec edit alone restarts the
+   rolled-back policy, and its refused QuantizedModel never gets an arm).
    Each candidate's rollout is held (the `quantrol.io/paused` annotation) until the demo has warmed its engine up
    with one request of each kind the router sends, straight to the engine: vLLM's CPU build compiles kernels
    (torch inductor, g++) at the first request that needs them — minutes on 2 busy cores the first time, cached
@@ -43,7 +42,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -808,10 +806,7 @@ def run_story(settings: DemoSettings) -> dict[str, Any]:
                     seen = len(recorder.status.get("history") or [])
                 patch: dict[str, Any] = {"spec": {"candidate": {"quantizedModelRef": {"name": name}}}}
                 refused = (settled[name].get("status") or {}).get("phase") != "Ready"
-                if refused:
-                    # Refused QuantizedModels publish no digest: ask for a retry with the edit, as a user would.
-                    patch["metadata"] = {"annotations": {"quantrol.io/retry": datetime.now(UTC).isoformat()}}
-                else:
+                if not refused:  # held while its engine warms up (hold_and_warm); a refusal needs no engine
                     patch["metadata"] = {"annotations": {PAUSED: "true"}}
                 say(f"editing the policy: spec.candidate.quantizedModelRef.name = {name}")
                 recorder.candidate = name

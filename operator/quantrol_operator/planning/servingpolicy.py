@@ -165,6 +165,7 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
         retry_requested=retry is not None and retry != handled.get("retry"),
         rollback_requested=rollback is not None and rollback != handled.get("rollback"),
         new_candidate=desired is not None and pinned is not None and desired != pinned and desired != stable,
+        spec_changed=before.get("observedGeneration") is not None and int(before["observedGeneration"]) < generation,
     )
     moved = step(phase, index, facts)
     if moved.reason is not None:
@@ -176,7 +177,8 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
         if moved.reason in (Reason.NEW_CANDIDATE, Reason.RETRY):
             pinned = desired
         if moved.phase is P.ROLLED_BACK:
-            result.rollback = _rollback_record(moved.reason, status.get("lastAnalysis"), observed, pinned, now)
+            result.rollback = _rollback_record(moved.reason, status.get("lastAnalysis"), observed, pinned, now,
+                                               refused_by=why_not if refused else "")
             status["rollback"] = result.rollback
         counters = Counters()
         phase, index = moved.phase, moved.step
@@ -245,7 +247,8 @@ def _transition(result: SpPlan, status: dict[str, Any], src: P, dst: P, step_ind
 
 
 def _rollback_record(reason: Reason, analysis: dict[str, Any] | None, observed: SpObserved, candidate: str | None,
-                     now: datetime) -> dict[str, Any]:
+                     now: datetime, refused_by: str = "") -> dict[str, Any]:
+    """`refused_by`: why the candidate was refused before it had a digest (its QuantizedModel's kernel pre-check)."""
     mapping = {Reason.SLO_BREACH: "SloBreach", Reason.MANUAL_ROLLBACK: "Manual",
                Reason.KERNEL_UNAVAILABLE: "KernelUnavailable", Reason.KERNEL_FALLBACK: "KernelFallback",
                Reason.CANDIDATE_FAILED: "CandidateFailed"}
@@ -258,7 +261,8 @@ def _rollback_record(reason: Reason, analysis: dict[str, Any] | None, observed: 
                       limit=worst.get("limit"), windowSeconds=(analysis or {}).get("windowSeconds"),
                       message=worst.get("message", ""))
     elif reason in (Reason.KERNEL_UNAVAILABLE, Reason.KERNEL_FALLBACK):
-        record["message"] = (observed.candidate_kernels or {}).get("message", "") or "refused by the kernel check"
+        record["message"] = ((observed.candidate_kernels or {}).get("message", "") or refused_by
+                             or "refused by the kernel check")
     elif reason is Reason.CANDIDATE_FAILED:
         record["message"] = observed.candidate_failed or ""
     return {k: v for k, v in record.items() if v is not None}
@@ -331,6 +335,10 @@ def _status_fields(status: dict[str, Any], phase: P, index: int | None, stable: 
     status["stableShortDigest"] = serving.short_digest(stable)
     status["candidateShortDigest"] = serving.short_digest(candidate) if candidate else None
     status.setdefault("phaseSince", iso(now))
+    if "message" not in status or before.get("phase") != phase.value:
+        # Before the conditions, which quote it: a condition one pass behind would be one more write.
+        history = status.get("history") or []
+        status["message"] = history[-1]["message"] if history else status.get("message", phase.value)
     conditions = list(status.get("conditions", []))
 
     def cond(type_: str, ok: bool, reason: str, message: str) -> None:
@@ -347,9 +355,6 @@ def _status_fields(status: dict[str, Any], phase: P, index: int | None, stable: 
     cond("RolledBack", phase is P.ROLLED_BACK, rollback.get("reason", "NotRolledBack") if phase is P.ROLLED_BACK
          else "NotRolledBack", rollback.get("message", "") if phase is P.ROLLED_BACK else "")
     status["conditions"] = conditions
-    if "message" not in status or before.get("phase") != phase.value:
-        history = status.get("history") or []
-        status["message"] = history[-1]["message"] if history else status.get("message", phase.value)
 
 
 def _parse(value: Any) -> datetime | None:

@@ -4,6 +4,7 @@
     any live phase → RolledBack (SLO breach, kernel refusal, candidate failure, manual)
     live phases ⇄ Paused (annotation, or analysis that cannot judge)
     RolledBack / Failed / Promoted / Paused → Pending (retry annotation, or a new candidate digest)
+    RolledBack / Failed → Pending (any spec change: Git says something new, so the rollout is judged again)
 
 `step()` is pure: (phase, step index, facts observed now) → the next phase, step and the reason. Rows are
 tried in order and the first whose guard holds wins, so precedence is the order of `TRANSITIONS`.
@@ -56,6 +57,7 @@ class Reason(StrEnum):
     RESUMED = "Resumed"
     RETRY = "Retry"
     NEW_CANDIDATE = "NewCandidate"
+    SPEC_CHANGED = "SpecChanged"
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class Facts:
     retry_requested: bool = False  # the retry annotation has a value not yet handled
     rollback_requested: bool = False  # the rollback annotation has a value not yet handled
     new_candidate: bool = False  # the desired candidate digest differs from the pinned one
+    spec_changed: bool = False  # metadata.generation is newer than the one the last pass handled
 
     def dwell_over(self, phase: P, step: int | None) -> bool:
         needed = self.shadow_seconds if phase is P.SHADOW else self.dwell_seconds[step or 0]
@@ -126,6 +129,10 @@ TRANSITIONS: tuple[Transition, ...] = (
                Reason.RETRY, "the retry annotation got a new value: start again from Pending"),
     Transition(ANY - {P.PENDING}, lambda f, p, s: f.new_candidate, _to(P.PENDING),
                Reason.NEW_CANDIDATE, "a new candidate digest: withdraw the current one, start again"),
+    # A candidate refused before it had a digest (its QuantizedModel rejected) cannot arrive as a new digest; an
+    # edited SLO deserves a new judgement too. Settled phases only: mid-rollout, edits apply to the next window.
+    Transition(frozenset({P.ROLLED_BACK, P.FAILED}), lambda f, p, s: f.spec_changed, _to(P.PENDING),
+               Reason.SPEC_CHANGED, "the spec changed since the rollout settled: start again from Pending"),
     Transition(CANDIDATE_SERVING | {P.PENDING}, lambda f, p, s: f.kernel is KernelCheck.NONE, _to(P.ROLLED_BACK),
                Reason.KERNEL_UNAVAILABLE, "the candidate's scheme has no kernel on this hardware"),
     Transition(CANDIDATE_SERVING | {P.PENDING},
