@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
@@ -29,8 +30,11 @@ def kube() -> Kube:
     return _kube
 
 
-# One pass per object at a time. Weak values: a lock lives only while a pass holds or awaits it.
-_turns: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+# One pass per object at a time, held in the worker thread, not by an asyncio lock: kopf's tasks never wait on
+# each other (an asyncio lock between the watch worker and the timer kept kopf reconciling for seconds after
+# SIGTERM). Weak values: a lock lives only while a pass holds or awaits it.
+_turns: weakref.WeakValueDictionary[str, threading.Lock] = weakref.WeakValueDictionary()
+_turns_guard = threading.Lock()
 
 
 def superseded(obj: Mapping[str, Any], status_written_from: Mapping[str, list[str]]) -> bool:
@@ -50,31 +54,30 @@ def superseded(obj: Mapping[str, Any], status_written_from: Mapping[str, list[st
 async def handle(body: kopf.Body, logger: kopf.Logger, kind: str, handler: str,
                  reconcile: Callable[[dict[str, Any]], Events]) -> None:
     """Run one blocking reconcile pass off the event loop, one per object at a time and never from a superseded
-    version (see `superseded`); post its Events; count errors and time."""
-    uid = str(body.meta.uid or f"{body.meta.namespace}/{body.meta.name}")
-    turn = _turns.get(uid) or _turns.setdefault(uid, asyncio.Lock())
-    async with turn:
-        await _pass(body, logger, kind, handler, reconcile)
-
-
-async def _pass(body: kopf.Body, logger: kopf.Logger, kind: str, handler: str,
-                reconcile: Callable[[dict[str, Any]], Events]) -> None:
-    # Read after the turn came: a timer's body is kopf's live view, fresher now than when the pass was queued.
+    status (see `superseded`); post its Events; count errors and time."""
     obj = {"apiVersion": body["apiVersion"], "kind": body["kind"], "metadata": dict(body.meta),
            "spec": dict(body.spec), "status": dict(body.status)}
-    if superseded(obj, kube().status_written_from):
-        logger.debug("%s pass skipped: resourceVersion %s carries a status our own write already replaced",
-                     handler, obj["metadata"].get("resourceVersion"))
-        return
+    uid = str(body.meta.uid or f"{body.meta.namespace}/{body.meta.name}")
+    with _turns_guard:
+        turn = _turns.get(uid) or _turns.setdefault(uid, threading.Lock())
+
+    def one_pass() -> Events | None:
+        with turn:
+            if superseded(obj, kube().status_written_from):
+                logger.debug("%s pass skipped: resourceVersion %s carries a status our own write already replaced",
+                             handler, obj["metadata"].get("resourceVersion"))
+                return None
+            return reconcile(obj)
+
     began = time.monotonic()
     try:
-        events = await asyncio.to_thread(reconcile, obj)
+        events = await asyncio.to_thread(one_pass)
     except ApiException as exc:
         metrics.RECONCILE_ERRORS.labels(kind, handler).inc()
         raise kopf.TemporaryError(f"Kubernetes API error {exc.status} {exc.reason}; retrying", delay=5) from exc
     finally:
         metrics.RECONCILE_DURATION.labels(kind, handler).observe(time.monotonic() - began)
-    for type_, reason, message in events:
+    for type_, reason, message in events or []:
         kopf.event(body, type=type_, reason=reason, message=message)
         log = logger.warning if type_ == "Warning" else logger.info
         log("%s %s/%s: %s", reason, body.meta.namespace, body.meta.name, message)
