@@ -87,6 +87,22 @@ def test_a_pass_streak_advances_and_a_failure_resets_it() -> None:
     assert d is Decision.ADVANCE
 
 
+def test_the_first_window_after_a_step_cannot_advance_but_can_roll_back() -> None:
+    """The cooldown: a window that still holds traffic at the previous weight proves nothing about this one."""
+    c = Counters()
+    for i in range(5):
+        d, c = decide(Verdict.PASS, T0 + timedelta(seconds=i), c, POLICY, after_step=False)
+        assert d is Decision.HOLD and c.successes == 0
+    _d, c = decide(Verdict.FAIL, T0 + timedelta(seconds=5), c, POLICY, after_step=False)
+    _d, c = decide(Verdict.PASS, T0 + timedelta(seconds=6), c, POLICY, after_step=False)
+    assert c.failures == 0  # a pass still breaks a failure streak
+    for i in range(POLICY.failure_limit):
+        d, c = decide(Verdict.FAIL, T0 + timedelta(seconds=7 + i), c, POLICY, after_step=False)
+    assert d is Decision.ROLLBACK  # failing windows always count: safety never waits
+    d, c = decide(Verdict.PASS, T0 + timedelta(seconds=20), Counters(), POLICY, after_step=True)
+    assert c.successes == 1
+
+
 def test_errors_and_silence_pause_without_touching_the_failure_count() -> None:
     c = Counters(failures=2)
     for _ in range(3):

@@ -162,6 +162,27 @@ def test_passing_windows_walk_the_steps_to_promotion_and_swap_the_stable_arm() -
     assert status["weights"] == {"stable": 100, "candidate": 0, "mirrorFraction": 0.0}
 
 
+def test_passing_windows_that_overlap_the_previous_step_do_not_advance() -> None:
+    obj, shadow = _to_shadow()
+    began = _parse_time(shadow.status["phaseSince"])
+    for i in range(1, 6):  # dwell over after 60 s; the window (60 s) still reaches into Pending until then
+        now = began + timedelta(seconds=12 * i)
+        result = run(obj, quantized_model=qm(), deployments=ready(deployments(shadow)),
+                     candidate_kernels={"verdict": "native"}, window=window(Verdict.PASS, now), now=now)
+        assert result.status["phase"] == "Shadow" and result.status["counters"].get("successes", 0) == 0, i
+        obj = advance(obj, result)
+    for i in range(1, 3):
+        now = began + timedelta(seconds=60 + 5 * i)
+        result = run(obj, quantized_model=qm(), deployments=ready(deployments(shadow)),
+                     candidate_kernels={"verdict": "native"}, window=window(Verdict.PASS, now), now=now)
+        obj = advance(obj, result)
+    assert result.status["phase"] == "Canary"  # two whole windows after Shadow began: the streak of 2
+
+
+def _parse_time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
 def test_a_candidate_without_a_kernel_is_refused_before_it_takes_traffic() -> None:
     result = run(policy(), quantized_model=qm("Rejected", "KernelIncompatible"), now=T0)
     assert result.status["phase"] == "RolledBack"

@@ -140,7 +140,9 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
     decision = Decision.HOLD
     if observed.window is not None and phase in (P.SHADOW, P.CANARY):
         verdict = window_verdict(observed.window.judgements)
-        decision, counters = decide(verdict, observed.window.newest, counters, spec.analysis)
+        started = _parse(status.get("phaseSince"))
+        after_step = started is None or now - timedelta(seconds=observed.window.seconds) >= started
+        decision, counters = decide(verdict, observed.window.newest, counters, spec.analysis, after_step)
         status["lastAnalysis"] = {
             "time": iso(now), "windowSeconds": observed.window.seconds, "verdict": verdict.value,
             "metrics": [{k: v for k, v in {"slo": j.slo, "value": j.candidate, "stableValue": j.stable,

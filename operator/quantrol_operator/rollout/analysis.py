@@ -4,7 +4,9 @@ No data never reads as pass: a missing series, NaN, or fewer requests than `minS
 `inconclusive`; a failed query is `error`. When the stable arm breaks the same absolute limit in the same
 window, the verdict is `overload`: the rollout holds, because the load is to blame, not the candidate.
 Streak counters move only on windows that carry samples newer than the last counted one, so a short
-analysis interval over a slow scrape cannot count one scrape twice.
+analysis interval over a slow scrape cannot count one scrape twice. After each step the cooldown is one window:
+a passing window counts toward the next step only when all of it lies after the step began (traffic at the old
+weight proves nothing about the new one), while a failing window always counts (safety never waits).
 """
 
 from __future__ import annotations
@@ -102,9 +104,11 @@ class Counters:
     newest: datetime | None = None
 
 
-def decide(verdict: Verdict, newest: datetime | None, counters: Counters, policy: Analysis) -> tuple[Decision,
-                                                                                                      Counters]:
-    """Fold one window into the streak counters and say what the rollout should do."""
+def decide(verdict: Verdict, newest: datetime | None, counters: Counters, policy: Analysis,
+           after_step: bool = True) -> tuple[Decision, Counters]:
+    """Fold one window into the streak counters and say what the rollout should do. `after_step`: the whole window
+    lies after the current step began; a pass from a window that does not breaks a failure streak but does not
+    count toward advancing (the cooldown)."""
     if verdict is Verdict.ERROR:
         counted = replace(counters, errors=counters.errors + 1, successes=0)
         return (Decision.PAUSE if counted.errors >= policy.error_limit else Decision.HOLD), counted
@@ -119,6 +123,8 @@ def decide(verdict: Verdict, newest: datetime | None, counters: Counters, policy
     if verdict is Verdict.FAIL:
         counted = replace(fresh, failures=fresh.failures + 1, successes=0, inconclusive=0)
         return (Decision.ROLLBACK if counted.failures >= policy.failure_limit else Decision.HOLD), counted
+    if verdict is Verdict.PASS and not after_step:
+        return Decision.HOLD, replace(fresh, failures=0, inconclusive=0)
     if verdict is Verdict.PASS:
         counted = replace(fresh, successes=fresh.successes + 1, failures=0, inconclusive=0)
         return (Decision.ADVANCE if counted.successes >= policy.success_streak else Decision.HOLD), counted
