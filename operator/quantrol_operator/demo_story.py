@@ -63,6 +63,15 @@ ROUTER_IMAGE = "quantrol/router:demo"  # -> this (dev) environment: the router i
 CANDIDATES = (("tiny-w8a8", "W8A8"), ("tiny-fp8-dynamic", "FP8_DYNAMIC"), ("tiny-w8a16", "W8A16"))
 LATENCY_SLOS = ("ttftP99", "interTokenLatencyP99")
 PAUSED = "quantrol.io/paused"  # held while the demo warms a new candidate engine up (see hold_and_warm)
+GOODPUT_RATIO = 0.8  # the demo policy's goodput.minRelativeToStable; GOODPUT_WHY says why it is not 1.0
+GOODPUT_WHY = (
+    "the seeds' rule (and the default policy) is candidate goodput ≥ 1.0 × stable: a lower-bit artifact is promoted "
+    "because it serves faster on the target, not because it fits. The demo relaxes it to {ratio} × only for noise: "
+    "both arms share 2 CPU cores with the router, Prometheus, the operator and the load generator, and over a "
+    "15 s window a few requests decide the figure (W8A8 measured 0.98 × in one window of a run on a busy machine, "
+    "about 1.1–1.6 × otherwise). The measured ratios below show where each candidate really stood. FP8_DYNAMIC "
+    "fails any ratio: its goodput is 0 (none of its requests meets its latency deadline)."
+)
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 never goes through a proxy
 _T0 = time.monotonic()
 
@@ -645,16 +654,6 @@ def draw_chart(series: list[Snapshot], marks: list[tuple[float, str]], path: Pat
     plt.close(fig)
 
 
-GOODPUT_RATIO = 0.2  # the demo policy's goodput.minRelativeToStable; GOODPUT_WHY says why it is not 1.0
-GOODPUT_WHY = (
-    "the seeds' rule (and the default policy) is candidate goodput ≥ 1.0 × stable: a lower-bit artifact is promoted "
-    "because it serves faster on the target, not because it fits. The demo relaxes it to {ratio} × because both "
-    "arms share 2 CPU cores with the router, Prometheus, the operator and the load generator, so one arm's "
-    "goodput over a 15 s window swings several-fold with what the other processes do; the measured ratios below "
-    "show where W8A8 really stood. FP8_DYNAMIC fails any ratio: its goodput is 0 (no request meets its deadline)."
-)
-
-
 def goodput_ratios(analyses: list[dict[str, Any]]) -> dict[str, list[float]]:
     """Per candidate: candidate goodput / stable goodput in every window where both were measured."""
     ratios: dict[str, list[float]] = {}
@@ -781,6 +780,8 @@ def run_story(settings: DemoSettings) -> dict[str, Any]:
 
             policy = serving_policy(baseline, CANDIDATES[0][0], settings, stack.prometheus.url)
             print_yaml(policy)
+            say(f"goodput SLO: candidate ≥ {GOODPUT_RATIO} × stable, not the default 1.0 ×: "
+                "relaxed for the noise of 2 shared cores only (report.md: Policy choices, with the measured ratios)")
             recorder.candidate = CANDIDATES[0][0]
             recorder.started = time.monotonic()
             api.create(policy)
