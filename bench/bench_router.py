@@ -1,14 +1,33 @@
 """Router overhead: the same requests sent directly to an engine stand-in and through the router, side by side.
 
-Three processes, as in production (load generator here; router and backend as subprocesses), all on 127.0.0.1:
-the backend is the tests' ENGINE STAND-IN (tests/engine_standin.py, not vLLM) in zero-latency mode, so what is
-measured is the router's own cost. For each concurrency (1, 16, 100) and mode (non-streamed, streamed), rounds of
-direct and routed load alternate so that drift on a shared machine hits both alike; each figure is over all
-rounds. Prints p50 / p99 latency, throughput, the added latency and the ratio. Figures, never pass/fail.
+Three processes, as in production (load generator here; router and backend as subprocesses), all on 127.0.0.1;
+the backend is the tests' ENGINE STAND-IN (tests/engine_standin.py, not vLLM). For each concurrency and mode
+(non-streamed "whole", streamed "stream"), rounds of direct and routed load alternate so that drift on a shared
+machine hits both alike; each figure is over all rounds. Figures, never pass/fail. Target (issue 5): ≤ 1 ms p50
+and ≤ 5 ms p99 added.
 
+    .venvs/dev/bin/python bench/bench_router.py                     # full run, about a minute
+    .venvs/dev/bin/python bench/bench_router.py --quick             # a smoke run, a few seconds
     .venvs/dev/bin/python bench/bench_router.py [--requests 300] [--rounds 3] [--max-tokens 16]
+        [--concurrency 1,16,100] [--paced-token-ms 20] [--paced-waves 5] [--paced-concurrency 16,100]
+        [--router-python "$QUANTROL_SERVE_PYTHON"]       # the router in the serving image's environment (uvloop)
 
-Target (issue 5): ≤ 1 ms p50 and ≤ 5 ms p99 added.
+Two sections:
+
+1. Zero-latency engine (1, 16, 100 concurrent): what is measured is the proxies' own cost. At 1 concurrent the
+   three processes take turns, so "+p50" is the router's path latency. At 16 and 100 the closed loop keeps every
+   core busy (column `busy`: CPU used by the three processes over the cores the machine has; other load on the
+   machine comes on top), so a request's latency is mostly its wait for a core: the routed loop has a third
+   process to feed, and its added latency grows like concurrency x router CPU per request / cores, whatever the
+   router's path costs. There the figure that does not depend on saturation is the router's CPU per request
+   (`rtr us/req`, from /proc; the backend stand-in's own is `eng us/req`, for scale).
+2. Paced engine (`--paced-token-ms` per output token, streamed or not, at 16 and 100 concurrent): like a GPU
+   engine, the backend spends its time waiting rather than on the router's cores, so the cores are not saturated
+   and "+p50"/"+p99" is the router's added latency under concurrent load. The clients' first requests are spread
+   over one answer's duration, as independent users arrive (clients started together stay in step and hit the
+   single-threaded router in bursts of `concurrency`). Every token is relayed on its own here, so `rtr us/req`
+   for streams is the per-token cost x tokens. On a machine shared with other work, each extra process hop also
+   waits for a core: compare rows of one run, and mind `busy` and the load average printed on top.
 """
 
 from __future__ import annotations
@@ -17,10 +36,12 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -28,9 +49,9 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def start_backend() -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen([sys.executable, "-m", "tests.engine_standin", "--port", "0", "--model", "m"],
-                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+def start_backend(token_latency_s: float) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen([sys.executable, "-m", "tests.engine_standin", "--port", "0", "--model", "m",
+                             "--token-latency", str(token_latency_s)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.startswith("READY"):
@@ -61,30 +82,51 @@ async def wait_ready(url: str, timeout_s: float = 20.0) -> None:
     raise SystemExit(f"{url} not ready after {timeout_s}s")
 
 
-def start_router(backend_port: int, workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_router(backend_port: int, workdir: Path, python: str) -> tuple[subprocess.Popen[bytes], int]:
     config = {"version": 1, "arms": {"stable": {"url": f"http://127.0.0.1:{backend_port}", "weight": 100,
                                                 "admission": {"max_in_flight": 1000, "max_queue": 1000}}}}
-    path = workdir / "router.json"
+    path = workdir / f"router-{backend_port}.json"
     path.write_text(json.dumps(config))
     port = free_port()
-    log = (workdir / "router.log").open("wb")
+    log = (workdir / f"router-{backend_port}.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "quantrol_worker.cli", "route", "--config", str(path), "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "WARNING"],
+        [python, "-m", "quantrol_worker.cli", "route", "--config", str(path), "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "ERROR"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT / "worker")},
     )
     return proc, port
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU seconds a process (all its threads) has run: getrusage for this one; for another, the scheduler's
+    nanosecond count in /proc/PID/task/*/schedstat, else /proc/PID/stat in clock ticks (10 ms: coarse for a short
+    run), else 0 (not Linux: the CPU columns then read 0)."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    try:
+        return sum(int(p.read_text().split()[0]) for p in Path(f"/proc/{pid}/task").glob("*/schedstat")) / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def load(session: aiohttp.ClientSession, url: str, concurrency: int, requests: int, stream: bool,
-               max_tokens: int) -> tuple[list[float], float]:
+               max_tokens: int, spread_s: float = 0.0) -> tuple[list[float], float]:
+    """`concurrency` clients, each sending its next request when its last one is answered; with `spread_s`, their
+    first requests are spread evenly over that many seconds (see the paced section)."""
     body = {"model": "m", "prompt": "the quick brown fox", "max_tokens": max_tokens, "temperature": 0,
             "stream": stream}
     latencies: list[float] = []
     remaining = requests
 
-    async def worker() -> None:
+    async def worker(index: int) -> None:
         nonlocal remaining
+        await asyncio.sleep(spread_s * index / concurrency)
         while remaining > 0:
             remaining -= 1
             started = time.perf_counter()
@@ -95,7 +137,7 @@ async def load(session: aiohttp.ClientSession, url: str, concurrency: int, reque
             latencies.append(time.perf_counter() - started)
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
     return latencies, time.perf_counter() - started
 
 
@@ -104,56 +146,134 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+@dataclass
+class Side:
+    """One target's figures over all rounds of a cell; CPU seconds per process over those rounds."""
+
+    latencies: list[float] = field(default_factory=list)
+    elapsed: float = 0.0
+    cpu: dict[str, float] = field(default_factory=lambda: {"router": 0.0, "backend": 0.0, "loadgen": 0.0})
+
+    def per_request_us(self, name: str) -> float:
+        return self.cpu[name] / len(self.latencies) * 1e6
+
+    @property
+    def throughput(self) -> float:
+        return len(self.latencies) / self.elapsed
+
+    @property
+    def busy(self) -> float:
+        return sum(self.cpu.values()) / self.elapsed / (os.cpu_count() or 1)
+
+
+HEADER = (f"{'conc':>4} {'mode':>6} | {'direct p50':>10} {'p99':>8} {'req/s':>6} | {'router p50':>10} {'p99':>8} "
+          f"{'req/s':>6} | {'+p50 ms':>7} {'+p99 ms':>7} {'p50 x':>5} {'thr x':>5} | {'rtr us/req':>10} "
+          f"{'eng us/req':>10} {'busy':>4}")
+
+
+def row(concurrency: int, stream: bool, d: Side, r: Side) -> str:
+    d50, d99, r50, r99 = pct(d.latencies, 0.5), pct(d.latencies, 0.99), pct(r.latencies, 0.5), pct(r.latencies, 0.99)
+    mode = "stream" if stream else "whole"
+    return (f"{concurrency:>4} {mode:>6} | {d50 * 1e3:>8.2f}ms {d99 * 1e3:>6.2f}ms {d.throughput:>6.0f} | "
+            f"{r50 * 1e3:>8.2f}ms {r99 * 1e3:>6.2f}ms {r.throughput:>6.0f} | {(r50 - d50) * 1e3:>7.2f} "
+            f"{(r99 - d99) * 1e3:>7.2f} {r50 / d50:>5.2f} {r.throughput / d.throughput:>5.2f} | "
+            f"{r.per_request_us('router'):>10.0f} {d.per_request_us('backend'):>10.0f} {r.busy:>4.2f}")
+
+
+async def section(title: str, token_latency_s: float, cells: list[tuple[int, int]], args: argparse.Namespace,
+                  workdir: Path) -> dict[tuple[int, bool], tuple[Side, Side]]:
+    """Start a backend and a router in front of it, run every (concurrency, requests per round) cell in both modes,
+    print one row per cell; return the figures."""
+    backend, backend_port = start_backend(token_latency_s)
+    router, router_port = start_router(backend_port, workdir, args.router_python)
+    rounds, max_tokens = args.rounds, args.max_tokens
+    # Paced: one answer's duration. Clients that all start at once stay in step (every answer takes the same time),
+    # so the router would see bursts of `concurrency` requests and then `concurrency` tokens at once, each burst
+    # served one after the other by its single thread; users arrive independently, so the clients start spread.
+    spread_s = token_latency_s * max_tokens
+    pids = {"router": router.pid, "backend": backend.pid, "loadgen": None}
+    results: dict[tuple[int, bool], tuple[Side, Side]] = {}
+    try:
+        direct_url, router_url = f"http://127.0.0.1:{backend_port}", f"http://127.0.0.1:{router_port}"
+        await wait_ready(router_url + "/healthz")
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            for url in (direct_url, router_url):  # warm-up: connections, code paths
+                for stream in (False, True):
+                    await load(session, url, 16, 16 if token_latency_s else 200, stream, max_tokens)
+            print(f"\n{title}\n{HEADER}\n{'-' * len(HEADER)}")
+            for concurrency, requests in cells:
+                for stream in (False, True):
+                    sides = {"direct": Side(), "router": Side()}
+                    for _ in range(rounds):
+                        for name, url in (("direct", direct_url), ("router", router_url)):
+                            before = {k: cpu_seconds(pid) for k, pid in pids.items()}
+                            latencies, took = await load(session, url, concurrency, requests, stream, max_tokens,
+                                                         spread_s)
+                            side = sides[name]
+                            side.latencies += latencies
+                            side.elapsed += took
+                            for k, pid in pids.items():
+                                side.cpu[k] += cpu_seconds(pid) - before[k]
+                    results[(concurrency, stream)] = (sides["direct"], sides["router"])
+                    print(row(concurrency, stream, sides["direct"], sides["router"]), flush=True)
+    finally:
+        for proc in (router, backend):
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return results
+
+
 async def run(args: argparse.Namespace) -> None:
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    paced = [int(c) for c in args.paced_concurrency.split(",")] if args.paced_token_ms > 0 else []
+    print(f"router overhead vs direct (engine stand-in, {args.max_tokens} tokens per answer, {args.rounds} rounds "
+          f"per cell, cpus={os.cpu_count()}, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}, "
+          f"router on {args.router_python})")
     with tempfile.TemporaryDirectory() as tmp:
-        backend, backend_port = start_backend()
-        router, router_port = start_router(backend_port, Path(tmp))
-        try:
-            direct_url, router_url = f"http://127.0.0.1:{backend_port}", f"http://127.0.0.1:{router_port}"
-            await wait_ready(router_url + "/healthz")
-            connector = aiohttp.TCPConnector(limit=0)
-            async with aiohttp.ClientSession(connector=connector) as session:
-                for url in (direct_url, router_url):  # warm-up: connections, code paths
-                    await load(session, url, 16, 200, False, args.max_tokens)
-                print(f"router overhead vs direct (engine stand-in, zero latency, {args.max_tokens} tokens per "
-                      f"answer, {args.requests} requests x {args.rounds} rounds per cell, cpus={os.cpu_count()})")
-                header = (f"{'conc':>4} {'mode':>6} | {'direct p50':>10} {'p99':>8} {'req/s':>7} | {'router p50':>10} "
-                          f"{'p99':>8} {'req/s':>7} | {'+p50 ms':>7} {'+p99 ms':>7} {'p50 x':>6} {'thr x':>6}")
-                print(header)
-                print("-" * len(header))
-                for concurrency in (1, 16, 100):
-                    for stream in (False, True):
-                        samples: dict[str, list[float]] = {"direct": [], "router": []}
-                        elapsed = {"direct": 0.0, "router": 0.0}
-                        for _ in range(args.rounds):
-                            for name, url in (("direct", direct_url), ("router", router_url)):
-                                lat, took = await load(session, url, concurrency, args.requests, stream,
-                                                       args.max_tokens)
-                                samples[name] += lat
-                                elapsed[name] += took
-                        d, r = samples["direct"], samples["router"]
-                        d50, d99, r50, r99 = pct(d, 0.5), pct(d, 0.99), pct(r, 0.5), pct(r, 0.99)
-                        dt, rt = len(d) / elapsed["direct"], len(r) / elapsed["router"]
-                        mode = "stream" if stream else "whole"
-                        print(f"{concurrency:>4} {mode:>6} | {d50 * 1e3:>8.2f}ms {d99 * 1e3:>6.2f}ms {dt:>7.0f} | "
-                              f"{r50 * 1e3:>8.2f}ms {r99 * 1e3:>6.2f}ms {rt:>7.0f} | {(r50 - d50) * 1e3:>7.2f} "
-                              f"{(r99 - d99) * 1e3:>7.2f} {r50 / d50:>6.2f} {rt / dt:>6.2f}")
-                        sys.stdout.flush()
-        finally:
-            for proc in (router, backend):
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        sections: dict[str, dict[tuple[int, bool], tuple[Side, Side]]] = {}
+        sections["zero-latency"] = await section(
+            f"1. zero-latency engine, {args.requests} requests per round per target", 0.0,
+            [(c, args.requests) for c in concurrencies], args, Path(tmp),
+        )
+        if paced:
+            sections["paced"] = await section(
+                f"2. paced engine, {args.paced_token_ms:g} ms per output token, {args.paced_waves} x concurrency "
+                f"requests per round per target", args.paced_token_ms / 1e3,
+                [(c, c * args.paced_waves) for c in paced], args, Path(tmp),
+            )
+    print()
+    for name, results in sections.items():
+        for stream in (False, True):
+            cells = [(c, d, r) for (c, s), (d, r) in results.items() if s == stream]
+            print(f"router CPU per {'streamed' if stream else 'whole'} request ({args.max_tokens} tokens), {name}: "
+                  + ", ".join(f"{r.per_request_us('router'):.0f} us at {c}" for c, _, r in cells)
+                  + " (engine stand-in: " + ", ".join(f"{d.per_request_us('backend'):.0f}" for _, d, _ in cells)
+                  + " us)")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=300, help="requests per round per target")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--requests", type=int, default=300, help="zero-latency section: requests per round per "
+                        "target")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=16)
-    asyncio.run(run(parser.parse_args()))
+    parser.add_argument("--concurrency", default="1,16,100", help="zero-latency section: comma-separated")
+    parser.add_argument("--paced-token-ms", type=float, default=20.0, help="paced section: engine milliseconds per "
+                        "output token (0: skip the section)")
+    parser.add_argument("--paced-waves", type=int, default=5, help="paced section: requests per round per target, "
+                        "in multiples of the concurrency")
+    parser.add_argument("--paced-concurrency", default="16,100", help="paced section: comma-separated")
+    parser.add_argument("--router-python", default=sys.executable, help="the router's interpreter (default: this "
+                        "one); $QUANTROL_SERVE_PYTHON is the serving image's environment, which has uvloop")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: --requests 100 --rounds 1 "
+                        "--paced-waves 3")
+    args = parser.parse_args()
+    if args.quick:
+        args.requests, args.rounds, args.paced_waves = 100, 1, 3
+    asyncio.run(run(args))
 
 
 if __name__ == "__main__":

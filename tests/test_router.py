@@ -180,6 +180,20 @@ def test_sse_parser_is_independent_of_network_chunking(cuts: list[int]) -> None:
     assert payloads == [b'{"i": %d}' % i for i in range(5)] + [b"[DONE]"]
 
 
+def test_sse_parser_keeps_only_data_lines_of_any_event_shape() -> None:
+    stream = (b": keep-alive comment\n\nevent: completion\ndata: {\"a\": 1}\nid: 7\n\ndata:{\"b\": 2}\n\n"
+              b"retry: 10\n\ndata: [DONE]\n\n")
+    parser = protocol.SSEParser()
+    assert parser.feed(stream[:30]) + parser.feed(stream[30:]) == [b'{"a": 1}', b'{"b": 2}', b"[DONE]"]
+
+
+def test_loads_is_json_loads_for_utf8_bytes() -> None:
+    assert protocol.loads('{"text": "é", "n": [1, 2.5, null]}'.encode()) == {"text": "é", "n": [1, 2.5, None]}
+    for bad in (b'{"a": 1} trailing', b"\xff\xfe", b"{"):
+        with pytest.raises(ValueError):
+            protocol.loads(bad)
+
+
 def test_is_greedy_needs_an_explicit_zero_temperature() -> None:
     assert protocol.is_greedy({"temperature": 0}) and protocol.is_greedy({"top_k": 1})
     assert not protocol.is_greedy({}) and not protocol.is_greedy({"temperature": 0, "n": 2})
@@ -425,6 +439,37 @@ async def test_unreachable_arm_is_a_502_not_a_hang(stack: Stack, start_router: R
         assert r.status == 502
     samples = await scrape(http, running.url)
     assert total(samples, "quantrol_router_errors_total", arm="stable", kind="upstream_connect") == 1
+
+
+async def test_a_cookie_set_by_an_arm_never_rides_along_on_other_requests(
+        start_router: RouterFactory, http: aiohttp.ClientSession) -> None:
+    # The router's upstream session is shared by every client: a cookie jar there would hand one client's cookie
+    # (say an ingress affinity cookie in front of an arm) to everybody. Addressed by name, as a Service is: a cookie
+    # jar ignores cookies from bare IP addresses.
+    seen: list[str | None] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Cookie"))
+        response = web.json_response({"choices": [{"index": 0, "text": " hi"}], "usage": {"completion_tokens": 1}})
+        response.set_cookie("affinity", "client-one")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", answer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)  # one socket; "localhost" below reaches it (after ::1, if first)
+    await site.start()
+    try:
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        running = await start_router()
+        running.router.offer(parse_config(_config_text(2, f"http://localhost:{port}")), "test")
+        for headers in ({}, {}, {"Cookie": "own=yes"}):
+            async with http.post(running.url + "/v1/completions", json=completion(), headers=headers) as r:
+                assert r.status == 200
+        assert seen == [None, None, "own=yes"]  # the client's own Cookie header passes through as it came
+    finally:
+        await runner.cleanup()
 
 
 # ---- over HTTP: shadow ---------------------------------------------------------------------------------------
@@ -713,3 +758,6 @@ async def test_latency_token_and_goodput_metrics_carry_arm_traffic_and_slice(
     assert total(s, "quantrol_router_in_flight", arm="stable", traffic="live") == 0
     assert total(s, "quantrol_router_weight", arm="stable") == 100
     assert ("quantrol_router_queued", frozenset({("arm", "stable")})) in s
+    # Series appear when something is recorded in them, not before: no TTFT for a slice only whole answers had.
+    assert not [key for key in s if key[0].startswith("quantrol_router_time_to_first_token_seconds")
+                and ("slice", "len_le_256") in key[1]]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -258,7 +259,10 @@ class Router:
         # No connection limit: admission bounds concurrency per arm; a pool limit here would add a second,
         # invisible queue. Generous keep-alive so the per-request cost is a pooled connection.
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=30)
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        # No cookie jar: a proxy's session is shared by every client, so a cookie one upstream answer set must
+        # never ride along on other clients' requests (their own Cookie headers pass through untouched).
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                             cookie_jar=aiohttp.DummyCookieJar())
         if self.config_path is not None:
             self.reload_file()
             self._spawn(self._watch_file())
@@ -401,16 +405,16 @@ class Router:
                 body=protocol.error_body(f"arm {arm} is at its admission bound ({rejected.reason}); retry later",
                                          "rate_limit_exceeded", 429),
             ), None
-        self.metrics.queue_wait.labels(arm, "live").observe(waited)
+        series = self.metrics.series(arm, "live", slice_)
+        series.queue_wait.observe(waited)
         sink = _ClientSink(request, strip)
         held = time.perf_counter()
-        in_flight = self.metrics.in_flight.labels(arm, "live")
-        in_flight.inc()
+        series.in_flight.inc()
         try:
             result = await self._exchange(config, arm, "live", path, payload, slice_, arrived, sink,
-                                          dict(_forward_headers(request.headers)))
+                                          _forward_headers(request.headers))
         finally:
-            in_flight.dec()
+            series.in_flight.dec()
             gate.release(time.perf_counter() - held)
         return sink.response(result), result
 
@@ -428,8 +432,7 @@ class Router:
         headers["Content-Type"] = "application/json"
         try:
             async with self.session.post(url, data=payload, headers=headers,
-                                         timeout=aiohttp.ClientTimeout(total=config.upstream_timeout_s,
-                                                                       sock_connect=5)) as upstream:
+                                         timeout=_upstream_timeout(config.upstream_timeout_s)) as upstream:
                 status = upstream.status
                 content_type = upstream.headers.get("Content-Type", "application/json")
                 if status != 200:
@@ -444,7 +447,7 @@ class Router:
                     kind = None if complete else "stream_interrupted"
                 else:
                     data = await upstream.read()
-                    parsed = json.loads(data)
+                    parsed = protocol.loads(data)
                     output.feed(parsed, chat)
                     if sink is not None:
                         if sink.strip:
@@ -482,7 +485,7 @@ class Router:
                     done = True
                     rewritten.append(b"data: [DONE]\n\n")
                     continue
-                obj = json.loads(data)
+                obj = protocol.loads(data)
                 timing.tokens(output.feed(obj, chat))
                 if sink is not None and sink.strip:
                     protocol.strip_token_fields(obj, streamed=True)
@@ -497,21 +500,20 @@ class Router:
         self, arm: ArmName, traffic: str, slice_: str, status: int, kind: str | None, output: protocol.Output,
         timing: _Timing, config: RouterConfig,
     ) -> None:
-        m = self.metrics
-        labels = (arm, traffic, slice_)
+        series = self.metrics.series(arm, traffic, slice_)
         end = time.perf_counter()
         duration = end - timing.arrived
-        m.requests.labels(*labels, str(status if kind != "client_cancelled" else 499)).inc()
-        m.duration.labels(*labels).observe(duration)
+        series.requests(str(status if kind != "client_cancelled" else 499)).inc()
+        series.duration.observe(duration)
         if kind is not None:
-            m.errors.labels(*labels, kind).inc()
+            self.metrics.errors.labels(arm, traffic, slice_, kind).inc()
         tokens = output.output_tokens
         if tokens:
-            m.output_tokens.labels(*labels).inc(tokens)
-        m.request_output_tokens.labels(*labels).observe(tokens)
+            series.output_tokens.inc(tokens)
+        series.request_output_tokens.observe(tokens)
         if timing.first_token is not None:
-            m.ttft.labels(*labels).observe(timing.first_token - timing.arrived)
-            itl = m.itl.labels(*labels)
+            series.ttft.observe(timing.first_token - timing.arrived)
+            itl = series.itl
             for gap, count in timing.gaps:
                 for _ in range(min(count, 64)):
                     itl.observe(gap)
@@ -520,11 +522,11 @@ class Router:
         last = timing.last_token if timing.last_token is not None else end
         tpot = (last - (timing.first_token or last)) / (tokens - 1) if tokens > 1 else 0.0
         if tokens > 1 and timing.first_token is not None:
-            m.tpot.labels(*labels).observe(tpot)
+            series.tpot.observe(tpot)
         if kind is None and tokens:
             for deadline in config.goodput_deadlines:
                 if ttft <= deadline.ttft_s and tpot <= deadline.tpot_s:
-                    m.deadline_tokens.labels(*labels, deadline.name).inc(tokens)
+                    series.deadline_tokens(deadline.name).inc(tokens)
 
     # ---- shadow ----------------------------------------------------------------------------------------------
 
@@ -566,7 +568,7 @@ class Router:
         if traffic == "mirror":
             self.metrics.mirrored.labels("sent").inc()
         held = time.perf_counter()
-        in_flight = self.metrics.in_flight.labels(arm, traffic)
+        in_flight = self.metrics.series(arm, traffic, slice_).in_flight
         in_flight.inc()
         try:
             return await self._exchange(config, arm, traffic, path, json.dumps(body).encode(), slice_, held, None, {})
@@ -680,6 +682,12 @@ def _forward_headers(headers: Any) -> dict[str, str]:
     return {
         k: v for k, v in headers.items() if k.lower() not in _HOP_HEADERS and not k.lower().startswith("x-quantrol")
     }
+
+
+@functools.lru_cache(maxsize=8)
+def _upstream_timeout(total_s: float) -> aiohttp.ClientTimeout:
+    # One (immutable) timeout object per configured value rather than one per request.
+    return aiohttp.ClientTimeout(total=total_s, sock_connect=5)
 
 
 def _waiting_of(gate: ArmGate) -> Callable[[], float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 from pathlib import Path
 
@@ -26,6 +27,16 @@ def run(args: argparse.Namespace) -> int:
     from quantrol_worker.router.app import serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(args.config, args.host, args.port, args.admin_token_file, args.reload_interval,
-                      args.shutdown_grace))
+    main = serve(args.config, args.host, args.port, args.admin_token_file, args.reload_interval, args.shutdown_grace)
+    # libuv's event loop where installed: about 10% less router CPU per request when the engine streams token by
+    # token (bench/bench_router.py, paced section). The serving image, which runs the router, has it (vLLM depends
+    # on it); other environments do not, hence the import by name, which keeps this module resolvable (and
+    # type-checked) in all of them.
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        asyncio.run(main)
+    else:
+        logging.getLogger("quantrol.router").info("event loop: uvloop %s", uvloop.__version__)
+        uvloop.run(main)
     return 0

@@ -14,6 +14,8 @@ token both within bounds); the analysis side divides by engine time and applies 
 
 from __future__ import annotations
 
+from functools import cached_property
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Milliseconds to tens of seconds: a cached short prompt answers in ~10 ms, a long generation on a loaded CPU arm
@@ -36,6 +38,7 @@ class RouterMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._series: dict[tuple[str, str, str], Series] = {}
         r = self.registry
         p = "quantrol_router_"
         self.requests = Counter(p + "requests", "Requests answered, by arm", [*ARM_TRAFFIC_SLICE, "code"], registry=r)
@@ -115,3 +118,73 @@ class RouterMetrics:
             p + "config_updates", "Config documents offered, by source (file, admin) and result "
             "(apply, unchanged, stale, conflict, invalid)", ["source", "result"], registry=r,
         )
+
+    def series(self, arm: str, traffic: str, slice_: str) -> Series:
+        """The per-request series of one (arm, traffic, slice), looked up once and kept (see `Series`)."""
+        key = (arm, traffic, slice_)
+        found = self._series.get(key)
+        if found is None:
+            found = self._series[key] = Series(self, arm, traffic, slice_)
+        return found
+
+
+class Series:
+    """The labelled children one request records into, for one (arm, traffic, slice).
+
+    prometheus_client's `labels()` validates, stringifies, locks and hashes on every call; a request touches about
+    ten series, so the router resolves each once per label set instead (the set is bounded: two arms, three
+    traffic kinds, the configured slices). Each child is still created on first use, as `labels()` would, so no
+    series appears in /metrics before something was recorded in it. Children are never removed: holding them is
+    safe.
+    """
+
+    def __init__(self, metrics: RouterMetrics, arm: str, traffic: str, slice_: str) -> None:
+        self._metrics = metrics
+        self._arm_traffic = (arm, traffic)
+        self._labels = (arm, traffic, slice_)
+        self._requests: dict[str, Counter] = {}
+        self._deadline_tokens: dict[str, Counter] = {}
+
+    @cached_property
+    def duration(self) -> Histogram:
+        return self._metrics.duration.labels(*self._labels)
+
+    @cached_property
+    def ttft(self) -> Histogram:
+        return self._metrics.ttft.labels(*self._labels)
+
+    @cached_property
+    def itl(self) -> Histogram:
+        return self._metrics.itl.labels(*self._labels)
+
+    @cached_property
+    def tpot(self) -> Histogram:
+        return self._metrics.tpot.labels(*self._labels)
+
+    @cached_property
+    def output_tokens(self) -> Counter:
+        return self._metrics.output_tokens.labels(*self._labels)
+
+    @cached_property
+    def request_output_tokens(self) -> Histogram:
+        return self._metrics.request_output_tokens.labels(*self._labels)
+
+    @cached_property
+    def queue_wait(self) -> Histogram:
+        return self._metrics.queue_wait.labels(*self._arm_traffic)
+
+    @cached_property
+    def in_flight(self) -> Gauge:
+        return self._metrics.in_flight.labels(*self._arm_traffic)
+
+    def requests(self, code: str) -> Counter:
+        found = self._requests.get(code)
+        if found is None:
+            found = self._requests[code] = self._metrics.requests.labels(*self._labels, code)
+        return found
+
+    def deadline_tokens(self, deadline: str) -> Counter:
+        found = self._deadline_tokens.get(deadline)
+        if found is None:
+            found = self._deadline_tokens[deadline] = self._metrics.deadline_tokens.labels(*self._labels, deadline)
+        return found

@@ -62,6 +62,16 @@ def slice_label(header_value: str | None, allowed: Sequence[str], chars: int, bu
     return f"len_gt_{buckets[-1]}" if buckets else "all"
 
 
+_DECODER = json.JSONDecoder()
+
+
+def loads(data: bytes) -> Any:
+    """`json.loads` for UTF-8 bytes, without its per-call encoding sniffing: the router parses every streamed chunk,
+    and for chunks of a few hundred bytes that overhead is a third of the parse. Raises ValueError as json.loads
+    does (UnicodeDecodeError is one)."""
+    return _DECODER.decode(data.decode())
+
+
 class SSEParser:
     """Splits a server-sent-event byte stream into `data:` payloads, whatever the network chunking."""
 
@@ -69,16 +79,19 @@ class SSEParser:
         self._buffer = b""
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        self._buffer += chunk
+        # One split per chunk (this runs for every streamed token): the last piece is an incomplete event.
+        events = (self._buffer + chunk if self._buffer else chunk).split(b"\n\n")
+        self._buffer = events.pop()
         payloads: list[bytes] = []
-        while True:
-            end = self._buffer.find(b"\n\n")
-            if end < 0:
-                return payloads
-            event, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
+        for event in events:
+            if b"\n" not in event:  # the usual event: one `data:` line
+                if event.startswith(b"data:"):
+                    payloads.append(event[5:].strip())
+                continue
             for line in event.split(b"\n"):
                 if line.startswith(b"data:"):
                     payloads.append(line[5:].strip())
+        return payloads
 
 
 @dataclass
