@@ -206,6 +206,8 @@ def test_a_spec_edit_after_a_rollback_starts_again_without_a_retry_annotation() 
     refused = run(advance(obj, restarted), quantized_model=qm("Rejected", "KernelIncompatible"),
                   now=T0 + timedelta(seconds=51))
     assert refused.status["phase"] == "RolledBack" and refused.status["rollback"]["reason"] == "KernelUnavailable"
+    assert "candidateArtifact" not in refused.status["rollback"]  # not the previous candidate's digest
+    assert refused.status.get("candidateArtifact") is None
     settled = run(advance(advance(obj, restarted), refused), quantized_model=qm("Rejected", "KernelIncompatible"),
                   now=T0 + timedelta(seconds=60))
     assert settled.status["phase"] == "RolledBack" and settled.status == refused.status  # no loop

@@ -176,8 +176,8 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
         if moved.reason is Reason.PROMOTED and pinned:
             status["rollbackTarget"], status["stableArtifact"] = stable, pinned
             stable = pinned
-        if moved.reason in (Reason.NEW_CANDIDATE, Reason.RETRY):
-            pinned = desired
+        if moved.reason in (Reason.NEW_CANDIDATE, Reason.RETRY, Reason.SPEC_CHANGED):
+            pinned = desired  # None when the new candidate has no digest (refused, or still calibrating)
         if moved.phase is P.ROLLED_BACK:
             result.rollback = _rollback_record(moved.reason, status.get("lastAnalysis"), observed, pinned, now,
                                                refused_by=why_not if refused else "")
