@@ -9,7 +9,8 @@ operator's /metrics, never from printed text:
   stable through the later rollbacks);
 - FP8_DYNAMIC (kernelPolicy `warn`, the demo's choice) is rolled back by a latency SLO (ttftP99 or
   interTokenLatencyP99): the rollback record names it, and quantrol_rollbacks_total{reason="SloBreach"} counted it;
-- W8A16 is refused as KernelUnavailable (its QuantizedModel is Rejected by the kernel pre-check: no engine starts);
+- W8A16 is refused as KernelUnavailable (its QuantizedModel is Rejected by the kernel pre-check: no engine starts;
+  the spec edit alone restarts the rolled-back policy), counted once in quantrol_rollbacks_total;
 - chart.png exists and is a PNG.
 
 Each candidate's rollout is held (quantrol.io/paused) while the demo warms its engine up straight, unseen by the
@@ -93,6 +94,10 @@ def test_w8a16_is_refused_as_kernel_unavailable(report: dict[str, Any]) -> None:
     assert (w8a16["phase"], ready["reason"]) == ("Rejected", "KernelIncompatible")
     last = report["rollbacks"][1]
     assert last["candidate"] == "tiny-w8a16" and last["record"]["reason"] == "KernelUnavailable", last
+    assert "candidateArtifact" not in last["record"] and "tiny-w8a16" in last["record"]["message"], last
+    # Counted once: the watch handler and the timer once both acted on the same status and counted it twice.
+    refusals = [v for labels, v in report["rollbacksTotal"].items() if 'reason="KernelUnavailable"' in labels]
+    assert refusals == [1.0], report["rollbacksTotal"]
     status = report["servingPolicy"]["status"]
     assert status["phase"] == "RolledBack" and status["weights"]["candidate"] == 0
 
