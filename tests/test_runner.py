@@ -51,6 +51,7 @@ from quantrol_operator.localstack.runner_plan import (
     plan_job,
     plan_pod,
     pod_status,
+    pods_map,
     resolve_image,
     rewrite_args,
     rewrite_paths,
@@ -58,6 +59,7 @@ from quantrol_operator.localstack.runner_plan import (
     template_hash,
     volume_files,
 )
+from quantrol_worker import localservices
 from tests.plugins.runner import TEST_IMAGE, TEST_SERVING_IMAGE
 
 T = TypeVar("T")
@@ -233,6 +235,31 @@ def test_services_map_resolves_named_target_ports_on_ready_selected_pods_only() 
         "ns/web": {"host": "127.0.0.1", "ports": {"80": 40002}},
         "ns/ext": {"host": "127.0.0.1", "ports": {}},
     }
+
+
+def test_pods_map_lists_running_pods_ready_or_not_and_pod_url_resolves_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pods = [Endpoint("web-b", "ns", {}, False, {8080: 40002, 9090: 40012}, {}),
+            Endpoint("web-a", "ns", {}, True, {8080: 40001}, {}),
+            Endpoint("portless", "ns", {}, True, {}, {})]
+    table = {"ns/web-a": {"host": "127.0.0.1", "ports": {"8080": 40001}},
+             "ns/web-b": {"host": "127.0.0.1", "ports": {"8080": 40002, "9090": 40012}}}
+    assert pods_map(pods) == table
+    # A cluster (no services.json): the pod IP itself.
+    monkeypatch.delenv(localservices.ENV, raising=False)
+    assert localservices.pod_url("10.1.2.3", "ns", "web-a", 8080, "/x") == "http://10.1.2.3:8080/x"
+    assert localservices.pod_url("fd00::5", "ns", "web-a", 8080) == "http://[fd00::5]:8080"
+    assert localservices.pod_url("", "ns", "web-a", 8080) is None  # not started: no IP yet
+    # The local runner: every pod is 127.0.0.1, told apart by name; a pod the file does not list is not reachable
+    # (127.0.0.1 at the containerPort would be whatever else listens there).
+    path = tmp_path / "services.json"
+    path.write_text(json.dumps({"ns/web": {"host": "127.0.0.1", "ports": {"80": 40001}}, "pods": table}))
+    monkeypatch.setenv(localservices.ENV, str(path))
+    assert localservices.pod_url("127.0.0.1", "ns", "web-b", 8080, "/x") == "http://127.0.0.1:40002/x"
+    assert localservices.pod_url("127.0.0.1", "ns", "web-b", 9090) == "http://127.0.0.1:40012"
+    assert localservices.pod_url("127.0.0.1", "ns", "web-c", 8080) is None
+    assert localservices.pod_url("127.0.0.1", "ns", "web-a", 9090) is None
+    assert localservices.service_url("web", "ns", 80) == "http://127.0.0.1:40001"  # Services resolve as before
 
 
 def test_serving_cap_admits_in_order_and_never_holds_other_pods() -> None:
@@ -615,6 +642,31 @@ def test_deployment_readiness_follows_the_probe(api: KubeClient, namespace: str,
 
     assert http(port, "/toggle", "POST") == (200, "ready")
     eventually(deployment, lambda d: d["status"]["readyReplicas"] == 1, what="ready again")
+
+
+@pytest.mark.stack
+def test_each_pod_is_reachable_by_name_ready_or_not(api: KubeClient, namespace: str, workload_runner: LocalRunner,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """status.podIP is 127.0.0.1 for every pod; services.json's `pods` section tells them apart (pod_url)."""
+    body = web_deployment("pair")
+    body["spec"]["replicas"] = 2
+    created = dict(api.call("POST", api_path("apps/v1", "deployments", namespace), body))
+    eventually(lambda: get(api, "apps/v1", "deployments", namespace, "pair"),
+               lambda d: (d.get("status") or {}).get("readyReplicas") == 2, what="both replicas ready")
+    monkeypatch.setenv(localservices.ENV, str(workload_runner.services_path))
+    pods = pods_of(api, namespace, created)
+    urls = {p["metadata"]["name"]: localservices.pod_url(p["status"]["podIP"], namespace, p["metadata"]["name"],
+                                                           8080) for p in pods}
+    assert len(urls) == 2 and None not in urls.values() and len(set(urls.values())) == 2, urls
+    assert {p["status"]["podIP"] for p in pods} == {"127.0.0.1"}
+    ports = {name: int(str(url).rsplit(":", 1)[1]) for name, url in urls.items()}
+    assert all(http(port) == (200, "v1") for port in ports.values())
+    name, port = sorted(ports.items())[0]
+    assert http(port, "/toggle", "POST") == (200, "not ready")  # unready: off the Service, still listed by name
+    eventually(lambda: get(api, "v1", "pods", namespace, name), lambda p: condition(p, "Ready")["status"] == "False",
+               what="the pod unready")
+    assert services(workload_runner)["pods"][f"{namespace}/{name}"]["ports"] == {"8080": port}
+    assert localservices.pod_url("127.0.0.1", namespace, name, 8080) == f"http://127.0.0.1:{port}"
 
 
 @pytest.mark.stack

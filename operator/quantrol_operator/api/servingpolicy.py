@@ -330,12 +330,21 @@ class KernelReport(StatusModel):
     message: str = ""
 
 
+class RouterReplicas(StatusModel):
+    """How far the push of `version` got: router pods that confirmed it, of those that serve now or will."""
+
+    confirmed: int = Field(default=0, ge=0)
+    total: int = Field(default=0, ge=0, description="The router Deployment's current pods, ready or not.")
+
+
 class RouterState(StatusModel):
-    """The router config the operator last wrote (ConfigMap) and pushed (admin endpoint)."""
+    """The router config the operator last wrote (ConfigMap) and pushed (each router pod's admin endpoint)."""
 
     version: int = 0
     config_hash: str | None = None
-    applied_version: int | None = Field(default=None, description="Lowest version the routers confirmed.")
+    applied_version: int | None = Field(
+        default=None, description="The last version every current router pod confirmed on its admin endpoint.")
+    replicas: RouterReplicas | None = None
 
 
 class HandledAnnotations(StatusModel):

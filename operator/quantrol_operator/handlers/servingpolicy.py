@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import secrets
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,12 +24,14 @@ from quantrol_operator.api.servingpolicy import RolloutPhase, ServingPolicySpec
 from quantrol_operator.children import monitoring, router, serving
 from quantrol_operator.children.serving import LABEL_POLICY
 from quantrol_operator.handlers.common import DEFAULTS, Events, handle, kube
+from quantrol_operator.planning import routers
 from quantrol_operator.planning.servingpolicy import SpObserved, Window, plan
 from quantrol_operator.rollout.analysis import judge
-from quantrol_operator.rollout.queries import PrometheusSource, QueryError, Scope, collect
-from quantrol_worker.localservices import service_url
+from quantrol_operator.rollout.queries import PrometheusSource, Scope, collect
+from quantrol_worker.localservices import pod_url, service_url
 
 HTTP_TIMEOUT = 3.0
+PUSH_TIMEOUT = 2.0  # per router pod; pushes run concurrently, so a hung pod delays a pass by about this much
 log = logging.getLogger(__name__)
 # None: this operator writes no PodMonitors; else the extra labels they carry. Decided once, at start-up.
 _pod_monitor_labels: dict[str, str] | None = None
@@ -46,12 +51,12 @@ def detect_pod_monitors(logger: kopf.Logger, **_: Any) -> None:
     logger.info("%s: %s", "writing one PodMonitor per ServingPolicy" if enabled else "writing no PodMonitors", why)
 
 
-def _http_json(url: str, body: bytes | None = None, token: str = "") -> Any:
+def _http_json(url: str, body: bytes | None = None, token: str = "", timeout: float = HTTP_TIMEOUT) -> Any:
     request = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET")
     request.add_header("Content-Type", "application/json")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT) as response:  # cluster-internal URLs only
+    with urllib.request.urlopen(request, timeout=timeout) as response:  # cluster-internal URLs only
         return json.loads(response.read() or b"null")
 
 
@@ -127,44 +132,75 @@ def _token(namespace: str, policy: str) -> tuple[str, bool]:
     return (base64.b64decode(data).decode() if data else str(string or "")), False
 
 
-def _push(namespace: str, policy: str, config: str, token: str) -> int | None:
-    """Push the router config over the admin endpoint; returns the version the router says it applied."""
+@dataclass
+class _Delivery:
+    """What this operator knows of one policy's router pods (lost on restart: it then pushes once more to each)."""
+
+    confirmed: dict[str, int] = field(default_factory=dict)  # pod key → the config version it confirmed
+    refused: dict[str, str] = field(default_factory=dict)  # pod key → why it last refused a push (logged once)
+
+
+# (namespace, policy) → its router pods' confirmations; passes of one policy never overlap (handlers.common.handle).
+_deliveries: dict[tuple[str, str], _Delivery] = {}
+
+
+def _push(url: str, config: bytes, token: str) -> tuple[int | None, str]:
+    """POST the router config to one pod's admin endpoint: (the version it says it applied, why it refused)."""
     try:
-        answer = _http_json(service_url(policy, namespace, router.ROUTER_PORT, "/quantrol/config"),
-                            config.encode(), token)
+        answer = _http_json(url, config, token, timeout=PUSH_TIMEOUT)
+    except urllib.error.HTTPError as exc:  # a wrong token, or two writers disagreeing under one version number
+        with contextlib.suppress(OSError):
+            return None, f"{exc.code} {exc.read(512).decode(errors='replace').strip()}"
+        return None, f"{exc.code} {exc.reason}"
     except (OSError, urllib.error.URLError, ValueError):
-        return None  # the ConfigMap is the durable copy; the next pass pushes again
+        return None, ""  # not up yet, or gone: the next pass pushes again
     version = answer.get("applied_version") if isinstance(answer, dict) else None
-    return int(version) if isinstance(version, int) else None
+    return (version if isinstance(version, int) else None), ""
 
 
-def _sync_routers(status: dict[str, Any], children: list[dict[str, Any]], spec: ServingPolicySpec | None,
+def _push_all(namespace: str, pods: list[routers.RouterPod], config: str, token: str,
+              delivery: _Delivery) -> dict[str, int | None]:
+    """Push to every pod at once, each bounded by PUSH_TIMEOUT: a hung pod delays the pass, never stalls it.
+    Returns pod key → the version it applied (None: no answer); a refusal is logged once per pod and reason."""
+    urls = {p.name: pod_url(p.ip, namespace, p.name, router.ROUTER_PORT, "/quantrol/config") for p in pods}
+    reachable = [p for p in pods if urls[p.name]]
+    if not reachable:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(len(reachable), 16), thread_name_prefix="router-push") as pool:
+        futures = {p: pool.submit(_push, str(urls[p.name]), config.encode(), token) for p in reachable}
+    answers: dict[str, int | None] = {}
+    for pod, future in futures.items():
+        answers[pod.key], why = future.result()
+        if why and delivery.refused.get(pod.key) != why:
+            log.warning("router pod %s/%s refused the config push: %s", namespace, pod.name, why)
+        delivery.refused[pod.key] = why
+    return answers
+
+
+def _sync_routers(status: dict[str, Any], children: list[dict[str, Any]], deployments: list[dict[str, Any]],
                   namespace: str, policy: str, token: str) -> None:
-    """Push the router config until every router confirms it; the ConfigMap stays the durable copy.
+    """Push the router config to every router pod until each confirms it; the ConfigMap stays the durable copy.
 
-    A push goes through the router Service, so one replica answers it; with several replicas the confirmation
-    is the lowest `quantrol_router_config_version` Prometheus scraped from them, and pushes repeat until that
-    reaches the version written to status. Once confirmed, nothing is pushed or queried again.
+    Which pods, and what counts as confirmed, is planning.routers (pure). Every pass lists the router pods (one
+    read) and pushes only to those that have not confirmed the desired version since their container started, so
+    a steady state pushes nothing, while a new or restarted replica is caught up at the next pass.
     """
-    state = status.setdefault("router", {})
-    desired = int(state.get("version", 0))
-    if spec is None or state.get("appliedVersion") == desired:
-        return
     document = next((c["data"][router.CONFIG_FILE] for c in children
                      if c["kind"] == "ConfigMap" and c["metadata"]["name"] == router.router_name(policy)), None)
     if document is None:
-        return
-    confirmed = _push(namespace, policy, document, token)
-    if spec.router_replicas > 1:
-        address = spec.analysis.prometheus.address if spec.analysis.prometheus else DEFAULTS.prometheus_url
-        try:
-            lowest = PrometheusSource(address).scalar(
-                f'min(quantrol_router_config_version{{namespace="{namespace}",policy="{policy}"}})')
-        except QueryError:
-            lowest = None
-        confirmed = int(lowest) if lowest is not None else None
-    if confirmed is not None:
-        state["appliedVersion"] = confirmed
+        return  # an invalid spec: no router config this pass, status.router stays as it was
+    state = dict(status.get("router") or {})
+    desired = int(state.get("version", 0))
+    deployment = next((d for d in deployments if d["metadata"]["name"] == router.router_name(policy)), None)
+    pods: list[routers.RouterPod] = []
+    if deployment is not None:  # else created this pass: no pods yet
+        selector = f"{LABEL_POLICY}={policy},{router.LABEL_COMPONENT}=router"
+        pods = routers.current_pods(kube().list_objects("v1", "Pod", namespace, selector), deployment)
+    delivery = _deliveries.setdefault((namespace, policy), _Delivery())
+    answers = _push_all(namespace, routers.to_push(pods, desired, delivery.confirmed), document, token, delivery)
+    delivery.confirmed = routers.remember(pods, delivery.confirmed, answers)
+    delivery.refused = {p.key: delivery.refused[p.key] for p in pods if delivery.refused.get(p.key)}
+    status["router"] = routers.router_status(state, pods, desired, delivery.confirmed)
 
 
 def _reconcile(obj: dict[str, Any]) -> Events:
@@ -197,7 +233,7 @@ def _reconcile(obj: dict[str, Any]) -> Events:
             k.apply(child)
     for ref in result.delete:
         k.delete(ref)
-    _sync_routers(result.status, result.apply, spec, namespace, policy, token)
+    _sync_routers(result.status, result.apply, deployments, namespace, policy, token)
     k.patch_status(obj, result.status)
     _export(obj, result.status, window, result.rollback)
     return [(e.type, e.reason, e.message) for e in result.events]
@@ -262,6 +298,7 @@ def serving_policy_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> No
     The PodMonitor is orphaned with them: arms that keep serving keep being scraped (and deleting it is one
     `kubectl delete podmonitor` once they go).
     """
+    _deliveries.pop((str(body.meta.namespace), str(body.meta.name)), None)
     if dict(body.spec).get("deletionPolicy", "Delete") != "Orphan":
         return
     namespace, policy, uid = body.meta.namespace, body.meta.name, body.meta.uid

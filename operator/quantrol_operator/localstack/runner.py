@@ -29,7 +29,10 @@ annotation names the dir: there is no `kubectl logs`). Conventions:
   `--host 0.0.0.0` becomes 127.0.0.1. Readiness probes (httpGet, tcpSocket, exec) use the mapped ports.
 - Services: `services.json` in the state dir maps `"ns/name"` to `{"host": "127.0.0.1", "ports":
   {"<service port>": <local port>}}` over ready, selected pods (the first by name); every process gets its
-  path in `QUANTROL_LOCAL_SERVICES`, so clients can resolve `http://name.ns.svc:port`.
+  path in `QUANTROL_LOCAL_SERVICES`, so clients can resolve `http://name.ns.svc:port`. Every pod's
+  `status.podIP` is 127.0.0.1, so the same file's `"pods"` section maps each running pod, ready or not,
+  `"ns/pod"` to `{"host": "127.0.0.1", "ports": {"<containerPort>": <local port>}}`: a client that talks to one
+  pod (the operator pushes router configs to every replica) resolves it with `localservices.pod_url`.
 - Pods are owned directly by their Job or Deployment (no ReplicaSets); deployment pods carry the
   `pod-template-hash` label. Status is written through `/status` as merge patches, only when it changed.
 - A small garbage collector deletes pods, services, configmaps, secrets, jobs and deployments whose owners
@@ -75,6 +78,7 @@ from quantrol_operator.localstack.runner_plan import (
     CONFIG_ERROR,
     JSON,
     NODE_NAME,
+    PODS_SECTION,
     SERVICES_ENV,
     TERMINAL,
     ContainerRun,
@@ -106,6 +110,7 @@ from quantrol_operator.localstack.runner_plan import (
     plan_pod,
     pod_is_ready,
     pod_status,
+    pods_map,
     services_map,
     template_hash,
     truncate_message,
@@ -419,7 +424,8 @@ class LocalRunner:
             self._advance(run, now)
         self._forget_finished_retirees()
         self._write_pod_statuses(now)
-        self._write_services(services_map(observed.services, self._endpoints()))
+        endpoints = self._endpoints()
+        self._write_services({**services_map(observed.services, endpoints), PODS_SECTION: pods_map(endpoints)})
 
     def _scoped(self, api_version: str, plural: str) -> list[JSON]:
         if self.namespaces is None:

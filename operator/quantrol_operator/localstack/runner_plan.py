@@ -23,6 +23,7 @@ JSON = dict[str, Any]
 LOOPBACK = "127.0.0.1"
 NODE_NAME = "local-runner"
 SERVICES_ENV = "QUANTROL_LOCAL_SERVICES"
+PODS_SECTION = "pods"  # services.json's map of running pods (quantrol_worker.localservices.PODS reads it)
 PORT_ENV_PREFIX = "QUANTROL_PORT_"
 DEFAULT_TERMINATION_PATH = "/dev/termination-log"
 MAX_TERMINATION_MESSAGE = 4096  # bytes, as the kubelet truncates
@@ -893,6 +894,14 @@ def services_map(services: Sequence[Mapping[str, Any]], endpoints: Sequence[Endp
                     break
         out[f"{ns}/{meta.get('name', '')}"] = {"host": LOOPBACK, "ports": ports}
     return out
+
+
+def pods_map(endpoints: Sequence[Endpoint]) -> JSON:
+    """`{"ns/pod": {"host": "127.0.0.1", "ports": {"<containerPort>": <local port>}}}` for every running pod, ready
+    or not: all pods share the IP 127.0.0.1 here, so a client that talks to one pod (the operator pushing a router
+    config to each replica) finds its port by the pod's name."""
+    return {f"{e.namespace}/{e.name}": {"host": LOOPBACK, "ports": {str(k): v for k, v in sorted(e.ports.items())}}
+            for e in sorted(endpoints, key=lambda e: (e.namespace, e.name)) if e.ports}
 
 
 # --- the serving cap -------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ One document, one schema, two ways in (file and `POST /quantrol/config`), so the
 can never mean different things. `version` is a monotonic integer the operator bumps on every change: the router
 applies a document only when its version is newer than the applied one, which makes the two paths commute (an
 admin push that overtook the kubelet's ConfigMap sync is not undone when the older file arrives) and lets the
-operator confirm, from `quantrol_router_config_version`, that a rollback has really landed.
+operator confirm, pod by pod from the version each push answers, that a rollback has really landed on every
+replica (`quantrol_router_config_version` shows the same on dashboards).
 
 Torch-free and aiohttp-free: the operator imports this module to build the ConfigMap.
 """
