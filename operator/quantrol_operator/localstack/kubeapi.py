@@ -237,6 +237,11 @@ class OperatorProcess:
         if self.process is not None:
             self.process.stop()
 
+    def kill(self) -> None:
+        """A crash (OOM kill, node lost): SIGKILL at once, no graceful shutdown in which kopf finishes passes."""
+        if self.process is not None:
+            self.process.kill()
+
     def __enter__(self) -> Self:
         return self.start()
 

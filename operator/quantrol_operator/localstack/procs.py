@@ -129,6 +129,14 @@ class ManagedProcess:
             self.popen.wait(timeout=timeout)
         self._reap_group()
 
+    def kill(self, timeout: float = 10.0) -> None:
+        """SIGKILL the process group at once (a crash), and wait for it."""
+        if self.popen is not None and self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(timeout=timeout)
+        self._reap_group()
+
     def _reap_group(self) -> None:
         # Grandchildren may outlive their parent in the same group; kill whatever remains.
         if self.popen is None:
