@@ -384,7 +384,7 @@ def test_an_injected_fault_rolls_back_to_stable(rig: Rig, prometheus: Prometheus
         assert record["reason"] == "SloBreach"
         failing = {m["slo"] for m in status["lastAnalysis"]["metrics"] if m["verdict"] == "fail"}
         assert failing and failing <= slo | {"goodput"}, json.dumps(status["lastAnalysis"], indent=1)
-        assert record["slo"] in slo | {"goodput"}
+        assert record["slo"] in slo | {"goodput"} and set(record["failingSlos"]) == failing
         assert rig.operator_metric("quantrol_rollbacks_total", reason="SloBreach") == 1.0
         # All live traffic is back on stable, confirmed by the router itself, while requests keep flowing.
         wait_until(lambda: rig.router_weights().get("candidate", 0.0) == 0.0, timeout=5, what="candidate weight 0")

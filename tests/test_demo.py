@@ -81,6 +81,10 @@ def test_fp8_dynamic_is_rolled_back_by_a_latency_slo(report: dict[str, Any]) -> 
     assert first["candidate"] == "tiny-fp8-dynamic"
     record = first["record"]
     assert record["reason"] == "SloBreach" and record["slo"] in LATENCY_SLOS, record
+    # Slow, not wrong: what failed is latency (and goodput, which counts only tokens within their deadline).
+    failing = set(record["failingSlos"])
+    assert record["slo"] in failing and failing & set(LATENCY_SLOS), record
+    assert not failing & {"qualityDelta", "agreement", "errorRate"}, record
     assert record["candidateArtifact"] == "oci://" + fp8["artifact"]["ref"]
     assert record["candidateValue"] > record["limit"]
     counted = {labels: value for labels, value in report["rollbacksTotal"].items()

@@ -135,6 +135,7 @@ def test_slo_failures_up_to_the_limit_roll_back_with_a_record() -> None:
         assert result.status["phase"] == ("RolledBack" if i == 2 else "Shadow")
     record = result.status["rollback"]
     assert record["reason"] == "SloBreach" and record["slo"] == "ttftP99" and record["candidateValue"] == 3.1
+    assert record["failingSlos"] == ["ttftP99"]
     assert result.rollback == record
     config = json.loads(result.router_config or "{}")
     assert set(config["arms"]) == {"stable"}  # all live traffic on stable at once

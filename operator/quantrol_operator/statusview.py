@@ -40,6 +40,9 @@ def render_servingpolicy(obj: dict[str, Any]) -> str:
                      + (f" on {rollback['slo']}: candidate {_fmt(rollback.get('candidateValue'))} vs limit "
                         f"{_fmt(rollback.get('limit'))}" if rollback.get("slo") else "")
                      + (f" — {rollback['message']}" if rollback.get("message") else ""))
+        also = [slo for slo in rollback.get("failingSlos") or [] if slo != rollback.get("slo")]
+        if also:
+            lines.append(f"              also failing in that window: {', '.join(also)}")
         lines.append("  to retry:   kubectl annotate sp "
                      f"{meta['name']} quantrol.io/retry=$(date +%s) --overwrite")
     history = status.get("history") or []

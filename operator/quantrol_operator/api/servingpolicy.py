@@ -297,7 +297,9 @@ class AnalysisRun(StatusModel):
 
 class RollbackRecord(StatusModel):
     reason: RollbackReason
-    slo: str | None = None
+    slo: str | None = Field(default=None, description="The first failing SLO of the deciding window.")
+    failing_slos: list[str] = Field(default_factory=list, max_length=64,
+                                    description="Every SLO that failed in the deciding window.")
     candidate_value: float | None = None
     stable_value: float | None = None
     limit: float | None = None

@@ -259,7 +259,8 @@ def _rollback_record(reason: Reason, analysis: dict[str, Any] | None, observed: 
     failing = [m for m in (analysis or {}).get("metrics", []) if m.get("verdict") == "fail"]
     if reason is Reason.SLO_BREACH and failing:
         worst = failing[0]
-        record.update(slo=worst["slo"], candidateValue=worst.get("value"), stableValue=worst.get("stableValue"),
+        record.update(slo=worst["slo"], failingSlos=[m["slo"] for m in failing],
+                      candidateValue=worst.get("value"), stableValue=worst.get("stableValue"),
                       limit=worst.get("limit"), windowSeconds=(analysis or {}).get("windowSeconds"),
                       message=worst.get("message", ""))
     elif reason in (Reason.KERNEL_UNAVAILABLE, Reason.KERNEL_FALLBACK):
