@@ -76,6 +76,20 @@ def test_stack_with_runner_runs_workloads_and_scrapes_routers(tmp_path: Path) ->
         assert [g.as_json() for g in groups] == [{"targets": ["127.0.0.1:4242"],
                                                   "labels": {"namespace": "demo", "policy": "tiny"}}]
         assert router_targets({"demo/tiny": {"host": "127.0.0.1", "ports": {}}}, listed) == []  # not ready yet
+        # Several router replicas: every pod is a target (another policy's router and an arm are not).
+        def pod(name: str, **pod_labels: str) -> dict[str, object]:
+            return {"metadata": {"name": name, "namespace": "demo", "labels": pod_labels}}
+
+        router = {"quantrol.io/servingpolicy": "tiny", "app.kubernetes.io/component": "router"}
+        pods = [pod("tiny-router-a", **router), pod("tiny-router-b", **router),
+                pod("other-router-c", **{**router, "quantrol.io/servingpolicy": "other"}),
+                pod("tiny-arm", **{"quantrol.io/servingpolicy": "tiny"})]
+        addresses = {"pods": {f"demo/{name}": {"host": "127.0.0.1", "ports": {"8080": port}}
+                              for name, port in (("tiny-router-a", 5001), ("tiny-router-b", 5002),
+                                                 ("other-router-c", 5003), ("tiny-arm", 5004))},
+                     "demo/tiny": {"host": "127.0.0.1", "ports": {"8080": 5001}}}
+        [group] = router_targets(addresses, listed, pods)
+        assert group.targets == ["127.0.0.1:5001", "127.0.0.1:5002"]
         api.close()
         ports = [stack.kubeapi.port, stack.prometheus.port, stack.registry.port]  # type: ignore[union-attr]
     finally:

@@ -4,7 +4,10 @@ On a cluster, a ServiceMonitor (or the `prometheus.io/scrape` pod annotations) m
 ServingPolicy's router, and relabelling gives every series the `namespace` and `policy` labels the operator's
 analysis queries select on. Locally, the runner's `services.json` says where each Service answers on 127.0.0.1,
 and the emulated API says which Services are routers (component label `router`, policy label); this thread turns
-the two into Prometheus file_sd target groups with those labels, rewritten only when they change.
+the two into Prometheus file_sd target groups with those labels, rewritten only when they change. Every router pod
+is a target (the runner's `"pods"` section says where each answers), as a PodMonitor would make it, so a policy
+with several router replicas is judged on all of its traffic; the Service's endpoint stands in when the runner
+has not listed the pods yet.
 """
 
 from __future__ import annotations
@@ -24,24 +27,41 @@ from quantrol_operator.localstack.prometheus import PrometheusServer, TargetGrou
 log = logging.getLogger("quantrol.localstack.scrape")
 
 
-def router_targets(services: Mapping[str, Any], router_services: Sequence[Mapping[str, Any]]) -> list[TargetGroup]:
-    """One target group per router Service that has a ready endpoint in `services` (the runner's map).
+def router_targets(services: Mapping[str, Any], router_services: Sequence[Mapping[str, Any]],
+                   pods: Sequence[Mapping[str, Any]] = ()) -> list[TargetGroup]:
+    """One target group per router Service, with every router pod of its policy that `services` (the runner's
+    map) has an address for, or else the Service's ready endpoint; routers with neither are left out.
 
-    `router_services` are Service objects as the API returns them (dicts); those without the router component
-    label are ignored, so the caller may pass every Service it listed (the emulation ignores label selectors).
+    `router_services` and `pods` are objects as the API returns them (dicts); those without the router component
+    and policy labels are ignored, so the caller may pass every object it listed (the emulation ignores label
+    selectors).
     """
+    addresses = services.get("pods") or {}
     groups: list[TargetGroup] = []
     for svc in router_services:
         meta = svc.get("metadata") or {}
         labels = meta.get("labels") or {}
-        if labels.get(LABEL_COMPONENT) != "router" or not labels.get(LABEL_POLICY):
+        namespace, policy = meta.get("namespace"), labels.get(LABEL_POLICY)
+        if labels.get(LABEL_COMPONENT) != "router" or not policy:
             continue
-        endpoint = services.get(f"{meta.get('namespace')}/{meta.get('name')}") or {}
-        port = (endpoint.get("ports") or {}).get(str(ROUTER_PORT))
-        if port is None:
-            continue  # not ready yet: no endpoint, nothing to scrape
-        groups.append(TargetGroup([f"{endpoint.get('host', '127.0.0.1')}:{port}"],
-                                  {"namespace": str(meta["namespace"]), "policy": str(labels[LABEL_POLICY])}))
+        targets = []
+        for pod in pods:
+            pod_meta = pod.get("metadata") or {}
+            pod_labels = pod_meta.get("labels") or {}
+            if (pod_meta.get("namespace"), pod_labels.get(LABEL_POLICY), pod_labels.get(LABEL_COMPONENT)) != (
+                    namespace, policy, "router"):
+                continue
+            entry = addresses.get(f"{namespace}/{pod_meta.get('name')}") or {}
+            port = (entry.get("ports") or {}).get(str(ROUTER_PORT))
+            if port is not None:
+                targets.append(f"{entry.get('host', '127.0.0.1')}:{port}")
+        if not targets:
+            endpoint = services.get(f"{namespace}/{meta.get('name')}") or {}
+            port = (endpoint.get("ports") or {}).get(str(ROUTER_PORT))
+            if port is None:
+                continue  # not ready yet: no endpoint, nothing to scrape
+            targets = [f"{endpoint.get('host', '127.0.0.1')}:{port}"]
+        groups.append(TargetGroup(sorted(targets), {"namespace": str(namespace), "policy": str(policy)}))
     return sorted(groups, key=lambda g: (g.labels["namespace"], g.labels["policy"]))
 
 
@@ -84,13 +104,16 @@ class RouterScrapeSync:
             return  # not written yet, or being replaced: the next tick reads it
         if self._api is None:
             self._api = config.new_client_from_config(config_file=str(self.kubeconfig))  # type: ignore[no-untyped-call]
-        listed = client.CoreV1Api(self._api).list_service_for_all_namespaces(_request_timeout=10)
+        core = client.CoreV1Api(self._api)
+        listed = core.list_service_for_all_namespaces(_request_timeout=10)
         objects = [self._api.sanitize_for_serialization(s) for s in listed.items]
-        groups = router_targets(services, objects)
+        pods = [self._api.sanitize_for_serialization(p)
+                for p in core.list_pod_for_all_namespaces(_request_timeout=10).items]
+        groups = router_targets(services, objects, pods)
         if [g.as_json() for g in groups] != [g.as_json() for g in self.current]:
             self.prometheus.set_file_sd_targets(groups)
             self.current = groups
-            log.info("Prometheus now scrapes routers %s", [f"{g.labels} at {g.targets[0]}" for g in groups])
+            log.info("Prometheus now scrapes routers %s", [f"{g.labels} at {', '.join(g.targets)}" for g in groups])
 
     def _loop(self) -> None:
         while not self._stop.is_set():
