@@ -74,7 +74,8 @@ def healthy_run(rig: Any, prometheus: str, minutes: float) -> tuple[int, int]:
 
     thread = threading.Thread(target=jitter, daemon=True)
     with load(rig, rps=20, seconds=minutes * 60 + 120):
-        _create(rig, default_analysis_policy(rig.policy, rig.namespace, prometheus, dwell=604_800))  # the longest dwell the API accepts: it stays at step 0
+        # The longest dwell the API accepts: the rollout stays at its first canary step for the whole run.
+        _create(rig, default_analysis_policy(rig.policy, rig.namespace, prometheus, dwell=604_800))
         rig.wait_phase("Canary", timeout=180)
         thread.start()
         end = time.monotonic() + minutes * 60
