@@ -47,6 +47,7 @@ from quantrol_operator.demo_story import (
     LoadGenerator,
     Recorder,
     build_report,
+    interrupt_on_signals,
     print_yaml,
     quantized_model,
     report_markdown,
@@ -688,6 +689,7 @@ def run_cluster_demo(output: Path, context: str | None = None, *, target: Cluste
     from kubernetes.config import ConfigException
 
     settings = settings or DemoSettings(output=output, phase_timeout=900.0)  # a cluster pulls and schedules, too
+    interrupt_on_signals()
     say(f"quantrol demo on the cluster of {f'context {context}' if context else 'the current kube context'}; "
          f"output in {output}")
     try:

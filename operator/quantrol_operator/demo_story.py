@@ -33,6 +33,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -840,9 +841,21 @@ def run_story(settings: DemoSettings) -> dict[str, Any]:
     return report
 
 
+def interrupt_on_signals() -> None:
+    """Ctrl-C, and SIGTERM (`kill`, a closed terminal, a CI timeout), stop the story through the same clean-up.
+    Installed explicitly: a shell that starts the demo in the background leaves SIGINT ignored, and Python then
+    keeps it ignored (the demo once ran on, its processes orphaned, after a Ctrl-C that never arrived)."""
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def run_demo(output: Path, settings: DemoSettings | None = None) -> int:
     """`quantrol demo --local`: the story, its report printed; 0 when it ran to the end."""
     settings = settings or DemoSettings(output=output)
+    interrupt_on_signals()
     say(f"quantrol demo on the local stack; output in {output}")
     try:
         report = run_story(settings)
