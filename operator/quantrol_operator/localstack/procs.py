@@ -124,9 +124,8 @@ class ManagedProcess:
         try:
             self.popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
-            self.popen.wait(timeout=timeout)
+            self.kill(timeout)
+            return
         self._reap_group()
 
     def kill(self, timeout: float = 10.0) -> None:
