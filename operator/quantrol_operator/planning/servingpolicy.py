@@ -138,9 +138,9 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
     retry, rollback = annotations.get(ANNOTATION_RETRY), annotations.get(ANNOTATION_ROLLBACK)
     counters = _read_counters(status.get("counters") or {})
     decision = Decision.HOLD
+    started = _parse(status.get("phaseSince"))
     if observed.window is not None and phase in (P.SHADOW, P.CANARY):
         verdict = window_verdict(observed.window.judgements)
-        started = _parse(status.get("phaseSince"))
         after_step = started is None or now - timedelta(seconds=observed.window.seconds) >= started
         decision, counters = decide(verdict, observed.window.newest, counters, spec.analysis, after_step)
         status["lastAnalysis"] = {
@@ -152,7 +152,7 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
     kernel = refused or _kernel(observed.candidate_kernels)
     if observed.candidate_kernels:
         status["candidateKernels"] = observed.candidate_kernels
-    since = _parse(status.get("phaseSince")) or now
+    since = started or now
     facts = Facts(
         now=now, phase_since=since, steps=tuple(s.weight for s in spec.rollout.canary_steps),
         shadow_seconds=spec.rollout.shadow.duration_seconds,
