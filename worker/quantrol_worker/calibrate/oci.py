@@ -27,6 +27,7 @@ from quantrol_worker.contracts import (
     Reason,
     Stage,
 )
+from quantrol_worker.fetch import sha256_file  # one digest routine for publishing and for verifying
 
 MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
 _REF = re.compile(
@@ -55,14 +56,6 @@ class OciRef:
 
     def pinned(self, digest: str) -> str:
         return f"{self.name}@{digest}"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
 
 
 def media_type_of(path: Path) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from quantrol_worker.calibrate import WorkerError, oci
 from quantrol_worker.contracts import Reason, Stage
+from quantrol_worker.fetch import sha256_file
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -29,7 +30,7 @@ def directory_digest(root: Path, names: tuple[str, ...] | None = None) -> str:
             continue
         if rel.startswith(".") or "/." in rel:
             continue
-        lines.append(f"{oci.sha256_file(path).removeprefix('sha256:')}  {rel}\n")
+        lines.append(f"{sha256_file(path).removeprefix('sha256:')}  {rel}\n")
     return "sha256:" + hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
