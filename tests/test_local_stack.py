@@ -98,6 +98,45 @@ def test_stack_with_runner_runs_workloads_and_scrapes_routers(tmp_path: Path) ->
     assert json.loads((tmp_path / "prometheus" / "file_sd" / "targets.json").read_text()) == []
 
 
+@pytest.mark.parametrize("cwd_after_start", ["same", "moved"])
+def test_stack_from_a_relative_folder_scrapes_its_targets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          cwd_after_start: str) -> None:
+    """Issue 12: `quantrol demo`'s default output is relative (`out/demo`), and Prometheus resolved the file_sd path
+    written into its config against the config's own folder, so it never had a target. Started from a relative
+    folder, every path the stack writes into a config file or hands on is absolute, Prometheus scrapes a file_sd
+    target (`up == 1`), also after the process changed its working folder, and nothing lands outside the folder."""
+    import json
+
+    from quantrol_operator.localstack.procs import wait_until
+    from quantrol_operator.localstack.prometheus import TargetGroup
+    from quantrol_operator.localstack.runner_plan import ImageEnv
+    from quantrol_operator.rollout.queries import PrometheusSource
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    monkeypatch.chdir(repo)
+    stack = LocalStack(Path("out/demo/stack"), with_operator=False,
+                       image_map=[ImageEnv("quantrol-test/*", Path(sys.executable).parent)]).start()
+    try:
+        if cwd_after_start == "moved":
+            monkeypatch.chdir(tmp_path)
+        assert stack.prometheus is not None and stack.runner is not None and stack.kubeconfig is not None
+        config = json.loads(stack.prometheus.config_path.read_text())
+        [file_sd] = [job for job in config["scrape_configs"] if "file_sd_configs" in job]
+        assert all(Path(f).is_absolute() for f in file_sd["file_sd_configs"][0]["files"])
+        assert stack.kubeconfig.is_absolute() and stack.runner.services_path.is_absolute()
+        itself = stack.prometheus.url.removeprefix("http://")
+        stack.prometheus.set_file_sd_targets([TargetGroup([itself], {"namespace": "demo", "policy": "tiny"})])
+        source = PrometheusSource(stack.prometheus.url)
+        wait_until(lambda: source.scalar('max(up{namespace="demo",policy="tiny"})') == 1.0, timeout=30,
+                   interval=0.5, what="the file_sd target scraped")
+        assert "Error adding file watch" not in stack.prometheus.log_path.read_text()
+    finally:
+        stack.stop()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+    assert sorted(p.name for p in repo.iterdir()) == ["out"]
+
+
 def test_demo_command_runs_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = subprocess.run(

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from quantrol_operator.api.servingpolicy import Analysis, SloFloor, SloLimit, Verdict
+from quantrol_operator.api.servingpolicy import Analysis, NoJudgement, SloFloor, SloLimit, Verdict
 from quantrol_operator.rollout.analysis import Counters, Judgement, Sample, decide, goodput, judge, window_verdict
 from quantrol_operator.rollout.statemachine import Decision
 
@@ -34,7 +34,7 @@ def s(cand: float | None, stab: float | None = 1.0, n: float = 100, sn: float = 
         (s(math.nan), TTFT, Verdict.INCONCLUSIVE),
         (s(1.0, n=5), TTFT, Verdict.INCONCLUSIVE),  # too few requests
         (s(1.0, None), TTFT, Verdict.INCONCLUSIVE),  # relative limit, nothing to compare with
-        (s(1.0, error="connection refused"), TTFT, Verdict.ERROR),
+        (s(1.0, error=NoJudgement.METRICS_UNREACHABLE), TTFT, Verdict.ERROR),
         (s(0.95), AGREEMENT, Verdict.PASS),
         (s(0.80, 0.99), AGREEMENT, Verdict.FAIL),
         (s(0.80, 0.85), AGREEMENT, Verdict.OVERLOAD),

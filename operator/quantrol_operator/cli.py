@@ -14,6 +14,9 @@ import yaml
 from quantrol_operator import crdgen
 from quantrol_operator.validation import validate_object
 
+# CI runs `bash .ci/demo` exactly as the README writes it; this variable is its one switch (dwell times only).
+REDUCED_ENV = "QUANTROL_DEMO_REDUCED"
+
 
 def _cmd_crds(args: argparse.Namespace) -> int:
     if args.check:
@@ -145,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--kernel-policy", choices=("warn", "enforce"), default="warn",
                       help="warn (default): FP8_DYNAMIC, a fallback on CPU, faces the SLOs and the latency SLO "
                            "rolls it back; enforce: it is refused as KernelFallback before it takes traffic")
-    demo.add_argument("--reduced", action="store_true", help="shorter dwell times and a lighter load (as in CI)")
+    demo.add_argument("--reduced", action="store_true", default=os.environ.get(REDUCED_ENV, "") not in ("", "0"),
+                      help=f"shorter dwell times, nothing else (as in CI; also set by {REDUCED_ENV}=1)")
     demo.add_argument("--kubeconfig", default=None, help="default: $KUBECONFIG or ~/.kube/config")
     demo.add_argument("--context", default=None, help="with --cluster: the kube context (default: the current)")
     demo.set_defaults(func=_cmd_demo)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -70,9 +70,12 @@ def _registry_roundtrip(stack: LocalStack, payload: Path) -> str:
 
 def run_demo(output: Path) -> int:
     began = time.monotonic()
+    output = output.resolve()
     output.mkdir(parents=True, exist_ok=True)
+    workdir = output / "stack"
+    shutil.rmtree(workdir, ignore_errors=True)  # a previous run's logs; nothing of it is reused
     documents = [yaml.safe_load(path.read_text()) for path in sorted(SAMPLES.glob("*.yaml"))]
-    with tempfile.TemporaryDirectory(prefix="quantrol-demo-") as tmp, LocalStack(Path(tmp), progress=_say) as stack:
+    with LocalStack(workdir, progress=_say) as stack:
         for obj in documents:
             print("---\n" + yaml.safe_dump(obj, sort_keys=False), end="", flush=True)
             _apply(stack, obj)

@@ -29,11 +29,15 @@ def render_servingpolicy(obj: dict[str, Any]) -> str:
     analysis = status.get("lastAnalysis")
     if analysis:
         lines.append(f"  last analysis {analysis.get('time')} over {analysis.get('windowSeconds')}s: "
-                     f"{analysis.get('verdict')}")
+                     f"{analysis.get('verdict')}"
+                     + (f" — no judgement: {analysis['noJudgement']}" if analysis.get("noJudgement") else ""))
         lines.append(f"    {'SLO':<22} {'candidate':>10} {'stable':>10} {'limit':>10}  verdict")
         for m in analysis.get("metrics", []):
             lines.append(f"    {m.get('slo', ''):<22} {_fmt(m.get('value')):>10} {_fmt(m.get('stableValue')):>10} "
                          f"{_fmt(m.get('limit')):>10}  {m.get('verdict')}")
+    paused = next((c for c in status.get("conditions") or [] if c.get("type") == "Paused"), None)
+    if paused and paused.get("status") == "True":
+        lines.append(f"  PAUSED: {paused.get('reason')} — {paused.get('message', '')}")
     rollback = status.get("rollback")
     if rollback:
         lines.append(f"  ROLLED BACK {rollback.get('time')}: {rollback.get('reason')}"

@@ -44,6 +44,32 @@ class Verdict(StrEnum):
     OVERLOAD = "overload"  # the stable arm breaches the same absolute limit: load, not the candidate
 
 
+class NoJudgement(StrEnum):
+    """Why an analysis window could not judge the candidate, decided from Prometheus' own answers: its target
+    health (`up`) for the policy's routers and what its query API returned. The one vocabulary for "no
+    judgement": the Paused condition's reason, `status.lastAnalysis.noJudgement`, `quantrol status`, the demo."""
+
+    NO_TARGETS = "NoTargets"  # Prometheus scrapes no router of this policy: scrape config, PodMonitor, labels
+    TARGETS_DOWN = "TargetsDown"  # it has the routers as targets, and none answered its last scrape
+    NO_SAMPLES = "NoSamples"  # the routers are scraped, but the window holds too few requests (no traffic)
+    METRICS_UNREACHABLE = "MetricsUnreachable"  # Prometheus did not answer: connection refused, DNS, timeout
+    QUERY_FAILED = "QueryFailed"  # Prometheus answered with an error: a bad query, HTTP 4xx/5xx
+
+
+# What to look at next, per reason: the Paused condition's message and `quantrol status` quote it.
+NO_JUDGEMENT_ADVICE: dict[NoJudgement, str] = {
+    NoJudgement.NO_TARGETS: "Prometheus scrapes no router of this policy: check its PodMonitor (or scrape "
+    "config) and that the series carry the namespace and policy labels",
+    NoJudgement.TARGETS_DOWN: "Prometheus has the routers as targets but cannot scrape them: check the router "
+    "pods and their metrics port (Prometheus' targets page says why)",
+    NoJudgement.NO_SAMPLES: "the routers are scraped but the window holds too few requests: send traffic, or "
+    "lower analysis.minSampleCount",
+    NoJudgement.METRICS_UNREACHABLE: "Prometheus did not answer: check analysis.prometheus.address and that "
+    "Prometheus is up",
+    NoJudgement.QUERY_FAILED: "Prometheus answered with an error: check custom SLO queries and Prometheus' log",
+}
+
+
 class KernelPolicy(StrEnum):
     ENFORCE = "enforce"  # a candidate whose kernels fall back is refused (KernelFallback)
     WARN = "warn"  # a fallback candidate may face the SLOs; `none` is refused either way
@@ -292,6 +318,8 @@ class AnalysisRun(StatusModel):
     time: datetime
     window_seconds: int
     verdict: Verdict
+    no_judgement: NoJudgement | None = Field(
+        default=None, description="Why this window could not judge (set when the verdict is inconclusive or error).")
     metrics: list[MetricResult] = Field(default_factory=list, max_length=64)
 
 

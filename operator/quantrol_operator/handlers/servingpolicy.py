@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
@@ -24,10 +24,9 @@ from quantrol_operator.api.servingpolicy import RolloutPhase, ServingPolicySpec
 from quantrol_operator.children import monitoring, router, serving
 from quantrol_operator.children.serving import LABEL_POLICY
 from quantrol_operator.handlers.common import DEFAULTS, Events, handle, kube
+from quantrol_operator.observe import analysis
 from quantrol_operator.planning import routers
 from quantrol_operator.planning.servingpolicy import SpObserved, Window, plan
-from quantrol_operator.rollout.analysis import judge
-from quantrol_operator.rollout.queries import PrometheusSource, Scope, collect
 from quantrol_worker.localservices import pod_url, service_url
 
 HTTP_TIMEOUT = 3.0
@@ -103,23 +102,6 @@ def _candidate_health(namespace: str, policy: str, ref: str) -> tuple[dict[str, 
             return _kernel_report(report), None
     fetch = _terminated_messages(pods, "fetch", init=True)
     return None, (f"the artifact fetch refused to start the candidate: {fetch[-1]}" if fetch else None)
-
-
-def _window(obj: dict[str, Any], spec: ServingPolicySpec, now: datetime) -> Window | None:
-    status = obj.get("status") or {}
-    if status.get("phase") not in (RolloutPhase.SHADOW.value, RolloutPhase.CANARY.value):
-        return None
-    last = (status.get("lastAnalysis") or {}).get("time")
-    if last and now - datetime.fromisoformat(last.replace("Z", "+00:00")) < timedelta(
-            seconds=spec.analysis.interval_seconds):
-        return None
-    address = spec.analysis.prometheus.address if spec.analysis.prometheus else DEFAULTS.prometheus_url
-    traffic = "mirror" if status.get("phase") == RolloutPhase.SHADOW.value else "live"
-    scope = Scope(obj["metadata"]["namespace"], obj["metadata"]["name"], f"{spec.analysis.window_seconds}s", traffic)
-    stable_live = (status.get("weights") or {}).get("stable", 100) > 0
-    samples, newest = collect(PrometheusSource(address), scope, spec.slos, stable_live)
-    judgements = [judge(sample, limit, spec.analysis.min_sample_count) for sample, limit in samples]
-    return Window(judgements, newest, spec.analysis.window_seconds)
 
 
 def _token(namespace: str, policy: str) -> tuple[str, bool]:
@@ -222,7 +204,9 @@ def _reconcile(obj: dict[str, Any]) -> Events:
     if candidate and candidate != status.get("stableArtifact"):
         kernels, failed = _candidate_health(namespace, policy, candidate)
     token, create_token = _token(namespace, policy)
-    window = _window(obj, spec, now) if spec is not None else None
+    window = None
+    if spec is not None and analysis.due(status, spec, now):
+        window = analysis.window(analysis.source_for(spec, DEFAULTS.prometheus_url), namespace, policy, status, spec)
     observed = SpObserved(obj=obj, quantized_model=qm, deployments=deployments, candidate_kernels=kernels,
                           candidate_failed=failed, window=window, router_token=token if create_token else "", now=now)
     result = plan(observed, (DEFAULTS.serving_image, DEFAULTS.router_image), _pod_monitor_labels)

@@ -104,6 +104,9 @@ class KubeAPIServer:
         return self.workdir / "kubeapi-requests.jsonl"
 
     def start(self, timeout: float = 30.0) -> Self:
+        # Absolute: the request log and the kubeconfig are handed to other processes with other working folders.
+        self.workdir = self.workdir.resolve()
+        self.crds_dir = self.crds_dir.resolve() if self.crds_dir is not None else None
         self.workdir.mkdir(parents=True, exist_ok=True)
         began = time.monotonic()
         for attempt in range(3):  # free_port() can race with another process taking the port
@@ -149,7 +152,7 @@ class KubeAPIServer:
 
     def write_kubeconfig(self, path: Path | None = None, namespace: str = "default") -> Path:
         """A kubeconfig whose only context points at this server (no credentials: the emulator checks none)."""
-        path = path or self.workdir / "kubeconfig"
+        path = (path or self.workdir / "kubeconfig").resolve()
         config = {
             "apiVersion": "v1",
             "kind": "Config",
@@ -205,6 +208,7 @@ class OperatorProcess:
 
     def start(self, *, ready: Callable[[], bool] | None = None, timeout: float = 60.0) -> Self:
         """Start and wait until the operator logs that it watches both kinds (and `ready()` holds, if given)."""
+        self.workdir, self.kubeconfig = self.workdir.resolve(), self.kubeconfig.resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.env, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
         began = time.monotonic()

@@ -62,7 +62,15 @@ class TargetGroup:
 
 
 def render_config(static_targets: Sequence[str], file_sd_path: Path | None) -> str:
-    """The prometheus.yml for the local stack, as JSON (a subset of YAML, so no YAML writer is needed)."""
+    """The prometheus.yml for the local stack, as JSON (a subset of YAML, so no YAML writer is needed).
+
+    Prometheus resolves a relative file_sd path against the config file's own folder, not the working directory
+    it was started from: `out/demo/.../targets.json` became `out/demo/.../out/demo/.../targets.json`, Prometheus
+    never had a target, and the demo paused with nothing to judge (issue 12). So the path must be absolute.
+    """
+    if file_sd_path is not None and not file_sd_path.is_absolute():
+        raise ValueError(f"file_sd path {file_sd_path} must be absolute: Prometheus resolves a relative one "
+                         "against the config file's folder")
     scrape_configs: list[dict[str, Any]] = []
     if static_targets:
         scrape_configs.append({"job_name": STATIC_JOB, "static_configs": [{"targets": list(static_targets)}]})
@@ -259,7 +267,8 @@ def start_prometheus(
     OpenMetrics text written into the data dir before the first start, so it is queryable at once.
     """
     owns_workdir = workdir is None
-    root = Path(tempfile.mkdtemp(prefix="quantrol-prometheus-")) if workdir is None else workdir
+    # Absolute from here on: every path below goes into the config file or onto Prometheus' command line.
+    root = (Path(tempfile.mkdtemp(prefix="quantrol-prometheus-")) if workdir is None else workdir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     file_sd_path = root / "file_sd" / "targets.json" if file_sd else None
     if file_sd_path is not None:

@@ -35,6 +35,8 @@ def registry_binary() -> str | None:
 
 def render_config(port: int, root: Path) -> str:
     """The registry config, as JSON (a subset of YAML, so no YAML writer is needed)."""
+    if not root.is_absolute():
+        raise ValueError(f"registry storage {root} must be absolute: the registry may run from another folder")
     config = {
         "version": "0.1",
         "log": {"level": "info", "fields": {"service": "registry"}},
@@ -134,7 +136,8 @@ def start_registry(
 ) -> RegistryServer:
     """Start the registry on a free 127.0.0.1 port and wait until `GET /v2/` answers 200."""
     owns_workdir = workdir is None
-    root = Path(tempfile.mkdtemp(prefix="quantrol-registry-")) if workdir is None else workdir
+    # Absolute: the storage path goes into the registry's config file.
+    root = (Path(tempfile.mkdtemp(prefix="quantrol-registry-")) if workdir is None else workdir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     last_error: Exception | None = None
     # free_port() can race with another process taking the port before the registry binds it: retry.

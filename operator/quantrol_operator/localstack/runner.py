@@ -312,14 +312,15 @@ class LocalRunner:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.image_map = list(image_map)
-        self.state_dir = state_dir
+        # Absolute: pod folders, services.json and PVC paths are handed to processes with other working folders.
+        self.state_dir = state_dir.resolve()
         self.namespaces = list(namespaces) if namespaces else None
         self.serving_cap = serving_cap
         self.cpu_slots = cpu_slots(sorted(os.sched_getaffinity(0)), serving_cap)
         self.poll_interval = poll_interval
         self.gc_interval = gc_interval
         self.max_grace = max_grace
-        self.workdir = workdir or Path.cwd()
+        self.workdir = (workdir or Path.cwd()).resolve()
         self.extra_env = dict(extra_env or {})
         self._clock = clock
         self._kube = KubeClient(kubeconfig)

@@ -52,6 +52,9 @@ class LocalStack:
     def start(self) -> Self:
         if self._stops:
             raise RuntimeError("this LocalStack is already running; stop() it first")
+        # Every path the stack writes into a config file or hands to a child process derives from this one, and
+        # children do not share our working folder: relative paths broke Prometheus' file_sd (issue 12).
+        self.workdir = self.workdir.resolve()
         progress = self.progress
         try:
             crds = self.workdir / "crds"

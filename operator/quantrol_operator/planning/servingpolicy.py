@@ -13,8 +13,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from quantrol_operator.api.common import ConditionStatus, is_digest_pinned
+from quantrol_operator.api.servingpolicy import (
+    NO_JUDGEMENT_ADVICE,
+    NoJudgement,
+    ServingPolicySpec,
+    ServingPolicyStatus,
+)
 from quantrol_operator.api.servingpolicy import RolloutPhase as P
-from quantrol_operator.api.servingpolicy import ServingPolicySpec, ServingPolicyStatus
 from quantrol_operator.children import monitoring, router, serving
 from quantrol_operator.conditions import iso, set_condition
 from quantrol_operator.planning import Event, Plan
@@ -38,6 +43,7 @@ class Window:
     judgements: list[Judgement]
     newest: datetime | None
     seconds: int
+    no_judgement: NoJudgement | None = None  # why it judged nothing, when it did not
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,7 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
         decision, counters = decide(verdict, observed.window.newest, counters, spec.analysis, after_step)
         status["lastAnalysis"] = {
             "time": iso(now), "windowSeconds": observed.window.seconds, "verdict": verdict.value,
+            "noJudgement": observed.window.no_judgement.value if observed.window.no_judgement else None,
             "metrics": [{k: v for k, v in {"slo": j.slo, "value": j.candidate, "stableValue": j.stable,
                                            "limit": j.limit, "verdict": j.verdict.value, "message": j.message}.items()
                          if v is not None} for j in observed.window.judgements],
@@ -171,7 +178,11 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
     )
     moved = step(phase, index, facts)
     if moved.reason is not None:
-        _transition(result, status, phase, moved.phase, moved.step, moved.reason, moved.doc, facts, now)
+        doc = moved.doc
+        why = observed.window.no_judgement if observed.window else None
+        if moved.reason is Reason.ANALYSIS_CANNOT_JUDGE and why is not None:
+            doc = f"{doc}; {why.value}: {NO_JUDGEMENT_ADVICE[why]}"
+        _transition(result, status, phase, moved.phase, moved.step, moved.reason, doc, facts, now)
         handled.update({k: v for k, v in (("retry", retry), ("rollback", rollback)) if v is not None})
         if moved.reason is Reason.PROMOTED and pinned:
             status["rollbackTarget"], status["stableArtifact"] = stable, pinned
@@ -354,10 +365,25 @@ def _status_fields(status: dict[str, Any], phase: P, index: int | None, stable: 
          f"candidate arm {serving.short_digest(candidate)}" if candidate else "no candidate pinned")
     cond("Progressing", phase in (P.PENDING, P.SHADOW, P.CANARY), phase.value, status.get("message") or phase.value)
     cond("Promoted", phase is P.PROMOTED, phase.value, f"stable is {serving.short_digest(stable)}")
+    paused_reason, paused_message = _paused(phase, status)
+    cond("Paused", phase is P.PAUSED, paused_reason, paused_message)
     rollback = status.get("rollback") or {}
     cond("RolledBack", phase is P.ROLLED_BACK, rollback.get("reason", "NotRolledBack") if phase is P.ROLLED_BACK
          else "NotRolledBack", rollback.get("message", "") if phase is P.ROLLED_BACK else "")
     status["conditions"] = conditions
+
+
+def _paused(phase: P, status: dict[str, Any]) -> tuple[str, str]:
+    """The Paused condition's (reason, message): a user's hold, or why the analysis could not judge (NoJudgement,
+    from the window that paused it), so an alert can tell "nothing scraped" from "nobody sends traffic"."""
+    if phase is not P.PAUSED:
+        return "NotPaused", ""
+    if status.get("pausedFrom"):
+        return Reason.PAUSED_BY_USER.value, "the quantrol.io/paused annotation holds the current weights"
+    why = str((status.get("lastAnalysis") or {}).get("noJudgement"))
+    if why in NoJudgement._value2member_map_:
+        return why, f"{why}: {NO_JUDGEMENT_ADVICE[NoJudgement(why)]}"
+    return Reason.ANALYSIS_CANNOT_JUDGE.value, status.get("message") or "the analysis could not judge"
 
 
 def _parse(value: Any) -> datetime | None:

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from quantrol_operator.api.servingpolicy import Analysis, SloFloor, SloLimit, Verdict
+from quantrol_operator.api.servingpolicy import Analysis, NoJudgement, SloFloor, SloLimit, Verdict
 from quantrol_operator.rollout.statemachine import Decision
 
 
@@ -28,7 +28,7 @@ class Sample:
     stable: float | None = None
     candidate_requests: float | None = None  # requests behind the candidate value in this window
     stable_requests: float | None = None
-    error: str | None = None  # the query failed (e.g. Prometheus unreachable)
+    error: NoJudgement | None = None  # the query failed: MetricsUnreachable or QueryFailed
     newest: datetime | None = None  # timestamp of the newest sample behind the values
 
 
@@ -54,7 +54,7 @@ def judge(sample: Sample, limit: SloLimit | SloFloor, min_samples: int) -> Judge
         return Judgement(name, v, cand if _usable(cand) else None, stab if _usable(stab) else None, bound, message)
 
     if sample.error:
-        return verdict(Verdict.ERROR, None, f"query failed: {sample.error}")
+        return verdict(Verdict.ERROR, None, f"no answer from Prometheus: {sample.error.value}")
     if not _usable(cand):
         return verdict(Verdict.INCONCLUSIVE, None, "no value for the candidate in the window (no series, or NaN)")
     if (sample.candidate_requests or 0) < min_samples:

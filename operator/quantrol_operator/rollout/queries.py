@@ -13,14 +13,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from quantrol_operator.api.servingpolicy import CustomSlo, SloFloor, SloLimit, Slos
+import requests
+
+from quantrol_operator.api.servingpolicy import CustomSlo, NoJudgement, SloFloor, SloLimit, Slos
 from quantrol_operator.rollout.analysis import Sample
 
 R = "quantrol_router_"
 
 
 class QueryError(Exception):
-    """The metric source could not answer (unreachable, bad query): the verdict is `error`, never pass."""
+    """The metric source could not answer: the verdict is `error`, never pass. `reason` says which way it failed
+    (MetricsUnreachable or QueryFailed); the message (for the operator's log, never for status) says more."""
+
+    def __init__(self, message: str, reason: NoJudgement = NoJudgement.QUERY_FAILED) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class MetricSource(Protocol):
@@ -127,7 +134,7 @@ def collect(source: MetricSource, scope: Scope, slos: Slos, stable_live: bool = 
         requests = {arm: _safe(source, _requests(scope, arm)) for arm in ("candidate", "stable")}
     except QueryError as exc:
         limits = _configured(slos)
-        return [(Sample(name, error=str(exc)), limit) for name, limit in limits], None
+        return [(Sample(name, error=exc.reason), limit) for name, limit in limits], None
     out: list[tuple[Sample, SloLimit | SloFloor]] = []
     for name, configured in _configured(slos):
         limit = configured if stable_live else _absolute_only(name, configured)
@@ -146,9 +153,31 @@ def collect(source: MetricSource, scope: Scope, slos: Slos, stable_live: bool = 
                 sample = Sample(name, *_custom(source, scope, custom), requests["candidate"], requests["stable"],
                                 newest=newest)
         except QueryError as exc:
-            sample = Sample(name, error=str(exc))
+            sample = Sample(name, error=exc.reason)
         out.append((sample, limit))
     return out, newest
+
+
+def no_judgement(source: MetricSource, scope: Scope, samples: list[Sample]) -> NoJudgement:
+    """Why a window that judged nothing could not judge, from Prometheus' own answers (not guessed).
+
+    A failed query says it first (unreachable, or an error answer). Otherwise Prometheus' target health for the
+    policy's routers decides: no router target at all, targets that all failed their last scrape, or targets that
+    answer but carry too few requests in the window. Router targets are the policy's targets without an `arm`
+    label (engine and launcher targets carry one: children/monitoring.py).
+    """
+    failed = next((s.error for s in samples if s.error is not None), None)
+    if failed is not None:
+        return failed
+    routers = "{" + f'namespace="{scope.namespace}",policy="{scope.policy}",arm=""' + "}"
+    try:
+        if not _safe(source, f"count(up{routers})"):
+            return NoJudgement.NO_TARGETS
+        if not _safe(source, f"max(up{routers})"):
+            return NoJudgement.TARGETS_DOWN
+    except QueryError as exc:
+        return exc.reason
+    return NoJudgement.NO_SAMPLES
 
 
 def _absolute_only(name: str, limit: SloLimit | SloFloor) -> SloLimit | SloFloor | None:
@@ -197,8 +226,11 @@ class PrometheusSource:
     def scalar(self, promql: str) -> float | None:
         try:
             result = self.client.custom_query(promql, params={"timeout": f"{int(self.timeout)}s"})
-        except Exception as exc:  # connection refused, HTTP 4xx/5xx, timeouts: all mean "no judgement"
-            raise QueryError(f"{self.url}: {type(exc).__name__}: {str(exc)[:200]}") from exc
+        except (requests.ConnectionError, requests.Timeout) as exc:  # refused, DNS, TLS, timeouts
+            raise QueryError(f"{self.url}: {type(exc).__name__}: {str(exc)[:200]}",
+                             NoJudgement.METRICS_UNREACHABLE) from exc
+        except Exception as exc:  # HTTP 4xx/5xx, a body that is not Prometheus' JSON: an answer, but an error
+            raise QueryError(f"{self.url}: {type(exc).__name__}: {str(exc)[:200]}", NoJudgement.QUERY_FAILED) from exc
         if not result:
             return None
         return float(result[0]["value"][1])
