@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXTRAS = {"dev": ["operator", "dev"], "calibrate": ["calibrate"], "serve": ["serve"]}
 # What must import in each environment (the heavy ones take seconds: this runs only when an env is (re)built).
 IMPORTS = {
-    "dev": ["quantrol_operator", "quantrol_worker", "kopf", "kmock", "pytest", "mypy", "oras"],
+    "dev": ["quantrol_operator", "quantrol_worker", "quantrol_dev", "kopf", "kmock", "pytest", "mypy", "oras"],
     "calibrate": ["quantrol_worker", "torch", "transformers", "compressed_tensors", "llmcompressor", "oras"],
     "serve": ["quantrol_worker", "vllm", "compressed_tensors", "aiohttp", "prometheus_client", "oras"],
 }

@@ -28,8 +28,8 @@ import kubernetes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from quantrol_operator.localstack.kubeapi import KubeAPIServer
-from quantrol_operator.localstack.prometheus import start_prometheus
+from quantrol_dev.localstack.kubeapi import KubeAPIServer
+from quantrol_dev.localstack.prometheus import start_prometheus
 from tests.test_control_loop import _create, _policy, load, open_rig
 
 

@@ -17,8 +17,8 @@ from typing import TypeVar
 import pytest
 
 from e2e.guard import Cluster, check_cluster, require_cluster
-from quantrol_operator.demo_cluster import ClusterStory, ClusterTarget
-from quantrol_operator.demo_story import DemoError, DemoSettings
+from quantrol_dev.demo.cluster import ClusterStory, ClusterTarget
+from quantrol_dev.demo.story import DemoError, DemoSettings
 
 E2E = Path(__file__).resolve().parent
 OUTPUT = E2E / ".state" / "last-run"

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from e2e.conftest import step
-from quantrol_operator.demo_cluster import DEFAULT_REGISTRY, ClusterStory
-from quantrol_operator.demo_story import CANDIDATES, LATENCY_SLOS, POLICY
-from quantrol_operator.statusview import render_quantizedmodel, render_servingpolicy
+from quantrol_dev.demo.cluster import DEFAULT_REGISTRY, ClusterStory
+from quantrol_dev.demo.story import CANDIDATES, LATENCY_SLOS, POLICY
+from quantrol_operator.cli.statusview import render_quantizedmodel, render_servingpolicy
 
 W8A8, FP8_DYNAMIC = CANDIDATES[0], CANDIDATES[1]
 assert (W8A8[1], FP8_DYNAMIC[1]) == ("W8A8", "FP8_DYNAMIC")

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from quantrol_operator.localstack.registry import RegistryServer
+from quantrol_dev.localstack.registry import RegistryServer
 from quantrol_worker import contracts as c
 
 CALIBRATE_PYTHON = os.environ.get("QUANTROL_CALIBRATE_PYTHON")

@@ -29,11 +29,11 @@ import lupa.lua51
 import pytest
 import yaml
 
+from quantrol_dev.localstack.prometheus import PrometheusServer, promtool_binary
 from quantrol_operator.api.common import Condition, ConditionStatus
 from quantrol_operator.api.quantizedmodel import Artifact, QuantizedModelStatus, SliceQuality
 from quantrol_operator.api.servingpolicy import RollbackRecord, ServingPolicyStatus, Weights
 from quantrol_operator.defaults import OperatorDefaults
-from quantrol_operator.localstack.prometheus import PrometheusServer, promtool_binary
 from tests.plugins.servers import require_binaries
 
 ROOT = Path(__file__).resolve().parent.parent

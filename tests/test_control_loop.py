@@ -33,10 +33,11 @@ from typing import Any
 import kubernetes
 import pytest
 
+from quantrol_dev.localstack import addresses
+from quantrol_dev.localstack.kubeapi import KubeAPIServer, OperatorProcess
+from quantrol_dev.localstack.procs import ManagedProcess, free_port, port_is_open, wait_until
+from quantrol_dev.localstack.prometheus import PrometheusServer, TargetGroup
 from quantrol_operator.children import router, serving
-from quantrol_operator.localstack.kubeapi import KubeAPIServer, OperatorProcess
-from quantrol_operator.localstack.procs import ManagedProcess, free_port, port_is_open, wait_until
-from quantrol_operator.localstack.prometheus import PrometheusServer, TargetGroup
 from tests.plugins.kubeapi import kopf_watches
 
 pytestmark = pytest.mark.stack
@@ -217,7 +218,7 @@ def open_rig(kubeapi: KubeAPIServer, kubeconfig: Path, kube_client: kubernetes.c
     stable_url = f"http://{serving.arm_name(policy, STABLE)}.{namespace}.svc:{serving.ENGINE_PORT}"
     (tmp_path / "router.json").write_text(json.dumps({"version": 0, "arms": {"stable": {"url": stable_url,
                                                                                        "weight": 100}}}))
-    env = {"QUANTROL_LOCAL_SERVICES": str(services_file)}
+    env = addresses.environment(services_file)
     for i, port in enumerate(rig.router_ports):
         rig.routers.append(ManagedProcess(
             f"router-{i}", [sys.executable, "-m", "quantrol_worker.cli", "route", "--config",

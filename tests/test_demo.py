@@ -67,7 +67,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     step takes its "second run reuses them" path."""
     if not (os.environ.get("QUANTROL_CALIBRATE_PYTHON") and os.environ.get("QUANTROL_SERVE_PYTHON")):
         pytest.skip(SKIP_REASON)
-    from quantrol_operator.cli import REDUCED_ENV
+    from quantrol_dev.demo.command import REDUCED_ENV
 
     repo = _copy_of_repository(tmp_path_factory.mktemp("checkout"))
     proc = subprocess.run(["bash", ".ci/demo"], cwd=repo, env={**os.environ, REDUCED_ENV: "1"},
@@ -108,7 +108,7 @@ def test_w8a8_is_promoted_and_its_digest_is_stable(report: dict[str, Any]) -> No
 
 
 def test_fp8_dynamic_is_rolled_back_by_a_latency_slo(report: dict[str, Any]) -> None:
-    from quantrol_operator.demo_story import LATENCY_SLOS
+    from quantrol_dev.demo.story import LATENCY_SLOS
 
     fp8 = _qm(report, "tiny-fp8-dynamic")
     assert fp8["phase"] == "Ready"  # it passed the quality gate: only serving on this CPU gives it away

@@ -21,8 +21,8 @@ import kubernetes
 import pytest
 import yaml
 
-from quantrol_operator.localstack.kubeapi import KubeAPIServer, OperatorProcess
-from quantrol_operator.localstack.procs import port_is_open
+from quantrol_dev.localstack.kubeapi import KubeAPIServer, OperatorProcess
+from quantrol_dev.localstack.procs import port_is_open, wait_until
 from tests.plugins.kubeapi import KOPF_USER_AGENT, Kubectl, kopf_watches
 
 pytestmark = pytest.mark.stack
@@ -432,6 +432,11 @@ def test_kubectl_apply_get_patch_wait_delete(kubectl: Kubectl, namespace: str, t
 # --- the operator process ---------------------------------------------------------------------------------------
 
 
+def _observed_generation(api: kubernetes.client.CustomObjectsApi, namespace: str, plural: str, name: str) -> object:
+    obj = api.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+    return (obj.get("status") or {}).get("observedGeneration")
+
+
 def test_operator_watches_both_kinds_sees_objects_and_then_stays_quiet(
     operator_process: OperatorProcess,
     kube_client: kubernetes.client.ApiClient,
@@ -450,8 +455,9 @@ def test_operator_watches_both_kinds_sees_objects_and_then_stays_quiet(
             plural,
             {"apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "metadata": {"name": name}, "spec": {}},
         )
-        operator_process.wait_logged(f"seen {kind} {namespace}/{name}")
-        operator_process.wait_logged(f"[{namespace}/{name}] Creation is processed")
+        # Seen means reconciled: the operator wrote the object's status (an empty spec is reported as invalid).
+        wait_until(lambda p=plural, n=name: _observed_generation(api, namespace, p, n) == 1, timeout=30, interval=0.2,
+                   what=f"{kind} {namespace}/{name} reconciled")
     # Steady state: once it has handled both objects, the operator makes no writes at all.
     time.sleep(1.0)
     quiet_from = time.time()
@@ -472,7 +478,10 @@ def test_operator_resumes_existing_objects_and_teardown_leaves_nothing(tmp_path:
         )
         began = time.time()
         operator.start(ready=lambda: kopf_watches(server, began, ("quantizedmodels", "servingpolicies")))
-        operator.wait_logged("seen QuantizedModel default/old")  # found by the initial list: a resume
+        # Found by the initial list (a resume), and reconciled: its status is written.
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/default/quantizedmodels/old"
+        wait_until(lambda: (call(server, "GET", path)[1].get("status") or {}).get("observedGeneration") == 1,
+                   timeout=30, interval=0.2, what="QuantizedModel default/old reconciled")
         pids = [p.pid for p in (server.process, operator.process) if p is not None]
     finally:
         operator.stop()

@@ -21,8 +21,9 @@ import kubernetes
 import pytest
 import yaml
 
-from quantrol_operator.localstack.kubeapi import KubeAPIServer, OperatorProcess
-from quantrol_operator.localstack.procs import free_port, wait_until
+from quantrol_dev.localstack import addresses
+from quantrol_dev.localstack.kubeapi import KubeAPIServer, OperatorProcess
+from quantrol_dev.localstack.procs import free_port, wait_until
 from tests.plugins.kubeapi import kopf_watches
 
 pytestmark = pytest.mark.stack
@@ -75,7 +76,7 @@ def test_the_operator_uses_exactly_what_the_chart_grants(private_api: KubeAPISer
     services.write_text("{}")  # no Service resolves: kernel reads and router pushes fail fast, as when pods are down
     began = time.time()
     operator = OperatorProcess(kubeconfig, tmp_path / "operator", env={
-        "QUANTROL_POLL_SECONDS": "1", "QUANTROL_LOCAL_SERVICES": str(services)})
+        "QUANTROL_POLL_SECONDS": "1", **addresses.environment(services)})
     operator.start(ready=lambda: kopf_watches(private_api, began, ("quantizedmodels", "servingpolicies")))
     try:
         _lifecycle(custom, core, apps, batch, ns, free_port())

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from quantrol_operator.localstack.procs import port_is_open
-from quantrol_operator.localstack.stack import LocalStack
+from quantrol_dev.localstack.procs import port_is_open
+from quantrol_dev.localstack.stack import LocalStack
 
 pytestmark = pytest.mark.stack
 
@@ -57,8 +57,8 @@ def test_stack_with_runner_runs_workloads_and_scrapes_routers(tmp_path: Path) ->
 
     import kubernetes
 
-    from quantrol_operator.localstack.runner_plan import ImageEnv
-    from quantrol_operator.localstack.scrape import router_targets
+    from quantrol_dev.localstack.runner_plan import ImageEnv
+    from quantrol_dev.localstack.scrape import router_targets
 
     stack = LocalStack(tmp_path, with_operator=False,
                        image_map=[ImageEnv("quantrol-test/*", Path(sys.executable).parent)]).start()
@@ -107,9 +107,9 @@ def test_stack_from_a_relative_folder_scrapes_its_targets(tmp_path: Path, monkey
     target (`up == 1`), also after the process changed its working folder, and nothing lands outside the folder."""
     import json
 
-    from quantrol_operator.localstack.procs import wait_until
-    from quantrol_operator.localstack.prometheus import TargetGroup
-    from quantrol_operator.localstack.runner_plan import ImageEnv
+    from quantrol_dev.localstack.procs import wait_until
+    from quantrol_dev.localstack.prometheus import TargetGroup
+    from quantrol_dev.localstack.runner_plan import ImageEnv
     from quantrol_operator.rollout.queries import PrometheusSource
 
     repo = tmp_path / "repo"
@@ -145,7 +145,7 @@ def test_demo_command_runs_end_to_end(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (out / "stack.json").is_file()
-    assert "the operator has seen it" in result.stdout  # the operator really reconciled the applied objects
+    assert "the operator has reconciled it" in result.stdout  # the operator really reconciled the applied objects
     assert "spec.rollout.canarySteps" in result.stdout  # the broken spec was refused naming the field
 
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
+from quantrol_dev.localstack.procs import free_port, wait_until
+from quantrol_dev.localstack.prometheus import PrometheusServer, TargetGroup, prometheus_binary, start_prometheus
 from quantrol_operator.api.servingpolicy import NoJudgement, ServingPolicySpec
-from quantrol_operator.localstack.procs import free_port, wait_until
-from quantrol_operator.localstack.prometheus import PrometheusServer, TargetGroup, prometheus_binary, start_prometheus
 from quantrol_operator.observe import analysis
 from quantrol_operator.rollout.queries import PrometheusSource
 from tests.plugins.servers import require_binaries

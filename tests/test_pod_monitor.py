@@ -24,12 +24,13 @@ import kubernetes
 import pytest
 import yaml
 
+from quantrol_dev.localstack import addresses
+from quantrol_dev.localstack.kubeapi import KubeAPIServer, OperatorProcess
+from quantrol_dev.localstack.procs import wait_until
 from quantrol_operator.api.servingpolicy import ServingPolicySpec
 from quantrol_operator.children import MANAGED_BY, monitoring, owner_reference, router, serving
 from quantrol_operator.defaults import OperatorDefaults, parse_labels
-from quantrol_operator.localstack.kubeapi import KubeAPIServer, OperatorProcess
-from quantrol_operator.localstack.procs import wait_until
-from quantrol_operator.planning.servingpolicy import SpObserved, plan
+from quantrol_operator.planning.servingpolicy import SpObserved, plan, read_spec
 from tests.plugins.kubeapi import kopf_watches
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -222,8 +223,8 @@ def test_every_field_is_declared_by_the_prometheus_operator_schema(owner: dict[s
 
 
 def test_the_plan_holds_the_pod_monitor_only_when_this_installation_writes_them(owner: dict[str, Any]) -> None:
-    off = plan(SpObserved(obj=owner, now=T0), IMAGES)
-    on = plan(SpObserved(obj=owner, now=T0), IMAGES, {"release": "prom"})
+    off = plan(SpObserved(obj=owner, spec=read_spec(owner), now=T0), IMAGES)
+    on = plan(SpObserved(obj=owner, spec=read_spec(owner), now=T0), IMAGES, {"release": "prom"})
     assert not [o for o in off.apply if o["kind"] == "PodMonitor"]
     (monitor,) = (o for o in on.apply if o["kind"] == "PodMonitor")
     assert monitor == build(owner, {"release": "prom"})
@@ -231,7 +232,8 @@ def test_the_plan_holds_the_pod_monitor_only_when_this_installation_writes_them(
     assert [o for o in on.apply if o["kind"] != "PodMonitor"] == off.apply and on.status == off.status
     invalid = copy.deepcopy(owner)
     invalid["spec"]["analysis"]["windowSeconds"] = "sixty"
-    assert plan(SpObserved(obj=invalid, now=T0), IMAGES, {}).apply == []  # nothing changes while the spec is invalid
+    # nothing changes while the spec is invalid
+    assert plan(SpObserved(obj=invalid, spec=read_spec(invalid), now=T0), IMAGES, {}).apply == []
 
 
 def test_the_setting_is_auto_true_or_false() -> None:
@@ -293,7 +295,7 @@ class Cluster:
         services = self.tmp_path / "services.json"
         services.write_text("{}")  # no Service resolves: kernel reads and router pushes fail fast
         process = OperatorProcess(self.api.write_kubeconfig(), self.tmp_path / f"operator-{began}", env={
-            "QUANTROL_POLL_SECONDS": "1", "QUANTROL_LOCAL_SERVICES": str(services), **env})
+            "QUANTROL_POLL_SECONDS": "1", **addresses.environment(services), **env})
         return process.start(ready=lambda: kopf_watches(self.api, began, ("quantizedmodels", "servingpolicies")))
 
     def create_policy(self, name: str = "llama") -> dict[str, Any]:

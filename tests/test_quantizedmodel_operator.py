@@ -17,8 +17,8 @@ import kubernetes
 import pytest
 import yaml
 
-from quantrol_operator.localstack.kubeapi import KubeAPIServer, OperatorProcess
-from quantrol_operator.localstack.procs import wait_until
+from quantrol_dev.localstack.kubeapi import KubeAPIServer, OperatorProcess
+from quantrol_dev.localstack.procs import wait_until
 from quantrol_worker.contracts import Reason, SliceHeadline, TerminationResult, WorkerPhase
 from tests.plugins.kubeapi import kopf_watches
 

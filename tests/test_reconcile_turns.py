@@ -11,15 +11,17 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import kopf
 import pytest
 from kubernetes import client
 
+from quantrol_operator.defaults import OperatorDefaults
+from quantrol_operator.delivery import RouterDelivery
 from quantrol_operator.handlers import common
 from quantrol_operator.kube import Kube, status_digest
+from quantrol_worker.addresses import ClusterAddresses
 
 LOG = logging.getLogger("test")
 
@@ -32,13 +34,11 @@ def body(version: str, uid: str = "uid-1", phase: str | None = None) -> kopf.Bod
 
 
 @pytest.fixture
-def kube() -> Iterator[Kube]:
-    saved = common._kube
-    common._kube = Kube(client.ApiClient())  # never used for a request here
-    try:
-        yield common._kube
-    finally:
-        common._kube = saved
+def rt() -> common.Runtime:
+    kube = Kube(client.ApiClient())  # never used for a request here
+    addresses = ClusterAddresses()
+    return common.Runtime(kube=kube, defaults=OperatorDefaults(), addresses=addresses,
+                          delivery=RouterDelivery(kube, addresses))
 
 
 class Passes:
@@ -51,7 +51,7 @@ class Passes:
         self.max_running = 0
         self._lock = threading.Lock()
 
-    def __call__(self, obj: dict[str, Any]) -> common.Events:
+    def __call__(self, _rt: common.Runtime, obj: dict[str, Any]) -> common.Events:
         with self._lock:
             self.running += 1
             self.max_running = max(self.max_running, self.running)
@@ -65,34 +65,34 @@ class Passes:
         return []
 
 
-async def test_event_and_timer_from_the_same_version_make_one_pass(kube: Kube) -> None:
-    passes = Passes(kube)
+async def test_event_and_timer_from_the_same_version_make_one_pass(rt: common.Runtime) -> None:
+    passes = Passes(rt.kube)
     same = body("7")
-    await asyncio.gather(common.handle(same, LOG, "ServingPolicy", "event", passes),
-                         common.handle(same, LOG, "ServingPolicy", "timer", passes))
+    await asyncio.gather(common.handle(same, LOG, rt, "ServingPolicy", "event", passes),
+                         common.handle(same, LOG, rt, "ServingPolicy", "timer", passes))
     assert passes.seen == ["7"]  # the second started from a version the first had written over
 
 
-async def test_a_version_someone_else_wrote_in_between_is_stale_too(kube: Kube) -> None:
+async def test_a_version_someone_else_wrote_in_between_is_stale_too(rt: common.Runtime) -> None:
     """The demo counted one refusal twice: the pass from v2 (status Pending) wrote RolledBack, but kopf's own patch
     of the object had made v3 in between, with v2's status; the pass from v3 decided the same refusal again."""
-    passes = Passes(kube)
-    await common.handle(body("2", phase="Pending"), LOG, "ServingPolicy", "event", passes)
-    await common.handle(body("3", phase="Pending"), LOG, "ServingPolicy", "event", passes)  # same status
-    await common.handle(body("4", phase="RolledBack"), LOG, "ServingPolicy", "event", passes)  # our write's own
+    passes = Passes(rt.kube)
+    await common.handle(body("2", phase="Pending"), LOG, rt, "ServingPolicy", "event", passes)
+    await common.handle(body("3", phase="Pending"), LOG, rt, "ServingPolicy", "event", passes)  # same status
+    await common.handle(body("4", phase="RolledBack"), LOG, rt, "ServingPolicy", "event", passes)  # our write's own
     assert passes.seen == ["2", "4"]
 
 
-async def test_passes_of_one_object_never_overlap_and_newer_versions_run(kube: Kube) -> None:
-    passes = Passes(kube)
-    await asyncio.gather(*(common.handle(body(v), LOG, "ServingPolicy", "timer", passes) for v in ("1", "2", "3")))
+async def test_passes_of_one_object_never_overlap_and_newer_versions_run(rt: common.Runtime) -> None:
+    passes = Passes(rt.kube)
+    await asyncio.gather(*(common.handle(body(v), LOG, rt, "ServingPolicy", "timer", passes) for v in ("1", "2", "3")))
     assert sorted(passes.seen) == ["1", "2", "3"]
     assert passes.max_running == 1
 
 
-async def test_different_objects_are_not_serialized(kube: Kube) -> None:
-    passes = Passes(kube)
-    await asyncio.gather(*(common.handle(body("1", uid=f"u{i}"), LOG, "ServingPolicy", "timer", passes)
+async def test_different_objects_are_not_serialized(rt: common.Runtime) -> None:
+    passes = Passes(rt.kube)
+    await asyncio.gather(*(common.handle(body("1", uid=f"u{i}"), LOG, rt, "ServingPolicy", "timer", passes)
                            for i in range(3)))
     assert len(passes.seen) == 3 and passes.max_running > 1
 

@@ -9,8 +9,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from quantrol_operator.api.servingpolicy import Analysis, NoJudgement, SloFloor, SloLimit, Verdict
-from quantrol_operator.rollout.analysis import Counters, Judgement, Sample, decide, goodput, judge, window_verdict
+from quantrol_operator.api.servingpolicy import (
+    Analysis,
+    AnalysisCounters,
+    MetricResult,
+    NoJudgement,
+    SloFloor,
+    SloLimit,
+    Verdict,
+)
+from quantrol_operator.rollout.analysis import Sample, decide, goodput, judge, window_verdict
 from quantrol_operator.rollout.statemachine import Decision
 
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -49,8 +57,8 @@ def test_verdict_per_slo(sample: Sample, limit: SloLimit | SloFloor, verdict: Ve
 
 
 def test_window_verdict_takes_the_most_severe_and_nothing_is_never_pass() -> None:
-    def j(v: Verdict) -> Judgement:
-        return Judgement("x", v, None, None, None, "")
+    def j(v: Verdict) -> MetricResult:
+        return MetricResult(slo="x", verdict=v)
 
     assert window_verdict([]) is Verdict.INCONCLUSIVE
     assert window_verdict([j(Verdict.PASS), j(Verdict.INCONCLUSIVE)]) is Verdict.INCONCLUSIVE
@@ -62,53 +70,54 @@ POLICY = Analysis(failure_limit=3, success_streak=2, inconclusive_limit=4, error
 
 
 def test_failures_one_below_the_limit_then_one_more_rolls_back() -> None:
-    counters = Counters()
+    counters = AnalysisCounters()
     for i in range(2):
         decision, counters = decide(Verdict.FAIL, T0 + timedelta(seconds=i), counters, POLICY)
         assert decision is Decision.HOLD
     # The counters are what status keeps: a restarted operator resumes from them.
-    decision, counters = decide(Verdict.FAIL, T0 + timedelta(seconds=5), Counters(**vars(counters)), POLICY)
-    assert decision is Decision.ROLLBACK and counters.failures == 3
+    resumed = AnalysisCounters.model_validate(counters.to_wire())
+    decision, counters = decide(Verdict.FAIL, T0 + timedelta(seconds=5), resumed, POLICY)
+    assert decision is Decision.ROLLBACK and counters.consecutive_failures == 3
 
 
 def test_the_same_scrape_is_never_counted_twice() -> None:
-    decision, counters = decide(Verdict.FAIL, T0, Counters(), POLICY)
+    decision, counters = decide(Verdict.FAIL, T0, AnalysisCounters(), POLICY)
     for _ in range(10):
         decision, counters = decide(Verdict.FAIL, T0, counters, POLICY)
-    assert decision is Decision.HOLD and counters.failures == 1
+    assert decision is Decision.HOLD and counters.consecutive_failures == 1
 
 
 def test_a_pass_streak_advances_and_a_failure_resets_it() -> None:
-    _d, c = decide(Verdict.PASS, T0, Counters(), POLICY)
+    _d, c = decide(Verdict.PASS, T0, AnalysisCounters(), POLICY)
     _d, c = decide(Verdict.FAIL, T0 + timedelta(seconds=1), c, POLICY)
     d, c = decide(Verdict.PASS, T0 + timedelta(seconds=2), c, POLICY)
-    assert d is Decision.HOLD and c.successes == 1
+    assert d is Decision.HOLD and c.consecutive_successes == 1
     d, c = decide(Verdict.PASS, T0 + timedelta(seconds=3), c, POLICY)
     assert d is Decision.ADVANCE
 
 
 def test_the_first_window_after_a_step_cannot_advance_but_can_roll_back() -> None:
     """The cooldown: a window that still holds traffic at the previous weight proves nothing about this one."""
-    c = Counters()
+    c = AnalysisCounters()
     for i in range(5):
         d, c = decide(Verdict.PASS, T0 + timedelta(seconds=i), c, POLICY, after_step=False)
-        assert d is Decision.HOLD and c.successes == 0
+        assert d is Decision.HOLD and c.consecutive_successes == 0
     _d, c = decide(Verdict.FAIL, T0 + timedelta(seconds=5), c, POLICY, after_step=False)
     _d, c = decide(Verdict.PASS, T0 + timedelta(seconds=6), c, POLICY, after_step=False)
-    assert c.failures == 0  # a pass still breaks a failure streak
+    assert c.consecutive_failures == 0  # a pass still breaks a failure streak
     for i in range(POLICY.failure_limit):
         d, c = decide(Verdict.FAIL, T0 + timedelta(seconds=7 + i), c, POLICY, after_step=False)
     assert d is Decision.ROLLBACK  # failing windows always count: safety never waits
-    d, c = decide(Verdict.PASS, T0 + timedelta(seconds=20), Counters(), POLICY, after_step=True)
-    assert c.successes == 1
+    d, c = decide(Verdict.PASS, T0 + timedelta(seconds=20), AnalysisCounters(), POLICY, after_step=True)
+    assert c.consecutive_successes == 1
 
 
 def test_errors_and_silence_pause_without_touching_the_failure_count() -> None:
-    c = Counters(failures=2)
+    c = AnalysisCounters(consecutive_failures=2)
     for _ in range(3):
         d, c = decide(Verdict.ERROR, None, c, POLICY)
-    assert d is Decision.PAUSE and c.failures == 2
-    c = Counters()
+    assert d is Decision.PAUSE and c.consecutive_failures == 2
+    c = AnalysisCounters()
     for i in range(4):
         d, c = decide(Verdict.INCONCLUSIVE, T0 + timedelta(seconds=i), c, POLICY)
     assert d is Decision.PAUSE
@@ -119,13 +128,13 @@ verdicts = st.sampled_from(list(Verdict))
 
 @given(st.lists(st.tuples(verdicts, st.integers(min_value=0, max_value=30)), max_size=60))
 def test_no_advance_without_a_fresh_passing_window(windows: list[tuple[Verdict, int]]) -> None:
-    counters = Counters()
+    counters = AnalysisCounters()
     for verdict, offset in windows:
         newest = T0 + timedelta(seconds=offset)
         before = counters
         decision, counters = decide(verdict, newest, counters, POLICY)
         if decision is Decision.ADVANCE:
-            assert verdict is Verdict.PASS and (before.newest is None or newest > before.newest)
+            assert verdict is Verdict.PASS and (before.newest_sample_time is None or newest > before.newest_sample_time)
         if decision is Decision.ROLLBACK:
             assert verdict is Verdict.FAIL
 

@@ -15,11 +15,11 @@ from quantrol_operator.rollout.statemachine import (
     TRANSITIONS,
     Decision,
     Facts,
-    KernelCheck,
-    Reason,
+    TransitionReason,
     step,
     weights_for,
 )
+from quantrol_worker.contracts import KernelVerdict
 
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 STEPS = (5, 25, 50, 100)
@@ -28,48 +28,48 @@ STEPS = (5, 25, 50, 100)
 def facts(**kw: object) -> Facts:
     base = Facts(now=T0 + timedelta(hours=1), phase_since=T0, steps=STEPS, shadow_seconds=60,
                  dwell_seconds=(60, 60, 60, 0), candidate_pinned=True, stable_ready=True, candidate_ready=True,
-                 kernel=KernelCheck.NATIVE)
+                 kernel=KernelVerdict.NATIVE)
     return replace(base, **kw)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
     ("phase", "index", "kw", "expected"),
     [
-        (P.PENDING, None, {}, (P.SHADOW, None, Reason.ARMS_READY)),
+        (P.PENDING, None, {}, (P.SHADOW, None, TransitionReason.ARMS_READY)),
         (P.PENDING, None, {"candidate_ready": False}, (P.PENDING, None, None)),
-        (P.PENDING, None, {"kernel": KernelCheck.UNKNOWN}, (P.PENDING, None, None)),
+        (P.PENDING, None, {"kernel": KernelVerdict.UNKNOWN}, (P.PENDING, None, None)),
         (P.PENDING, None, {"candidate_pinned": False}, (P.PENDING, None, None)),
-        (P.PENDING, None, {"kernel": KernelCheck.NONE}, (P.ROLLED_BACK, None, Reason.KERNEL_UNAVAILABLE)),
-        (P.PENDING, None, {"kernel": KernelCheck.FALLBACK}, (P.ROLLED_BACK, None, Reason.KERNEL_FALLBACK)),
-        (P.PENDING, None, {"kernel": KernelCheck.FALLBACK, "enforce_kernels": False}, (P.SHADOW, None,
-                                                                                        Reason.ARMS_READY)),
-        (P.SHADOW, None, {"decision": Decision.ADVANCE}, (P.CANARY, 0, Reason.SHADOW_PASSED)),
+        (P.PENDING, None, {"kernel": KernelVerdict.NONE}, (P.ROLLED_BACK, None, TransitionReason.KERNEL_UNAVAILABLE)),
+        (P.PENDING, None, {"kernel": KernelVerdict.FALLBACK}, (P.ROLLED_BACK, None, TransitionReason.KERNEL_FALLBACK)),
+        (P.PENDING, None, {"kernel": KernelVerdict.FALLBACK, "enforce_kernels": False}, (P.SHADOW, None,
+                                                                                        TransitionReason.ARMS_READY)),
+        (P.SHADOW, None, {"decision": Decision.ADVANCE}, (P.CANARY, 0, TransitionReason.SHADOW_PASSED)),
         (P.SHADOW, None, {"decision": Decision.ADVANCE, "now": T0 + timedelta(seconds=30)}, (P.SHADOW, None, None)),
         (P.SHADOW, None, {"decision": Decision.HOLD}, (P.SHADOW, None, None)),
-        (P.SHADOW, None, {"decision": Decision.ROLLBACK}, (P.ROLLED_BACK, None, Reason.SLO_BREACH)),
-        (P.SHADOW, None, {"decision": Decision.PAUSE}, (P.PAUSED, None, Reason.ANALYSIS_CANNOT_JUDGE)),
-        (P.CANARY, 0, {"decision": Decision.ADVANCE}, (P.CANARY, 1, Reason.STEP_PASSED)),
-        (P.CANARY, 3, {"decision": Decision.ADVANCE}, (P.PROMOTED, None, Reason.PROMOTED)),
-        (P.CANARY, 2, {"decision": Decision.ROLLBACK}, (P.ROLLED_BACK, None, Reason.SLO_BREACH)),
-        (P.CANARY, 2, {"decision": Decision.PAUSE}, (P.PAUSED, 2, Reason.ANALYSIS_CANNOT_JUDGE)),
-        (P.CANARY, 1, {"paused_annotation": True}, (P.PAUSED, 1, Reason.PAUSED_BY_USER)),
-        (P.PAUSED, 1, {"paused_by_user": True, "paused_from": P.CANARY}, (P.CANARY, 1, Reason.RESUMED)),
+        (P.SHADOW, None, {"decision": Decision.ROLLBACK}, (P.ROLLED_BACK, None, TransitionReason.SLO_BREACH)),
+        (P.SHADOW, None, {"decision": Decision.PAUSE}, (P.PAUSED, None, TransitionReason.ANALYSIS_CANNOT_JUDGE)),
+        (P.CANARY, 0, {"decision": Decision.ADVANCE}, (P.CANARY, 1, TransitionReason.STEP_PASSED)),
+        (P.CANARY, 3, {"decision": Decision.ADVANCE}, (P.PROMOTED, None, TransitionReason.PROMOTED)),
+        (P.CANARY, 2, {"decision": Decision.ROLLBACK}, (P.ROLLED_BACK, None, TransitionReason.SLO_BREACH)),
+        (P.CANARY, 2, {"decision": Decision.PAUSE}, (P.PAUSED, 2, TransitionReason.ANALYSIS_CANNOT_JUDGE)),
+        (P.CANARY, 1, {"paused_annotation": True}, (P.PAUSED, 1, TransitionReason.PAUSED_BY_USER)),
+        (P.PAUSED, 1, {"paused_by_user": True, "paused_from": P.CANARY}, (P.CANARY, 1, TransitionReason.RESUMED)),
         (P.PAUSED, 1, {"paused_by_user": True, "paused_annotation": True}, (P.PAUSED, 1, None)),
-        (P.CANARY, 1, {"rollback_requested": True}, (P.ROLLED_BACK, None, Reason.MANUAL_ROLLBACK)),
-        (P.CANARY, 1, {"candidate_failed": True}, (P.ROLLED_BACK, None, Reason.CANDIDATE_FAILED)),
+        (P.CANARY, 1, {"rollback_requested": True}, (P.ROLLED_BACK, None, TransitionReason.MANUAL_ROLLBACK)),
+        (P.CANARY, 1, {"candidate_failed": True}, (P.ROLLED_BACK, None, TransitionReason.CANDIDATE_FAILED)),
         (P.ROLLED_BACK, None, {"decision": Decision.ADVANCE}, (P.ROLLED_BACK, None, None)),
-        (P.ROLLED_BACK, None, {"retry_requested": True}, (P.PENDING, None, Reason.RETRY)),
-        (P.ROLLED_BACK, None, {"new_candidate": True}, (P.PENDING, None, Reason.NEW_CANDIDATE)),
-        (P.ROLLED_BACK, None, {"spec_changed": True}, (P.PENDING, None, Reason.SPEC_CHANGED)),
-        (P.FAILED, None, {"spec_changed": True}, (P.PENDING, None, Reason.SPEC_CHANGED)),
+        (P.ROLLED_BACK, None, {"retry_requested": True}, (P.PENDING, None, TransitionReason.RETRY)),
+        (P.ROLLED_BACK, None, {"new_candidate": True}, (P.PENDING, None, TransitionReason.NEW_CANDIDATE)),
+        (P.ROLLED_BACK, None, {"spec_changed": True}, (P.PENDING, None, TransitionReason.SPEC_CHANGED)),
+        (P.FAILED, None, {"spec_changed": True}, (P.PENDING, None, TransitionReason.SPEC_CHANGED)),
         (P.CANARY, 1, {"spec_changed": True}, (P.CANARY, 1, None)),  # mid-rollout an edit changes no phase
         (P.PROMOTED, None, {"spec_changed": True}, (P.PROMOTED, None, None)),
-        (P.CANARY, 2, {"new_candidate": True}, (P.PENDING, None, Reason.NEW_CANDIDATE)),
+        (P.CANARY, 2, {"new_candidate": True}, (P.PENDING, None, TransitionReason.NEW_CANDIDATE)),
         (P.PROMOTED, None, {"decision": Decision.ROLLBACK}, (P.PROMOTED, None, None)),
     ],
 )
 def test_transition_table(phase: P, index: int | None, kw: dict[str, object],
-                          expected: tuple[P, int | None, Reason | None]) -> None:
+                          expected: tuple[P, int | None, TransitionReason | None]) -> None:
     result = step(phase, index, facts(**kw))
     assert (result.phase, result.step, result.reason) == expected
 
@@ -92,7 +92,7 @@ fact_updates = st.fixed_dictionaries(
     {},
     optional={
         "decision": st.sampled_from(Decision),
-        "kernel": st.sampled_from(KernelCheck),
+        "kernel": st.sampled_from(KernelVerdict),
         "candidate_ready": st.booleans(),
         "stable_ready": st.booleans(),
         "candidate_failed": st.booleans(),
@@ -106,7 +106,7 @@ fact_updates = st.fixed_dictionaries(
 )
 
 
-def _run(updates: list[dict[str, object]], steps: tuple[int, ...]) -> list[tuple[P, int | None, Reason | None,
+def _run(updates: list[dict[str, object]], steps: tuple[int, ...]) -> list[tuple[P, int | None, TransitionReason | None,
                                                                                   Facts]]:
     phase, index, since, paused_from = P.PENDING, None, T0, None
     trail = []
@@ -120,7 +120,7 @@ def _run(updates: list[dict[str, object]], steps: tuple[int, ...]) -> list[tuple
         trail.append((result.phase, result.step, result.reason, f))
         if result.reason is not None:
             if result.phase is P.PAUSED and phase is not P.PAUSED:
-                paused_from = phase if result.reason is Reason.PAUSED_BY_USER else None
+                paused_from = phase if result.reason is TransitionReason.PAUSED_BY_USER else None
             elif result.phase is not P.PAUSED:
                 paused_from = None
             phase, index, since = result.phase, result.step, f.now
@@ -138,14 +138,15 @@ def test_promotion_only_through_every_step_with_passing_analysis(updates: list[d
                                                                  steps: tuple[int, ...]) -> None:
     trail = _run(updates, steps)
     for i, (phase, _index, reason, f) in enumerate(trail):
-        if reason is Reason.PROMOTED:
+        if reason is TransitionReason.PROMOTED:
             assert f.decision is Decision.ADVANCE
             # Walk back: every canary step was entered, in order, since the last restart from Pending.
             entered = []
             for prev_phase, prev_index, prev_reason, _f in reversed(trail[:i]):
-                if prev_reason in (Reason.RETRY, Reason.NEW_CANDIDATE) and prev_phase is P.PENDING:
+                if prev_reason in (TransitionReason.RETRY, TransitionReason.NEW_CANDIDATE) and prev_phase is P.PENDING:
                     break
-                if prev_phase is P.CANARY and prev_reason in (Reason.SHADOW_PASSED, Reason.STEP_PASSED):
+                advanced = (TransitionReason.SHADOW_PASSED, TransitionReason.STEP_PASSED)
+                if prev_phase is P.CANARY and prev_reason in advanced:
                     entered.append(prev_index)
             assert list(reversed(entered))[-len(steps):] == list(range(len(steps)))
             assert phase is P.PROMOTED
@@ -167,7 +168,7 @@ def test_rolled_back_is_absorbing_until_retry_new_candidate_or_spec_change(updat
     trail = _run(updates, steps)
     for (prev, _pi, _pr, _pf), (phase, _i, reason, _f) in itertools.pairwise(trail):
         if prev is P.ROLLED_BACK and phase is not P.ROLLED_BACK:
-            assert reason in (Reason.RETRY, Reason.NEW_CANDIDATE, Reason.SPEC_CHANGED)
+            assert reason in (TransitionReason.RETRY, TransitionReason.NEW_CANDIDATE, TransitionReason.SPEC_CHANGED)
 
 
 def test_a_healthy_run_walks_every_step_to_promotion() -> None:
@@ -177,4 +178,4 @@ def test_a_healthy_run_walks_every_step_to_promotion() -> None:
         (P.PROMOTED, None),
     ]
     # And the property above is not vacuous: the same run is what it inspects.
-    assert any(r is Reason.PROMOTED for _p, _i, r, _f in trail)
+    assert any(r is TransitionReason.PROMOTED for _p, _i, r, _f in trail)

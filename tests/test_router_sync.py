@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from quantrol_operator.api.servingpolicy import RouterState
 from quantrol_operator.planning.routers import RouterPod, created_by, current_pods, remember, router_status, to_push
 
 DEPLOYMENT = {"metadata": {"name": "tiny-router", "uid": "d-uid"}}
@@ -60,10 +61,12 @@ def test_confirmations_are_kept_for_current_pods_only_and_a_missing_answer_keeps
 
 def test_applied_version_moves_only_once_every_current_pod_confirmed_it() -> None:
     a, b, unstarted = RouterPod("a", "10.0.0.1", "a/0"), RouterPod("b", "10.0.0.2", "b/0"), RouterPod("c", "", "c/0")
-    state = {"version": 3, "configHash": "h", "appliedVersion": 2}
-    partly = router_status(state, [a, b], 3, {"a/0": 3, "b/0": 2})
-    assert partly == {**state, "replicas": {"confirmed": 1, "total": 2}}  # still the version all of them have
-    done = router_status(state, [a, b], 3, {"a/0": 3, "b/0": 3})
-    assert done == {**state, "appliedVersion": 3, "replicas": {"confirmed": 2, "total": 2}}
-    assert router_status(state, [a, b, unstarted], 3, {"a/0": 3, "b/0": 3})["appliedVersion"] == 2
-    assert router_status({"version": 1}, [], 1, {}) == {"version": 1, "replicas": {"confirmed": 0, "total": 0}}
+    wire = {"version": 3, "configHash": "h", "appliedVersion": 2}
+    state = RouterState.model_validate(wire)
+    partly = router_status(state, [a, b], {"a/0": 3, "b/0": 2}).to_wire()
+    assert partly == {**wire, "replicas": {"confirmed": 1, "total": 2}}  # still the version all of them have
+    done = router_status(state, [a, b], {"a/0": 3, "b/0": 3}).to_wire()
+    assert done == {**wire, "appliedVersion": 3, "replicas": {"confirmed": 2, "total": 2}}
+    assert router_status(state, [a, b, unstarted], {"a/0": 3, "b/0": 3}).applied_version == 2
+    assert router_status(RouterState(version=1), [], {}).to_wire() == {
+        "version": 1, "replicas": {"confirmed": 0, "total": 0}}

@@ -21,8 +21,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from quantrol_operator.localstack.procs import ManagedProcess, port_is_open
-from quantrol_operator.localstack.runner import (
+from quantrol_dev.localstack.addresses import ServicesFile
+from quantrol_dev.localstack.procs import ManagedProcess, port_is_open
+from quantrol_dev.localstack.runner import (
     LOGS_ANNOTATION,
     PORTS_ANNOTATION,
     KubeClient,
@@ -31,7 +32,7 @@ from quantrol_operator.localstack.runner import (
     groups_alive,
     pid_alive,
 )
-from quantrol_operator.localstack.runner_plan import (
+from quantrol_dev.localstack.runner_plan import (
     ContainerRun,
     Endpoint,
     ImageEnv,
@@ -59,7 +60,7 @@ from quantrol_operator.localstack.runner_plan import (
     template_hash,
     volume_files,
 )
-from quantrol_worker import localservices
+from quantrol_worker.addresses import ClusterAddresses, service_url
 from tests.plugins.runner import TEST_IMAGE, TEST_SERVING_IMAGE
 
 T = TypeVar("T")
@@ -245,21 +246,22 @@ def test_pods_map_lists_running_pods_ready_or_not_and_pod_url_resolves_them(
     table = {"ns/web-a": {"host": "127.0.0.1", "ports": {"8080": 40001}},
              "ns/web-b": {"host": "127.0.0.1", "ports": {"8080": 40002, "9090": 40012}}}
     assert pods_map(pods) == table
-    # A cluster (no services.json): the pod IP itself.
-    monkeypatch.delenv(localservices.ENV, raising=False)
-    assert localservices.pod_url("10.1.2.3", "ns", "web-a", 8080, "/x") == "http://10.1.2.3:8080/x"
-    assert localservices.pod_url("fd00::5", "ns", "web-a", 8080) == "http://[fd00::5]:8080"
-    assert localservices.pod_url("", "ns", "web-a", 8080) is None  # not started: no IP yet
+    # A cluster: the pod IP itself.
+    cluster = ClusterAddresses()
+    assert cluster.pod_url("10.1.2.3", "ns", "web-a", 8080, "/x") == "http://10.1.2.3:8080/x"
+    assert cluster.pod_url("fd00::5", "ns", "web-a", 8080) == "http://[fd00::5]:8080"
+    assert cluster.pod_url("", "ns", "web-a", 8080) is None  # not started: no IP yet
     # The local runner: every pod is 127.0.0.1, told apart by name; a pod the file does not list is not reachable
     # (127.0.0.1 at the containerPort would be whatever else listens there).
     path = tmp_path / "services.json"
     path.write_text(json.dumps({"ns/web": {"host": "127.0.0.1", "ports": {"80": 40001}}, "pods": table}))
-    monkeypatch.setenv(localservices.ENV, str(path))
-    assert localservices.pod_url("127.0.0.1", "ns", "web-b", 8080, "/x") == "http://127.0.0.1:40002/x"
-    assert localservices.pod_url("127.0.0.1", "ns", "web-b", 9090) == "http://127.0.0.1:40012"
-    assert localservices.pod_url("127.0.0.1", "ns", "web-c", 8080) is None
-    assert localservices.pod_url("127.0.0.1", "ns", "web-a", 9090) is None
-    assert localservices.service_url("web", "ns", 80) == "http://127.0.0.1:40001"  # Services resolve as before
+    local = ServicesFile(path)
+    assert local.pod_url("127.0.0.1", "ns", "web-b", 8080, "/x") == "http://127.0.0.1:40002/x"
+    assert local.pod_url("127.0.0.1", "ns", "web-b", 9090) == "http://127.0.0.1:40012"
+    assert local.pod_url("127.0.0.1", "ns", "web-c", 8080) is None
+    assert local.pod_url("127.0.0.1", "ns", "web-a", 9090) is None
+    assert local.url(service_url("web", "ns", 80)) == "http://127.0.0.1:40001"  # Services resolve as before
+    assert cluster.url(service_url("web", "ns", 80)) == "http://web.ns.svc:80"
 
 
 def test_serving_cap_admits_in_order_and_never_holds_other_pods() -> None:
@@ -653,9 +655,9 @@ def test_each_pod_is_reachable_by_name_ready_or_not(api: KubeClient, namespace: 
     created = dict(api.call("POST", api_path("apps/v1", "deployments", namespace), body))
     eventually(lambda: get(api, "apps/v1", "deployments", namespace, "pair"),
                lambda d: (d.get("status") or {}).get("readyReplicas") == 2, what="both replicas ready")
-    monkeypatch.setenv(localservices.ENV, str(workload_runner.services_path))
+    local = ServicesFile(workload_runner.services_path)
     pods = pods_of(api, namespace, created)
-    urls = {p["metadata"]["name"]: localservices.pod_url(p["status"]["podIP"], namespace, p["metadata"]["name"],
+    urls = {p["metadata"]["name"]: local.pod_url(p["status"]["podIP"], namespace, p["metadata"]["name"],
                                                            8080) for p in pods}
     assert len(urls) == 2 and None not in urls.values() and len(set(urls.values())) == 2, urls
     assert {p["status"]["podIP"] for p in pods} == {"127.0.0.1"}
@@ -666,7 +668,7 @@ def test_each_pod_is_reachable_by_name_ready_or_not(api: KubeClient, namespace: 
     eventually(lambda: get(api, "v1", "pods", namespace, name), lambda p: condition(p, "Ready")["status"] == "False",
                what="the pod unready")
     assert services(workload_runner)["pods"][f"{namespace}/{name}"]["ports"] == {"8080": port}
-    assert localservices.pod_url("127.0.0.1", namespace, name, 8080) == f"http://127.0.0.1:{port}"
+    assert local.pod_url("127.0.0.1", namespace, name, 8080) == f"http://127.0.0.1:{port}"
 
 
 @pytest.mark.stack
@@ -826,7 +828,7 @@ def test_the_runner_runs_as_its_own_process_and_takes_its_children_along(
 ) -> None:
     image_map = tmp_path / "images.json"
     image_map.write_text(json.dumps([{"pattern": "quantrol-test/*", "bin_dir": str(Path(sys.executable).parent)}]))
-    argv = [sys.executable, "-m", "quantrol_operator.localstack.runner", "--kubeconfig", str(kubeconfig),
+    argv = [sys.executable, "-m", "quantrol_dev.localstack.runner", "--kubeconfig", str(kubeconfig),
             "--image-map", str(image_map), "--state-dir", str(tmp_path / "state"), "--namespace", namespace]
     process = ManagedProcess("runner", argv, tmp_path / "runner.log").start()
     try:

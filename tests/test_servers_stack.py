@@ -18,9 +18,9 @@ from oras.client import OrasClient
 from prometheus_api_client import PrometheusConnect
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-from quantrol_operator.localstack.procs import LOOPBACK, free_port, port_is_open, wait_until
-from quantrol_operator.localstack.prometheus import PrometheusServer, TargetGroup
-from quantrol_operator.localstack.registry import RegistryServer
+from quantrol_dev.localstack.procs import LOOPBACK, free_port, port_is_open, wait_until
+from quantrol_dev.localstack.prometheus import PrometheusServer, TargetGroup
+from quantrol_dev.localstack.registry import RegistryServer
 
 pytestmark = pytest.mark.stack
 

@@ -10,11 +10,12 @@ from typing import Any
 
 import yaml
 
-from quantrol_operator.api.servingpolicy import Verdict
+from quantrol_operator.api.servingpolicy import KernelReport, SloLimit, Verdict
 from quantrol_operator.children import serving
 from quantrol_operator.kube import merge_patch
-from quantrol_operator.planning.servingpolicy import SpObserved, SpPlan, Window, plan
-from quantrol_operator.rollout.analysis import Judgement
+from quantrol_operator.planning.servingpolicy import SpObserved, SpPlan, plan, read_spec
+from quantrol_operator.rollout.analysis import Sample, TargetHealth
+from quantrol_operator.rollout.queries import Observation
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -60,12 +61,22 @@ def deployments(p: SpPlan) -> list[dict[str, Any]]:
     return [o for o in p.apply if o["kind"] == "Deployment"]
 
 
-def window(verdict: Verdict, newest: datetime, slo: str = "ttftP99", value: float = 1.0) -> Window:
-    return Window([Judgement(slo, verdict, value, 1.0, 1.2, f"{slo} {verdict.value}")], newest, 60)
+# Router samples that the sample policy's ttftP99 SLO (max 1.5 s, ≤ 1.2 × stable; 50 requests) judges as each verdict.
+_JUDGED_AS = {Verdict.PASS: (1.0, 1.0), Verdict.FAIL: (3.1, 1.0), Verdict.OVERLOAD: (3.1, 3.0),
+              Verdict.INCONCLUSIVE: (None, 1.0)}
 
 
-def run(obj: dict[str, Any], **kw: Any) -> SpPlan:
-    return plan(SpObserved(obj=obj, **kw), IMAGES)
+def window(verdict: Verdict, newest: datetime, value: float | None = None) -> Observation:
+    """One observed window whose only SLO, ttftP99, the planner will judge `verdict` (the candidate's p99 `value`)."""
+    candidate, stable = _JUDGED_AS[verdict]
+    sample = Sample("ttftP99", value if value is not None else candidate, stable, 100, 100, newest=newest)
+    limit = SloLimit(max=1.5, max_relative_to_stable=1.2)
+    return Observation([(sample, limit)], newest, TargetHealth(1, 1))
+
+
+def run(obj: dict[str, Any], candidate_kernels: dict[str, Any] | None = None, **kw: Any) -> SpPlan:
+    kernels = KernelReport.model_validate(candidate_kernels) if candidate_kernels else None
+    return plan(SpObserved(obj=obj, spec=read_spec(obj), candidate_kernels=kernels, **kw), IMAGES)
 
 
 def advance(obj: dict[str, Any], result: SpPlan) -> dict[str, Any]:
@@ -136,7 +147,7 @@ def test_slo_failures_up_to_the_limit_roll_back_with_a_record() -> None:
     record = result.status["rollback"]
     assert record["reason"] == "SloBreach" and record["slo"] == "ttftP99" and record["candidateValue"] == 3.1
     assert record["failingSlos"] == ["ttftP99"]
-    assert result.rollback == record
+    assert result.rollback is not None and result.rollback.to_wire() == record
     config = json.loads(result.router_config or "{}")
     assert set(config["arms"]) == {"stable"}  # all live traffic on stable at once
     candidate = next(d for d in deployments(result) if d["metadata"]["name"].endswith("cccccccccccc"))
@@ -166,11 +177,11 @@ def test_passing_windows_walk_the_steps_to_promotion_and_swap_the_stable_arm() -
 def test_passing_windows_that_overlap_the_previous_step_do_not_advance() -> None:
     obj, shadow = _to_shadow()
     began = _parse_time(shadow.status["phaseSince"])
-    for i in range(1, 6):  # dwell over after 60 s; the window (60 s) still reaches into Pending until then
+    for i in range(1, 5):  # until 60 s after Shadow began, the window (60 s) still reaches into Pending
         now = began + timedelta(seconds=12 * i)
         result = run(obj, quantized_model=qm(), deployments=ready(deployments(shadow)),
                      candidate_kernels={"verdict": "native"}, window=window(Verdict.PASS, now), now=now)
-        assert result.status["phase"] == "Shadow" and result.status["counters"].get("successes", 0) == 0, i
+        assert result.status["phase"] == "Shadow" and result.status["counters"]["consecutiveSuccesses"] == 0, i
         obj = advance(obj, result)
     for i in range(1, 3):
         now = began + timedelta(seconds=60 + 5 * i)

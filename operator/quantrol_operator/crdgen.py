@@ -14,8 +14,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from quantrol_operator.api import quantizedmodel, servingpolicy
 from quantrol_operator.api.common import GROUP, VERSION
+from quantrol_operator.api.kinds import QUANTIZED_MODEL, SERVING_POLICY, ResourceKind
 
 Schema = dict[str, Any]
 
@@ -25,13 +25,31 @@ _DROPPED_KEYS = {"title", "$defs", "discriminator"}
 
 @dataclass(frozen=True)
 class CrdKind:
-    kind: str
-    plural: str
-    short_name: str
-    spec_model: type[BaseModel]
-    status_model: type[BaseModel]
+    """A resource kind (api.kinds) with what its CRD adds for people: a description and printer columns."""
+
+    resource: ResourceKind
     description: str
     printer_columns: tuple[dict[str, Any], ...]
+
+    @property
+    def kind(self) -> str:
+        return self.resource.kind
+
+    @property
+    def plural(self) -> str:
+        return self.resource.plural
+
+    @property
+    def short_name(self) -> str:
+        return self.resource.short_name
+
+    @property
+    def spec_model(self) -> type[BaseModel]:
+        return self.resource.spec_model
+
+    @property
+    def status_model(self) -> type[BaseModel]:
+        return self.resource.status_model
 
     @property
     def name(self) -> str:
@@ -46,11 +64,7 @@ _AGE = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"
 
 KINDS: tuple[CrdKind, ...] = (
     CrdKind(
-        kind=quantizedmodel.KIND,
-        plural=quantizedmodel.PLURAL,
-        short_name="qm",
-        spec_model=quantizedmodel.QuantizedModelSpec,
-        status_model=quantizedmodel.QuantizedModelStatus,
+        resource=QUANTIZED_MODEL,
         description="A lower-precision version of a model: calibrated, quality-gated per slice against the "
         "baseline, and published as a digest-pinned artifact.",
         printer_columns=(
@@ -61,11 +75,7 @@ KINDS: tuple[CrdKind, ...] = (
         ),
     ),
     CrdKind(
-        kind=servingpolicy.KIND,
-        plural=servingpolicy.PLURAL,
-        short_name="sp",
-        spec_model=servingpolicy.ServingPolicySpec,
-        status_model=servingpolicy.ServingPolicyStatus,
+        resource=SERVING_POLICY,
         description="How a model is served and how fast the quantized candidate may replace the stable "
         "(higher-precision) arm: shadow, canary steps, SLO analysis, automatic rollback.",
         printer_columns=(

@@ -1,4 +1,4 @@
-"""The thin applier: the only module that talks to the Kubernetes API (besides kopf itself).
+"""The one Kubernetes API client of the operator, the `quantrol` CLI and the demo (besides kopf itself).
 
 Children are found by owner reference (label selectors only narrow the list), created when missing,
 merge-patched only on the fields Quantrol owns and only when those differ, so a steady-state pass makes
@@ -16,18 +16,24 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-# kind → (API path prefix, plural). Only the kinds Quantrol manages or reads.
+from quantrol_operator.api.kinds import KINDS
+from quantrol_operator.children import monitoring
+
+# (apiVersion, kind) → plural. Only the kinds Quantrol manages or reads (the demo adds the claim its model lies on).
 _KINDS: dict[tuple[str, str], str] = {
     ("v1", "ConfigMap"): "configmaps",
     ("v1", "Service"): "services",
     ("v1", "Pod"): "pods",
     ("v1", "Secret"): "secrets",
+    ("v1", "PersistentVolumeClaim"): "persistentvolumeclaims",
+    ("v1", "Namespace"): "namespaces",
     ("batch/v1", "Job"): "jobs",
     ("apps/v1", "Deployment"): "deployments",
-    ("quantrol.io/v1alpha1", "QuantizedModel"): "quantizedmodels",
-    ("quantrol.io/v1alpha1", "ServingPolicy"): "servingpolicies",
-    ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitors",  # the Prometheus Operator's, when it is installed
+    ("apiextensions.k8s.io/v1", "CustomResourceDefinition"): "customresourcedefinitions",
+    **{(k.api_version, k.kind): k.plural for k in KINDS},
+    (monitoring.API_VERSION, monitoring.KIND): "podmonitors",  # the Prometheus Operator's, when it is installed
 }
+_CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition"}
 # Fields a controller may not change after creation; Quantrol makes a new object instead.
 _IMMUTABLE_SPEC_KINDS = {"Job", "Pod"}
 # Created once, never rewritten: a Secret's generated token must not change under the pods that read it.
@@ -38,8 +44,12 @@ def _group_version_path(api_version: str) -> str:
     return "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
 
 
-def _collection(api_version: str, kind: str, namespace: str) -> str:
-    return f"{_group_version_path(api_version)}/namespaces/{namespace}/{_KINDS[(api_version, kind)]}"
+def _collection(api_version: str, kind: str, namespace: str | None) -> str:
+    """The collection's path: namespaced kinds in `namespace`, or across all namespaces when it is None."""
+    plural = _KINDS[(api_version, kind)]
+    if kind in _CLUSTER_SCOPED or namespace is None:
+        return f"{_group_version_path(api_version)}/{plural}"
+    return f"{_group_version_path(api_version)}/namespaces/{namespace}/{plural}"
 
 
 def contains(actual: Any, desired: Any) -> bool:
@@ -78,6 +88,7 @@ USER_AGENT = "quantrol-operator"  # audit logs (and the tests' request log) tell
 @dataclass
 class Kube:
     api: client.ApiClient
+    namespace: str = "default"  # the kubeconfig context's namespace (the CLI's default)
     # uid -> digests of the statuses our last few status patches were computed from (handlers.common.superseded)
     status_written_from: dict[str, list[str]] = field(default_factory=dict, repr=False)
 
@@ -90,8 +101,21 @@ class Kube:
         if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
             config.load_incluster_config()  # type: ignore[no-untyped-call]
             return cls(client.ApiClient())
-        path = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
-        return cls(config.new_client_from_config(config_file=path))  # type: ignore[no-untyped-call]
+        return cls.from_kubeconfig(None)
+
+    @classmethod
+    def from_kubeconfig(cls, path: str | None, context: str | None = None) -> Kube:
+        """The kubeconfig at `path` (default: $KUBECONFIG, read now, or ~/.kube/config), in `context` (default: its
+        current one)."""
+        path = path or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+        api = config.new_client_from_config(config_file=path, context=context)  # type: ignore[no-untyped-call]
+        contexts, current = config.list_kube_config_contexts(config_file=path)  # type: ignore[no-untyped-call]
+        chosen = context or (current or {}).get("name")
+        entry: dict[str, Any] = next((c for c in contexts or [] if c.get("name") == chosen), {}) or {}
+        return cls(api, namespace=str((entry.get("context") or {}).get("namespace") or "default"))
+
+    def close(self) -> None:
+        self.api.close()  # type: ignore[no-untyped-call]
 
     def _call(self, method: str, path: str, body: Any = None, query: list[tuple[str, str]] | None = None,
               content_type: str = "application/json") -> Any:
@@ -127,8 +151,9 @@ class Kube:
         return result
 
     def list_objects(
-        self, api_version: str, kind: str, namespace: str, label_selector: str = ""
+        self, api_version: str, kind: str, namespace: str | None, label_selector: str = ""
     ) -> list[dict[str, Any]]:
+        """Objects of `kind` in `namespace` (None: in every namespace), narrowed by a label selector."""
         query = [("labelSelector", label_selector)] if label_selector else []
         found = self._call("GET", _collection(api_version, kind, namespace), query=query)
         return list(found.get("items", []))
@@ -140,6 +165,24 @@ class Kube:
             item for item in self.list_objects(api_version, kind, namespace, label_selector)
             if any(ref.get("uid") == owner_uid for ref in item.get("metadata", {}).get("ownerReferences", []))
         ]
+
+    def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create `obj` (409 AlreadyExists raises like any other refusal)."""
+        meta = obj["metadata"]
+        created: dict[str, Any] = self._call("POST", _collection(obj["apiVersion"], obj["kind"],
+                                                                 meta.get("namespace")), body=obj)
+        return created
+
+    def read_text(self, path: str, query: list[tuple[str, str]] | None = None) -> str:
+        """A plain-text subresource (a pod's log, a Service proxy answer): GET `path` as text."""
+        headers = {"Accept": "*/*"}
+        request = self.api.param_serialize("GET", path, query_params=query or [], header_params=headers,
+                                           auth_settings=["BearerToken"])
+        response = self.api.call_api(*request)
+        raw = response.read()  # type: ignore[no-untyped-call]
+        if response.status >= 400:
+            raise ApiException(status=response.status, reason=response.reason, body=raw.decode(errors="replace"))
+        return str(raw.decode(errors="replace"))
 
     def apply(self, desired: dict[str, Any]) -> str:
         """Create `desired` or merge-patch the fields it names; returns created / patched / unchanged."""

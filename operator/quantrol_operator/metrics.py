@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from quantrol_operator.api.servingpolicy import AnalysisRun, RollbackRecord, RolloutPhase, ServingPolicyStatus
+
 POLICY_LABELS = ("namespace", "policy")
 
 ROLLOUT_PHASE = Gauge(
@@ -39,3 +41,17 @@ RECONCILE_ERRORS = Counter(
 RECONCILE_DURATION = Histogram(
     "quantrol_reconcile_duration_seconds", "Time spent in one reconcile pass.", ["kind", "handler"]
 )
+
+
+def export_rollout(namespace: str, policy: str, status: ServingPolicyStatus, analysis: AnalysisRun | None,
+                   rollback: RollbackRecord | None) -> None:
+    """One pass's figures: the phase and weight as they are now, this pass's verdicts and rollback (if any)."""
+    for phase in RolloutPhase:
+        ROLLOUT_PHASE.labels(namespace, policy, phase.value).set(1 if status.phase is phase else 0)
+    CANDIDATE_WEIGHT.labels(namespace, policy).set(status.weights.candidate)
+    if status.phase_since is not None:
+        ROLLOUT_PHASE_SINCE.labels(namespace, policy).set(status.phase_since.timestamp())
+    for result in analysis.metrics if analysis else []:
+        ANALYSIS_VERDICTS.labels(namespace, policy, result.slo, result.verdict.value).inc()
+    if rollback is not None:
+        ROLLBACKS.labels(namespace, policy, rollback.reason.value, rollback.slo or "").inc()

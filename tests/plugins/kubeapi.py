@@ -25,7 +25,7 @@ import kubernetes
 import pytest
 import yaml
 
-from quantrol_operator.localstack.kubeapi import KubeAPIServer, OperatorProcess
+from quantrol_dev.localstack.kubeapi import KubeAPIServer, OperatorProcess
 
 REPO = Path(__file__).resolve().parents[2]
 REPO_CRDS = REPO / "crds"

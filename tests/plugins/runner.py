@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from quantrol_operator.localstack.runner import LocalRunner
-from quantrol_operator.localstack.runner_plan import ImageEnv
+from quantrol_dev.localstack.runner import LocalRunner
+from quantrol_dev.localstack.runner_plan import ImageEnv
 
 DEV_BIN = Path(sys.executable).parent  # not resolved: the venv's bin dir, not the base interpreter's
 TEST_IMAGE = "quantrol-test/tools:dev"  # test workloads, run with the dev environment's python

@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
-from quantrol_operator.localstack.prometheus import (
+from quantrol_dev.localstack.prometheus import (
     PrometheusServer,
     prometheus_binary,
     promtool_binary,
     start_prometheus,
 )
-from quantrol_operator.localstack.registry import RegistryServer, registry_binary, start_registry
+from quantrol_dev.localstack.registry import RegistryServer, registry_binary, start_registry
 
 INSTALL_HINT = "apt-get install -y prometheus docker-registry (the README's test command does this)"
 

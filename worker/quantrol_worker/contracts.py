@@ -116,6 +116,7 @@ class KernelVerdict(StrEnum):
     NATIVE = "native"
     FALLBACK = "fallback"
     NONE = "none"
+    UNKNOWN = "unknown"  # the engine has not reported yet
 
 
 class Stage(StrEnum):
@@ -257,9 +258,12 @@ class CalibrationConfig(ContractModel):
 
 
 class SliceQuality(ReportModel):
+    """One slice measured against the baseline: in the report, and (from the termination message's headline) in the
+    QuantizedModel's status."""
+
     slice: str
-    samples: int = 0
-    tokens: int = 0
+    samples: int | None = None
+    tokens: int | None = None
     mean_kl_divergence: float | None = None
     p99_kl_divergence: float | None = None
     top1_agreement: float | None = None
@@ -267,7 +271,7 @@ class SliceQuality(ReportModel):
     baseline_perplexity: float | None = None
     candidate_perplexity: float | None = None
     passed: bool | None = None
-    failed_limits: list[str] = Field(default_factory=list)
+    failed_limits: list[str] = Field(default_factory=list, max_length=16)
 
 
 class IntegrityCheck(ReportModel):

@@ -9,6 +9,7 @@ from pydantic import Field
 
 from quantrol_operator.api.base import ApiModel, CrossFieldRule, StatusModel
 from quantrol_operator.api.common import (
+    API_VERSION,
     CONDITIONS_LIST_MAP,
     Condition,
     DigestPinnedRef,
@@ -20,13 +21,17 @@ from quantrol_operator.api.common import (
 )
 
 # The scheme/method/target vocabulary is the worker's contract; the API re-exports it so both speak one language.
+# Quality per slice and the experiment envelope are the worker's report models: one definition for the report and
+# for the status that quotes it.
 from quantrol_worker.contracts import (  # the gate's limits too: the worker applies exactly what the spec says
     METHODS_BY_SCHEME,
     WEIGHT_ONLY_INT_SCHEMES,
+    ExperimentEnvelope,
     KvCacheScheme,
     Method,
     QualityLimits,
     Scheme,
+    SliceQuality,
     Target,
     default_quality_gate,
 )
@@ -185,28 +190,6 @@ class Artifact(StatusModel):
     format: str | None = Field(default=None, description="e.g. compressed-tensors.")
 
 
-class SliceQuality(StatusModel):
-    slice: str
-    mean_kl_divergence: float | None = None
-    p99_kl_divergence: float | None = None
-    top1_agreement: float | None = None
-    perplexity_ratio: float | None = None
-    passed: bool | None = None
-    failed_limits: list[str] = Field(default_factory=list, max_length=8)
-
-
-class ExperimentEnvelope(StatusModel):
-    """What it takes to reproduce the artifact: inputs by digest, the recipe, and the tools' versions."""
-
-    base_model_digest: str | None = None
-    tokenizer_digest: str | None = None
-    calibration_data_digest: str | None = None
-    recipe: str | None = None
-    seed: int | None = None
-    hardware: str | None = None
-    tool_versions: dict[str, str] = Field(default_factory=dict)
-
-
 class QuantizedModelStatus(StatusModel):
     phase: QuantizedModelPhase = QuantizedModelPhase.PENDING
     observed_generation: int | None = None
@@ -219,7 +202,7 @@ class QuantizedModelStatus(StatusModel):
 
 
 class QuantizedModel(ApiModel):
-    api_version: str = Field(default="quantrol.io/v1alpha1")
+    api_version: str = Field(default=API_VERSION)
     kind: str = Field(default=KIND)
     metadata: dict[str, object] = Field(default_factory=dict)
     spec: QuantizedModelSpec

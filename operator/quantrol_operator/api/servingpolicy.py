@@ -11,6 +11,7 @@ from pydantic import Field
 
 from quantrol_operator.api.base import ApiModel, CrossFieldRule, StatusModel
 from quantrol_operator.api.common import (
+    API_VERSION,
     CONDITIONS_LIST_MAP,
     Condition,
     DnsLabel,
@@ -18,10 +19,11 @@ from quantrol_operator.api.common import (
     ModelUri,
     Resources,
 )
-from quantrol_worker.contracts import Target
+from quantrol_worker.contracts import KernelVerdict, Target
 
 KIND = "ServingPolicy"
 PLURAL = "servingpolicies"
+HISTORY_LIMIT = 50  # status.history keeps the newest transitions, at most this many
 
 
 class RolloutPhase(StrEnum):
@@ -187,12 +189,12 @@ class Rollout(ApiModel):
     )
 
 
-class PrometheusSource(ApiModel):
+class PrometheusEndpoint(ApiModel):
     address: str = Field(pattern=r"^https?://\S+$", max_length=1024, description="e.g. http://prometheus:9090")
 
 
 class Analysis(ApiModel):
-    prometheus: PrometheusSource | None = Field(
+    prometheus: PrometheusEndpoint | None = Field(
         default=None, description="Where the SLO metrics live; the operator's default when unset."
     )
     interval_seconds: int = Field(default=5, ge=1, le=3600)
@@ -355,7 +357,7 @@ class Weights(StatusModel):
 class KernelReport(StatusModel):
     """What the candidate engine's launcher found in use, against the scheme's promise."""
 
-    verdict: str = Field(description="native, fallback, none or unknown")
+    verdict: KernelVerdict = Field(default=KernelVerdict.UNKNOWN)
     kernels: list[str] = Field(default_factory=list, max_length=32)
     message: str = ""
 
@@ -383,7 +385,8 @@ class HandledAnnotations(StatusModel):
 
 
 class AnalysisCounters(StatusModel):
-    """Streak counters, kept in status so an operator restart resumes them instead of resetting."""
+    """Streak counters, kept in status so an operator restart resumes them instead of resetting
+    (rollout.analysis.decide folds each window into them)."""
 
     consecutive_failures: int = 0
     consecutive_successes: int = 0
@@ -412,11 +415,11 @@ class ServingPolicyStatus(StatusModel):
     counters: AnalysisCounters = Field(default_factory=AnalysisCounters)
     rollback: RollbackRecord | None = None
     handled_annotations: HandledAnnotations = Field(default_factory=HandledAnnotations)
-    history: list[Transition] = Field(default_factory=list, max_length=50)
+    history: list[Transition] = Field(default_factory=list, max_length=HISTORY_LIMIT)
 
 
 class ServingPolicy(ApiModel):
-    api_version: str = Field(default="quantrol.io/v1alpha1")
+    api_version: str = Field(default=API_VERSION)
     kind: str = Field(default=KIND)
     metadata: dict[str, object] = Field(default_factory=dict)
     spec: ServingPolicySpec

@@ -1,9 +1,9 @@
-"""The operator's kopf handlers. Importing this package registers them: `kopf run -m quantrol_operator.handlers`.
+"""The operator's kopf handlers: `kopf run -m quantrol_operator.handlers` registers them on import.
 
-Handlers stay thin (read, plan, apply, patch status); the reconcile logic lives elsewhere and arrives with later
-issues. For now the operator logs in, configures kopf, and says what it watches and which objects it has seen.
+Handlers are wiring only: read the object, observe (observe/), plan (planning/, pure), apply (apply.py, kube.py),
+deliver the router config (delivery.py), patch status. `settings` configures kopf and makes the runtime at start-up.
 """
 
-from quantrol_operator.handlers import login, quantizedmodel, seen, servingpolicy, settings
+from quantrol_operator.handlers import login, quantizedmodel, servingpolicy, settings
 
-__all__ = ["login", "quantizedmodel", "seen", "servingpolicy", "settings"]
+__all__ = ["login", "quantizedmodel", "servingpolicy", "settings"]

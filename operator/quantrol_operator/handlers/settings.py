@@ -8,18 +8,41 @@ from typing import Any
 
 import kopf
 import prometheus_client
+from kubernetes.client.exceptions import ApiException
 
-from quantrol_operator.api import quantizedmodel, servingpolicy
 from quantrol_operator.api.common import GROUP
+from quantrol_operator.api.kinds import KINDS
+from quantrol_operator.apply import PodMonitors
+from quantrol_operator.children import monitoring
+from quantrol_operator.delivery import RouterDelivery
+from quantrol_operator.handlers.common import DEFAULTS, MEMO_KEY, Runtime
+from quantrol_operator.kube import Kube
+from quantrol_worker.addresses import from_environment
 
 # kopf keeps its bookkeeping in annotations under our own prefix, never in `status`: status belongs to the
 # models (and the CRD schema prunes undeclared status fields, which would lose kopf's progress).
 ANNOTATION_PREFIX = GROUP
 FINALIZER = f"{GROUP}/finalizer"
-WATCHED_KINDS = (quantizedmodel.KIND, servingpolicy.KIND)
+WATCHED_KINDS = tuple(k.kind for k in KINDS)
 # Set by `quantrol-operator` (run.py) from the kopf arguments; kopf does not pass the namespaces to handlers.
 SCOPE_ENV = "QUANTROL_OPERATOR_SCOPE"
 METRICS_PORT_ENV = "QUANTROL_METRICS_PORT"
+
+
+@kopf.on.startup()
+def start_runtime(memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    """The operator's runtime, made once: the API client, where pods answer (QUANTROL_ADDRESS_RESOLVER, the
+    cluster's by default), and whether to write PodMonitors (QUANTROL_POD_MONITORS; `auto` asks API discovery)."""
+    kube = Kube.from_environment()
+    addresses = from_environment()
+    try:
+        enabled, why = DEFAULTS.pod_monitors_enabled(lambda: kube.serves(monitoring.API_VERSION, monitoring.KIND))
+    except ApiException as exc:
+        raise kopf.TemporaryError(f"API discovery failed ({exc.status} {exc.reason}); retrying", delay=5) from exc
+    monitors = PodMonitors(dict(DEFAULTS.pod_monitor_labels) if enabled else None)
+    memo[MEMO_KEY] = Runtime(kube=kube, defaults=DEFAULTS, addresses=addresses,
+                             delivery=RouterDelivery(kube, addresses), pod_monitors=monitors)
+    logger.info("%s: %s", "writing one PodMonitor per ServingPolicy" if enabled else "writing no PodMonitors", why)
 
 
 @kopf.on.startup()

@@ -13,13 +13,23 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from quantrol_operator.api.common import ConditionStatus
-from quantrol_operator.api.quantizedmodel import QuantizedModelPhase, QuantizedModelSpec, QuantizedModelStatus
+from quantrol_operator.api.quantizedmodel import (
+    Artifact,
+    QuantizedModelPhase,
+    QuantizedModelSpec,
+    QuantizedModelStatus,
+)
 from quantrol_operator.children import calibration
 from quantrol_operator.conditions import set_condition
 from quantrol_operator.planning import Event, Plan
 from quantrol_operator.validation import field_error
-from quantrol_worker.contracts import Reason, TerminationResult, WorkerPhase
+from quantrol_worker.contracts import (
+    ExperimentEnvelope,
+    Reason,
+    SliceQuality,
+    TerminationResult,
+    WorkerPhase,
+)
 
 TERMINAL = {QuantizedModelPhase.READY, QuantizedModelPhase.REJECTED, QuantizedModelPhase.FAILED}
 
@@ -60,7 +70,7 @@ def plan(observed: QmObserved, worker_image: str) -> Plan:
     result.delete = [_ref(j) for j in stale_jobs]
 
     if status.get("observedGeneration") == generation and status.get("phase") in TERMINAL:
-        result.status = QuantizedModelStatus.model_validate(status).to_wire()
+        result.status = current.before.to_wire()
         return result
 
     try:
@@ -81,9 +91,9 @@ def plan(observed: QmObserved, worker_image: str) -> Plan:
     if job is None:
         result.apply.append(calibration.job(obj, spec, worker_image))
         current.running(QuantizedModelPhase.PENDING, QmReason.JOB_CREATED, f"calibration Job {name} created")
-        current.status["jobName"] = name
+        current.status.job_name = name
         return current.into(result)
-    current.status["jobName"] = name
+    current.status.job_name = name
     _follow_job(current, job, observed.pods, name)
     return current.into(result)
 
@@ -129,30 +139,29 @@ def _follow_job(current: _Status, job: dict[str, Any], pods: list[dict[str, Any]
 
 
 class _Status:
-    """The status being built, with the transitions' events collected on the side."""
+    """The status being built (the typed model), with the transitions' events collected on the side."""
 
     def __init__(self, status: dict[str, Any], generation: int, now: datetime) -> None:
-        self.before = status
-        self.status = {k: v for k, v in status.items() if k in ("conditions", "artifact", "quality", "envelope")}
-        if status.get("observedGeneration") not in (None, generation):
+        self.before = QuantizedModelStatus.model_validate({k: v for k, v in status.items() if v is not None})
+        if self.before.observed_generation in (None, generation):
+            kept = self.before.model_dump(include={"conditions", "artifact", "quality", "envelope"})
+        else:
             # A new generation starts from scratch; the old artifact stays only in the old Job's evidence.
-            self.status = {"conditions": status.get("conditions", [])}
-        self.status["observedGeneration"] = generation
+            kept = self.before.model_dump(include={"conditions"})
+        self.status = QuantizedModelStatus.model_validate(kept)
+        self.status.observed_generation = generation
         self.generation = generation
-        self.now = now
+        self.now = now.replace(microsecond=0)  # the API server keeps times to the second: re-reads compare equal
         self.events: list[Event] = []
 
     def _set(self, type_: str, ok: bool | None, reason: str, message: str) -> None:
-        state = ConditionStatus.UNKNOWN if ok is None else (ConditionStatus.TRUE if ok else ConditionStatus.FALSE)
-        self.status["conditions"] = set_condition(
-            list(self.status.get("conditions", [])), type_, state, reason, message,
-            now=self.now, generation=self.generation,
-        )
+        self.status.conditions = set_condition(self.status.conditions, type_, ok, reason, message, now=self.now,
+                                               generation=self.generation)
 
     def _phase(self, phase: QuantizedModelPhase, message: str, event_type: str, reason: str) -> None:
-        self.status["phase"] = phase.value
-        self.status["message"] = message
-        if self.before.get("phase") != phase.value or self.before.get("observedGeneration") != self.generation:
+        self.status.phase = phase
+        self.status.message = message
+        if self.before.phase is not phase or self.before.observed_generation != self.generation:
             self.events.append(Event(event_type, reason, message))
 
     def running(self, phase: QuantizedModelPhase, reason: QmReason, message: str) -> None:
@@ -169,33 +178,25 @@ class _Status:
         phase = QuantizedModelPhase(result.phase.value)
         reason = result.reason.value
         message = result.message or f"Job {job}: {reason}"
-        quality = [
-            {
-                "slice": h.slice, "meanKlDivergence": h.mean_kl, "p99KlDivergence": h.p99_kl,
-                "top1Agreement": h.top1, "perplexityRatio": h.ppl_ratio, "passed": h.passed,
-                "failedLimits": h.failed,
-            }
+        self.status.quality = [
+            SliceQuality(slice=h.slice, mean_kl_divergence=h.mean_kl, p99_kl_divergence=h.p99_kl,
+                         top1_agreement=h.top1, perplexity_ratio=h.ppl_ratio, passed=h.passed,
+                         failed_limits=h.failed)
             for h in result.quality
         ]
-        self.status["quality"] = [{k: v for k, v in q.items() if v is not None} for q in quality]
-        self.status["envelope"] = {
-            k: v for k, v in (("baseModelDigest", result.base_model_digest),
-                              ("calibrationDataDigest", result.calibration_data_digest)) if v
-        }
+        self.status.envelope = ExperimentEnvelope(base_model_digest=result.base_model_digest or None,
+                                                  calibration_data_digest=result.calibration_data_digest or None)
         if result.phase is WorkerPhase.READY and result.artifact_ref and result.digest:
-            self.status["artifact"] = {
-                "ref": result.artifact_ref,
-                "shortDigest": result.digest.removeprefix("sha256:")[:12],
-                "sizeBytes": result.size_bytes,
-                "format": "compressed-tensors",
-            }
+            self.status.artifact = Artifact(ref=result.artifact_ref,
+                                            short_digest=result.digest.removeprefix("sha256:")[:12],
+                                            size_bytes=result.size_bytes, format="compressed-tensors")
             self._set("Calibrated", True, "Succeeded", "calibration and quantization finished")
             self._set("QualityQualified", True, "Succeeded", "every slice passed the quality gate")
             self._set("Published", True, "Succeeded", f"published {result.artifact_ref}")
             self._set("Ready", True, "Succeeded", f"artifact {result.artifact_ref} is qualified and published")
             self._phase(phase, message, "Normal", "Ready")
             return
-        self.status.pop("artifact", None)
+        self.status.artifact = None
         # Rejected by the gate means calibration itself ran; a kernel pre-check or an error means it did not.
         calibrated = result.reason in (Reason.QUALITY_GATE_FAILED, Reason.INTEGRITY_CHECK_FAILED)
         self._set("Calibrated", calibrated, reason, message)
@@ -206,9 +207,7 @@ class _Status:
         self._phase(phase, f"{message} ({evidence})", "Warning", reason)
 
     def into(self, result: Plan) -> Plan:
-        # Through the model: what the API server keeps after pruning, so a re-read compares equal.
-        declared = {k: v for k, v in self.status.items() if v is not None}
-        result.status = QuantizedModelStatus.model_validate(declared).to_wire()
+        result.status = self.status.to_wire()
         result.events = self.events
         return result
 

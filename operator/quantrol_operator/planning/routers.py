@@ -21,6 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from quantrol_operator.api.servingpolicy import RouterReplicas, RouterState
+
 FINISHED = ("Succeeded", "Failed")
 
 
@@ -70,12 +72,11 @@ def remember(pods: Iterable[RouterPod], confirmed: Mapping[str, int],
     return {p.key: merged[p.key] for p in pods if p.key in merged}
 
 
-def router_status(state: Mapping[str, Any], pods: list[RouterPod], desired: int,
-                  confirmed: Mapping[str, int]) -> dict[str, Any]:
-    """`status.router` after a round: `appliedVersion` moves to `desired` only once every current router pod
-    confirmed it (and there is at least one: no pod confirms nothing); `replicas` says how far it got."""
-    done = sum(1 for p in pods if confirmed.get(p.key) == desired)
-    out = {**state, "replicas": {"confirmed": done, "total": len(pods)}}
+def router_status(state: RouterState, pods: list[RouterPod], confirmed: Mapping[str, int]) -> RouterState:
+    """`status.router` after a round: `appliedVersion` moves to the desired `version` only once every current router
+    pod confirmed it (and there is at least one: no pod confirms nothing); `replicas` says how far it got."""
+    done = sum(1 for p in pods if confirmed.get(p.key) == state.version)
+    update: dict[str, Any] = {"replicas": RouterReplicas(confirmed=done, total=len(pods))}
     if pods and done == len(pods):
-        out["appliedVersion"] = desired
-    return out
+        update["applied_version"] = state.version
+    return state.model_copy(update=update)

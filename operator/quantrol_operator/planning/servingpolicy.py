@@ -1,5 +1,8 @@
-"""ServingPolicy: from spec, status, the arms' state, the candidate's kernels and the SLO analysis to the
-children, the router config and the next status. Pure: the handler gathers the facts and applies the plan.
+"""ServingPolicy: from spec, status, the arms' state, the candidate's kernels and one analysis window to the children,
+the router config and the next status. Pure: the handler observes the facts and applies the plan.
+
+Status is built as the typed API model (`ServingPolicyStatus`) and written as its wire form, so every key and every
+limit (history length, enum values) comes from `api/servingpolicy.py`, the same source as the CRD.
 """
 
 from __future__ import annotations
@@ -14,46 +17,65 @@ from pydantic import ValidationError
 
 from quantrol_operator.api.common import ConditionStatus, is_digest_pinned
 from quantrol_operator.api.servingpolicy import (
+    HISTORY_LIMIT,
     NO_JUDGEMENT_ADVICE,
-    NoJudgement,
+    AnalysisCounters,
+    AnalysisRun,
+    HandledAnnotations,
+    KernelReport,
+    RollbackReason,
+    RollbackRecord,
     ServingPolicySpec,
     ServingPolicyStatus,
+    Transition,
+    Verdict,
+    Weights,
 )
 from quantrol_operator.api.servingpolicy import RolloutPhase as P
 from quantrol_operator.children import monitoring, router, serving
-from quantrol_operator.conditions import iso, set_condition
+from quantrol_operator.conditions import set_condition
 from quantrol_operator.planning import Event, Plan
-from quantrol_operator.rollout.analysis import Counters, Judgement, decide, window_verdict
-from quantrol_operator.rollout.statemachine import Decision, Facts, KernelCheck, Reason, step, weights_for
-from quantrol_operator.rollout.statemachine import Weights as StepWeights
+from quantrol_operator.rollout.analysis import decide, judge, no_judgement, window_verdict
+from quantrol_operator.rollout.queries import Observation
+from quantrol_operator.rollout.statemachine import Decision, Facts, TransitionReason, step, weights_for
 from quantrol_operator.validation import field_error
+from quantrol_worker.contracts import KernelVerdict
 from quantrol_worker.router.config import dump_config
 
 ANNOTATION_PAUSED = "quantrol.io/paused"
 ANNOTATION_RETRY = "quantrol.io/retry"
 ANNOTATION_ROLLBACK = "quantrol.io/rollback"
-HISTORY_LIMIT = 20
 CANDIDATE_PHASES = {P.PENDING, P.SHADOW, P.CANARY, P.PAUSED}
 
 
 @dataclass(frozen=True)
-class Window:
-    """One analysis window, already judged per SLO by the analysis module."""
+class SpecRead:
+    """The spec, validated once per pass (by the observer, before it asks anything of the world), or why not."""
 
-    judgements: list[Judgement]
-    newest: datetime | None
-    seconds: int
-    no_judgement: NoJudgement | None = None  # why it judged nothing, when it did not
+    spec: ServingPolicySpec | None
+    error: str = ""
+
+
+def read_spec(obj: Mapping[str, Any]) -> SpecRead:
+    try:
+        spec = ServingPolicySpec.model_validate(obj.get("spec") or {})
+    except ValidationError as exc:
+        errors = "; ".join(f"spec.{e}" for e in map(field_error, exc.errors()))
+        return SpecRead(None, f"the spec is invalid, nothing changed: {errors}")
+    if spec.candidate.artifact is not None and not is_digest_pinned(spec.candidate.artifact):
+        return SpecRead(None, "spec.candidate.artifact must be pinned by digest (oci://repo@sha256:…): a tag can move")
+    return SpecRead(spec)
 
 
 @dataclass(frozen=True)
 class SpObserved:
     obj: dict[str, Any]
+    spec: SpecRead
     quantized_model: dict[str, Any] | None = None
     deployments: list[dict[str, Any]] = field(default_factory=list)  # owned: arms and router
-    candidate_kernels: dict[str, Any] | None = None  # the launcher's report: verdict, kernels, message
+    candidate_kernels: KernelReport | None = None  # the launcher's report
     candidate_failed: str | None = None  # why the candidate arm cannot run (e.g. fetch refused the digest)
-    window: Window | None = None  # None: no analysis this pass (not in Shadow/Canary, or not due)
+    window: Observation | None = None  # None: no analysis this pass (not in Shadow/Canary, or not due)
     router_token: str = ""
     now: datetime = field(default_factory=datetime.now)
 
@@ -61,10 +83,114 @@ class SpObserved:
 @dataclass
 class SpPlan(Plan):
     router_config: str | None = None  # the config document to push to the routers' admin endpoint
-    rollback: dict[str, Any] | None = None
+    rollback: RollbackRecord | None = None  # set on the pass that rolls back
+    analysis: AnalysisRun | None = None  # set on a pass that judged a window
 
 
-def _desired_candidate(observed: SpObserved, spec: ServingPolicySpec) -> tuple[str | None, str, KernelCheck | None]:
+def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapping[str, str] | None = None) -> SpPlan:
+    """`images`: (serving image, router image) defaults of this installation. `pod_monitor_labels`: None where this
+    installation writes no PodMonitor (QUANTROL_POD_MONITORS), else the extra labels its PodMonitors carry."""
+    obj = observed.obj
+    now = observed.now.replace(microsecond=0)  # the API server keeps times to the second: re-reads compare equal
+    meta = obj["metadata"]
+    policy, generation = meta["name"], int(meta.get("generation", 1))
+    before = ServingPolicyStatus.model_validate({k: v for k, v in (obj.get("status") or {}).items() if v is not None})
+    status = before.model_copy(deep=True)
+    status.observed_generation = generation
+    result = SpPlan()
+    spec = observed.spec.spec
+    if spec is None:
+        # Nothing is deleted or re-weighted: whatever serves keeps serving until the spec is fixed.
+        return _invalid(result, status, before, now, generation, observed.spec.error)
+
+    stable = status.stable_artifact or spec.baseline.artifact
+    status.stable_artifact = stable
+    phase, index = status.phase, status.step
+    desired, why_not, refused = _desired_candidate(observed, spec)
+    pinned = status.candidate_artifact
+    if desired is not None and desired != stable and pinned != desired and (pinned is None or phase is P.PENDING):
+        # Nothing serves the old pin yet: re-pin without a transition (its arm is withdrawn below).
+        if pinned is not None:
+            message = f"candidate changed before it took traffic: now {serving.short_digest(desired)}"
+            result.events.append(Event("Normal", TransitionReason.NEW_CANDIDATE.value, message))
+        pinned = desired
+    annotations = meta.get("annotations") or {}
+    retry, rollback = annotations.get(ANNOTATION_RETRY), annotations.get(ANNOTATION_ROLLBACK)
+    decision, counters = _analyse(result, status, observed, spec, phase, now)
+    if observed.candidate_kernels:
+        status.candidate_kernels = observed.candidate_kernels
+    facts = Facts(
+        now=now, phase_since=status.phase_since or now, steps=tuple(s.weight for s in spec.rollout.canary_steps),
+        shadow_seconds=spec.rollout.shadow.duration_seconds,
+        dwell_seconds=tuple(s.min_dwell_seconds for s in spec.rollout.canary_steps),
+        candidate_pinned=pinned is not None, stable_ready=_arm_ready(observed.deployments, policy, stable),
+        candidate_ready=_arm_ready(observed.deployments, policy, pinned),
+        candidate_failed=observed.candidate_failed is not None,
+        kernel=refused or (observed.candidate_kernels.verdict if observed.candidate_kernels else KernelVerdict.UNKNOWN),
+        enforce_kernels=spec.kernel_policy.value == "enforce", decision=decision,
+        paused_annotation=annotations.get(ANNOTATION_PAUSED, "").lower() in ("true", "1", "yes"),
+        paused_from=status.paused_from, paused_by_user=status.paused_from is not None,
+        retry_requested=retry is not None and retry != status.handled_annotations.retry,
+        rollback_requested=rollback is not None and rollback != status.handled_annotations.rollback,
+        new_candidate=desired is not None and pinned is not None and desired != pinned and desired != stable,
+        spec_changed=before.observed_generation is not None and before.observed_generation < generation,
+    )
+    moved = step(phase, index, facts)
+    if moved.reason is not None:
+        doc = moved.doc
+        why = status.last_analysis.no_judgement if status.last_analysis else None
+        if moved.reason is TransitionReason.ANALYSIS_CANNOT_JUDGE and why is not None:
+            doc = f"{doc}; {why.value}: {NO_JUDGEMENT_ADVICE[why]}"
+        _transition(result, status, phase, moved.phase, moved.step, moved.reason, doc, facts, now)
+        status.handled_annotations = HandledAnnotations(
+            retry=retry if retry is not None else status.handled_annotations.retry,
+            rollback=rollback if rollback is not None else status.handled_annotations.rollback)
+        if moved.reason is TransitionReason.PROMOTED and pinned:
+            status.rollback_target, status.stable_artifact = stable, pinned
+            stable = pinned
+        if moved.reason in (TransitionReason.NEW_CANDIDATE, TransitionReason.RETRY, TransitionReason.SPEC_CHANGED):
+            pinned = desired  # None when the new candidate has no digest (refused, or still calibrating)
+        if moved.rollback is not None:
+            result.rollback = _rollback_record(moved.rollback, status.last_analysis, observed, pinned, now,
+                                               refused_by=why_not if refused else "")
+            status.rollback = result.rollback
+        counters = AnalysisCounters()
+        phase, index = moved.phase, moved.step
+    status.counters = counters
+    status.candidate_artifact = pinned
+    if pinned is None and phase is P.PENDING:
+        status.message = f"waiting for a candidate: {why_not}"
+    weights = weights_for(phase, index, facts.steps, spec.rollout.shadow.mirror_fraction, held=before.weights)
+    _children(result, obj, spec, images, stable, pinned, phase, status, weights, now, observed.router_token)
+    if pod_monitor_labels is not None:
+        result.apply.append(monitoring.pod_monitor(obj, spec, pod_monitor_labels))
+    _withdraw_stale_arms(result, observed.deployments)
+    _status_fields(status, phase, index, stable, pinned, weights, facts, before, now, generation)
+    result.status = status.to_wire()
+    return result
+
+
+def _analyse(result: SpPlan, status: ServingPolicyStatus, observed: SpObserved, spec: ServingPolicySpec, phase: P,
+             now: datetime) -> tuple[Decision, AnalysisCounters]:
+    """Judge this pass's window, if there is one, and fold it into the streak counters (rollout.analysis)."""
+    window = observed.window
+    if window is None or phase not in (P.SHADOW, P.CANARY):
+        return Decision.HOLD, status.counters
+    results = [judge(sample, limit, spec.analysis.min_sample_count) for sample, limit in window.samples]
+    verdict = window_verdict(results)
+    why = no_judgement([s for s, _ in window.samples], window.targets) if verdict in (
+        Verdict.INCONCLUSIVE, Verdict.ERROR) else None
+    seconds = spec.analysis.window_seconds
+    started = status.phase_since
+    after_step = started is None or now - timedelta(seconds=seconds) >= started
+    decision, counters = decide(verdict, window.newest, status.counters, spec.analysis, after_step)
+    status.last_analysis = result.analysis = AnalysisRun(time=now, window_seconds=seconds, verdict=verdict,
+                                                         no_judgement=why, metrics=results)
+    return decision, counters
+
+
+def _desired_candidate(observed: SpObserved,
+                       spec: ServingPolicySpec) -> tuple[str | None, str, KernelVerdict | None]:
     """(digest-pinned candidate or None, why not, a kernel refusal decided before serving)."""
     if spec.candidate.artifact is not None:
         return spec.candidate.artifact, "", None
@@ -73,16 +199,16 @@ def _desired_candidate(observed: SpObserved, spec: ServingPolicySpec) -> tuple[s
     qm = observed.quantized_model
     if qm is None:
         return None, f"QuantizedModel {ref.name} not found in this namespace", None
-    status = qm.get("status") or {}
-    ready = {c["type"]: c for c in status.get("conditions", [])}
-    if status.get("observedGeneration") != qm["metadata"].get("generation"):
+    qm_status = qm.get("status") or {}
+    conditions = {c["type"]: c for c in qm_status.get("conditions", [])}
+    if qm_status.get("observedGeneration") != qm["metadata"].get("generation"):
         return None, f"QuantizedModel {ref.name} is being calibrated for its latest spec", None
-    if status.get("phase") == "Rejected" and ready.get("Ready", {}).get("reason") == "KernelIncompatible":
-        return None, f"QuantizedModel {ref.name}: {status.get('message', 'no kernel')}", KernelCheck.NONE
-    qualified = ready.get("QualityQualified", {}).get("status") == "True"
-    artifact = (status.get("artifact") or {}).get("ref")
-    if status.get("phase") != "Ready" or not qualified or not artifact:
-        return None, f"QuantizedModel {ref.name} is {status.get('phase', 'Pending')}, not Ready and qualified", None
+    if qm_status.get("phase") == "Rejected" and conditions.get("Ready", {}).get("reason") == "KernelIncompatible":
+        return None, f"QuantizedModel {ref.name}: {qm_status.get('message', 'no kernel')}", KernelVerdict.NONE
+    qualified = conditions.get("QualityQualified", {}).get("status") == "True"
+    artifact = (qm_status.get("artifact") or {}).get("ref")
+    if qm_status.get("phase") != "Ready" or not qualified or not artifact:
+        return None, f"QuantizedModel {ref.name} is {qm_status.get('phase', 'Pending')}, not Ready and qualified", None
     return f"oci://{artifact}", "", None
 
 
@@ -102,195 +228,50 @@ def _arm_ready(deployments: list[dict[str, Any]], policy: str, ref: str | None) 
     )
 
 
-def _kernel(report: dict[str, Any] | None) -> KernelCheck:
-    verdict = (report or {}).get("verdict", "unknown")
-    return KernelCheck(verdict) if verdict in KernelCheck._value2member_map_ else KernelCheck.UNKNOWN
-
-
-def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapping[str, str] | None = None) -> SpPlan:
-    """`images`: (serving image, router image) defaults of this installation. `pod_monitor_labels`: None where this
-    installation writes no PodMonitor (QUANTROL_POD_MONITORS), else the extra labels its PodMonitors carry."""
-    obj, now = observed.obj, observed.now
-    meta = obj["metadata"]
-    policy, generation = meta["name"], int(meta.get("generation", 1))
-    before = dict(obj.get("status") or {})
-    status = {k: v for k, v in before.items() if v is not None}
-    status["observedGeneration"] = generation
-    result = SpPlan()
-    try:
-        spec = ServingPolicySpec.model_validate(obj.get("spec") or {})
-    except ValidationError as exc:
-        errors = "; ".join(f"spec.{e}" for e in map(field_error, exc.errors()))
-        # Nothing is deleted or re-weighted: whatever serves keeps serving until the spec is fixed.
-        return _invalid(result, status, before, now, generation, f"the spec is invalid, nothing changed: {errors}")
-    if spec.candidate.artifact is not None and not is_digest_pinned(spec.candidate.artifact):
-        return _invalid(result, status, before, now, generation,
-                        "spec.candidate.artifact must be pinned by digest (oci://repo@sha256:…): a tag can move")
-
-    stable = status.get("stableArtifact") or spec.baseline.artifact
-    status.setdefault("stableArtifact", stable)
-    phase = P(status.get("phase", P.PENDING.value))
-    index: int | None = status.get("step")
-    desired, why_not, refused = _desired_candidate(observed, spec)
-    pinned: str | None = status.get("candidateArtifact")
-    if desired is not None and desired != stable and pinned != desired and (pinned is None or phase is P.PENDING):
-        # Nothing serves the old pin yet: re-pin without a transition (its arm is withdrawn below).
-        if pinned is not None:
-            message = f"candidate changed before it took traffic: now {serving.short_digest(desired)}"
-            result.events.append(Event("Normal", Reason.NEW_CANDIDATE.value, message))
-        pinned = desired
-    handled = dict(status.get("handledAnnotations") or {})
-    annotations = meta.get("annotations") or {}
-    retry, rollback = annotations.get(ANNOTATION_RETRY), annotations.get(ANNOTATION_ROLLBACK)
-    counters = _read_counters(status.get("counters") or {})
-    decision = Decision.HOLD
-    started = _parse(status.get("phaseSince"))
-    if observed.window is not None and phase in (P.SHADOW, P.CANARY):
-        verdict = window_verdict(observed.window.judgements)
-        after_step = started is None or now - timedelta(seconds=observed.window.seconds) >= started
-        decision, counters = decide(verdict, observed.window.newest, counters, spec.analysis, after_step)
-        status["lastAnalysis"] = {
-            "time": iso(now), "windowSeconds": observed.window.seconds, "verdict": verdict.value,
-            "noJudgement": observed.window.no_judgement.value if observed.window.no_judgement else None,
-            "metrics": [{k: v for k, v in {"slo": j.slo, "value": j.candidate, "stableValue": j.stable,
-                                           "limit": j.limit, "verdict": j.verdict.value, "message": j.message}.items()
-                         if v is not None} for j in observed.window.judgements],
-        }
-    kernel = refused or _kernel(observed.candidate_kernels)
-    if observed.candidate_kernels:
-        status["candidateKernels"] = observed.candidate_kernels
-    since = started or now
-    facts = Facts(
-        now=now, phase_since=since, steps=tuple(s.weight for s in spec.rollout.canary_steps),
-        shadow_seconds=spec.rollout.shadow.duration_seconds,
-        dwell_seconds=tuple(s.min_dwell_seconds for s in spec.rollout.canary_steps),
-        candidate_pinned=pinned is not None, stable_ready=_arm_ready(observed.deployments, policy, stable),
-        candidate_ready=_arm_ready(observed.deployments, policy, pinned),
-        candidate_failed=observed.candidate_failed is not None, kernel=kernel,
-        enforce_kernels=spec.kernel_policy.value == "enforce", decision=decision,
-        paused_annotation=annotations.get(ANNOTATION_PAUSED, "").lower() in ("true", "1", "yes"),
-        paused_from=P(status["pausedFrom"]) if status.get("pausedFrom") else None,
-        paused_by_user=bool(status.get("pausedFrom")),
-        retry_requested=retry is not None and retry != handled.get("retry"),
-        rollback_requested=rollback is not None and rollback != handled.get("rollback"),
-        new_candidate=desired is not None and pinned is not None and desired != pinned and desired != stable,
-        spec_changed=before.get("observedGeneration") is not None and int(before["observedGeneration"]) < generation,
-    )
-    moved = step(phase, index, facts)
-    if moved.reason is not None:
-        doc = moved.doc
-        why = observed.window.no_judgement if observed.window else None
-        if moved.reason is Reason.ANALYSIS_CANNOT_JUDGE and why is not None:
-            doc = f"{doc}; {why.value}: {NO_JUDGEMENT_ADVICE[why]}"
-        _transition(result, status, phase, moved.phase, moved.step, moved.reason, doc, facts, now)
-        handled.update({k: v for k, v in (("retry", retry), ("rollback", rollback)) if v is not None})
-        if moved.reason is Reason.PROMOTED and pinned:
-            status["rollbackTarget"], status["stableArtifact"] = stable, pinned
-            stable = pinned
-        if moved.reason in (Reason.NEW_CANDIDATE, Reason.RETRY, Reason.SPEC_CHANGED):
-            pinned = desired  # None when the new candidate has no digest (refused, or still calibrating)
-        if moved.phase is P.ROLLED_BACK:
-            result.rollback = _rollback_record(moved.reason, status.get("lastAnalysis"), observed, pinned, now,
-                                               refused_by=why_not if refused else "")
-            status["rollback"] = result.rollback
-        counters = Counters()
-        phase, index = moved.phase, moved.step
-    status["handledAnnotations"] = handled
-    status["counters"] = _write_counters(counters)
-    status["candidateArtifact"] = pinned
-    if pinned is None and phase is P.PENDING:
-        status["message"] = f"waiting for a candidate: {why_not}"
-    weights = weights_for(phase, index, facts.steps, spec.rollout.shadow.mirror_fraction,
-                          held=_held(status.get("weights")))
-    _children(result, obj, spec, images, stable, pinned, phase, status, weights, now, observed.router_token)
-    if pod_monitor_labels is not None:
-        result.apply.append(monitoring.pod_monitor(obj, spec, pod_monitor_labels))
-    _withdraw_stale_arms(result, observed.deployments)
-    _status_fields(status, phase, index, stable, pinned, weights, facts, before, now, generation)
-    result.status = _as_declared(status)
-    return result
-
-
-def _as_declared(status: dict[str, Any]) -> dict[str, Any]:
-    """The status through its model: what the API server would keep after pruning, so re-reads compare equal."""
-    return ServingPolicyStatus.model_validate({k: v for k, v in status.items() if v is not None}).to_wire()
-
-
-_COUNTER_KEYS = {"failures": "consecutiveFailures", "successes": "consecutiveSuccesses",
-                 "inconclusive": "consecutiveInconclusive", "errors": "consecutiveErrors"}
-
-
-def _read_counters(stored: dict[str, Any]) -> Counters:
-    values = {attr: int(stored.get(key, 0)) for attr, key in _COUNTER_KEYS.items()}
-    return Counters(**values, newest=_parse(stored.get("newestSampleTime")))
-
-
-def _write_counters(counters: Counters) -> dict[str, Any]:
-    out: dict[str, Any] = {key: getattr(counters, attr) for attr, key in _COUNTER_KEYS.items()}
-    if counters.newest is not None:
-        out["newestSampleTime"] = iso(counters.newest)
-    return out
-
-
-def _invalid(result: SpPlan, status: dict[str, Any], before: dict[str, Any], now: datetime, generation: int,
-             message: str) -> SpPlan:
-    status["message"] = message
-    status["conditions"] = set_condition(list(status.get("conditions", [])), "Progressing", ConditionStatus.FALSE,
-                                         "InvalidSpec", message, now=now, generation=generation)
-    if before.get("message") != message:
+def _invalid(result: SpPlan, status: ServingPolicyStatus, before: ServingPolicyStatus, now: datetime,
+             generation: int, message: str) -> SpPlan:
+    status.message = message
+    status.conditions = set_condition(status.conditions, "Progressing", ConditionStatus.FALSE, "InvalidSpec",
+                                      message, now=now, generation=generation)
+    if before.message != message:
         result.events.append(Event("Warning", "InvalidSpec", message))
-    result.status = _as_declared(status)
+    result.status = status.to_wire()
     return result
 
 
-def _transition(result: SpPlan, status: dict[str, Any], src: P, dst: P, step_index: int | None, reason: Reason,
-                doc: str, facts: Facts, now: datetime) -> None:
+def _transition(result: SpPlan, status: ServingPolicyStatus, src: P, dst: P, step_index: int | None,
+                reason: TransitionReason, doc: str, facts: Facts, now: datetime) -> None:
     where = f"{dst.value}" + (f" step {step_index} ({facts.steps[step_index]}%)" if step_index is not None else "")
     message = f"{src.value} → {where}: {doc}"
-    history = list(status.get("history", []))[-(HISTORY_LIMIT - 1):]
-    entry: dict[str, Any] = {"time": iso(now), "from": src.value, "to": dst.value, "reason": reason.value,
-                             "message": message}
-    if step_index is not None:
-        entry["step"] = step_index
-    status["history"] = [*history, entry]
-    status["phaseSince"] = iso(now)
-    status["pausedFrom"] = src.value if reason is Reason.PAUSED_BY_USER else None
+    entry = Transition(time=now, from_phase=src, to_phase=dst, step=step_index, reason=reason.value, message=message)
+    status.history = [*status.history, entry][-HISTORY_LIMIT:]
+    status.phase_since = now
+    status.paused_from = src if reason is TransitionReason.PAUSED_BY_USER else None
     warn = dst in (P.ROLLED_BACK, P.PAUSED, P.FAILED)
     result.events.append(Event("Warning" if warn else "Normal", reason.value, message))
 
 
-def _rollback_record(reason: Reason, analysis: dict[str, Any] | None, observed: SpObserved, candidate: str | None,
-                     now: datetime, refused_by: str = "") -> dict[str, Any]:
+def _rollback_record(reason: RollbackReason, analysis: AnalysisRun | None, observed: SpObserved,
+                     candidate: str | None, now: datetime, refused_by: str = "") -> RollbackRecord:
     """`refused_by`: why the candidate was refused before it had a digest (its QuantizedModel's kernel pre-check)."""
-    mapping = {Reason.SLO_BREACH: "SloBreach", Reason.MANUAL_ROLLBACK: "Manual",
-               Reason.KERNEL_UNAVAILABLE: "KernelUnavailable", Reason.KERNEL_FALLBACK: "KernelFallback",
-               Reason.CANDIDATE_FAILED: "CandidateFailed"}
-    record: dict[str, Any] = {"reason": mapping.get(reason, "Manual"), "time": iso(now),
-                              "candidateArtifact": candidate}
-    failing = [m for m in (analysis or {}).get("metrics", []) if m.get("verdict") == "fail"]
-    if reason is Reason.SLO_BREACH and failing:
+    record = RollbackRecord(reason=reason, time=now, candidate_artifact=candidate)
+    failing = [m for m in (analysis.metrics if analysis else []) if m.verdict is Verdict.FAIL]
+    if reason is RollbackReason.SLO_BREACH and failing and analysis is not None:
         worst = failing[0]
-        record.update(slo=worst["slo"], failingSlos=[m["slo"] for m in failing],
-                      candidateValue=worst.get("value"), stableValue=worst.get("stableValue"),
-                      limit=worst.get("limit"), windowSeconds=(analysis or {}).get("windowSeconds"),
-                      message=worst.get("message", ""))
-    elif reason in (Reason.KERNEL_UNAVAILABLE, Reason.KERNEL_FALLBACK):
-        record["message"] = ((observed.candidate_kernels or {}).get("message", "") or refused_by
-                             or "refused by the kernel check")
-    elif reason is Reason.CANDIDATE_FAILED:
-        record["message"] = observed.candidate_failed or ""
-    return {k: v for k, v in record.items() if v is not None}
-
-
-def _held(weights: dict[str, Any] | None) -> StepWeights | None:
-    if not weights:
-        return None
-    return StepWeights(int(weights.get("stable", 100)), int(weights.get("candidate", 0)),
-                       float(weights.get("mirrorFraction", 0.0)))
+        record = record.model_copy(update={
+            "slo": worst.slo, "failing_slos": [m.slo for m in failing], "candidate_value": worst.value,
+            "stable_value": worst.stable_value, "limit": worst.limit, "window_seconds": analysis.window_seconds,
+            "message": worst.message or ""})
+    elif reason in (RollbackReason.KERNEL_UNAVAILABLE, RollbackReason.KERNEL_FALLBACK):
+        kernels = observed.candidate_kernels
+        record.message = (kernels.message if kernels else "") or refused_by or "refused by the kernel check"
+    elif reason is RollbackReason.CANDIDATE_FAILED:
+        record.message = observed.candidate_failed or ""
+    return record
 
 
 def _children(result: SpPlan, obj: dict[str, Any], spec: ServingPolicySpec, images: tuple[str, str], stable: str,
-              candidate: str | None, phase: P, status: dict[str, Any], weights: StepWeights, now: datetime,
+              candidate: str | None, phase: P, status: ServingPolicyStatus, weights: Weights, now: datetime,
               token: str) -> None:
     meta = obj["metadata"]
     policy, namespace = meta["name"], meta["namespace"]
@@ -304,24 +285,21 @@ def _children(result: SpPlan, obj: dict[str, Any], spec: ServingPolicySpec, imag
         result.apply.append(serving.arm_deployment(obj, spec, candidate, serving_image,
                                                    replicas if candidate_live else 0))
         result.apply.append(serving.arm_service(obj, candidate))
-    target = status.get("rollbackTarget")
+    target = status.rollback_target
     if target and target not in (stable, candidate):
-        since = _parse(status.get("phaseSince")) or now
-        grace_over = now - since >= timedelta(seconds=spec.rollout.promotion_grace_seconds)
+        grace_over = now - (status.phase_since or now) >= timedelta(seconds=spec.rollout.promotion_grace_seconds)
         result.apply.append(serving.arm_deployment(obj, spec, target, serving_image, 0 if grace_over else replicas))
     config = router.router_config(policy, namespace, spec, stable, candidate if candidate_live else None,
                                   weights.stable if candidate_live else 100, weights.candidate if candidate_live else 0,
                                   weights.mirror_fraction, version=0)
     # The version moves only when the content does, so routers and status agree on what "newer" means.
     digest = hashlib.sha256(dump_config(config).encode()).hexdigest()[:16]
-    state = dict(status.get("router") or {})
-    changed = state.get("configHash") != digest
-    if changed:
-        state.update(version=int(state.get("version", 0)) + 1, configHash=digest)
-    config = config.model_copy(update={"version": int(state["version"])})
-    if changed:
-        result.router_config = dump_config(config)
-    status["router"] = state
+    state = status.router
+    if state.config_hash != digest:
+        state = state.model_copy(update={"version": state.version + 1, "config_hash": digest})
+        result.router_config = dump_config(config.model_copy(update={"version": state.version}))
+    config = config.model_copy(update={"version": state.version})
+    status.router = state
     result.apply.append(router.router_config_map(obj, config))
     result.apply.append(router.router_deployment(obj, spec, router_image))
     result.apply.append(router.router_service(obj))
@@ -340,20 +318,19 @@ def _withdraw_stale_arms(result: SpPlan, deployments: list[dict[str, Any]]) -> N
                                       "name": meta["name"]})
 
 
-def _status_fields(status: dict[str, Any], phase: P, index: int | None, stable: str, candidate: str | None,
-                   weights: StepWeights, facts: Facts, before: dict[str, Any], now: datetime, generation: int) -> None:
-    status["phase"] = phase.value
-    status["step"] = index
-    status["weights"] = {"stable": weights.stable, "candidate": weights.candidate,
-                         "mirrorFraction": weights.mirror_fraction}
-    status["stableShortDigest"] = serving.short_digest(stable)
-    status["candidateShortDigest"] = serving.short_digest(candidate) if candidate else None
-    status.setdefault("phaseSince", iso(now))
-    if "message" not in status or before.get("phase") != phase.value:
+def _status_fields(status: ServingPolicyStatus, phase: P, index: int | None, stable: str, candidate: str | None,
+                   weights: Weights, facts: Facts, before: ServingPolicyStatus, now: datetime,
+                   generation: int) -> None:
+    status.phase = phase
+    status.step = index
+    status.weights = weights
+    status.stable_short_digest = serving.short_digest(stable)
+    status.candidate_short_digest = serving.short_digest(candidate) if candidate else None
+    status.phase_since = status.phase_since or now
+    if status.message is None or before.phase is not phase:
         # Before the conditions, which quote it: a condition one pass behind would be one more write.
-        history = status.get("history") or []
-        status["message"] = history[-1]["message"] if history else status.get("message", phase.value)
-    conditions = list(status.get("conditions", []))
+        status.message = status.history[-1].message if status.history else (status.message or phase.value)
+    conditions = status.conditions
 
     def cond(type_: str, ok: bool, reason: str, message: str) -> None:
         nonlocal conditions
@@ -363,30 +340,24 @@ def _status_fields(status: dict[str, Any], phase: P, index: int | None, stable: 
          f"stable arm {serving.short_digest(stable)}")
     cond("CandidateReady", facts.candidate_ready, "ArmReady" if facts.candidate_ready else "ArmNotReady",
          f"candidate arm {serving.short_digest(candidate)}" if candidate else "no candidate pinned")
-    cond("Progressing", phase in (P.PENDING, P.SHADOW, P.CANARY), phase.value, status.get("message") or phase.value)
+    cond("Progressing", phase in (P.PENDING, P.SHADOW, P.CANARY), phase.value, status.message or phase.value)
     cond("Promoted", phase is P.PROMOTED, phase.value, f"stable is {serving.short_digest(stable)}")
-    paused_reason, paused_message = _paused(phase, status)
-    cond("Paused", phase is P.PAUSED, paused_reason, paused_message)
-    rollback = status.get("rollback") or {}
-    cond("RolledBack", phase is P.ROLLED_BACK, rollback.get("reason", "NotRolledBack") if phase is P.ROLLED_BACK
-         else "NotRolledBack", rollback.get("message", "") if phase is P.ROLLED_BACK else "")
-    status["conditions"] = conditions
+    cond("Paused", phase is P.PAUSED, *_paused(phase, status))
+    rolled_back = phase is P.ROLLED_BACK and status.rollback is not None
+    cond("RolledBack", phase is P.ROLLED_BACK,
+         status.rollback.reason.value if rolled_back and status.rollback else "NotRolledBack",
+         status.rollback.message if rolled_back and status.rollback else "")
+    status.conditions = conditions
 
 
-def _paused(phase: P, status: dict[str, Any]) -> tuple[str, str]:
+def _paused(phase: P, status: ServingPolicyStatus) -> tuple[str, str]:
     """The Paused condition's (reason, message): a user's hold, or why the analysis could not judge (NoJudgement,
     from the window that paused it), so an alert can tell "nothing scraped" from "nobody sends traffic"."""
     if phase is not P.PAUSED:
         return "NotPaused", ""
-    if status.get("pausedFrom"):
-        return Reason.PAUSED_BY_USER.value, "the quantrol.io/paused annotation holds the current weights"
-    why = str((status.get("lastAnalysis") or {}).get("noJudgement"))
-    if why in NoJudgement._value2member_map_:
-        return why, f"{why}: {NO_JUDGEMENT_ADVICE[NoJudgement(why)]}"
-    return Reason.ANALYSIS_CANNOT_JUDGE.value, status.get("message") or "the analysis could not judge"
-
-
-def _parse(value: Any) -> datetime | None:
-    if not value:
-        return None
-    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    if status.paused_from is not None:
+        return TransitionReason.PAUSED_BY_USER.value, "the quantrol.io/paused annotation holds the current weights"
+    why = status.last_analysis.no_judgement if status.last_analysis else None
+    if why is not None:
+        return why.value, f"{why.value}: {NO_JUDGEMENT_ADVICE[why]}"
+    return TransitionReason.ANALYSIS_CANNOT_JUDGE.value, status.message or "the analysis could not judge"

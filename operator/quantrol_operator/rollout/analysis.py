@@ -12,10 +12,18 @@ weight proves nothing about the new one), while a failing window always counts (
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 
-from quantrol_operator.api.servingpolicy import Analysis, NoJudgement, SloFloor, SloLimit, Verdict
+from quantrol_operator.api.servingpolicy import (
+    Analysis,
+    AnalysisCounters,
+    MetricResult,
+    NoJudgement,
+    SloFloor,
+    SloLimit,
+    Verdict,
+)
 from quantrol_operator.rollout.statemachine import Decision
 
 
@@ -33,25 +41,25 @@ class Sample:
 
 
 @dataclass(frozen=True)
-class Judgement:
-    slo: str
-    verdict: Verdict
-    candidate: float | None
-    stable: float | None
-    limit: float | None
-    message: str
+class TargetHealth:
+    """What Prometheus says of the policy's router targets: how many it has, and how many answered its last scrape."""
+
+    targets: int
+    up: int
+    error: NoJudgement | None = None  # Prometheus did not answer the target-health queries
 
 
 def _usable(value: float | None) -> bool:
     return value is not None and not math.isnan(value) and not math.isinf(value)
 
 
-def judge(sample: Sample, limit: SloLimit | SloFloor, min_samples: int) -> Judgement:
+def judge(sample: Sample, limit: SloLimit | SloFloor, min_samples: int) -> MetricResult:
     """The verdict of one SLO over one window."""
     name, cand, stab = sample.slo, sample.candidate, sample.stable
 
-    def verdict(v: Verdict, bound: float | None, message: str) -> Judgement:
-        return Judgement(name, v, cand if _usable(cand) else None, stab if _usable(stab) else None, bound, message)
+    def verdict(v: Verdict, bound: float | None, message: str) -> MetricResult:
+        return MetricResult(slo=name, verdict=v, value=cand if _usable(cand) else None,
+                            stable_value=stab if _usable(stab) else None, limit=bound, message=message)
 
     if sample.error:
         return verdict(Verdict.ERROR, None, f"no answer from Prometheus: {sample.error.value}")
@@ -87,7 +95,7 @@ def judge(sample: Sample, limit: SloLimit | SloFloor, min_samples: int) -> Judge
 _SEVERITY = (Verdict.ERROR, Verdict.FAIL, Verdict.OVERLOAD, Verdict.INCONCLUSIVE, Verdict.PASS)
 
 
-def window_verdict(judgements: list[Judgement]) -> Verdict:
+def window_verdict(judgements: list[MetricResult]) -> Verdict:
     """The whole window: the most severe SLO verdict; no SLO at all is inconclusive, never pass."""
     if not judgements:
         return Verdict.INCONCLUSIVE
@@ -95,44 +103,61 @@ def window_verdict(judgements: list[Judgement]) -> Verdict:
     return next(v for v in _SEVERITY if v in present)
 
 
-@dataclass(frozen=True)
-class Counters:
-    failures: int = 0
-    successes: int = 0
-    inconclusive: int = 0
-    errors: int = 0
-    newest: datetime | None = None
+def no_judgement(samples: list[Sample], targets: TargetHealth) -> NoJudgement:
+    """Why a window that judged nothing could not judge, from Prometheus' own answers (not guessed).
+
+    A failed query says it first (unreachable, or an error answer). Otherwise Prometheus' target health for the
+    policy's routers decides: no router target at all, targets that all failed their last scrape, or targets that
+    answer but carry too few requests in the window.
+    """
+    failed = next((s.error for s in samples if s.error is not None), None)
+    if failed is not None:
+        return failed
+    if targets.error is not None:
+        return targets.error
+    if targets.targets == 0:
+        return NoJudgement.NO_TARGETS
+    if targets.up == 0:
+        return NoJudgement.TARGETS_DOWN
+    return NoJudgement.NO_SAMPLES
 
 
-def decide(verdict: Verdict, newest: datetime | None, counters: Counters, policy: Analysis,
-           after_step: bool = True) -> tuple[Decision, Counters]:
-    """Fold one window into the streak counters and say what the rollout should do. `after_step`: the whole window
-    lies after the current step began; a pass from a window that does not breaks a failure streak but does not
-    count toward advancing (the cooldown)."""
+def decide(verdict: Verdict, newest: datetime | None, counters: AnalysisCounters, policy: Analysis,
+           after_step: bool = True) -> tuple[Decision, AnalysisCounters]:
+    """Fold one window into the streak counters (kept in status, so a restart resumes them) and say what the rollout
+    should do. `after_step`: the whole window lies after the current step began; a pass from a window that does not
+    breaks a failure streak but does not count toward advancing (the cooldown)."""
+    def counted(**changes: object) -> AnalysisCounters:
+        return counters.model_copy(update=changes)
+
     if verdict is Verdict.ERROR:
-        counted = replace(counters, errors=counters.errors + 1, successes=0)
-        return (Decision.PAUSE if counted.errors >= policy.error_limit else Decision.HOLD), counted
+        c = counted(consecutive_errors=counters.consecutive_errors + 1, consecutive_successes=0)
+        return (Decision.PAUSE if c.consecutive_errors >= policy.error_limit else Decision.HOLD), c
     if newest is None and verdict is Verdict.INCONCLUSIVE:
         # No series at all (no traffic, or nothing scraped): each analysis pass counts as one silent window,
         # so silence ends in Paused instead of holding forever.
-        counted = replace(counters, inconclusive=counters.inconclusive + 1, successes=0, errors=0)
-        return (Decision.PAUSE if counted.inconclusive >= policy.inconclusive_limit else Decision.HOLD), counted
-    if newest is None or (counters.newest is not None and newest <= counters.newest):
+        c = counted(consecutive_inconclusive=counters.consecutive_inconclusive + 1, consecutive_successes=0,
+                    consecutive_errors=0)
+        return (Decision.PAUSE if c.consecutive_inconclusive >= policy.inconclusive_limit else Decision.HOLD), c
+    last = counters.newest_sample_time
+    if newest is None or (last is not None and newest <= last):
         return Decision.HOLD, counters  # nothing new since the last counted window
-    fresh = replace(counters, newest=newest, errors=0)
+    fresh = {"newest_sample_time": newest, "consecutive_errors": 0}
     if verdict is Verdict.FAIL:
-        counted = replace(fresh, failures=fresh.failures + 1, successes=0, inconclusive=0)
-        return (Decision.ROLLBACK if counted.failures >= policy.failure_limit else Decision.HOLD), counted
+        c = counted(**fresh, consecutive_failures=counters.consecutive_failures + 1, consecutive_successes=0,
+                    consecutive_inconclusive=0)
+        return (Decision.ROLLBACK if c.consecutive_failures >= policy.failure_limit else Decision.HOLD), c
     if verdict is Verdict.PASS and not after_step:
-        return Decision.HOLD, replace(fresh, failures=0, inconclusive=0)
+        return Decision.HOLD, counted(**fresh, consecutive_failures=0, consecutive_inconclusive=0)
     if verdict is Verdict.PASS:
-        counted = replace(fresh, successes=fresh.successes + 1, failures=0, inconclusive=0)
-        return (Decision.ADVANCE if counted.successes >= policy.success_streak else Decision.HOLD), counted
+        c = counted(**fresh, consecutive_successes=counters.consecutive_successes + 1, consecutive_failures=0,
+                    consecutive_inconclusive=0)
+        return (Decision.ADVANCE if c.consecutive_successes >= policy.success_streak else Decision.HOLD), c
     if verdict is Verdict.INCONCLUSIVE:
-        counted = replace(fresh, inconclusive=fresh.inconclusive + 1, successes=0)
-        return (Decision.PAUSE if counted.inconclusive >= policy.inconclusive_limit else Decision.HOLD), counted
+        c = counted(**fresh, consecutive_inconclusive=counters.consecutive_inconclusive + 1, consecutive_successes=0)
+        return (Decision.PAUSE if c.consecutive_inconclusive >= policy.inconclusive_limit else Decision.HOLD), c
     # OVERLOAD: the stable arm breaks the same limit; neither the candidate's fault nor a reason to advance.
-    return Decision.HOLD, replace(fresh, successes=0)
+    return Decision.HOLD, counted(**fresh, consecutive_successes=0)
 
 
 def goodput(accepted_output_tokens: float, engine_seconds: float) -> float | None:

@@ -16,7 +16,7 @@ from typing import Protocol
 import requests
 
 from quantrol_operator.api.servingpolicy import CustomSlo, NoJudgement, SloFloor, SloLimit, Slos
-from quantrol_operator.rollout.analysis import Sample
+from quantrol_operator.rollout.analysis import Sample, TargetHealth
 
 R = "quantrol_router_"
 
@@ -158,26 +158,30 @@ def collect(source: MetricSource, scope: Scope, slos: Slos, stable_live: bool = 
     return out, newest
 
 
-def no_judgement(source: MetricSource, scope: Scope, samples: list[Sample]) -> NoJudgement:
-    """Why a window that judged nothing could not judge, from Prometheus' own answers (not guessed).
-
-    A failed query says it first (unreachable, or an error answer). Otherwise Prometheus' target health for the
-    policy's routers decides: no router target at all, targets that all failed their last scrape, or targets that
-    answer but carry too few requests in the window. Router targets are the policy's targets without an `arm`
-    label (engine and launcher targets carry one: children/monitoring.py).
-    """
-    failed = next((s.error for s in samples if s.error is not None), None)
-    if failed is not None:
-        return failed
+def target_health(source: MetricSource, scope: Scope) -> TargetHealth:
+    """Prometheus' own view of the policy's router targets (its `up` series), or why it gave no answer.
+    Router targets are the policy's targets without an `arm` label (engine and launcher targets carry one:
+    children/monitoring.py)."""
     routers = "{" + f'namespace="{scope.namespace}",policy="{scope.policy}",arm=""' + "}"
     try:
-        if not _safe(source, f"count(up{routers})"):
-            return NoJudgement.NO_TARGETS
-        if not _safe(source, f"max(up{routers})"):
-            return NoJudgement.TARGETS_DOWN
+        return TargetHealth(int(_safe(source, f"count(up{routers})") or 0),
+                            int(_safe(source, f"sum(up{routers})") or 0))
     except QueryError as exc:
-        return exc.reason
-    return NoJudgement.NO_SAMPLES
+        return TargetHealth(0, 0, exc.reason)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One window as Prometheus answered it: a sample per SLO, the newest sample time, the router targets' health."""
+
+    samples: list[tuple[Sample, SloLimit | SloFloor]]
+    newest: datetime | None
+    targets: TargetHealth
+
+
+def observe(source: MetricSource, scope: Scope, slos: Slos, stable_live: bool = True) -> Observation:
+    samples, newest = collect(source, scope, slos, stable_live)
+    return Observation(samples, newest, target_health(source, scope))
 
 
 def _absolute_only(name: str, limit: SloLimit | SloFloor) -> SloLimit | SloFloor | None:

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
+from quantrol_operator.api.servingpolicy import RollbackReason, Weights
 from quantrol_operator.api.servingpolicy import RolloutPhase as P
+from quantrol_worker.contracts import KernelVerdict
 
 
 class Decision(StrEnum):
@@ -30,16 +32,7 @@ class Decision(StrEnum):
     PAUSE = "pause"  # inconclusive or query-error limit reached: a human must look; never promote
 
 
-class KernelCheck(StrEnum):
-    """The candidate engine's kernels against the scheme's promise (the shared kernel table)."""
-
-    UNKNOWN = "unknown"  # the engine has not reported yet
-    NATIVE = "native"
-    FALLBACK = "fallback"
-    NONE = "none"
-
-
-class Reason(StrEnum):
+class TransitionReason(StrEnum):
     """Why a transition happened; machine-readable, shown in status history and Events."""
 
     CANDIDATE_PINNED = "CandidatePinned"
@@ -73,7 +66,7 @@ class Facts:
     stable_ready: bool = False
     candidate_ready: bool = False
     candidate_failed: bool = False  # the candidate arm cannot run (crash loop, fetch refused the digest)
-    kernel: KernelCheck = KernelCheck.UNKNOWN
+    kernel: KernelVerdict = KernelVerdict.UNKNOWN  # the launcher's report; unknown until it reported
     enforce_kernels: bool = True
     decision: Decision = Decision.HOLD
     paused_annotation: bool = False
@@ -95,12 +88,15 @@ CANDIDATE_SERVING = frozenset({P.SHADOW, P.CANARY})
 
 
 @dataclass(frozen=True)
-class Transition:
+class Rule:
+    """One row of the transition table: from `source`, when `guard` holds, go to `target` for `reason`."""
+
     source: frozenset[P]
     guard: Callable[[Facts, P, int | None], bool]
     target: Callable[[Facts, P, int | None], tuple[P, int | None]]
-    reason: Reason
+    reason: TransitionReason
     doc: str
+    rollback: RollbackReason | None = None  # rows that roll back say why, in the rollback record's words
 
 
 def _to(phase: P, step: int | None = None) -> Callable[[Facts, P, int | None], tuple[P, int | None]]:
@@ -122,45 +118,48 @@ def _resume(f: Facts, _p: P, s: int | None) -> tuple[P, int | None]:
 
 ANY = frozenset(P)
 
-TRANSITIONS: tuple[Transition, ...] = (
-    Transition(LIVE | {P.PAUSED}, lambda f, p, s: f.rollback_requested, _to(P.ROLLED_BACK),
-               Reason.MANUAL_ROLLBACK, "the rollback annotation got a new value: all traffic to stable now"),
-    Transition(SETTLED | {P.PAUSED}, lambda f, p, s: f.retry_requested, _to(P.PENDING),
-               Reason.RETRY, "the retry annotation got a new value: start again from Pending"),
-    Transition(ANY - {P.PENDING}, lambda f, p, s: f.new_candidate, _to(P.PENDING),
-               Reason.NEW_CANDIDATE, "a new candidate digest: withdraw the current one, start again"),
+TRANSITIONS: tuple[Rule, ...] = (
+    Rule(LIVE | {P.PAUSED}, lambda f, p, s: f.rollback_requested, _to(P.ROLLED_BACK),
+         TransitionReason.MANUAL_ROLLBACK, "the rollback annotation got a new value: all traffic to stable now",
+         RollbackReason.MANUAL),
+    Rule(SETTLED | {P.PAUSED}, lambda f, p, s: f.retry_requested, _to(P.PENDING),
+         TransitionReason.RETRY, "the retry annotation got a new value: start again from Pending"),
+    Rule(ANY - {P.PENDING}, lambda f, p, s: f.new_candidate, _to(P.PENDING),
+         TransitionReason.NEW_CANDIDATE, "a new candidate digest: withdraw the current one, start again"),
     # A candidate refused before it had a digest (its QuantizedModel rejected) cannot arrive as a new digest; an
     # edited SLO deserves a new judgement too. Settled phases only: mid-rollout, edits apply to the next window.
-    Transition(frozenset({P.ROLLED_BACK, P.FAILED}), lambda f, p, s: f.spec_changed, _to(P.PENDING),
-               Reason.SPEC_CHANGED, "the spec changed since the rollout settled: start again from Pending"),
-    Transition(CANDIDATE_SERVING | {P.PENDING}, lambda f, p, s: f.kernel is KernelCheck.NONE, _to(P.ROLLED_BACK),
-               Reason.KERNEL_UNAVAILABLE, "the candidate's scheme has no kernel on this hardware"),
-    Transition(CANDIDATE_SERVING | {P.PENDING},
-               lambda f, p, s: f.kernel is KernelCheck.FALLBACK and f.enforce_kernels, _to(P.ROLLED_BACK),
-               Reason.KERNEL_FALLBACK, "kernelPolicy enforce: a fallback kernel is refused"),
-    Transition(CANDIDATE_SERVING | {P.PENDING}, lambda f, p, s: f.candidate_failed, _to(P.ROLLED_BACK),
-               Reason.CANDIDATE_FAILED, "the candidate arm cannot run"),
-    Transition(LIVE, lambda f, p, s: f.paused_annotation, _to(P.PAUSED),
-               Reason.PAUSED_BY_USER, "the paused annotation is set: hold the current weights"),
-    Transition(frozenset({P.PAUSED}), lambda f, p, s: f.paused_by_user and not f.paused_annotation, _resume,
-               Reason.RESUMED, "the paused annotation was removed: continue where the rollout stood"),
-    Transition(CANDIDATE_SERVING, lambda f, p, s: f.decision is Decision.ROLLBACK, _to(P.ROLLED_BACK),
-               Reason.SLO_BREACH, "the analysis reached its failure limit"),
-    Transition(CANDIDATE_SERVING, lambda f, p, s: f.decision is Decision.PAUSE, _to(P.PAUSED),
-               Reason.ANALYSIS_CANNOT_JUDGE, "no judgement possible (no data, or metrics unreachable): hold"),
-    Transition(frozenset({P.PENDING}),
-               lambda f, p, s: f.candidate_pinned and f.stable_ready and f.candidate_ready
-               and f.kernel in (KernelCheck.NATIVE, KernelCheck.FALLBACK),
-               _to(P.SHADOW), Reason.ARMS_READY, "both arms ready and the candidate's kernels verified"),
-    Transition(frozenset({P.SHADOW}),
-               lambda f, p, s: f.decision is Decision.ADVANCE and f.dwell_over(p, s) and f.candidate_ready,
-               _next_step, Reason.SHADOW_PASSED, "shadow analysis passed for the shadow duration"),
-    Transition(frozenset({P.CANARY}),
-               lambda f, p, s: f.decision is Decision.ADVANCE and f.dwell_over(p, s) and not _is_last(f, s),
-               _next_step, Reason.STEP_PASSED, "this step's analysis passed for its minimum dwell"),
-    Transition(frozenset({P.CANARY}),
-               lambda f, p, s: f.decision is Decision.ADVANCE and f.dwell_over(p, s) and _is_last(f, s),
-               _next_step, Reason.PROMOTED, "the last step passed: the candidate becomes the stable arm"),
+    Rule(frozenset({P.ROLLED_BACK, P.FAILED}), lambda f, p, s: f.spec_changed, _to(P.PENDING),
+         TransitionReason.SPEC_CHANGED, "the spec changed since the rollout settled: start again from Pending"),
+    Rule(CANDIDATE_SERVING | {P.PENDING}, lambda f, p, s: f.kernel is KernelVerdict.NONE, _to(P.ROLLED_BACK),
+         TransitionReason.KERNEL_UNAVAILABLE, "the candidate's scheme has no kernel on this hardware",
+         RollbackReason.KERNEL_UNAVAILABLE),
+    Rule(CANDIDATE_SERVING | {P.PENDING},
+         lambda f, p, s: f.kernel is KernelVerdict.FALLBACK and f.enforce_kernels, _to(P.ROLLED_BACK),
+         TransitionReason.KERNEL_FALLBACK, "kernelPolicy enforce: a fallback kernel is refused",
+         RollbackReason.KERNEL_FALLBACK),
+    Rule(CANDIDATE_SERVING | {P.PENDING}, lambda f, p, s: f.candidate_failed, _to(P.ROLLED_BACK),
+         TransitionReason.CANDIDATE_FAILED, "the candidate arm cannot run", RollbackReason.CANDIDATE_FAILED),
+    Rule(LIVE, lambda f, p, s: f.paused_annotation, _to(P.PAUSED),
+         TransitionReason.PAUSED_BY_USER, "the paused annotation is set: hold the current weights"),
+    Rule(frozenset({P.PAUSED}), lambda f, p, s: f.paused_by_user and not f.paused_annotation, _resume,
+         TransitionReason.RESUMED, "the paused annotation was removed: continue where the rollout stood"),
+    Rule(CANDIDATE_SERVING, lambda f, p, s: f.decision is Decision.ROLLBACK, _to(P.ROLLED_BACK),
+         TransitionReason.SLO_BREACH, "the analysis reached its failure limit", RollbackReason.SLO_BREACH),
+    Rule(CANDIDATE_SERVING, lambda f, p, s: f.decision is Decision.PAUSE, _to(P.PAUSED),
+         TransitionReason.ANALYSIS_CANNOT_JUDGE, "no judgement possible (no data, or metrics unreachable): hold"),
+    Rule(frozenset({P.PENDING}),
+         lambda f, p, s: f.candidate_pinned and f.stable_ready and f.candidate_ready
+         and f.kernel in (KernelVerdict.NATIVE, KernelVerdict.FALLBACK),
+         _to(P.SHADOW), TransitionReason.ARMS_READY, "both arms ready and the candidate's kernels verified"),
+    Rule(frozenset({P.SHADOW}),
+         lambda f, p, s: f.decision is Decision.ADVANCE and f.dwell_over(p, s) and f.candidate_ready,
+         _next_step, TransitionReason.SHADOW_PASSED, "shadow analysis passed for the shadow duration"),
+    Rule(frozenset({P.CANARY}),
+         lambda f, p, s: f.decision is Decision.ADVANCE and f.dwell_over(p, s) and not _is_last(f, s),
+         _next_step, TransitionReason.STEP_PASSED, "this step's analysis passed for its minimum dwell"),
+    Rule(frozenset({P.CANARY}),
+         lambda f, p, s: f.decision is Decision.ADVANCE and f.dwell_over(p, s) and _is_last(f, s),
+         _next_step, TransitionReason.PROMOTED, "the last step passed: the candidate becomes the stable arm"),
 )
 
 
@@ -168,8 +167,9 @@ TRANSITIONS: tuple[Transition, ...] = (
 class Step:
     phase: P
     step: int | None
-    reason: Reason | None  # None: no transition this pass
+    reason: TransitionReason | None  # None: no transition this pass
     doc: str = ""
+    rollback: RollbackReason | None = None
 
 
 def step(phase: P, index: int | None, facts: Facts) -> Step:
@@ -178,27 +178,21 @@ def step(phase: P, index: int | None, facts: Facts) -> Step:
             target, target_step = row.target(facts, phase, index)
             if target is P.PAUSED:
                 target_step = index  # a pause keeps the step it interrupted
-            return Step(target, target_step, row.reason, row.doc)
+            return Step(target, target_step, row.reason, row.doc, row.rollback)
     return Step(phase, index, None)
-
-
-@dataclass(frozen=True)
-class Weights:
-    stable: int
-    candidate: int
-    mirror_fraction: float
 
 
 def weights_for(phase: P, index: int | None, steps: tuple[int, ...], mirror_fraction: float,
                 held: Weights | None = None) -> Weights:
     """Traffic for a phase. A pause holds what was live (`held`); everything else comes from the spec."""
     if phase is P.SHADOW:
-        return Weights(100, 0, mirror_fraction)
+        return Weights(stable=100, candidate=0, mirror_fraction=mirror_fraction)
     if phase is P.CANARY and index is not None:
         # Mirroring goes on during the canary: the stable share keeps feeding the quality comparison.
-        return Weights(100 - steps[index], steps[index], mirror_fraction if steps[index] < 100 else 0.0)
+        return Weights(stable=100 - steps[index], candidate=steps[index],
+                       mirror_fraction=mirror_fraction if steps[index] < 100 else 0.0)
     # Promoted: the candidate's artifact *is* the stable arm now (status.stableArtifact moved), so "stable"
     # gets everything; RolledBack, Failed and Pending send everything to stable too.
     if phase is P.PAUSED and held is not None:
         return held
-    return Weights(100, 0, 0.0)
+    return Weights(stable=100, candidate=0, mirror_fraction=0.0)

@@ -31,7 +31,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from quantrol_worker.localservices import resolve
+from quantrol_worker.addresses import Addresses, ClusterAddresses, from_environment
 from quantrol_worker.router import compare, protocol
 from quantrol_worker.router.admission import ArmGate, Rejected
 from quantrol_worker.router.config import (
@@ -154,8 +154,10 @@ class Router:
         metrics: RouterMetrics | None = None,
         reload_interval_s: float = 1.0,
         seed: int | None = None,
+        addresses: Addresses | None = None,
     ) -> None:
         self.config = config
+        self.addresses = addresses or ClusterAddresses()
         self.config_path = config_path
         self.admin_token = admin_token or AdminToken(None, None)
         self.metrics = metrics or RouterMetrics()
@@ -300,7 +302,7 @@ class Router:
     async def handle_passthrough(self, request: web.Request) -> web.Response:
         """/v1/models and /health answer from the stable arm: it is what serves when anything is in doubt."""
         assert self.session is not None
-        url = resolve(self.config.arms["stable"].url) + request.path_qs
+        url = self.addresses.url(self.config.arms["stable"].url) + request.path_qs
         try:
             async with self.session.get(url, headers=_forward_headers(request.headers),
                                         timeout=aiohttp.ClientTimeout(total=10)) as upstream:
@@ -424,7 +426,7 @@ class Router:
     ) -> _Result:
         """One request to one arm, streamed through `sink` (the client) when there is one; records the metrics."""
         assert self.session is not None
-        url = resolve(config.arms[arm].url) + path  # unchanged on a cluster; the local stack maps Services
+        url = self.addresses.url(config.arms[arm].url) + path
         chat = path == protocol.CHAT
         output = protocol.Output()
         timing = _Timing(arrived)
@@ -706,7 +708,8 @@ async def serve(
     token = AdminToken(admin_token_file, os.environ.get(ADMIN_TOKEN_ENV))
     if token.current() is None:
         log.warning("no admin token configured: POST /quantrol/config and /quantrol/diffs refuse every request")
-    router = Router(config, config_path=config_path, admin_token=token, reload_interval_s=reload_interval_s)
+    router = Router(config, config_path=config_path, admin_token=token, reload_interval_s=reload_interval_s,
+                    addresses=from_environment())
     runner = web.AppRunner(router.make_app(), access_log=None, shutdown_timeout=shutdown_grace_s)
     await runner.setup()
     site = web.TCPSite(runner, host, port)

@@ -48,16 +48,17 @@ from typing import Any, cast
 
 import yaml
 
+from quantrol_dev.localstack.procs import free_port
+from quantrol_dev.localstack.prometheus import PrometheusServer
+from quantrol_dev.localstack.runner_plan import ImageEnv
+from quantrol_dev.localstack.stack import LocalStack
 from quantrol_operator.api.common import GROUP, VERSION
 from quantrol_operator.api.servingpolicy import NO_JUDGEMENT_ADVICE, NoJudgement
 from quantrol_operator.children.router import ROUTER_PORT
 from quantrol_operator.children.serving import ENGINE_PORT, arm_name
-from quantrol_operator.localstack.procs import free_port
-from quantrol_operator.localstack.prometheus import PrometheusServer
-from quantrol_operator.localstack.runner_plan import ImageEnv
-from quantrol_operator.localstack.stack import LocalStack
-from quantrol_operator.rollout.queries import PrometheusSource, Scope, no_judgement
-from quantrol_operator.statusview import render_quantizedmodel, render_servingpolicy
+from quantrol_operator.cli.statusview import render_quantizedmodel, render_servingpolicy
+from quantrol_operator.rollout.analysis import no_judgement
+from quantrol_operator.rollout.queries import PrometheusSource, Scope, target_health
 
 NAMESPACE = "quantrol-demo"
 POLICY = "tiny"
@@ -629,7 +630,7 @@ def check_scraped(prometheus: PrometheusServer, timeout: float) -> None:
     scope = Scope(NAMESPACE, POLICY, "60s")
     deadline = time.monotonic() + timeout
     while True:
-        why = no_judgement(source, scope, [])
+        why = no_judgement([], target_health(source, scope))
         if why is NoJudgement.NO_SAMPLES:  # every router target answers; no request has been sent yet
             say("stack check: Prometheus scrapes the policy's router (up == 1); releasing traffic")
             return

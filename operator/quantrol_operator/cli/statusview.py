@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+from quantrol_operator.api.kinds import QUANTIZED_MODEL, SERVING_POLICY
 
 
 def _fmt(value: Any) -> str:
@@ -80,3 +83,10 @@ def render_quantizedmodel(obj: dict[str, Any]) -> str:
     for c in status.get("conditions", []):
         lines.append(f"  {c.get('type'):<16} {c.get('status'):<7} {c.get('reason')}: {c.get('message', '')}")
     return "\n".join(lines)
+
+
+# What `quantrol status` prints per kind.
+RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
+    SERVING_POLICY.kind: render_servingpolicy,
+    QUANTIZED_MODEL.kind: render_quantizedmodel,
+}

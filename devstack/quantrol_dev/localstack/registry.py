@@ -20,7 +20,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quantrol_operator.localstack.procs import LOOPBACK, ManagedProcess, find_binary, free_port, wait_until
+from quantrol_dev.localstack.procs import LOOPBACK, ManagedProcess, find_binary, free_port, wait_until
 
 DEFAULT_READY_TIMEOUT = 30.0
 

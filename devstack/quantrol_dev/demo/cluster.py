@@ -32,11 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from quantrol_operator.children.calibration import MODELS_DIR
-from quantrol_operator.children.router import ROUTER_PORT
-from quantrol_operator.children.serving import ENGINE_PORT, arm_name
-from quantrol_operator.defaults import OperatorDefaults
-from quantrol_operator.demo_story import (
+from quantrol_dev.demo.story import (
     CANDIDATES,
     NAMESPACE,
     PAUSED,
@@ -59,7 +55,11 @@ from quantrol_operator.demo_story import (
     wait_quantized_models,
     warm_bodies,
 )
-from quantrol_operator.statusview import render_quantizedmodel, render_servingpolicy
+from quantrol_operator.children.calibration import MODELS_DIR
+from quantrol_operator.children.router import ROUTER_PORT
+from quantrol_operator.children.serving import ENGINE_PORT, arm_name
+from quantrol_operator.cli.statusview import render_quantizedmodel, render_servingpolicy
+from quantrol_operator.defaults import OperatorDefaults
 
 DEFAULT_REGISTRY = "registry.quantrol-infra.svc:5000"  # e2e/kind-up.sh: TLS, CA baked into the e2e images
 DEFAULT_PROMETHEUS = "http://prometheus.quantrol-infra.svc:9090"
@@ -675,7 +675,7 @@ def write_report(output: Path, report: dict[str, Any], story: ClusterStory) -> N
     (output / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (output / "report.md").write_text(report_markdown(report))
     try:
-        from quantrol_operator.demo_story import draw_chart
+        from quantrol_dev.demo.story import draw_chart
 
         draw_chart(story.recorder.series, story.marks, output / "chart.png")
     except ImportError as exc:  # matplotlib comes with the dev extra, not with the operator's

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantrol_operator.localstack.procs import (
+from quantrol_dev.localstack.procs import (
     LOOPBACK,
     ManagedProcess,
     find_binary,

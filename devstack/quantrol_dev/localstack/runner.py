@@ -32,7 +32,7 @@ annotation names the dir: there is no `kubectl logs`). Conventions:
   path in `QUANTROL_LOCAL_SERVICES`, so clients can resolve `http://name.ns.svc:port`. Every pod's
   `status.podIP` is 127.0.0.1, so the same file's `"pods"` section maps each running pod, ready or not,
   `"ns/pod"` to `{"host": "127.0.0.1", "ports": {"<containerPort>": <local port>}}`: a client that talks to one
-  pod (the operator pushes router configs to every replica) resolves it with `localservices.pod_url`.
+  pod (the operator pushes router configs to every replica) resolves it with `addresses.ServicesFile.pod_url`.
 - Pods are owned directly by their Job or Deployment (no ReplicaSets); deployment pods carry the
   `pod-template-hash` label. Status is written through `/status` as merge patches, only when it changed.
 - A small garbage collector deletes pods, services, configmaps, secrets, jobs and deployments whose owners
@@ -73,13 +73,13 @@ from typing import Any
 
 import kubernetes
 
-from quantrol_operator.localstack.procs import ManagedProcess, free_port, port_is_open
-from quantrol_operator.localstack.runner_plan import (
+from quantrol_dev.localstack import addresses
+from quantrol_dev.localstack.procs import ManagedProcess, free_port, port_is_open
+from quantrol_dev.localstack.runner_plan import (
     CONFIG_ERROR,
     JSON,
     NODE_NAME,
     PODS_SECTION,
-    SERVICES_ENV,
     TERMINAL,
     ContainerRun,
     Endpoint,
@@ -764,7 +764,7 @@ class LocalRunner:
             "LANG": os.environ.get("LANG", "C.UTF-8"),
             "TMPDIR": str(run.pod_dir / "tmp"),
             "PYTHONUNBUFFERED": "1",
-            SERVICES_ENV: str(self.services_path),
+            **addresses.environment(self.services_path),
             **self.extra_env,
         }
         return PodContext(

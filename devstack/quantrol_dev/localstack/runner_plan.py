@@ -22,8 +22,7 @@ from typing import Any, Literal
 JSON = dict[str, Any]
 LOOPBACK = "127.0.0.1"
 NODE_NAME = "local-runner"
-SERVICES_ENV = "QUANTROL_LOCAL_SERVICES"
-PODS_SECTION = "pods"  # services.json's map of running pods (quantrol_worker.localservices.PODS reads it)
+PODS_SECTION = "pods"  # services.json's map of running pods (localstack.addresses reads it)
 PORT_ENV_PREFIX = "QUANTROL_PORT_"
 DEFAULT_TERMINATION_PATH = "/dev/termination-log"
 MAX_TERMINATION_MESSAGE = 4096  # bytes, as the kubelet truncates

@@ -20,9 +20,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from quantrol_dev.localstack.prometheus import PrometheusServer, TargetGroup
 from quantrol_operator.children.router import LABEL_COMPONENT, ROUTER_PORT
 from quantrol_operator.children.serving import LABEL_POLICY
-from quantrol_operator.localstack.prometheus import PrometheusServer, TargetGroup
 
 log = logging.getLogger("quantrol.localstack.scrape")
 

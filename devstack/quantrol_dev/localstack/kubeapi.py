@@ -2,7 +2,7 @@
 
 Command (KMock has no server command of its own)::
 
-    python -m quantrol_operator.localstack.kubeapi --port N [--crds DIR] [--request-log FILE]
+    python -m quantrol_dev.localstack.kubeapi --port N [--crds DIR] [--request-log FILE]
 
 Python side: `KubeAPIServer` starts and stops that command as a child process and writes a kubeconfig for it;
 `OperatorProcess` runs the real operator (`quantrol-operator`, i.e. `kopf run`) against it.
@@ -30,8 +30,8 @@ from typing import Any, Self
 import kmock
 import yaml
 
-from quantrol_operator.localstack.apishims import KubeAPIEmulator, read_crds
-from quantrol_operator.localstack.procs import LOOPBACK, ManagedProcess, free_port, port_is_open
+from quantrol_dev.localstack.apishims import KubeAPIEmulator, read_crds
+from quantrol_dev.localstack.procs import LOOPBACK, ManagedProcess, free_port, port_is_open
 
 WRITE_VERBS = frozenset({"create", "update", "patch", "delete", "deletecollection"})
 
@@ -114,7 +114,7 @@ class KubeAPIServer:
             argv = [
                 self.python,
                 "-m",
-                "quantrol_operator.localstack.kubeapi",
+                "quantrol_dev.localstack.kubeapi",
                 "--port",
                 str(self.port),
                 "--request-log",

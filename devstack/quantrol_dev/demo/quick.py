@@ -14,40 +14,40 @@ import shutil
 import sys
 import time
 import urllib.request
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import yaml
+from kubernetes.client.exceptions import ApiException
 
-from quantrol_operator.api.common import GROUP, VERSION
-from quantrol_operator.localstack.stack import LocalStack
+from quantrol_dev.localstack.procs import wait_until
+from quantrol_dev.localstack.stack import LocalStack
+from quantrol_operator.kube import Kube
 from quantrol_operator.validation import validate_object
 
-SAMPLES = Path(__file__).resolve().parents[2] / "e2e" / "samples"
+SAMPLES = Path(__file__).resolve().parents[3] / "e2e" / "samples"
 
 
 def _say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def _plural(kind: str) -> str:
-    return {"QuantizedModel": "quantizedmodels", "ServingPolicy": "servingpolicies"}[kind]
-
-
-def _apply(stack: LocalStack, obj: dict[str, Any]) -> None:
-    from kubernetes import client, config  # the operator extra; imported late to keep `quantrol crds` light
-    from kubernetes.client.exceptions import ApiException
-
-    api_client = config.new_client_from_config(config_file=str(stack.kubeconfig))  # type: ignore[no-untyped-call]
+def _apply(kube: Kube, obj: dict[str, Any]) -> None:
     namespace = obj["metadata"].get("namespace", "default")
     try:
-        client.CoreV1Api(api_client).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
+        kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
     except ApiException as exc:
         if exc.status != 409:  # already there is fine, as with `kubectl create namespace` twice
             raise
-    client.CustomObjectsApi(api_client).create_namespaced_custom_object(
-        GROUP, VERSION, namespace, _plural(obj["kind"]), obj
-    )
+    kube.create(obj)
+
+
+def _reconciled(kube: Kube, obj: dict[str, Any]) -> bool:
+    """Whether the operator has reconciled this generation: it wrote the object's status."""
+    meta = obj["metadata"]
+    found = kube.get(obj["apiVersion"], obj["kind"], meta.get("namespace", "default"), meta["name"]) or {}
+    return (found.get("status") or {}).get("observedGeneration") == (found.get("metadata") or {}).get("generation")
 
 
 def _registry_roundtrip(stack: LocalStack, payload: Path) -> str:
@@ -76,13 +76,15 @@ def run_demo(output: Path) -> int:
     shutil.rmtree(workdir, ignore_errors=True)  # a previous run's logs; nothing of it is reused
     documents = [yaml.safe_load(path.read_text()) for path in sorted(SAMPLES.glob("*.yaml"))]
     with LocalStack(workdir, progress=_say) as stack:
+        assert stack.kubeconfig is not None
+        kube = Kube.from_kubeconfig(str(stack.kubeconfig))
         for obj in documents:
             print("---\n" + yaml.safe_dump(obj, sort_keys=False), end="", flush=True)
-            _apply(stack, obj)
+            _apply(kube, obj)
             name = f"{obj['kind']} {obj['metadata']['namespace']}/{obj['metadata']['name']}"
-            assert stack.operator is not None
-            stack.operator.wait_logged(f"seen {name}", timeout=30)
-            _say(f"applied {name}; the operator has seen it")
+            wait_until(partial(_reconciled, kube, obj), timeout=30, interval=0.2, what=f"{name} reconciled")
+            _say(f"applied {name}; the operator has reconciled it (its status is written)")
+        kube.close()
 
         broken = json.loads(json.dumps(documents[-1]))
         broken["spec"]["rollout"]["canarySteps"] = [{"weight": 50}, {"weight": 25}]

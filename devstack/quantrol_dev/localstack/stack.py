@@ -6,8 +6,9 @@ waited for with a bounded timeout, and stopped in reverse order, even when a lat
 
 With an `image_map`, the local workload runner (the kubelet stand-in, runner.py) runs the operator's Jobs and
 Deployments as local processes; the operator then resolves Services through the runner's services.json
-(QUANTROL_LOCAL_SERVICES), queries this Prometheus (QUANTROL_PROMETHEUS_URL), and Prometheus scrapes every
-router the runner serves (scrape.py). Without one, Jobs and Deployments are only objects in the API.
+(localstack.addresses, chosen with QUANTROL_ADDRESS_RESOLVER), queries this Prometheus
+(QUANTROL_PROMETHEUS_URL), and Prometheus scrapes every router the runner serves (scrape.py). Without one, Jobs
+and Deployments are only objects in the API.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from quantrol_dev.localstack import addresses
+from quantrol_dev.localstack.kubeapi import KubeAPIServer, OperatorProcess
+from quantrol_dev.localstack.prometheus import PrometheusServer, start_prometheus
+from quantrol_dev.localstack.registry import RegistryServer, start_registry
+from quantrol_dev.localstack.runner import LocalRunner
+from quantrol_dev.localstack.runner_plan import ImageEnv
+from quantrol_dev.localstack.scrape import RouterScrapeSync
 from quantrol_operator import crdgen
-from quantrol_operator.localstack.kubeapi import KubeAPIServer, OperatorProcess
-from quantrol_operator.localstack.prometheus import PrometheusServer, start_prometheus
-from quantrol_operator.localstack.registry import RegistryServer, start_registry
-from quantrol_operator.localstack.runner import LocalRunner
-from quantrol_operator.localstack.runner_plan import ImageEnv
-from quantrol_operator.localstack.scrape import RouterScrapeSync
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ class LocalStack:
                                           state_dir=self.workdir / "runner", poll_interval=self.runner_poll,
                                           extra_env=dict(self.runner_env)).start()
                 self._stops.append(self.runner.stop)
-                operator_env["QUANTROL_LOCAL_SERVICES"] = str(self.runner.services_path)
+                operator_env.update(addresses.environment(self.runner.services_path))
                 progress(f"local workload runner (kubelet stand-in), pod logs under {self.runner.state_dir}/pods")
                 self.scrape = RouterScrapeSync(kubeconfig=self.kubeconfig, services_path=self.runner.services_path,
                                                prometheus=self.prometheus).start()

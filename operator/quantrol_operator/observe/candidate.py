@@ -1,0 +1,67 @@
+"""The candidate arm's health: the launcher's kernel report (its /kernels endpoint while it runs, its termination
+message once it stopped), or why the arm cannot run at all (the fetch step's termination message)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from quantrol_operator.api.servingpolicy import KernelReport
+from quantrol_operator.children import serving
+from quantrol_operator.kube import Kube
+from quantrol_operator.observe import http
+from quantrol_worker.addresses import Addresses, service_url
+from quantrol_worker.contracts import KernelVerdict
+
+log = logging.getLogger(__name__)
+
+
+def terminated_messages(pods: list[dict[str, Any]], container: str, init: bool) -> list[str]:
+    """Termination messages of `container` in `pods` that ended with a non-zero exit code (now or last time)."""
+    key = "initContainerStatuses" if init else "containerStatuses"
+    out = []
+    for pod in pods:
+        for status in (pod.get("status") or {}).get(key, []):
+            if status.get("name") != container:
+                continue
+            for state in (status.get("state") or {}, status.get("lastState") or {}):
+                terminated = state.get("terminated") or {}
+                if terminated.get("exitCode", 0) != 0:
+                    out.append(str(terminated.get("message") or terminated.get("reason") or "exited"))
+    return out
+
+
+def kernel_report(raw: dict[str, Any]) -> KernelReport:
+    """The launcher's /kernels JSON or termination message as status keeps it, every part bounded."""
+    kernels = [k.get("kernel", "") if isinstance(k, dict) else str(k) for k in raw.get("kernels") or []]
+    mismatches = "; ".join(f"{m.get('reason')}: {m.get('detail')}" for m in raw.get("mismatches") or []
+                           if isinstance(m, dict))
+    message = " ".join(part for part in (str(raw.get("message") or ""), mismatches) if part)
+    verdict = str(raw.get("verdict") or "")
+    return KernelReport(
+        verdict=KernelVerdict(verdict) if verdict in KernelVerdict._value2member_map_ else KernelVerdict.UNKNOWN,
+        kernels=[str(k)[:256] for k in kernels if k][:32], message=message[:1024])
+
+
+def health(kube: Kube, addresses: Addresses, namespace: str, policy: str,
+           ref: str) -> tuple[KernelReport | None, str | None]:
+    """(the launcher's kernel report, or None; why the candidate cannot run, or None)."""
+    arm = serving.arm_name(policy, ref)
+    try:
+        report = http.request_json(addresses.url(service_url(arm, namespace, serving.LAUNCHER_PORT, "/kernels")))
+        if isinstance(report, dict):
+            return kernel_report(report), None
+    except (OSError, ValueError) as exc:  # not up yet, gone, or an answer out of bounds: the pods say why
+        log.debug("launcher of %s/%s not read: %s", namespace, arm, exc)
+    selector = ",".join(f"{k}={v}" for k, v in serving.arm_selector(policy, ref).items())
+    pods = kube.list_objects("v1", "Pod", namespace, selector)
+    for message in terminated_messages(pods, "engine", init=False):
+        try:
+            report = json.loads(message)
+        except ValueError:
+            continue
+        if isinstance(report, dict) and report.get("verdict"):
+            return kernel_report(report), None
+    fetch = terminated_messages(pods, "fetch", init=True)
+    return None, (f"the artifact fetch refused to start the candidate: {fetch[-1][:1024]}" if fetch else None)

@@ -1,0 +1,54 @@
+"""Everything a ServingPolicy pass needs from the world, read once: its spec (validated once), its QuantizedModel,
+its Deployments, the candidate's health and kernels, the router admin token, and the analysis window when due."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from datetime import datetime
+from typing import Any
+
+from quantrol_operator.api.kinds import QUANTIZED_MODEL
+from quantrol_operator.children import router
+from quantrol_operator.children.serving import LABEL_POLICY
+from quantrol_operator.kube import Kube
+from quantrol_operator.observe import analysis, candidate
+from quantrol_operator.planning.servingpolicy import SpObserved, read_spec
+from quantrol_worker.addresses import Addresses
+
+
+def router_token(kube: Kube, namespace: str, policy: str) -> tuple[str, bool]:
+    """(the router admin token, whether its Secret must be created): read by name, never listed."""
+    secret = kube.get("v1", "Secret", namespace, router.admin_secret_name(policy))
+    if secret is None:
+        return secrets.token_urlsafe(32), True
+    data = (secret.get("data") or {}).get(router.TOKEN_KEY)
+    string = (secret.get("stringData") or {}).get(router.TOKEN_KEY)
+    return (base64.b64decode(data).decode() if data else str(string or "")), False
+
+
+def observe(kube: Kube, addresses: Addresses, prometheus_url: str, obj: dict[str, Any],
+            now: datetime) -> tuple[SpObserved, str]:
+    """The facts of one pass, and the router admin token (to push configs with, created or not)."""
+    meta = obj["metadata"]
+    namespace, policy = meta["namespace"], meta["name"]
+    read = read_spec(obj)
+    spec = read.spec
+    qm = None
+    if spec is not None and spec.candidate.quantized_model_ref is not None:
+        qm = kube.get(QUANTIZED_MODEL.api_version, QUANTIZED_MODEL.kind, namespace,
+                      spec.candidate.quantized_model_ref.name)
+    deployments = kube.list_owned("apps/v1", "Deployment", namespace, meta["uid"], f"{LABEL_POLICY}={policy}")
+    status = obj.get("status") or {}
+    kernels, failed = None, None
+    pinned = status.get("candidateArtifact")
+    if pinned and pinned != status.get("stableArtifact"):
+        kernels, failed = candidate.health(kube, addresses, namespace, policy, pinned)
+    token, create_token = router_token(kube, namespace, policy)
+    window = None
+    if spec is not None and analysis.due(status, spec, now):
+        window = analysis.window(analysis.source_for(spec, prometheus_url), namespace, policy, status, spec)
+    observed = SpObserved(obj=obj, spec=read, quantized_model=qm, deployments=deployments, candidate_kernels=kernels,
+                          candidate_failed=failed, window=window, router_token=token if create_token else "",
+                          now=now)
+    return observed, token
