@@ -24,17 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import kubernetes
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from quantrol_dev.localstack.kubeapi import KubeAPIServer
 from quantrol_dev.localstack.prometheus import start_prometheus
-from tests.test_control_loop import _create, _policy, load, open_rig
+from quantrol_dev.rig import create_policy, load, open_rig, policy_manifest
+from quantrol_operator.kube import Kube
 
 
 def default_analysis_policy(name: str, namespace: str, prometheus: str, dwell: int) -> dict[str, Any]:
-    policy = _policy(name, namespace, prometheus, first_dwell=dwell)
+    policy = policy_manifest(name, namespace, prometheus, first_dwell=dwell)
     policy["spec"]["analysis"] = {"prometheus": {"address": prometheus}}  # every other analysis field: defaults
     policy["spec"]["slos"] = {}  # the API's default SLOs
     return policy
@@ -50,7 +47,7 @@ def breach_trial(rig: Any, prometheus: str) -> float:
     rig.behave("stable", token_latency_s=STABLE_TOKEN_S)
     rig.behave("candidate", token_latency_s=CANDIDATE_TOKEN_S)
     with load(rig, rps=20, seconds=300):
-        _create(rig, default_analysis_policy(rig.policy, rig.namespace, prometheus, dwell=3600))
+        create_policy(rig, default_analysis_policy(rig.policy, rig.namespace, prometheus, dwell=3600))
         rig.wait_phase("Canary", timeout=180)
         time.sleep(5)
         onset = time.monotonic()
@@ -75,7 +72,7 @@ def healthy_run(rig: Any, prometheus: str, minutes: float) -> tuple[int, int]:
     thread = threading.Thread(target=jitter, daemon=True)
     with load(rig, rps=20, seconds=minutes * 60 + 120):
         # The longest dwell the API accepts: the rollout stays at its first canary step for the whole run.
-        _create(rig, default_analysis_policy(rig.policy, rig.namespace, prometheus, dwell=604_800))
+        create_policy(rig, default_analysis_policy(rig.policy, rig.namespace, prometheus, dwell=604_800))
         rig.wait_phase("Canary", timeout=180)
         thread.start()
         end = time.monotonic() + minutes * 60
@@ -96,20 +93,19 @@ def main() -> int:
         kubeapi = KubeAPIServer(root / "kubeapi", crds_dir=Path(__file__).resolve().parent.parent / "crds").start()
         prometheus = start_prometheus(workdir=root / "prometheus")
         kubeconfig = kubeapi.write_kubeconfig()
-        client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
-        core = kubernetes.client.CoreV1Api(client)
+        kube = Kube.from_kubeconfig(str(kubeconfig))
         try:
             delays = []
             for trial in range(args.trials):
                 ns = f"breach-{trial}"
-                core.create_namespace({"metadata": {"name": ns}})
-                with open_rig(kubeapi, kubeconfig, client, ns, prometheus, root / ns) as rig:
+                kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+                with open_rig(kubeapi, kubeconfig, ns, prometheus, root / ns) as rig:
                     delays.append(breach_trial(rig, prometheus.url))
                 print(f"trial {trial + 1}: breach onset → 100% on stable in {delays[-1]:.1f} s", flush=True)
             false_rollbacks, transitions = 0, 0
             if args.healthy_minutes > 0:
-                core.create_namespace({"metadata": {"name": "healthy"}})
-                with open_rig(kubeapi, kubeconfig, client, "healthy", prometheus, root / "healthy") as rig:
+                kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "healthy"}})
+                with open_rig(kubeapi, kubeconfig, "healthy", prometheus, root / "healthy") as rig:
                     false_rollbacks, transitions = healthy_run(rig, prometheus.url, args.healthy_minutes)
         finally:
             prometheus.stop()

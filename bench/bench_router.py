@@ -1,7 +1,7 @@
 """Router overhead: the same requests sent directly to an engine stand-in and through the router, side by side.
 
 Three processes, as in production (load generator here; router and backend as subprocesses), all on 127.0.0.1;
-the backend is the tests' ENGINE STAND-IN (tests/engine_standin.py, not vLLM). For each concurrency and mode
+the backend is the tests' ENGINE STAND-IN (quantrol_dev/standin.py, not vLLM). For each concurrency and mode
 (non-streamed "whole", streamed "stream"), rounds of direct and routed load alternate so that drift on a shared
 machine hits both alike; each figure is over all rounds. Figures, never pass/fail. Target (issue 5): ≤ 1 ms p50
 and ≤ 5 ms p99 added.
@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def start_backend(token_latency_s: float) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen([sys.executable, "-m", "tests.engine_standin", "--port", "0", "--model", "m",
+    proc = subprocess.Popen([sys.executable, "-m", "quantrol_dev.standin", "--port", "0", "--model", "m",
                              "--token-latency", str(token_latency_s)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()

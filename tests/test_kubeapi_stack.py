@@ -21,9 +21,9 @@ import kubernetes
 import pytest
 import yaml
 
-from quantrol_dev.localstack.kubeapi import KubeAPIServer, OperatorProcess
+from quantrol_dev.localstack.kubeapi import KOPF_USER_AGENT, KubeAPIServer, OperatorProcess, kopf_watches
 from quantrol_dev.localstack.procs import port_is_open, wait_until
-from tests.plugins.kubeapi import KOPF_USER_AGENT, Kubectl, kopf_watches
+from tests.plugins.kubeapi import Kubectl
 
 pytestmark = pytest.mark.stack
 

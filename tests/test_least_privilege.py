@@ -22,9 +22,8 @@ import pytest
 import yaml
 
 from quantrol_dev.localstack import addresses
-from quantrol_dev.localstack.kubeapi import KubeAPIServer, OperatorProcess
+from quantrol_dev.localstack.kubeapi import KubeAPIServer, OperatorProcess, kopf_watches
 from quantrol_dev.localstack.procs import free_port, wait_until
-from tests.plugins.kubeapi import kopf_watches
 
 pytestmark = pytest.mark.stack
 ROOT = Path(__file__).resolve().parent.parent

@@ -25,13 +25,12 @@ import pytest
 import yaml
 
 from quantrol_dev.localstack import addresses
-from quantrol_dev.localstack.kubeapi import KubeAPIServer, OperatorProcess
+from quantrol_dev.localstack.kubeapi import KubeAPIServer, OperatorProcess, kopf_watches
 from quantrol_dev.localstack.procs import wait_until
 from quantrol_operator.api.servingpolicy import ServingPolicySpec
 from quantrol_operator.children import MANAGED_BY, monitoring, owner_reference, router, serving
 from quantrol_operator.defaults import OperatorDefaults, parse_labels
 from quantrol_operator.planning.servingpolicy import SpObserved, plan, read_spec
-from tests.plugins.kubeapi import kopf_watches
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "e2e/samples/servingpolicy-llama-8b.yaml"

@@ -17,10 +17,9 @@ import kubernetes
 import pytest
 import yaml
 
-from quantrol_dev.localstack.kubeapi import KubeAPIServer, OperatorProcess
+from quantrol_dev.localstack.kubeapi import KubeAPIServer, OperatorProcess, kopf_watches
 from quantrol_dev.localstack.procs import wait_until
 from quantrol_worker.contracts import Reason, SliceHeadline, TerminationResult, WorkerPhase
-from tests.plugins.kubeapi import kopf_watches
 
 pytestmark = pytest.mark.stack
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,5 +1,5 @@
 """The serving router: pure parts without a server, then the real aiohttp router over HTTP on 127.0.0.1 in front
-of two ENGINE STAND-INS (tests/engine_standin.py, not vLLM; the real-engine tier is separate)."""
+of two ENGINE STAND-INS (quantrol_dev/standin.py, not vLLM; the real-engine tier is separate)."""
 
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from quantrol_dev.standin import Behaviour, EngineStandin, start_standin
 from quantrol_worker.router import compare, protocol
 from quantrol_worker.router.admission import ArmGate, Rejected, admission_decision, retry_after_seconds
 from quantrol_worker.router.app import AdminToken, Router
 from quantrol_worker.router.config import AdmissionLimits, apply_decision, parse_config
 from quantrol_worker.router.split import choose_arm, should_mirror, sticky_point
-from tests.engine_standin import Behaviour, EngineStandin, start_standin
 
 TOKEN = "s3cret-admin-token"
 

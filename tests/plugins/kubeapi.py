@@ -25,12 +25,11 @@ import kubernetes
 import pytest
 import yaml
 
-from quantrol_dev.localstack.kubeapi import KubeAPIServer, OperatorProcess
+from quantrol_dev.localstack.kubeapi import KubeAPIServer, OperatorProcess, kopf_watches
 
 REPO = Path(__file__).resolve().parents[2]
 REPO_CRDS = REPO / "crds"
 CRD_FILES = ("quantizedmodels.quantrol.io.yaml", "servingpolicies.quantrol.io.yaml")
-KOPF_USER_AGENT = "kopf/"
 
 Kubectl = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -131,16 +130,6 @@ def namespace(kube_client: kubernetes.client.ApiClient) -> Iterator[str]:
         yield name
     finally:
         core.delete_namespace(name)
-
-
-def kopf_watches(kubeapi: KubeAPIServer, since: float, plurals: tuple[str, ...]) -> bool:
-    """Whether the operator (kopf's user agent) has opened a watch stream for each plural since `since`."""
-    watched = {
-        e["resource"]
-        for e in kubeapi.requests(since=since)
-        if e["verb"] == "watch" and e["status"] == 200 and e["user_agent"].startswith(KOPF_USER_AGENT)
-    }
-    return set(plurals) <= watched
 
 
 @pytest.fixture

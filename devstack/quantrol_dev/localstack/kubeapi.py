@@ -261,3 +261,16 @@ def port_closed(port: int) -> bool:
 
 if __name__ == "__main__":
     main()
+
+
+KOPF_USER_AGENT = "kopf/"
+
+
+def kopf_watches(kubeapi: KubeAPIServer, since: float, plurals: tuple[str, ...]) -> bool:
+    """Whether the operator (kopf's user agent) has opened a watch stream for each plural since `since`."""
+    watched = {
+        e["resource"]
+        for e in kubeapi.requests(since=since)
+        if e["verb"] == "watch" and e["status"] == 200 and e["user_agent"].startswith(KOPF_USER_AGENT)
+    }
+    return set(plurals) <= watched

@@ -1,4 +1,4 @@
-"""ENGINE STAND-IN, owned by the tests: a small OpenAI-compatible server that imitates vLLM's OpenAI server.
+"""ENGINE STAND-IN, for tests and benchmarks: a small OpenAI-compatible server that imitates vLLM's OpenAI server.
 
 It is NOT vLLM and no model runs here. It exists so the router can be tested and benchmarked over real HTTP in
 milliseconds; the real-engine tier (vLLM CPU, see ARCHITECTURE.md) checks the same paths against the real thing.
@@ -16,7 +16,7 @@ What it imitates (shapes from vllm/entrypoints/openai/{completion,chat_completio
 - Behaviour knobs (per-token latency, prefill latency, error rate, deviation) are set at construction or at run
   time with POST /standin/behaviour, so one process can play a healthy arm, then a slow or broken one.
 
-Run standalone (the benchmark does): `python -m tests.engine_standin --port 8001 [--token-latency 0.01]`;
+Run standalone (the benchmark does): `python -m quantrol_dev.standin --port 8001 [--token-latency 0.01]`;
 it prints `READY <port>` on stdout once listening. It binds 127.0.0.1 only.
 """
 
