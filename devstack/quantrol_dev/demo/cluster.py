@@ -30,8 +30,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
+from kubernetes.client.exceptions import ApiException
+
+from quantrol_dev.demo import load
 from quantrol_dev.demo.story import (
     CANDIDATES,
     NAMESPACE,
@@ -40,7 +43,6 @@ from quantrol_dev.demo.story import (
     Api,
     DemoError,
     DemoSettings,
-    LoadGenerator,
     Recorder,
     build_report,
     interrupt_on_signals,
@@ -53,18 +55,19 @@ from quantrol_dev.demo.story import (
     wait_for,
     wait_policy,
     wait_quantized_models,
-    warm_bodies,
 )
+from quantrol_operator.api.kinds import KINDS, QUANTIZED_MODEL
 from quantrol_operator.children.calibration import MODELS_DIR
 from quantrol_operator.children.router import ROUTER_PORT
 from quantrol_operator.children.serving import ENGINE_PORT, arm_name
 from quantrol_operator.cli.statusview import render_quantizedmodel, render_servingpolicy
 from quantrol_operator.defaults import OperatorDefaults
+from quantrol_operator.kube import Kube
 
 DEFAULT_REGISTRY = "registry.quantrol-infra.svc:5000"  # e2e/kind-up.sh: TLS, CA baked into the e2e images
 DEFAULT_PROMETHEUS = "http://prometheus.quantrol-infra.svc:9090"
 OPERATOR_SELECTOR = "app.kubernetes.io/name=quantrol,app.kubernetes.io/component=operator"  # the chart's labels
-CRD_NAMES = ("quantizedmodels.quantrol.io", "servingpolicies.quantrol.io")
+CRD_NAMES = tuple(f"{k.plural}.{k.group}" for k in KINDS)
 HELM_INSTALL = "helm install quantrol charts/quantrol -n quantrol-system --create-namespace"
 MODEL_CLAIM = "tiny-model"
 DEMO_LABELS = {"app.kubernetes.io/part-of": "quantrol-demo"}
@@ -92,49 +95,22 @@ class OperatorInstall:
 
 
 class ClusterApi(Api):
-    """demo_story's Api (namespace quantrol-demo), on a real kubeconfig and context, plus the built-in kinds."""
+    """The story's Api (namespace quantrol-demo) on a real kubeconfig and context, plus what the cluster story reads
+    besides the custom resources; all of it through kube.Kube, the operator's own client."""
 
     def __init__(self, context: str | None = None, kubeconfig: str | None = None) -> None:
-        from kubernetes import client, config
-
-        path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
-        self._client = config.new_client_from_config(config_file=path, context=context)  # type: ignore[no-untyped-call]
-        self.custom = client.CustomObjectsApi(self._client)
-        self.core = client.CoreV1Api(self._client)
-        self.apps = client.AppsV1Api(self._client)
-        self.batch = client.BatchV1Api(self._client)
-        self.extensions = client.ApiextensionsV1Api(self._client)
-
-    def plain(self, obj: object) -> dict[str, Any]:
-        """A client model as the API's JSON (camelCase keys): the models' fields are all optional anyway."""
-        return cast(dict[str, Any], self._client.sanitize_for_serialization(obj))
-
-    def items(self, listed: object) -> list[dict[str, Any]]:
-        return list(self.plain(listed).get("items") or [])
+        super().__init__(Kube.from_kubeconfig(kubeconfig, context))
 
     def create_builtin(self, obj: dict[str, Any]) -> None:
         """Create a Job, Deployment or PersistentVolumeClaim in the demo namespace from its dict."""
-        from kubernetes import client
+        self.kube.create({**obj, "metadata": {**obj["metadata"], "namespace": NAMESPACE}})
 
-        if obj["kind"] == "Job":
-            self.batch.create_namespaced_job(NAMESPACE, client.V1Job.model_validate(obj))
-        elif obj["kind"] == "Deployment":
-            self.apps.create_namespaced_deployment(NAMESPACE, client.V1Deployment.model_validate(obj))
-        elif obj["kind"] == "PersistentVolumeClaim":
-            self.core.create_namespaced_persistent_volume_claim(
-                NAMESPACE, client.V1PersistentVolumeClaim.model_validate(obj))
-        else:
-            raise ValueError(f"create_builtin does not create {obj['kind']}")
+    def pods(self, selector: str = "") -> list[dict[str, Any]]:
+        return self.kube.list_objects("v1", "Pod", NAMESPACE, selector)
 
-    def get_optional(self, plural: str, name: str) -> dict[str, Any] | None:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            return self.get(plural, name)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+    def log_tail(self, pod: dict[str, Any], lines: int) -> str:
+        return self.kube.read_text(f"/api/v1/namespaces/{NAMESPACE}/pods/{pod['metadata']['name']}/log",
+                                   [("tailLines", str(lines))])
 
 
 # --- what runs in the helper pods: standard library only (quantrol_worker too for the seed), shipped as source --
@@ -143,7 +119,6 @@ class ClusterApi(Api):
 def _seed_main() -> None:
     """In the worker image: build the tiny model into the claim, push its bf16 checkpoint, report the digest."""
     import json
-    import os
     from pathlib import Path
 
     from quantrol_worker.calibrate.oci import push
@@ -159,83 +134,8 @@ def _seed_main() -> None:
     print(result, flush=True)
 
 
-def _load_main() -> None:
-    """A bounded load against the router: N clients, one streamed completion in flight each, until SIGTERM.
-    Failures before the first answer are not counted: the router and the stable arm are still starting."""
-    import json
-    import os
-    import signal
-    import threading
-    import urllib.request
-
-    url, prompts = os.environ["QUANTROL_LOAD_URL"], json.loads(os.environ["QUANTROL_LOAD_PROMPTS"])
-    workers, max_tokens = int(os.environ["QUANTROL_LOAD_WORKERS"]), int(os.environ["QUANTROL_LOAD_MAX_TOKENS"])
-    stop, lock, counts = threading.Event(), threading.Lock(), {"ok": 0, "failed": 0}
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-
-    def loop(n: int) -> None:
-        while not stop.is_set():
-            body = json.dumps({"model": os.environ["QUANTROL_LOAD_MODEL"], "prompt": prompts[n % len(prompts)],
-                               "max_tokens": max_tokens, "temperature": 0, "stream": True}).encode()
-            n += workers
-            request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(request, timeout=60) as rsp:
-                    rsp.read()
-                with lock:
-                    counts["ok"] += 1
-            except OSError:
-                with lock:
-                    counts["failed"] += 1 if counts["ok"] else 0
-                stop.wait(1.0)
-            stop.wait(0.1)
-
-    threads = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(workers)]
-    for thread in threads:
-        thread.start()
-    while not stop.wait(5.0):
-        print(f"quantrol-load ok={counts['ok']} failed={counts['failed']}", flush=True)
-    for thread in threads:
-        thread.join(70)
-    print(f"quantrol-load ok={counts['ok']} failed={counts['failed']}", flush=True)
-
-
-def _warm_main() -> None:
-    """Send each warm-up body straight to one engine: the first two alone, then the rest in batches of four."""
-    import json
-    import os
-    import sys
-    import threading
-    import time
-    import urllib.request
-
-    url, bodies = os.environ["QUANTROL_WARM_URL"], json.loads(os.environ["QUANTROL_WARM_BODIES"])
-    timeout, began = float(os.environ["QUANTROL_WARM_TIMEOUT"]), time.monotonic()
-    failures: list[str] = []
-
-    def send(body: dict[str, object]) -> None:
-        request = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as rsp:
-                rsp.read()
-        except OSError as exc:
-            failures.append(f"{exc!r}")
-
-    for body in bodies[:2]:
-        send(body)
-    for start in range(2, len(bodies), 4):
-        threads = [threading.Thread(target=send, args=(b,), daemon=True) for b in bodies[start:start + 4]]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout)
-    print(f"warm after {time.monotonic() - began:.0f}s; failures: {failures}", flush=True)
-    sys.exit(1 if failures else 0)
-
-
-def pod_script(main: Callable[[], None]) -> str:
-    """A module-level function of this file as a `python -c` program: its source, then a call."""
+def function_script(main: Callable[[], None]) -> str:
+    """A self-contained module-level function of this file as a `python -c` program: its source, then a call."""
     return f"{inspect.getsource(main)}\n{main.__name__}()\n"
 
 
@@ -250,10 +150,10 @@ def _meta(name: str, **labels: str) -> dict[str, Any]:
     return {"name": name, "namespace": NAMESPACE, "labels": {**DEMO_LABELS, **labels}}
 
 
-def helper_job(name: str, image: str, main: Callable[[], None], env: dict[str, str], deadline: float,
+def helper_job(name: str, image: str, script: str, env: dict[str, str], deadline: float,
                volumes: Sequence[dict[str, Any]] = (), mounts: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
-    """A one-shot pod running `main` (see pod_script) on `image`; it fails at once rather than retrying."""
-    container = {"name": "main", "image": image, "command": ["python", "-c", pod_script(main)],
+    """A one-shot pod running the `python -c` `script` on `image`; it fails at once rather than retrying."""
+    container = {"name": "main", "image": image, "command": ["python", "-c", script],
                  "env": _env({"PYTHONUNBUFFERED": "1", "QUANTROL_TERMINATION_LOG": TERMINATION_LOG, **env}),
                  "volumeMounts": list(mounts), "terminationMessagePath": TERMINATION_LOG,
                  "terminationMessagePolicy": "FallbackToLogsOnError"}
@@ -278,25 +178,24 @@ def seed_job(name: str, worker_image: str, target: ClusterTarget, deadline: floa
     env = {"QUANTROL_SEED_OUT": mount_path, "QUANTROL_SEED_REPOSITORY": f"{target.registry}/models/tiny-bf16",
            "QUANTROL_SEED_INSECURE": "true" if target.insecure_registry else "false", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    return helper_job(name, worker_image, _seed_main, env, deadline,
+    return helper_job(name, worker_image, function_script(_seed_main), env, deadline,
                       volumes=[{"name": "model", "persistentVolumeClaim": {"claimName": MODEL_CLAIM}}],
                       mounts=[{"name": "model", "mountPath": mount_path}])
 
 
 def warm_job(name: str, image: str, artifact: str, deadline: float) -> dict[str, Any]:
     url = f"http://{arm_name(POLICY, artifact)}.{NAMESPACE}.svc:{ENGINE_PORT}/v1/completions"
-    env = {"QUANTROL_WARM_URL": url, "QUANTROL_WARM_BODIES": json.dumps(warm_bodies()),
-           "QUANTROL_WARM_TIMEOUT": str(int(deadline))}
-    return helper_job(name, image, _warm_main, env, deadline)
+    env = {"QUANTROL_WARM_URL": url, "QUANTROL_WARM_MODEL": POLICY, "QUANTROL_WARM_TIMEOUT": str(int(deadline))}
+    return helper_job(name, image, load.pod_script(load.warm_main), env, deadline)
 
 
 def load_deployment(image: str, settings: DemoSettings) -> dict[str, Any]:
     labels = {**DEMO_LABELS, "app.kubernetes.io/name": LOAD_NAME}
     env = {"QUANTROL_LOAD_URL": f"http://{POLICY}.{NAMESPACE}.svc:{ROUTER_PORT}/v1/completions",
-           "QUANTROL_LOAD_PROMPTS": json.dumps(LoadGenerator.PROMPTS), "QUANTROL_LOAD_MODEL": POLICY,
-           "QUANTROL_LOAD_WORKERS": str(settings.load_workers), "QUANTROL_LOAD_MAX_TOKENS": str(settings.max_tokens),
-           "PYTHONUNBUFFERED": "1"}
-    container = {"name": "load", "image": image, "command": ["python", "-c", pod_script(_load_main)], "env": _env(env)}
+           "QUANTROL_LOAD_MODEL": POLICY, "QUANTROL_LOAD_WORKERS": str(settings.load_workers),
+           "QUANTROL_LOAD_MAX_TOKENS": str(settings.max_tokens), "PYTHONUNBUFFERED": "1"}
+    container = {"name": "load", "image": image, "command": ["python", "-c", load.pod_script(load.load_main)],
+                 "env": _env(env)}
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(LOAD_NAME, **labels),
             "spec": {"replicas": 1, "selector": {"matchLabels": {"app.kubernetes.io/name": LOAD_NAME}},
                      "template": {"metadata": {"labels": labels},
@@ -361,20 +260,12 @@ class ClusterStory:
 
     def preflight(self) -> OperatorInstall:
         """Both CRDs and a ready operator Deployment with the chart's labels, or a DemoError saying how to install."""
-        from kubernetes.client.exceptions import ApiException
-
-        missing: list[str] = []
-        for name in CRD_NAMES:
-            try:
-                self.api.extensions.read_custom_resource_definition(name)
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise
-                missing.append(name)
+        missing = [name for name in CRD_NAMES
+                   if self.api.kube.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", "", name) is None]
         if missing:
             raise DemoError(f"Quantrol is not installed on this cluster (no CRD {', '.join(missing)}); install it "
                             f"with `{HELM_INSTALL}` (on kind, `bash e2e/kind-up.sh` does everything)")
-        found = self.api.items(self.api.apps.list_deployment_for_all_namespaces(label_selector=OPERATOR_SELECTOR))
+        found = self.api.kube.list_objects("apps/v1", "Deployment", None, OPERATOR_SELECTOR)
         ready = [d for d in found if _ready_replicas(d) >= 1]
         if not ready:
             seen = ", ".join(f"{_ref(d)} ({_ready_replicas(d)} ready)" for d in found) or "none"
@@ -394,20 +285,12 @@ class ClusterStory:
 
     def reset(self) -> None:
         """Delete the demo namespace (a previous run's objects, children and claim) and create it afresh."""
-        from kubernetes.client.exceptions import ApiException
-
-        with contextlib.suppress(ApiException):  # 404: nothing to delete
-            self.api.core.delete_namespace(NAMESPACE)
+        if self.api.kube.get("v1", "Namespace", NAMESPACE, NAMESPACE) is not None:
+            self.api.kube.delete({"apiVersion": "v1", "kind": "Namespace", "namespace": None, "name": NAMESPACE})
             say(f"deleting namespace {NAMESPACE} and a previous run's objects in it")
 
         def gone() -> bool:
-            try:
-                self.api.core.read_namespace(NAMESPACE)
-            except ApiException as exc:
-                if exc.status == 404:
-                    return True
-                raise
-            return False
+            return self.api.kube.get("v1", "Namespace", NAMESPACE, NAMESPACE) is None
 
         wait_for(f"namespace {NAMESPACE} to be deleted (the operator removes its finalizers: is it running?)", gone,
               self.settings.phase_timeout, every=2.0)
@@ -536,22 +419,15 @@ class ClusterStory:
         return f"{POLICY}-{kind}-{self._jobs}"
 
     def _ready(self, deployment: str) -> bool:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            found = self.api.plain(self.api.apps.read_namespaced_deployment_status(deployment, NAMESPACE))
-        except ApiException as exc:
-            if exc.status == 404:
-                return False  # not created yet
-            raise
-        return _ready_replicas(found) >= 1
+        found = self.api.kube.get("apps/v1", "Deployment", NAMESPACE, deployment)
+        return found is not None and _ready_replicas(found) >= 1  # None: not created yet
 
     def wait_job(self, name: str, timeout: float) -> str:
         """Wait for a helper Job to succeed; returns its pod's termination message. A failure or a timeout raises
         DemoError with the pod's state and log tail."""
 
         def done() -> bool:
-            status = self.api.plain(self.api.batch.read_namespaced_job_status(name, NAMESPACE)).get("status") or {}
+            status = (self.api.kube.get("batch/v1", "Job", NAMESPACE, name) or {}).get("status") or {}
             if status.get("failed"):
                 raise DemoError(f"Job {name} failed")
             return bool(status.get("succeeded"))
@@ -568,10 +444,10 @@ class ClusterStory:
         return ""
 
     def _pods(self, selector: str = "") -> list[dict[str, Any]]:
-        return self.api.items(self.api.core.list_namespaced_pod(NAMESPACE, label_selector=selector))
+        return self.api.pods(selector)
 
     def _log_tail(self, pod: dict[str, Any], lines: int) -> str:
-        return str(self.api.core.read_namespaced_pod_log(pod["metadata"]["name"], NAMESPACE, tail_lines=lines))
+        return self.api.log_tail(pod, lines)
 
     def pods_report(self, selector: str = "", logs: bool = False) -> str:
         """One line per pod of the demo namespace (phase, and why each container is not running), with the last log
@@ -594,23 +470,19 @@ class ClusterStory:
 
     def describe(self) -> str:
         """The policy and the models at a glance (`quantrol status`), and the pods: what a failed test prints."""
-        from quantrol_operator.api.common import GROUP, VERSION
-
         parts: list[str] = []
         with contextlib.suppress(Exception):
             policy = self.api.get_optional("servingpolicies", POLICY)
             parts.append(render_servingpolicy(policy) if policy else f"ServingPolicy {NAMESPACE}/{POLICY}: not found")
         with contextlib.suppress(Exception):
-            listed = self.api.custom.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "quantizedmodels")
-            parts += [render_quantizedmodel(obj) for obj in cast(dict[str, Any], listed).get("items", [])]
+            listed = self.api.kube.list_objects(QUANTIZED_MODEL.api_version, QUANTIZED_MODEL.kind, NAMESPACE)
+            parts += [render_quantizedmodel(obj) for obj in listed]
         with contextlib.suppress(Exception):
             parts.append(f"pods in {NAMESPACE}:\n{self.pods_report()}")
         return "\n".join(parts)
 
     def stop_load(self) -> dict[str, int]:
         """The load generator's last counts (from its log), then its Deployment deleted."""
-        from kubernetes.client.exceptions import ApiException
-
         counts = {"ok": 0, "failed": 0}
         for pod in self._pods(f"app.kubernetes.io/name={LOAD_NAME}"):
             with contextlib.suppress(ApiException):
@@ -618,8 +490,9 @@ class ClusterStory:
                 if found:
                     counts["ok"] += int(found[-1][0])
                     counts["failed"] += int(found[-1][1])
-        with contextlib.suppress(ApiException):  # 404: never started, or already stopped
-            self.api.apps.delete_namespaced_deployment(LOAD_NAME, NAMESPACE)
+        # 404 is fine: never started, or already stopped (Kube.delete ignores it)
+        self.api.kube.delete({"apiVersion": "apps/v1", "kind": "Deployment", "namespace": NAMESPACE,
+                              "name": LOAD_NAME})
         return counts
 
     def operator_metric(self, name: str) -> dict[str, float]:
@@ -629,14 +502,13 @@ class ClusterStory:
 
         install = self._installed()
         out: dict[str, float] = {}
-        services = self.api.items(self.api.core.list_namespaced_service(install.namespace,
-                                                                          label_selector=OPERATOR_SELECTOR))
+        services = self.api.kube.list_objects("v1", "Service", install.namespace, OPERATOR_SELECTOR)
         for svc in services:
             if not any(port.get("name") == "metrics" for port in svc["spec"].get("ports") or []):
                 continue
             try:
-                text = self.api.core.connect_get_namespaced_service_proxy_with_path(
-                    f"{svc['metadata']['name']}:metrics", install.namespace, "metrics")
+                text = self.api.kube.read_text(f"/api/v1/namespaces/{install.namespace}/services/"
+                                               f"{svc['metadata']['name']}:metrics/proxy/metrics")
             except Exception as exc:  # the report says so; the story itself is done
                 say(f"could not read the operator's metrics through {_ref(svc)}: {exc}")
                 return out

@@ -44,19 +44,23 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import yaml
+from kubernetes.client.exceptions import ApiException
 
+from quantrol_dev.demo import load
 from quantrol_dev.localstack.procs import free_port
 from quantrol_dev.localstack.prometheus import PrometheusServer
 from quantrol_dev.localstack.runner_plan import ImageEnv
 from quantrol_dev.localstack.stack import LocalStack
-from quantrol_operator.api.common import GROUP, VERSION
+from quantrol_operator.api.common import API_VERSION
+from quantrol_operator.api.kinds import KINDS_BY_NAME, SERVING_POLICY
 from quantrol_operator.api.servingpolicy import NO_JUDGEMENT_ADVICE, NoJudgement
 from quantrol_operator.children.router import ROUTER_PORT
 from quantrol_operator.children.serving import ENGINE_PORT, arm_name
 from quantrol_operator.cli.statusview import render_quantizedmodel, render_servingpolicy
+from quantrol_operator.kube import Kube
 from quantrol_operator.rollout.analysis import no_judgement
 from quantrol_operator.rollout.queries import PrometheusSource, Scope, target_health
 
@@ -214,7 +218,7 @@ def push_baseline(registry: str, model_dir: Path) -> str:
 
 def quantized_model(name: str, scheme: str, info: dict[str, Any], registry: str) -> dict[str, Any]:
     return {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "QuantizedModel",
+        "apiVersion": API_VERSION, "kind": "QuantizedModel",
         "metadata": {"name": name, "namespace": NAMESPACE},
         "spec": {
             "baseModel": {"uri": f"file://{info['model_dir']}"},
@@ -231,7 +235,7 @@ def quantized_model(name: str, scheme: str, info: dict[str, Any], registry: str)
 
 def serving_policy(baseline: str, candidate: str, settings: DemoSettings, prometheus_url: str) -> dict[str, Any]:
     return {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "ServingPolicy",
+        "apiVersion": API_VERSION, "kind": "ServingPolicy",
         # Held until the demo has warmed the candidate's engine (hold_and_warm); a user would not need this.
         "metadata": {"name": POLICY, "namespace": NAMESPACE, "annotations": {PAUSED: "true"}},
         "spec": {
@@ -264,35 +268,37 @@ def serving_policy(baseline: str, candidate: str, settings: DemoSettings, promet
 
 
 class Api:
-    def __init__(self, kubeconfig: Path) -> None:
-        from kubernetes import client, config
+    """The demo's view of the API: kube.Kube (the operator's own client) in the demo's namespace."""
 
-        self._client = config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
-        self.custom = client.CustomObjectsApi(self._client)
-        self.core = client.CoreV1Api(self._client)
+    def __init__(self, kube: Kube) -> None:
+        self.kube = kube
 
     def close(self) -> None:
-        self._client.close()
+        self.kube.close()
 
     def ensure_namespace(self, name: str) -> None:
-        from kubernetes import client
-        from kubernetes.client.exceptions import ApiException
-
         try:
-            self.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+            self.kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
         except ApiException as exc:
             if exc.status != 409:
                 raise
 
     def create(self, obj: dict[str, Any]) -> None:
-        plural = {"QuantizedModel": "quantizedmodels", "ServingPolicy": "servingpolicies"}[obj["kind"]]
-        self.custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, plural, obj)
+        self.kube.create({**obj, "metadata": {**obj["metadata"], "namespace": NAMESPACE}})
 
     def get(self, plural: str, name: str) -> dict[str, Any]:
-        return cast(dict[str, Any], self.custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, plural, name))
+        """The demo's QuantizedModel or ServingPolicy `name` (raises when it is gone)."""
+        found = self.get_optional(plural, name)
+        if found is None:
+            raise DemoError(f"{plural}/{name} is gone from namespace {NAMESPACE}")
+        return found
+
+    def get_optional(self, plural: str, name: str) -> dict[str, Any] | None:
+        kind = KINDS_BY_NAME[plural]
+        return self.kube.get(kind.api_version, kind.kind, NAMESPACE, name)
 
     def patch_policy(self, patch: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "servingpolicies", POLICY, patch)
+        self.kube.patch(SERVING_POLICY.api_version, SERVING_POLICY.kind, NAMESPACE, POLICY, patch)
 
 
 def print_yaml(obj: dict[str, Any]) -> None:
@@ -366,37 +372,38 @@ class PodLogs(threading.Thread):
 
 
 class LoadGenerator:
-    """A bounded load: `workers` clients, one request in flight each, against the router Service."""
-
-    PROMPTS = ("The licence grants", "def parse(self, text):", "Permission is hereby granted", "import os\nimport",
-               "You may not use this file except", "for i in range(")
+    """A bounded load against the router Service: `workers` clients (demo.load), one request in flight each, once the
+    stable arm answers (errors of start-up are noise); after the first answer, the router alone decides."""
 
     def __init__(self, services_path: Path, workers: int, max_tokens: int, stable_service: str) -> None:
         self.services_path = services_path
-        self.stable_service = stable_service  # no load before the stable arm answers: errors of start-up are noise
+        self.stable_service = stable_service
         self.workers = workers
         self.max_tokens = max_tokens
         self.stop = threading.Event()
-        self.ok = 0
-        self.failed = 0
+        self.counts = load.Counts()
         self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
+
+    @property
+    def ok(self) -> int:
+        return self.counts.ok
+
+    @property
+    def failed(self) -> int:
+        return self.counts.failed
 
     def _router_url(self) -> str | None:
         with contextlib.suppress(OSError, ValueError):
             services = json.loads(self.services_path.read_text())
             entry = services.get(f"{NAMESPACE}/{POLICY}") or {}
             port = (entry.get("ports") or {}).get(str(ROUTER_PORT))
-            started = self.ok > 0  # after the first answer, the router alone decides (the baseline may be gone)
-            if port and (started or (services.get(f"{NAMESPACE}/{self.stable_service}") or {}).get("ports")):
-                return f"http://127.0.0.1:{port}"
+            if port and (self.ok > 0 or (services.get(f"{NAMESPACE}/{self.stable_service}") or {}).get("ports")):
+                return f"http://127.0.0.1:{port}/v1/completions"
         return None
 
     def start(self) -> LoadGenerator:
-        for i in range(self.workers):
-            thread = threading.Thread(target=self._loop, args=(i,), name=f"demo-load-{i}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._threads = load.start_clients(self.workers, self._router_url, POLICY, self.max_tokens, self.stop,
+                                           self.counts)
         return self
 
     def close(self) -> None:
@@ -404,51 +411,11 @@ class LoadGenerator:
         for thread in self._threads:
             thread.join(timeout=70)
 
-    def _loop(self, worker: int) -> None:
-        n = worker
-        while not self.stop.is_set():
-            url = self._router_url()
-            if url is None:
-                self.stop.wait(1.0)
-                continue
-            body = json.dumps({"model": POLICY, "prompt": self.PROMPTS[n % len(self.PROMPTS)],
-                               "max_tokens": self.max_tokens, "temperature": 0, "stream": True}).encode()
-            n += self.workers
-            request = urllib.request.Request(f"{url}/v1/completions", data=body,
-                                             headers={"Content-Type": "application/json"})
-            try:
-                with _HTTP.open(request, timeout=60) as rsp:
-                    rsp.read()
-                with self._lock:
-                    self.ok += 1
-            except (OSError, urllib.error.HTTPError):
-                with self._lock:
-                    self.failed += 1
-                self.stop.wait(0.5)  # the router is not ready yet, or refused: do not spin
-            self.stop.wait(0.1)
-
-
-def warm_bodies() -> list[dict[str, Any]]:
-    """One request of each kind the router sends (a streamed completion with token ids, a teacher-forced probe with
-    prompt_logprobs — the probe sends token ids, not text, as protocol.probe_body does) at several prompt lengths:
-    CPU kernels are built per shape (oneDNN primitives, inductor graphs) at the first request that needs them."""
-    words = ["the", "licence", "grants", "permission", "to", "use", "copy", "modify", "merge", "publish", "and",
-             "distribute", "the", "software"]
-    bodies: list[dict[str, Any]] = []
-    for n in (1, 3, 6, 10, 15, 22, 30):
-        prompt = " ".join(words[i % len(words)] for i in range(n))
-        bodies.append({"model": POLICY, "prompt": prompt, "max_tokens": 4, "temperature": 0, "stream": True,
-                       "return_token_ids": True})
-        bodies.append({"model": POLICY, "prompt": [(17 * i + 5) % 1000 + 10 for i in range(n + 4)], "max_tokens": 1,
-                       "temperature": 0, "prompt_logprobs": 0})
-    return bodies
-
 
 def warm_arm(services_path: Path, artifact: str, timeout: float) -> float:
-    """Send one request of each kind the router will send (a streamed completion with token ids, a teacher-forced
-    probe with prompt_logprobs, then both at once) straight to the arm's engine, outside the router so that no
-    metric sees them. A fresh vLLM CPU engine answers its first requests of a kind tens of seconds late; a
-    rollout judged on those would judge the warm-up. Returns the seconds it took."""
+    """Send one request of each kind the router will send (demo.load.warm_bodies) straight to the arm's engine,
+    outside the router so that no metric sees them. A fresh vLLM CPU engine answers its first requests of a kind
+    tens of seconds late; a rollout judged on those would judge the warm-up. Returns the seconds it took."""
     began = time.monotonic()
     service = f"{NAMESPACE}/{arm_name(POLICY, artifact)}"
     url: list[str] = []
@@ -463,22 +430,9 @@ def warm_arm(services_path: Path, artifact: str, timeout: float) -> float:
         return False
 
     wait_for(f"the arm {service} to be ready", ready, timeout)
-    bodies = warm_bodies()
-
-    def send(body: dict[str, Any]) -> None:
-        request = urllib.request.Request(url[0], data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with _HTTP.open(request, timeout=timeout) as rsp:
-            rsp.read()
-
-    for body in bodies[:2]:  # the first of each kind alone: it may compile for minutes the very first time
-        send(body)
-    for batch in (bodies[2:6], bodies[6:10], bodies[10:]):  # then side by side, as traffic will come
-        threads = [threading.Thread(target=send, args=(b,), daemon=True) for b in batch]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout)
+    failures = load.warm(url[0], load.warm_bodies(POLICY), timeout)
+    if failures:
+        raise DemoError(f"warming {service} up failed: {failures[:3]}")
     return time.monotonic() - began
 
 
@@ -813,7 +767,7 @@ def run_story(settings: DemoSettings) -> dict[str, Any]:
         registry = stack.registry.address
         baseline = push_baseline(registry, Path(info["model_dir"]))
         say(f"baseline published by digest: {baseline}")
-        api = Api(stack.kubeconfig)
+        api = Api(Kube.from_kubeconfig(str(stack.kubeconfig)))
         pod_logs = PodLogs(stack.runner.state_dir / "pods")
         if not settings.quiet:
             pod_logs.start()
