@@ -14,7 +14,7 @@ from quantrol_operator.api.servingpolicy import ServingPolicyStatus
 from quantrol_operator.apply import apply_plan, orphan_children
 from quantrol_operator.handlers.common import DEFAULTS, Events, Runtime, handle, runtime
 from quantrol_operator.observe import servingpolicy as observe
-from quantrol_operator.planning.servingpolicy import plan
+from quantrol_operator.planning.servingpolicy import orphaned_on_delete, plan, read_spec
 
 
 def _reconcile(rt: Runtime, obj: dict[str, Any]) -> Events:
@@ -53,7 +53,9 @@ def serving_policy_deleted(body: kopf.Body, logger: kopf.Logger, memo: kopf.Memo
     rt = runtime(memo)
     namespace, policy, uid = str(body.meta.namespace), str(body.meta.name), str(body.meta.uid)
     rt.delivery.forget(namespace, policy)
-    if dict(body.spec).get("deletionPolicy", "Delete") != "Orphan":
+    spec = read_spec({"spec": dict(body.spec)}).spec
+    # An invalid spec still says what its deletionPolicy is: nothing serving is lost on a typo elsewhere.
+    if not (orphaned_on_delete(spec) if spec else dict(body.spec).get("deletionPolicy") == "Orphan"):
         return
     released = orphan_children(rt.kube, namespace, policy, uid, rt.pod_monitors)
     logger.info("deletionPolicy Orphan: %s/%s removed, its %d children keep serving", namespace, policy, released)

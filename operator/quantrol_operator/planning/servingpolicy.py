@@ -21,12 +21,14 @@ from quantrol_operator.api.servingpolicy import (
     NO_JUDGEMENT_ADVICE,
     AnalysisCounters,
     AnalysisRun,
+    DeletionPolicy,
     HandledAnnotations,
     KernelReport,
     RollbackReason,
     RollbackRecord,
     ServingPolicySpec,
     ServingPolicyStatus,
+    TrafficProvider,
     Transition,
     Verdict,
     Weights,
@@ -85,6 +87,11 @@ class SpPlan(Plan):
     router_config: str | None = None  # the config document to push to the routers' admin endpoint
     rollback: RollbackRecord | None = None  # set on the pass that rolls back
     analysis: AnalysisRun | None = None  # set on a pass that judged a window
+
+
+def orphaned_on_delete(spec: ServingPolicySpec) -> bool:
+    """Whether deleting the policy leaves its arms, router and config serving, without an owner (deletionPolicy)."""
+    return spec.deletion_policy is DeletionPolicy.ORPHAN
 
 
 def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapping[str, str] | None = None) -> SpPlan:
@@ -197,7 +204,7 @@ def _desired_candidate(observed: SpObserved,
     ref = spec.candidate.quantized_model_ref
     assert ref is not None
     qm = observed.quantized_model
-    if qm is None:
+    if qm is None or qm["metadata"].get("name") != ref.name:
         return None, f"QuantizedModel {ref.name} not found in this namespace", None
     qm_status = qm.get("status") or {}
     conditions = {c["type"]: c for c in qm_status.get("conditions", [])}
@@ -289,6 +296,8 @@ def _children(result: SpPlan, obj: dict[str, Any], spec: ServingPolicySpec, imag
     if target and target not in (stable, candidate):
         grace_over = now - (status.phase_since or now) >= timedelta(seconds=spec.rollout.promotion_grace_seconds)
         result.apply.append(serving.arm_deployment(obj, spec, target, serving_image, 0 if grace_over else replicas))
+    if spec.traffic_provider is not TrafficProvider.ROUTER:
+        return  # the only provider today; another would split traffic without Quantrol's router
     config = router.router_config(policy, namespace, spec, stable, candidate if candidate_live else None,
                                   weights.stable if candidate_live else 100, weights.candidate if candidate_live else 0,
                                   weights.mirror_fraction, version=0)
