@@ -313,7 +313,7 @@ def test_oci_base_model_in_artifact_out_and_corruption_detected(
 ) -> None:
     registry = oci_registry
     push_base = (
-        "import sys; from pathlib import Path; from quantrol_worker.calibrate import oci; "
+        "import sys; from pathlib import Path; from quantrol_worker import oci; "
         "print(oci.push(Path(sys.argv[1]), sys.argv[2], insecure=True, tag='base', annotations={}))"
     )
     proc = calib("-c", push_base, tiny["model_dir"], f"{registry.address}/models/tiny-base")

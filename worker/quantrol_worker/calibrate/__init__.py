@@ -8,6 +8,7 @@ and the termination message are the torch-free models in `quantrol_worker.contra
 from __future__ import annotations
 
 from quantrol_worker.contracts import Reason, Stage
+from quantrol_worker.oci import ArtifactError, ArtifactReason
 
 
 class WorkerError(Exception):
@@ -18,3 +19,15 @@ class WorkerError(Exception):
         self.reason = reason
         self.message = message
         self.stage = stage
+
+    @classmethod
+    def from_artifact(cls, exc: ArtifactError, stage: Stage, *, unavailable: Reason) -> WorkerError:
+        """The calibration worker's reason for an artifact refusal: a reference or manifest that cannot be used is
+        the config's problem (it named it), a digest mismatch stays one, and an unreachable registry is
+        `unavailable` (the base model's for a pull, the publish step's for a push)."""
+        reason = {
+            ArtifactReason.DIGEST_MISMATCH: Reason.DIGEST_MISMATCH,
+            ArtifactReason.INVALID_REFERENCE: Reason.INVALID_CONFIG,
+            ArtifactReason.ARTIFACT_UNAVAILABLE: unavailable,
+        }[exc.reason]
+        return cls(reason, exc.message, stage)

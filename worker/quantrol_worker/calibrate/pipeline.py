@@ -15,10 +15,11 @@ from typing import Any
 
 import yaml
 
-from quantrol_worker.calibrate import WorkerError, integrity, oci
+from quantrol_worker import oci
+from quantrol_worker.calibrate import WorkerError, integrity
 from quantrol_worker.calibrate.data import SliceData, load_slices
 from quantrol_worker.calibrate.progress import Progress
-from quantrol_worker.calibrate.sources import TOKENIZER_FILES, directory_digest, resolve_model
+from quantrol_worker.calibrate.sources import TOKENIZER_FILES, directory_digest, pull, resolve_model
 from quantrol_worker.contracts import (
     REPORT_FILE,
     CalibrationConfig,
@@ -302,13 +303,16 @@ def _package_and_publish(run: Run, result: TerminationResult) -> None:
     if result.reason in (Reason.PUBLISH_FAILED,):
         return
     with run.progress.stage_of(Stage.PUBLISH):
-        ref = oci.push(
-            package,
-            cfg.artifact.repository,
-            insecure=cfg.artifact.insecure,
-            tag=cfg.artifact.tag,
-            annotations=_annotations(run, report),
-        )
+        try:
+            ref = oci.push(
+                package,
+                cfg.artifact.repository,
+                insecure=cfg.artifact.insecure,
+                tag=cfg.artifact.tag,
+                annotations=_annotations(run, report),
+            )
+        except oci.ArtifactError as exc:
+            raise WorkerError.from_artifact(exc, Stage.PUBLISH, unavailable=Reason.PUBLISH_FAILED) from exc
     run.progress.log("pushed", ref=ref)
     if ready:
         result.artifact_ref, result.digest = ref, ref.split("@", 1)[1]
@@ -422,7 +426,7 @@ def pull_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--insecure", action="store_true")
     args = parser.parse_args(argv)
     try:
-        out = oci.pull(args.reference, args.out, insecure=args.insecure)
+        out = pull(args.reference, args.out, insecure=args.insecure)
     except WorkerError as exc:
         print(json.dumps({"ok": False, "reason": exc.reason.value, "message": exc.message}))
         return 1

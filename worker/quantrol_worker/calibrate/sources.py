@@ -6,9 +6,10 @@ import hashlib
 import os
 from pathlib import Path
 
-from quantrol_worker.calibrate import WorkerError, oci
+from quantrol_worker import oci
+from quantrol_worker.calibrate import WorkerError
 from quantrol_worker.contracts import Reason, Stage
-from quantrol_worker.fetch import sha256_file
+from quantrol_worker.oci import sha256_file
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -52,10 +53,19 @@ def _hf_snapshot(uri: str) -> Path:
     return Path(path)
 
 
+def pull(reference: str, outdir: Path, *, insecure: bool) -> Path:
+    """`REPO@sha256:…` into `outdir`, every file verified (`quantrol_worker.oci`); returns `outdir`."""
+    try:
+        oci.pull(reference, outdir, insecure=insecure)
+    except oci.ArtifactError as exc:
+        raise WorkerError.from_artifact(exc, Stage.LOAD, unavailable=Reason.BASE_MODEL_UNAVAILABLE) from exc
+    return outdir
+
+
 def resolve_model(uri: str, work_dir: Path, *, insecure: bool = False) -> Path:
     """A local directory holding the base model (config.json, weights, tokenizer)."""
     if uri.startswith("oci://"):
-        path = oci.pull(uri, work_dir / "base-model", insecure=insecure)
+        path = pull(uri, work_dir / "base-model", insecure=insecure)
     elif uri.startswith("hf://"):
         path = _hf_snapshot(uri)
     elif uri.startswith("file://") or "://" not in uri:
