@@ -15,11 +15,11 @@ from quantrol_operator.rollout.statemachine import (
     TRANSITIONS,
     Decision,
     Facts,
-    KernelCheck,
     Reason,
     step,
     weights_for,
 )
+from quantrol_worker.contracts import KernelVerdict
 
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 STEPS = (5, 25, 50, 100)
@@ -28,7 +28,7 @@ STEPS = (5, 25, 50, 100)
 def facts(**kw: object) -> Facts:
     base = Facts(now=T0 + timedelta(hours=1), phase_since=T0, steps=STEPS, shadow_seconds=60,
                  dwell_seconds=(60, 60, 60, 0), candidate_pinned=True, stable_ready=True, candidate_ready=True,
-                 kernel=KernelCheck.NATIVE)
+                 kernel=KernelVerdict.NATIVE)
     return replace(base, **kw)  # type: ignore[arg-type]
 
 
@@ -37,11 +37,11 @@ def facts(**kw: object) -> Facts:
     [
         (P.PENDING, None, {}, (P.SHADOW, None, Reason.ARMS_READY)),
         (P.PENDING, None, {"candidate_ready": False}, (P.PENDING, None, None)),
-        (P.PENDING, None, {"kernel": KernelCheck.UNKNOWN}, (P.PENDING, None, None)),
+        (P.PENDING, None, {"kernel": KernelVerdict.UNKNOWN}, (P.PENDING, None, None)),
         (P.PENDING, None, {"candidate_pinned": False}, (P.PENDING, None, None)),
-        (P.PENDING, None, {"kernel": KernelCheck.NONE}, (P.ROLLED_BACK, None, Reason.KERNEL_UNAVAILABLE)),
-        (P.PENDING, None, {"kernel": KernelCheck.FALLBACK}, (P.ROLLED_BACK, None, Reason.KERNEL_FALLBACK)),
-        (P.PENDING, None, {"kernel": KernelCheck.FALLBACK, "enforce_kernels": False}, (P.SHADOW, None,
+        (P.PENDING, None, {"kernel": KernelVerdict.NONE}, (P.ROLLED_BACK, None, Reason.KERNEL_UNAVAILABLE)),
+        (P.PENDING, None, {"kernel": KernelVerdict.FALLBACK}, (P.ROLLED_BACK, None, Reason.KERNEL_FALLBACK)),
+        (P.PENDING, None, {"kernel": KernelVerdict.FALLBACK, "enforce_kernels": False}, (P.SHADOW, None,
                                                                                         Reason.ARMS_READY)),
         (P.SHADOW, None, {"decision": Decision.ADVANCE}, (P.CANARY, 0, Reason.SHADOW_PASSED)),
         (P.SHADOW, None, {"decision": Decision.ADVANCE, "now": T0 + timedelta(seconds=30)}, (P.SHADOW, None, None)),
@@ -92,7 +92,7 @@ fact_updates = st.fixed_dictionaries(
     {},
     optional={
         "decision": st.sampled_from(Decision),
-        "kernel": st.sampled_from(KernelCheck),
+        "kernel": st.sampled_from(KernelVerdict),
         "candidate_ready": st.booleans(),
         "stable_ready": st.booleans(),
         "candidate_failed": st.booleans(),

@@ -111,11 +111,14 @@ class Reason(StrEnum):
 
 
 class KernelVerdict(StrEnum):
-    """What serving the scheme on the target will use: a native kernel, a slower fallback, or nothing."""
+    """What serving the scheme on the target uses: a native kernel, a slower fallback, or nothing. One vocabulary for
+    the calibration pre-check, the serving launcher's verification and the rollout state machine."""
 
     NATIVE = "native"
     FALLBACK = "fallback"
     NONE = "none"
+    # The engine has not reported yet, or named no kernel the table knows: unverified, never a pass.
+    UNKNOWN = "unknown"
 
 
 class Stage(StrEnum):

@@ -24,9 +24,10 @@ from quantrol_operator.children import monitoring, router, serving
 from quantrol_operator.conditions import iso, set_condition
 from quantrol_operator.planning import Event, Plan
 from quantrol_operator.rollout.analysis import Counters, Judgement, decide, window_verdict
-from quantrol_operator.rollout.statemachine import Decision, Facts, KernelCheck, Reason, step, weights_for
+from quantrol_operator.rollout.statemachine import Decision, Facts, Reason, step, weights_for
 from quantrol_operator.rollout.statemachine import Weights as StepWeights
 from quantrol_operator.validation import field_error
+from quantrol_worker.contracts import KernelVerdict
 from quantrol_worker.router.config import dump_config
 
 ANNOTATION_PAUSED = "quantrol.io/paused"
@@ -64,7 +65,7 @@ class SpPlan(Plan):
     rollback: dict[str, Any] | None = None
 
 
-def _desired_candidate(observed: SpObserved, spec: ServingPolicySpec) -> tuple[str | None, str, KernelCheck | None]:
+def _desired_candidate(observed: SpObserved, spec: ServingPolicySpec) -> tuple[str | None, str, KernelVerdict | None]:
     """(digest-pinned candidate or None, why not, a kernel refusal decided before serving)."""
     if spec.candidate.artifact is not None:
         return spec.candidate.artifact, "", None
@@ -78,7 +79,7 @@ def _desired_candidate(observed: SpObserved, spec: ServingPolicySpec) -> tuple[s
     if status.get("observedGeneration") != qm["metadata"].get("generation"):
         return None, f"QuantizedModel {ref.name} is being calibrated for its latest spec", None
     if status.get("phase") == "Rejected" and ready.get("Ready", {}).get("reason") == "KernelIncompatible":
-        return None, f"QuantizedModel {ref.name}: {status.get('message', 'no kernel')}", KernelCheck.NONE
+        return None, f"QuantizedModel {ref.name}: {status.get('message', 'no kernel')}", KernelVerdict.NONE
     qualified = ready.get("QualityQualified", {}).get("status") == "True"
     artifact = (status.get("artifact") or {}).get("ref")
     if status.get("phase") != "Ready" or not qualified or not artifact:
@@ -102,9 +103,9 @@ def _arm_ready(deployments: list[dict[str, Any]], policy: str, ref: str | None) 
     )
 
 
-def _kernel(report: dict[str, Any] | None) -> KernelCheck:
+def _kernel(report: dict[str, Any] | None) -> KernelVerdict:
     verdict = (report or {}).get("verdict", "unknown")
-    return KernelCheck(verdict) if verdict in KernelCheck._value2member_map_ else KernelCheck.UNKNOWN
+    return KernelVerdict(verdict) if verdict in KernelVerdict._value2member_map_ else KernelVerdict.UNKNOWN
 
 
 def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapping[str, str] | None = None) -> SpPlan:

@@ -19,6 +19,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from quantrol_operator.api.servingpolicy import RolloutPhase as P
+from quantrol_worker.contracts import KernelVerdict
 
 
 class Decision(StrEnum):
@@ -28,15 +29,6 @@ class Decision(StrEnum):
     HOLD = "hold"  # keep the current weights and keep measuring
     ROLLBACK = "rollback"  # failure limit reached
     PAUSE = "pause"  # inconclusive or query-error limit reached: a human must look; never promote
-
-
-class KernelCheck(StrEnum):
-    """The candidate engine's kernels against the scheme's promise (the shared kernel table)."""
-
-    UNKNOWN = "unknown"  # the engine has not reported yet
-    NATIVE = "native"
-    FALLBACK = "fallback"
-    NONE = "none"
 
 
 class Reason(StrEnum):
@@ -73,7 +65,7 @@ class Facts:
     stable_ready: bool = False
     candidate_ready: bool = False
     candidate_failed: bool = False  # the candidate arm cannot run (crash loop, fetch refused the digest)
-    kernel: KernelCheck = KernelCheck.UNKNOWN
+    kernel: KernelVerdict = KernelVerdict.UNKNOWN
     enforce_kernels: bool = True
     decision: Decision = Decision.HOLD
     paused_annotation: bool = False
@@ -133,10 +125,10 @@ TRANSITIONS: tuple[Transition, ...] = (
     # edited SLO deserves a new judgement too. Settled phases only: mid-rollout, edits apply to the next window.
     Transition(frozenset({P.ROLLED_BACK, P.FAILED}), lambda f, p, s: f.spec_changed, _to(P.PENDING),
                Reason.SPEC_CHANGED, "the spec changed since the rollout settled: start again from Pending"),
-    Transition(CANDIDATE_SERVING | {P.PENDING}, lambda f, p, s: f.kernel is KernelCheck.NONE, _to(P.ROLLED_BACK),
+    Transition(CANDIDATE_SERVING | {P.PENDING}, lambda f, p, s: f.kernel is KernelVerdict.NONE, _to(P.ROLLED_BACK),
                Reason.KERNEL_UNAVAILABLE, "the candidate's scheme has no kernel on this hardware"),
     Transition(CANDIDATE_SERVING | {P.PENDING},
-               lambda f, p, s: f.kernel is KernelCheck.FALLBACK and f.enforce_kernels, _to(P.ROLLED_BACK),
+               lambda f, p, s: f.kernel is KernelVerdict.FALLBACK and f.enforce_kernels, _to(P.ROLLED_BACK),
                Reason.KERNEL_FALLBACK, "kernelPolicy enforce: a fallback kernel is refused"),
     Transition(CANDIDATE_SERVING | {P.PENDING}, lambda f, p, s: f.candidate_failed, _to(P.ROLLED_BACK),
                Reason.CANDIDATE_FAILED, "the candidate arm cannot run"),
@@ -150,7 +142,7 @@ TRANSITIONS: tuple[Transition, ...] = (
                Reason.ANALYSIS_CANNOT_JUDGE, "no judgement possible (no data, or metrics unreachable): hold"),
     Transition(frozenset({P.PENDING}),
                lambda f, p, s: f.candidate_pinned and f.stable_ready and f.candidate_ready
-               and f.kernel in (KernelCheck.NATIVE, KernelCheck.FALLBACK),
+               and f.kernel in (KernelVerdict.NATIVE, KernelVerdict.FALLBACK),
                _to(P.SHADOW), Reason.ARMS_READY, "both arms ready and the candidate's kernels verified"),
     Transition(frozenset({P.SHADOW}),
                lambda f, p, s: f.decision is Decision.ADVANCE and f.dwell_over(p, s) and f.candidate_ready,
