@@ -124,7 +124,7 @@ def test_enums_share_values_with_the_operator_api() -> None:
 def test_termination_message_fits_4k_whatever_the_input() -> None:
     result = c.TerminationResult(
         phase=c.WorkerPhase.REJECTED,
-        reason=c.Reason.QUALITY_GATE_FAILED,
+        reason=c.CalibrationReason.QUALITY_GATE_FAILED,
         message="x" * 10_000,
         artifact_ref="registry.example.com/models/m@sha256:" + "a" * 64,
         quality=[

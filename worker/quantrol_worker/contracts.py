@@ -93,7 +93,7 @@ class WorkerPhase(StrEnum):
     FAILED = "Failed"
 
 
-class Reason(StrEnum):
+class CalibrationReason(StrEnum):
     """Machine-readable reasons for Rejected / Failed (CamelCase, as Kubernetes condition reasons)."""
 
     SUCCEEDED = "Succeeded"
@@ -294,7 +294,9 @@ class KernelViolation(ReportModel):
     detail: str
 
 
-class KernelCheck(ReportModel):
+class KernelPrecheck(ReportModel):
+    """The calibration-time kernel pre-check (`kernels.precheck`): would every quantized Linear find a kernel?"""
+
     target: Target
     scheme: Scheme
     family: str | None = None
@@ -329,7 +331,7 @@ class CalibrationReport(ReportModel):
 
     version: str = REPORT_VERSION
     phase: WorkerPhase
-    reason: Reason
+    reason: CalibrationReason
     message: str = ""
     name: str | None = None
     generation: int | None = None
@@ -340,7 +342,7 @@ class CalibrationReport(ReportModel):
     quality: list[SliceQuality] = Field(default_factory=list)
     integrity: list[IntegrityCheck] = Field(default_factory=list)
     scale_stats: list[LayerScaleStats] = Field(default_factory=list)
-    kernel_check: KernelCheck | None = None
+    kernel_check: KernelPrecheck | None = None
     samples: list[SampleGeneration] = Field(default_factory=list)
     envelope: ExperimentEnvelope = Field(default_factory=ExperimentEnvelope)
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage.")
@@ -382,7 +384,7 @@ class TerminationResult(ReportModel):
     """What the worker writes to the container's termination-message path (≤ 4096 bytes of JSON)."""
 
     phase: WorkerPhase
-    reason: Reason
+    reason: CalibrationReason
     message: str = ""
     stage: Stage | None = None
     artifact_ref: str | None = Field(default=None, description="repo@sha256:… of the published artifact.")

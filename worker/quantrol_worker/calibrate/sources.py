@@ -8,7 +8,7 @@ from pathlib import Path
 
 from quantrol_worker import oci
 from quantrol_worker.calibrate import WorkerError
-from quantrol_worker.contracts import Reason, Stage
+from quantrol_worker.contracts import CalibrationReason, Stage
 from quantrol_worker.oci import sha256_file
 
 TOKENIZER_FILES = (
@@ -39,7 +39,7 @@ def _hf_snapshot(uri: str) -> Path:
     """hf://org/name@revision from the local cache only: HF_HUB_OFFLINE must be set; a download is never tried."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes"):
         raise WorkerError(
-            Reason.BASE_MODEL_UNAVAILABLE,
+            CalibrationReason.BASE_MODEL_UNAVAILABLE,
             f"{uri}: hf:// needs HF_HUB_OFFLINE=1 and a mounted cache (the worker never downloads from a hub)",
             Stage.LOAD,
         )
@@ -49,7 +49,9 @@ def _hf_snapshot(uri: str) -> Path:
 
         path = snapshot_download(repo_id=repo, revision=revision or None, local_files_only=True)
     except Exception as exc:
-        raise WorkerError(Reason.BASE_MODEL_UNAVAILABLE, f"{uri}: not in the local cache ({exc})", Stage.LOAD) from exc
+        raise WorkerError(
+            CalibrationReason.BASE_MODEL_UNAVAILABLE, f"{uri}: not in the local cache ({exc})", Stage.LOAD
+        ) from exc
     return Path(path)
 
 
@@ -58,7 +60,7 @@ def pull(reference: str, outdir: Path, *, insecure: bool) -> Path:
     try:
         oci.pull(reference, outdir, insecure=insecure)
     except oci.ArtifactError as exc:
-        raise WorkerError.from_artifact(exc, Stage.LOAD, unavailable=Reason.BASE_MODEL_UNAVAILABLE) from exc
+        raise WorkerError.from_artifact(exc, Stage.LOAD, unavailable=CalibrationReason.BASE_MODEL_UNAVAILABLE) from exc
     return outdir
 
 
@@ -73,8 +75,8 @@ def resolve_model(uri: str, work_dir: Path, *, insecure: bool = False) -> Path:
     else:
         scheme = uri.split("://", 1)[0]
         raise WorkerError(
-            Reason.BASE_MODEL_UNAVAILABLE, f"{uri}: {scheme}:// is not supported by this worker", Stage.LOAD
+            CalibrationReason.BASE_MODEL_UNAVAILABLE, f"{uri}: {scheme}:// is not supported by this worker", Stage.LOAD
         )
     if not (path / "config.json").is_file():
-        raise WorkerError(Reason.BASE_MODEL_UNAVAILABLE, f"{uri}: no config.json in {path}", Stage.LOAD)
+        raise WorkerError(CalibrationReason.BASE_MODEL_UNAVAILABLE, f"{uri}: no config.json in {path}", Stage.LOAD)
     return path

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from quantrol_worker.contracts import KernelVerdict, Scheme, Target
-from quantrol_worker.kernels import KERNEL_TABLE, Candidate
+from quantrol_worker.kernels import KERNEL_TABLE, KernelCandidate
 from quantrol_worker.serve.logparse import EventKind, LogEvent
 
 
@@ -118,7 +118,7 @@ class KernelObserver:
             return "exited" if self.ready else "failed"
         return "serving" if self.ready else "starting"
 
-    def _match(self, event: LogEvent, candidates: tuple[Candidate, ...]) -> KernelInUse:
+    def _match(self, event: LogEvent, candidates: tuple[KernelCandidate, ...]) -> KernelInUse:
         if event.kind is EventKind.FP8_WEIGHT_ONLY:
             return KernelInUse(event.kernel, event.subject, FP8_WEIGHT_ONLY_FAMILY, KernelVerdict.FALLBACK)
         for candidate in candidates:
