@@ -124,7 +124,7 @@ def test_enums_share_values_with_the_operator_api() -> None:
 def test_termination_message_fits_4k_whatever_the_input() -> None:
     result = c.TerminationResult(
         phase=c.WorkerPhase.REJECTED,
-        reason=c.Reason.QUALITY_GATE_FAILED,
+        reason=c.CalibrationReason.QUALITY_GATE_FAILED,
         message="x" * 10_000,
         artifact_ref="registry.example.com/models/m@sha256:" + "a" * 64,
         quality=[
@@ -313,7 +313,7 @@ def test_oci_base_model_in_artifact_out_and_corruption_detected(
 ) -> None:
     registry = oci_registry
     push_base = (
-        "import sys; from pathlib import Path; from quantrol_worker.calibrate import oci; "
+        "import sys; from pathlib import Path; from quantrol_worker import oci; "
         "print(oci.push(Path(sys.argv[1]), sys.argv[2], insecure=True, tag='base', annotations={}))"
     )
     proc = calib("-c", push_base, tiny["model_dir"], f"{registry.address}/models/tiny-base")

@@ -1,8 +1,9 @@
 """`quantrol-worker fetch`: pull by digest, verify every byte, refuse on any mismatch.
 
-oci:// tests push with the calibration worker's own `oci.push` (the layout fetch must read) to a real registry
-(Debian's docker-registry on 127.0.0.1, the `oci_registry` fixture) and corrupt blobs in its storage directory,
-which the registry then serves as they are. file:// tests need nothing.
+oci:// tests push with `quantrol_worker.oci.push` (the layout calibration publishes and fetch must read) to a real
+registry (Debian's docker-registry on 127.0.0.1, the `oci_registry` fixture) and corrupt blobs in its storage
+directory, which the registry then serves as they are. file:// tests need nothing. Hostile manifests, and the
+same refusals seen from calibration's pull, are in test_oci.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from quantrol_worker.fetch import RECORD_FILE, FetchError, FetchReason, fetch
+from quantrol_worker.fetch import fetch
+from quantrol_worker.oci import RECORD_FILE, ArtifactError, ArtifactReason
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,9 +85,9 @@ def test_file_ref_refuses_a_manifest_that_does_not_match_the_pin(tmp_path: Path)
     src = _model_dir(tmp_path)
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps(_manifest(src)))
-    with pytest.raises(FetchError) as err:
+    with pytest.raises(ArtifactError) as err:
         fetch(f"file://{src}@sha256:{'0' * 64}", tmp_path / "dest", manifest=manifest)
-    assert err.value.reason is FetchReason.DIGEST_MISMATCH
+    assert err.value.reason is ArtifactReason.DIGEST_MISMATCH
 
 
 def test_file_ref_symlinks_after_checking_the_source(tmp_path: Path) -> None:
@@ -102,9 +104,9 @@ def test_unsafe_layer_titles_are_refused(tmp_path: Path) -> None:
     body["layers"][0]["annotations"]["org.opencontainers.image.title"] = "../escape"
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps(body))
-    with pytest.raises(FetchError) as err:
+    with pytest.raises(ArtifactError) as err:
         fetch(f"file://{src}", tmp_path / "dest", manifest=manifest)
-    assert err.value.reason is FetchReason.INVALID_REFERENCE
+    assert err.value.reason is ArtifactReason.INVALID_REFERENCE
 
 
 def test_file_ref_without_manifest_copies_and_says_unverified(tmp_path: Path) -> None:
@@ -119,7 +121,7 @@ def test_file_ref_without_manifest_copies_and_says_unverified(tmp_path: Path) ->
 
 @pytest.fixture
 def pushed(oci_registry: Any, tmp_path: Path, request: pytest.FixtureRequest) -> tuple[str, Path]:
-    from quantrol_worker.calibrate.oci import push
+    from quantrol_worker.oci import push
 
     src = _model_dir(tmp_path)
     repo = f"{oci_registry.address}/fetch/{request.node.name.replace('_', '-')[:40]}"
@@ -176,6 +178,6 @@ def test_oci_corrupted_blob_is_refused(pushed: tuple[str, Path], tmp_path: Path,
 def test_oci_unknown_digest_is_unavailable(pushed: tuple[str, Path], tmp_path: Path) -> None:
     ref, _ = pushed
     missing = ref.split("@")[0] + "@sha256:" + "1" * 64
-    with pytest.raises(FetchError) as err:
+    with pytest.raises(ArtifactError) as err:
         fetch(f"oci://{missing}", tmp_path / "dest", insecure=True)
-    assert err.value.reason is FetchReason.ARTIFACT_UNAVAILABLE
+    assert err.value.reason is ArtifactReason.ARTIFACT_UNAVAILABLE

@@ -19,7 +19,7 @@ import yaml
 
 from quantrol_dev.localstack.kubeapi import KubeAPIServer, OperatorProcess, kopf_watches
 from quantrol_dev.localstack.procs import wait_until
-from quantrol_worker.contracts import Reason, SliceHeadline, TerminationResult, WorkerPhase
+from quantrol_worker.contracts import CalibrationReason, SliceHeadline, TerminationResult, WorkerPhase
 
 pytestmark = pytest.mark.stack
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,7 +106,7 @@ def test_calibration_success_publishes_the_artifact_in_status(cluster: Cluster, 
     assert cluster.core.read_namespaced_config_map("tiny-w8a8-calib-g1", cluster.ns).data["config.json"]
     assert cluster.wait_phase("tiny-w8a8", "Pending")["status"]["jobName"] == "tiny-w8a8-calib-g1"
 
-    result = TerminationResult(phase=WorkerPhase.READY, reason=Reason.SUCCEEDED, digest=DIGEST,
+    result = TerminationResult(phase=WorkerPhase.READY, reason=CalibrationReason.SUCCEEDED, digest=DIGEST,
                                artifact_ref=f"registry.example.com/models/tiny@{DIGEST}", size_bytes=4096,
                                quality=[SliceHeadline(slice="chat", top1=0.98, passed=True)])
     cluster.kubelet_runs(job, result.to_message())
@@ -121,7 +121,7 @@ def test_calibration_success_publishes_the_artifact_in_status(cluster: Cluster, 
 def test_quality_rejection_and_job_failure_are_reported(cluster: Cluster, fast_operator: OperatorProcess) -> None:
     cluster.apply_qm("rejected")
     cluster.apply_qm("crashed")
-    rejected = TerminationResult(phase=WorkerPhase.REJECTED, reason=Reason.QUALITY_GATE_FAILED,
+    rejected = TerminationResult(phase=WorkerPhase.REJECTED, reason=CalibrationReason.QUALITY_GATE_FAILED,
                                  message="slice code: top1Agreement 0.62 < 0.85", gate_passed=False,
                                  report_ref=f"registry.example.com/models/tiny@{DIGEST}")
     cluster.kubelet_runs(cluster.wait_job("rejected-calib-g1"), rejected.to_message())

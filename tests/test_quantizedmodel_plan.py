@@ -14,7 +14,14 @@ import yaml
 from quantrol_operator.children import calibration
 from quantrol_operator.kube import merge_patch
 from quantrol_operator.planning.quantizedmodel import QmObserved, plan
-from quantrol_worker.contracts import CalibrationConfig, Reason, SliceHeadline, Stage, TerminationResult, WorkerPhase
+from quantrol_worker.contracts import (
+    CalibrationConfig,
+    CalibrationReason,
+    SliceHeadline,
+    Stage,
+    TerminationResult,
+    WorkerPhase,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -151,7 +158,7 @@ def _finished(result: TerminationResult) -> tuple[dict[str, Any], Any]:
 
 def test_a_qualified_published_result_makes_the_model_ready() -> None:
     result = TerminationResult(
-        phase=WorkerPhase.READY, reason=Reason.SUCCEEDED, artifact_ref=f"registry.example.com/m@{DIGEST}",
+        phase=WorkerPhase.READY, reason=CalibrationReason.SUCCEEDED, artifact_ref=f"registry.example.com/m@{DIGEST}",
         digest=DIGEST, size_bytes=123, gate_passed=True,
         quality=[SliceHeadline(slice="chat", mean_kl=0.01, top1=0.97, ppl_ratio=1.01, passed=True)],
         base_model_digest="sha256:base", calibration_data_digest="sha256:data",
@@ -169,7 +176,7 @@ def test_a_qualified_published_result_makes_the_model_ready() -> None:
 
 def test_a_gate_rejection_keeps_the_evidence_and_names_the_slice() -> None:
     result = TerminationResult(
-        phase=WorkerPhase.REJECTED, reason=Reason.QUALITY_GATE_FAILED, stage=Stage.EVALUATE,
+        phase=WorkerPhase.REJECTED, reason=CalibrationReason.QUALITY_GATE_FAILED, stage=Stage.EVALUATE,
         message="slice code failed: top1Agreement 0.71 < 0.85", report_ref=f"registry.example.com/m@{DIGEST}",
         gate_passed=False,
         quality=[SliceHeadline(slice="chat", passed=True), SliceHeadline(slice="code", passed=False,
@@ -186,8 +193,8 @@ def test_a_gate_rejection_keeps_the_evidence_and_names_the_slice() -> None:
 
 
 def test_a_kernel_precheck_rejection_says_calibration_did_not_run() -> None:
-    result = TerminationResult(phase=WorkerPhase.REJECTED, reason=Reason.KERNEL_INCOMPATIBLE, stage=Stage.PRECHECK,
-                               message="W8A16 has no kernel on cpu-x86")
+    result = TerminationResult(phase=WorkerPhase.REJECTED, reason=CalibrationReason.KERNEL_INCOMPATIBLE,
+                               stage=Stage.PRECHECK, message="W8A16 has no kernel on cpu-x86")
     _job, done = _finished(result)
     assert done.status["phase"] == "Rejected"
     assert conditions(done.status)["Calibrated"] == ("False", "KernelIncompatible")
@@ -244,7 +251,8 @@ def test_a_finished_generation_is_never_calibrated_again_but_a_spec_change_is() 
 
 
 def test_termination_message_fits_in_4kb_even_with_many_slices() -> None:
-    result = TerminationResult(phase=WorkerPhase.REJECTED, reason=Reason.QUALITY_GATE_FAILED, message="x" * 5000,
+    result = TerminationResult(phase=WorkerPhase.REJECTED, reason=CalibrationReason.QUALITY_GATE_FAILED,
+                               message="x" * 5000,
                                quality=[SliceHeadline(slice=f"slice-{i}", mean_kl=0.1234567, passed=False,
                                                       failed=["maxMeanKlDivergence"]) for i in range(64)])
     text = result.to_message()

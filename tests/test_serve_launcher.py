@@ -23,11 +23,11 @@ from typing import Any
 
 import pytest
 
-from quantrol_worker.contracts import Scheme, Target
+from quantrol_worker.contracts import KernelVerdict, Scheme, Target
 from quantrol_worker.serve import main as serve_main
 from quantrol_worker.serve.http import assessment_json
 from quantrol_worker.serve.logparse import EventKind, parse_line
-from quantrol_worker.serve.verify import KernelObserver, Mismatch, Verdict
+from quantrol_worker.serve.verify import KernelObserver, Mismatch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,14 +128,15 @@ def test_other_lines_are_not_kernel_events(line: str) -> None:
 def test_w8a8_on_cpu_is_native() -> None:
     o = observe(KernelObserver(Scheme.W8A8, Target.CPU_X86), [W8A8_SELECTED, READY])
     a = o.assess()
-    assert (a.verdict, a.family, a.phase) == (Verdict.NATIVE, "CPUInt8ScaledMMLinearKernel", "serving")
+    assert (a.verdict, a.family, a.phase) == (KernelVerdict.NATIVE, "CPUInt8ScaledMMLinearKernel", "serving")
     assert a.verified
     assert [k.kernel for k in a.kernels] == ["CPUInt8ScaledMMLinearKernel"]
 
 
 def test_fp8_dynamic_on_cpu_is_a_fallback() -> None:
     a = observe(KernelObserver(Scheme.FP8_DYNAMIC, Target.CPU_X86), [FP8_DYNAMIC_SELECTED, READY]).assess()
-    assert a.verdict is Verdict.FALLBACK and a.verified  # verified: kernelPolicy decides whether fallback may serve
+    # verified: kernelPolicy decides whether fallback may serve
+    assert a.verdict is KernelVerdict.FALLBACK and a.verified
     assert a.family.startswith("TorchFP8ScaledMM")
 
 
@@ -143,7 +144,7 @@ def test_w8a16_on_cpu_is_none_with_the_layer_and_reasons() -> None:
     o = observe(KernelObserver(Scheme.W8A16, Target.CPU_X86), W8A16_FAILURE)
     o.exit_code = 1
     a = o.assess()
-    assert a.verdict is Verdict.NONE and not a.verified and a.phase == "failed"
+    assert a.verdict is KernelVerdict.NONE and not a.verified and a.phase == "failed"
     assert a.mismatches[0][0] is Mismatch.KERNEL_UNAVAILABLE
     assert "qkv_proj (QKVParallelLinear)" in a.message and "compressed_tensors_wNa16.py" in a.message
     assert "CPUWNA16LinearKernel: Quant type (uint8b128)" in a.message
@@ -152,46 +153,46 @@ def test_w8a16_on_cpu_is_none_with_the_layer_and_reasons() -> None:
 
 def test_w4a16_on_cpu_is_native() -> None:
     a = observe(KernelObserver(Scheme.W4A16, Target.CPU_X86), [W4A16_MIXED, READY]).assess()
-    assert (a.verdict, a.family, a.verified) == (Verdict.NATIVE, "CPUWNA16LinearKernel", True)
+    assert (a.verdict, a.family, a.verified) == (KernelVerdict.NATIVE, "CPUWNA16LinearKernel", True)
 
 
 def test_the_table_says_none_even_when_vllm_loads() -> None:
     """Static FP8 on CPU loads and fails at the first request: the table's `none` stands."""
     a = observe(KernelObserver(Scheme.FP8, Target.CPU_X86), [FP8_DYNAMIC_SELECTED, READY]).assess()
-    assert a.verdict is Verdict.NONE and a.mismatches[0][0] is Mismatch.KERNEL_UNAVAILABLE
+    assert a.verdict is KernelVerdict.NONE and a.mismatches[0][0] is Mismatch.KERNEL_UNAVAILABLE
 
 
 def test_unexpected_kernel_is_unknown() -> None:
     a = observe(KernelObserver(Scheme.W8A8, Target.CPU_X86), [FP8_DYNAMIC_SELECTED, READY]).assess()
-    assert a.verdict is Verdict.UNKNOWN and [m for m, _ in a.mismatches] == [Mismatch.KERNEL_NOT_EXPECTED]
+    assert a.verdict is KernelVerdict.UNKNOWN and [m for m, _ in a.mismatches] == [Mismatch.KERNEL_NOT_EXPECTED]
 
 
 def test_fp8_weight_only_marlin_is_a_fallback_on_ampere() -> None:
     a = observe(KernelObserver(Scheme.FP8_DYNAMIC, Target.CUDA_SM80), [FP8_MARLIN_FROM_SOURCE, READY]).assess()
-    assert a.verdict is Verdict.FALLBACK
+    assert a.verdict is KernelVerdict.FALLBACK
 
 
 def test_wna16_kernel_matches_the_table_on_ampere() -> None:
     a = observe(KernelObserver(Scheme.W4A16, Target.CUDA_SM80), [MIXED_FROM_SOURCE, READY]).assess()
-    assert (a.verdict, a.family) == (Verdict.NATIVE, "MarlinLinearKernel")
+    assert (a.verdict, a.family) == (KernelVerdict.NATIVE, "MarlinLinearKernel")
 
 
 def test_verdict_waits_for_load_and_unknown_when_nothing_was_logged() -> None:
     o = KernelObserver(Scheme.W8A8, Target.CPU_X86)
     assert o.assess().verdict is None and o.assess().phase == "starting"
     a = observe(o, [READY]).assess()
-    assert a.verdict is Verdict.UNKNOWN and a.mismatches[0][0] is Mismatch.NO_KERNEL_LOGGED
+    assert a.verdict is KernelVerdict.UNKNOWN and a.mismatches[0][0] is Mismatch.NO_KERNEL_LOGGED
 
 
 def test_unquantized_baseline_is_native() -> None:
     a = observe(KernelObserver(None, Target.CPU_X86), [READY]).assess()
-    assert (a.scheme, a.verdict, a.family, a.verified) == ("unquantized", Verdict.NATIVE, "dense", True)
+    assert (a.scheme, a.verdict, a.family, a.verified) == ("unquantized", KernelVerdict.NATIVE, "dense", True)
 
 
 def test_default_kv_scale_breaks_a_calibrated_kv_promise() -> None:
     promised = KernelObserver(Scheme.W8A8, Target.CPU_X86, kv_cache_dtype="fp8", kv_scales_promised=True)
     a = observe(promised, [W8A8_SELECTED, KV_SCALE_FROM_SOURCE, READY]).assess()
-    assert a.verdict is Verdict.NATIVE and not a.verified
+    assert a.verdict is KernelVerdict.NATIVE and not a.verified
     assert [m for m, _ in a.mismatches] == [Mismatch.KV_CACHE_SCALE_DEFAULT]
     # Not promised: the same line is vLLM's business, not a mismatch.
     plain = KernelObserver(Scheme.W8A8, Target.CPU_X86, kv_cache_dtype="fp8")

@@ -35,8 +35,8 @@ def policy(status: dict[str, Any] | None = None, annotations: dict[str, str] | N
     return obj
 
 
-def qm(phase: str = "Ready", reason: str = "Succeeded") -> dict[str, Any]:
-    return {"metadata": {"name": "llama-3-1-8b-w4a16", "generation": 1},
+def qm(phase: str = "Ready", reason: str = "Succeeded", name: str = "llama-3-1-8b-w4a16") -> dict[str, Any]:
+    return {"metadata": {"name": name, "generation": 1},
             "status": {"phase": phase, "observedGeneration": 1,
                        "artifact": {"ref": CANDIDATE.removeprefix("oci://")} if phase == "Ready" else {},
                        "conditions": [{"type": "QualityQualified", "status": "True" if phase == "Ready" else "False",
@@ -213,15 +213,14 @@ def test_a_spec_edit_after_a_rollback_starts_again_without_a_retry_annotation() 
     assert run(obj, quantized_model=qm(), now=T0 + timedelta(seconds=40)).status["phase"] == "RolledBack"
     obj["metadata"]["generation"] = 2  # the API server's answer to a spec edit
     obj["spec"]["candidate"]["quantizedModelRef"]["name"] = "llama-3-1-8b-w8a16"
-    restarted = run(obj, quantized_model=qm("Rejected", "KernelIncompatible"), now=T0 + timedelta(seconds=50))
+    w8a16 = qm("Rejected", "KernelIncompatible", name="llama-3-1-8b-w8a16")
+    restarted = run(obj, quantized_model=w8a16, now=T0 + timedelta(seconds=50))
     assert restarted.status["phase"] == "Pending" and restarted.status["history"][-1]["reason"] == "SpecChanged"
-    refused = run(advance(obj, restarted), quantized_model=qm("Rejected", "KernelIncompatible"),
-                  now=T0 + timedelta(seconds=51))
+    refused = run(advance(obj, restarted), quantized_model=w8a16, now=T0 + timedelta(seconds=51))
     assert refused.status["phase"] == "RolledBack" and refused.status["rollback"]["reason"] == "KernelUnavailable"
     assert "candidateArtifact" not in refused.status["rollback"]  # not the previous candidate's digest
     assert refused.status.get("candidateArtifact") is None
-    settled = run(advance(advance(obj, restarted), refused), quantized_model=qm("Rejected", "KernelIncompatible"),
-                  now=T0 + timedelta(seconds=60))
+    settled = run(advance(advance(obj, restarted), refused), quantized_model=w8a16, now=T0 + timedelta(seconds=60))
     assert settled.status["phase"] == "RolledBack" and settled.status == refused.status  # no loop
 
 

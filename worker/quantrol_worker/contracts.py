@@ -93,7 +93,7 @@ class WorkerPhase(StrEnum):
     FAILED = "Failed"
 
 
-class Reason(StrEnum):
+class CalibrationReason(StrEnum):
     """Machine-readable reasons for Rejected / Failed (CamelCase, as Kubernetes condition reasons)."""
 
     SUCCEEDED = "Succeeded"
@@ -111,12 +111,14 @@ class Reason(StrEnum):
 
 
 class KernelVerdict(StrEnum):
-    """What serving the scheme on the target will use: a native kernel, a slower fallback, or nothing."""
+    """What serving the scheme on the target uses: a native kernel, a slower fallback, or nothing. One vocabulary for
+    the calibration pre-check, the serving launcher's verification and the rollout state machine."""
 
     NATIVE = "native"
     FALLBACK = "fallback"
     NONE = "none"
-    UNKNOWN = "unknown"  # the engine has not reported yet
+    # The engine has not reported yet, or named no kernel the table knows: unverified, never a pass.
+    UNKNOWN = "unknown"
 
 
 class Stage(StrEnum):
@@ -295,7 +297,9 @@ class KernelViolation(ReportModel):
     detail: str
 
 
-class KernelCheck(ReportModel):
+class KernelPrecheck(ReportModel):
+    """The calibration-time kernel pre-check (`kernels.precheck`): would every quantized Linear find a kernel?"""
+
     target: Target
     scheme: Scheme
     family: str | None = None
@@ -330,7 +334,7 @@ class CalibrationReport(ReportModel):
 
     version: str = REPORT_VERSION
     phase: WorkerPhase
-    reason: Reason
+    reason: CalibrationReason
     message: str = ""
     name: str | None = None
     generation: int | None = None
@@ -341,7 +345,7 @@ class CalibrationReport(ReportModel):
     quality: list[SliceQuality] = Field(default_factory=list)
     integrity: list[IntegrityCheck] = Field(default_factory=list)
     scale_stats: list[LayerScaleStats] = Field(default_factory=list)
-    kernel_check: KernelCheck | None = None
+    kernel_check: KernelPrecheck | None = None
     samples: list[SampleGeneration] = Field(default_factory=list)
     envelope: ExperimentEnvelope = Field(default_factory=ExperimentEnvelope)
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage.")
@@ -383,7 +387,7 @@ class TerminationResult(ReportModel):
     """What the worker writes to the container's termination-message path (≤ 4096 bytes of JSON)."""
 
     phase: WorkerPhase
-    reason: Reason
+    reason: CalibrationReason
     message: str = ""
     stage: Stage | None = None
     artifact_ref: str | None = Field(default=None, description="repo@sha256:… of the published artifact.")

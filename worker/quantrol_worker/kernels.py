@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from quantrol_worker.contracts import (
-    KernelCheck,
+    KernelPrecheck,
     KernelVerdict,
     KernelViolation,
     KvCacheScheme,
@@ -179,7 +179,7 @@ CPU_WNA16_RULES = (
 
 
 @dataclass(frozen=True)
-class Candidate:
+class KernelCandidate:
     """A kernel vLLM may pick for the scheme on the target, in vLLM's priority order."""
 
     family: str
@@ -194,26 +194,26 @@ class Expectation:
 
     scheme: Scheme
     target: Target
-    candidates: tuple[Candidate, ...]
+    candidates: tuple[KernelCandidate, ...]
     none_reason: str = ""  # when no kernel exists at all (candidates empty)
     # log line substrings the serving side can match after load (first candidate's family is the usual one)
     families: tuple[str, ...] = field(default=())
 
 
-def _e(scheme: Scheme, target: Target, *candidates: Candidate, none_reason: str = "") -> Expectation:
+def _e(scheme: Scheme, target: Target, *candidates: KernelCandidate, none_reason: str = "") -> Expectation:
     return Expectation(scheme, target, candidates, none_reason, tuple(c.family for c in candidates))
 
 
 N, F = KernelVerdict.NATIVE, KernelVerdict.FALLBACK
-_MACHETE = Candidate("MacheteLinearKernel", N, MACHETE_RULES)
-_MARLIN = Candidate("MarlinLinearKernel", N, MARLIN_RULES)
-_CPU_WNA16 = Candidate("CPUWNA16LinearKernel", N, CPU_WNA16_RULES)
-_CUTLASS_FP8 = Candidate("CutlassFP8ScaledMMLinearKernel", N, CUTLASS_RULES)
-_MARLIN_FP8 = Candidate(
+_MACHETE = KernelCandidate("MacheteLinearKernel", N, MACHETE_RULES)
+_MARLIN = KernelCandidate("MarlinLinearKernel", N, MARLIN_RULES)
+_CPU_WNA16 = KernelCandidate("CPUWNA16LinearKernel", N, CPU_WNA16_RULES)
+_CUTLASS_FP8 = KernelCandidate("CutlassFP8ScaledMMLinearKernel", N, CUTLASS_RULES)
+_MARLIN_FP8 = KernelCandidate(
     "MarlinFP8 (CompressedTensorsW8A16Fp8)", F, MARLIN_RULES[:2], "FP8 below capability 8.9: weight-only Marlin"
 )
-_CUTLASS_INT8 = Candidate("CutlassInt8ScaledMMLinearKernel", N, CUTLASS_RULES)
-_CPU_INT8 = Candidate("CPUInt8ScaledMMLinearKernel", N)
+_CUTLASS_INT8 = KernelCandidate("CutlassInt8ScaledMMLinearKernel", N, CUTLASS_RULES)
+_CPU_INT8 = KernelCandidate("CPUInt8ScaledMMLinearKernel", N)
 
 _CUDA = (Target.CUDA_SM90, Target.CUDA_SM89, Target.CUDA_SM80)
 
@@ -234,17 +234,17 @@ for _t in _CUDA:
     _put(_e(Scheme.FP8_DYNAMIC, _t, *_fp8))
     _put(_e(Scheme.FP8, _t, *_fp8))
     # int4 weights with int8 activations: Marlin's 8-bit-activation path (is_a_8bit), needs Marlin's shapes
-    _put(_e(Scheme.W4A8, _t, Candidate("MarlinLinearKernel (int8 activations)", F, MARLIN_RULES)))
+    _put(_e(Scheme.W4A8, _t, KernelCandidate("MarlinLinearKernel (int8 activations)", F, MARLIN_RULES)))
 
 _put(_e(Scheme.W4A16, Target.CPU_X86, _CPU_WNA16))
 _put(_e(Scheme.W4A16_ASYM, Target.CPU_X86, _CPU_WNA16))
-_put(_e(Scheme.W4A8, Target.CPU_X86, Candidate("CPUWNA16LinearKernel (int8 activations)", N, CPU_WNA16_RULES)))
+_put(_e(Scheme.W4A8, Target.CPU_X86, KernelCandidate("CPUWNA16LinearKernel (int8 activations)", N, CPU_WNA16_RULES)))
 _put(_e(Scheme.W8A8, Target.CPU_X86, _CPU_INT8))
 _put(
     _e(
         Scheme.FP8_DYNAMIC,
         Target.CPU_X86,
-        Candidate("TorchFP8ScaledMM (CPU emulation)", F, (), "loads, but about 1.8 s per output token on CPU"),
+        KernelCandidate("TorchFP8ScaledMM (CPU emulation)", F, (), "loads, but about 1.8 s per output token on CPU"),
     )
 )
 _put(
@@ -266,7 +266,7 @@ def expectation(scheme: Scheme, target: Target) -> Expectation:
     return KERNEL_TABLE[(scheme, target)]
 
 
-def _violations(candidate: Candidate, ctx: LayerContext) -> list[KernelViolation]:
+def _violations(candidate: KernelCandidate, ctx: LayerContext) -> list[KernelViolation]:
     found: list[KernelViolation] = []
     for rule in (TP_RULE, *candidate.rules):
         detail = rule.check(ctx)
@@ -277,7 +277,7 @@ def _violations(candidate: Candidate, ctx: LayerContext) -> list[KernelViolation
 
 def select_kernel(
     scheme: Scheme, target: Target, layer: LinearShape, group_size: int | None, tp: int = 1
-) -> tuple[Candidate | None, list[KernelViolation]]:
+) -> tuple[KernelCandidate | None, list[KernelViolation]]:
     """The kernel vLLM would pick for this layer, or None with every candidate's violations."""
     exp = expectation(scheme, target)
     ctx = LayerContext(layer, group_size, tp)
@@ -301,11 +301,11 @@ def precheck(
     group_size: int | None,
     tp: int = 1,
     kv_cache: KvCacheScheme = KvCacheScheme.NONE,
-) -> KernelCheck:
+) -> KernelPrecheck:
     """Check every quantized Linear against the table; the result lists each violation with layer and rule."""
     exp = expectation(scheme, target)
     violations: list[KernelViolation] = []
-    chosen: dict[str, Candidate] = {}
+    chosen: dict[str, KernelCandidate] = {}
     if kv_cache not in KV_CACHE_SUPPORT[target]:
         violations.append(KernelViolation(layer="*", rule=f"kv-cache {kv_cache}", detail=f"not served on {target}"))
     for layer in layers:
@@ -322,7 +322,7 @@ def precheck(
         worst = max(chosen.values(), key=lambda c: order.index(c.verdict))
         verdict, family = worst.verdict, worst.family
     note = exp.none_reason or "; ".join(c.note for c in chosen.values() if c.note)
-    return KernelCheck(
+    return KernelPrecheck(
         target=target,
         scheme=scheme,
         family=family,

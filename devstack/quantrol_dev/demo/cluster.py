@@ -121,7 +121,7 @@ def _seed_main() -> None:
     import json
     from pathlib import Path
 
-    from quantrol_worker.calibrate.oci import push
+    from quantrol_worker.oci import push
     from quantrol_worker.tinymodel import TinySpec, build
 
     info = build(Path(os.environ["QUANTROL_SEED_OUT"]), TinySpec(vocab_size=4096))  # vLLM CPU needs 4096

@@ -206,7 +206,7 @@ def image_map(calibrate_python: Path, serve_python: Path, cache: Path, short_tmp
 
 def push_baseline(registry: str, model_dir: Path) -> str:
     """Publish the bf16 checkpoint as the baseline artifact; returns `oci://…@sha256:…`."""
-    from quantrol_worker.calibrate.oci import push
+    from quantrol_worker.oci import push
 
     ref = push(model_dir, f"{registry}/models/tiny-bf16", insecure=True, tag="bf16",
                annotations={"org.opencontainers.image.title": "tiny-llama bf16 baseline"})

@@ -24,8 +24,8 @@ from quantrol_operator.conditions import set_condition
 from quantrol_operator.planning import Event, Plan
 from quantrol_operator.validation import field_error
 from quantrol_worker.contracts import (
+    CalibrationReason,
     ExperimentEnvelope,
-    Reason,
     SliceQuality,
     TerminationResult,
     WorkerPhase,
@@ -35,7 +35,7 @@ TERMINAL = {QuantizedModelPhase.READY, QuantizedModelPhase.REJECTED, QuantizedMo
 
 
 class QmReason(StrEnum):
-    """Condition reasons the operator itself decides (the worker's come from `contracts.Reason`)."""
+    """Condition reasons the operator itself decides (the worker's come from `contracts.CalibrationReason`)."""
 
     INVALID_SPEC = "InvalidSpec"
     UNSUPPORTED_SOURCE = "UnsupportedSource"
@@ -170,7 +170,7 @@ class _Status:
             self._set(type_, None, QmReason.NOT_YET.value, "calibration in progress")
         self._set("Ready", False, reason.value, message)
 
-    def fail(self, reason: QmReason | Reason, message: str) -> None:
+    def fail(self, reason: QmReason | CalibrationReason, message: str) -> None:
         self._phase(QuantizedModelPhase.FAILED, message, "Warning", reason.value)
         self._set("Ready", False, reason.value, message)
 
@@ -198,7 +198,7 @@ class _Status:
             return
         self.status.artifact = None
         # Rejected by the gate means calibration itself ran; a kernel pre-check or an error means it did not.
-        calibrated = result.reason in (Reason.QUALITY_GATE_FAILED, Reason.INTEGRITY_CHECK_FAILED)
+        calibrated = result.reason in (CalibrationReason.QUALITY_GATE_FAILED, CalibrationReason.INTEGRITY_CHECK_FAILED)
         self._set("Calibrated", calibrated, reason, message)
         self._set("QualityQualified", False, reason, message)
         evidence = f"evidence kept at {result.report_ref}" if result.report_ref else "no report was published"

@@ -88,7 +88,7 @@ CANDIDATE_SERVING = frozenset({P.SHADOW, P.CANARY})
 
 
 @dataclass(frozen=True)
-class Rule:
+class TransitionRule:
     """One row of the transition table: from `source`, when `guard` holds, go to `target` for `reason`."""
 
     source: frozenset[P]
@@ -118,46 +118,46 @@ def _resume(f: Facts, _p: P, s: int | None) -> tuple[P, int | None]:
 
 ANY = frozenset(P)
 
-TRANSITIONS: tuple[Rule, ...] = (
-    Rule(LIVE | {P.PAUSED}, lambda f, p, s: f.rollback_requested, _to(P.ROLLED_BACK),
+TRANSITIONS: tuple[TransitionRule, ...] = (
+    TransitionRule(LIVE | {P.PAUSED}, lambda f, p, s: f.rollback_requested, _to(P.ROLLED_BACK),
          TransitionReason.MANUAL_ROLLBACK, "the rollback annotation got a new value: all traffic to stable now",
          RollbackReason.MANUAL),
-    Rule(SETTLED | {P.PAUSED}, lambda f, p, s: f.retry_requested, _to(P.PENDING),
+    TransitionRule(SETTLED | {P.PAUSED}, lambda f, p, s: f.retry_requested, _to(P.PENDING),
          TransitionReason.RETRY, "the retry annotation got a new value: start again from Pending"),
-    Rule(ANY - {P.PENDING}, lambda f, p, s: f.new_candidate, _to(P.PENDING),
+    TransitionRule(ANY - {P.PENDING}, lambda f, p, s: f.new_candidate, _to(P.PENDING),
          TransitionReason.NEW_CANDIDATE, "a new candidate digest: withdraw the current one, start again"),
     # A candidate refused before it had a digest (its QuantizedModel rejected) cannot arrive as a new digest; an
     # edited SLO deserves a new judgement too. Settled phases only: mid-rollout, edits apply to the next window.
-    Rule(frozenset({P.ROLLED_BACK, P.FAILED}), lambda f, p, s: f.spec_changed, _to(P.PENDING),
+    TransitionRule(frozenset({P.ROLLED_BACK, P.FAILED}), lambda f, p, s: f.spec_changed, _to(P.PENDING),
          TransitionReason.SPEC_CHANGED, "the spec changed since the rollout settled: start again from Pending"),
-    Rule(CANDIDATE_SERVING | {P.PENDING}, lambda f, p, s: f.kernel is KernelVerdict.NONE, _to(P.ROLLED_BACK),
+    TransitionRule(CANDIDATE_SERVING | {P.PENDING}, lambda f, p, s: f.kernel is KernelVerdict.NONE, _to(P.ROLLED_BACK),
          TransitionReason.KERNEL_UNAVAILABLE, "the candidate's scheme has no kernel on this hardware",
          RollbackReason.KERNEL_UNAVAILABLE),
-    Rule(CANDIDATE_SERVING | {P.PENDING},
+    TransitionRule(CANDIDATE_SERVING | {P.PENDING},
          lambda f, p, s: f.kernel is KernelVerdict.FALLBACK and f.enforce_kernels, _to(P.ROLLED_BACK),
          TransitionReason.KERNEL_FALLBACK, "kernelPolicy enforce: a fallback kernel is refused",
          RollbackReason.KERNEL_FALLBACK),
-    Rule(CANDIDATE_SERVING | {P.PENDING}, lambda f, p, s: f.candidate_failed, _to(P.ROLLED_BACK),
+    TransitionRule(CANDIDATE_SERVING | {P.PENDING}, lambda f, p, s: f.candidate_failed, _to(P.ROLLED_BACK),
          TransitionReason.CANDIDATE_FAILED, "the candidate arm cannot run", RollbackReason.CANDIDATE_FAILED),
-    Rule(LIVE, lambda f, p, s: f.paused_annotation, _to(P.PAUSED),
+    TransitionRule(LIVE, lambda f, p, s: f.paused_annotation, _to(P.PAUSED),
          TransitionReason.PAUSED_BY_USER, "the paused annotation is set: hold the current weights"),
-    Rule(frozenset({P.PAUSED}), lambda f, p, s: f.paused_by_user and not f.paused_annotation, _resume,
+    TransitionRule(frozenset({P.PAUSED}), lambda f, p, s: f.paused_by_user and not f.paused_annotation, _resume,
          TransitionReason.RESUMED, "the paused annotation was removed: continue where the rollout stood"),
-    Rule(CANDIDATE_SERVING, lambda f, p, s: f.decision is Decision.ROLLBACK, _to(P.ROLLED_BACK),
+    TransitionRule(CANDIDATE_SERVING, lambda f, p, s: f.decision is Decision.ROLLBACK, _to(P.ROLLED_BACK),
          TransitionReason.SLO_BREACH, "the analysis reached its failure limit", RollbackReason.SLO_BREACH),
-    Rule(CANDIDATE_SERVING, lambda f, p, s: f.decision is Decision.PAUSE, _to(P.PAUSED),
+    TransitionRule(CANDIDATE_SERVING, lambda f, p, s: f.decision is Decision.PAUSE, _to(P.PAUSED),
          TransitionReason.ANALYSIS_CANNOT_JUDGE, "no judgement possible (no data, or metrics unreachable): hold"),
-    Rule(frozenset({P.PENDING}),
+    TransitionRule(frozenset({P.PENDING}),
          lambda f, p, s: f.candidate_pinned and f.stable_ready and f.candidate_ready
          and f.kernel in (KernelVerdict.NATIVE, KernelVerdict.FALLBACK),
          _to(P.SHADOW), TransitionReason.ARMS_READY, "both arms ready and the candidate's kernels verified"),
-    Rule(frozenset({P.SHADOW}),
+    TransitionRule(frozenset({P.SHADOW}),
          lambda f, p, s: f.decision is Decision.ADVANCE and f.dwell_over(p, s) and f.candidate_ready,
          _next_step, TransitionReason.SHADOW_PASSED, "shadow analysis passed for the shadow duration"),
-    Rule(frozenset({P.CANARY}),
+    TransitionRule(frozenset({P.CANARY}),
          lambda f, p, s: f.decision is Decision.ADVANCE and f.dwell_over(p, s) and not _is_last(f, s),
          _next_step, TransitionReason.STEP_PASSED, "this step's analysis passed for its minimum dwell"),
-    Rule(frozenset({P.CANARY}),
+    TransitionRule(frozenset({P.CANARY}),
          lambda f, p, s: f.decision is Decision.ADVANCE and f.dwell_over(p, s) and _is_last(f, s),
          _next_step, TransitionReason.PROMOTED, "the last step passed: the candidate becomes the stable arm"),
 )

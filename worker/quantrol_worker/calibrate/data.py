@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from quantrol_worker.calibrate import WorkerError
-from quantrol_worker.contracts import DataConfig, Reason, Stage
+from quantrol_worker.contracts import CalibrationReason, DataConfig, Stage
 
 
 @dataclass
@@ -34,24 +34,26 @@ def _render(line: dict[str, Any], tokenizer: Any, where: str) -> str:
         if getattr(tokenizer, "chat_template", None):
             return str(tokenizer.apply_chat_template(messages, tokenize=False))
         return "\n".join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in messages)
-    raise WorkerError(Reason.CALIBRATION_DATA_INVALID, f"{where}: neither `text` nor `messages`", Stage.DATA)
+    raise WorkerError(CalibrationReason.CALIBRATION_DATA_INVALID, f"{where}: neither `text` nor `messages`", Stage.DATA)
 
 
 def read_jsonl(uri: str) -> list[dict[str, Any]]:
     path = Path(uri.removeprefix("file://"))
     if "://" in uri and not uri.startswith("file://"):
-        raise WorkerError(Reason.CALIBRATION_DATA_INVALID, f"{uri}: only file:// or a path is supported", Stage.DATA)
+        raise WorkerError(
+            CalibrationReason.CALIBRATION_DATA_INVALID, f"{uri}: only file:// or a path is supported", Stage.DATA
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise WorkerError(Reason.CALIBRATION_DATA_INVALID, f"{uri}: {exc}", Stage.DATA) from exc
+        raise WorkerError(CalibrationReason.CALIBRATION_DATA_INVALID, f"{uri}: {exc}", Stage.DATA) from exc
     lines = []
     for n, raw in enumerate(text.splitlines(), start=1):
         if raw.strip():
             try:
                 lines.append(json.loads(raw))
             except json.JSONDecodeError as exc:
-                raise WorkerError(Reason.CALIBRATION_DATA_INVALID, f"{uri}:{n}: {exc}", Stage.DATA) from exc
+                raise WorkerError(CalibrationReason.CALIBRATION_DATA_INVALID, f"{uri}:{n}: {exc}", Stage.DATA) from exc
     return lines
 
 
@@ -63,10 +65,14 @@ def load_slices(config: DataConfig, tokenizer: Any) -> tuple[list[SliceData], st
     for spec in config.slices:
         mine = [(i, line) for i, line in enumerate(lines) if line.get("slice") == spec.name]
         if not mine:
-            raise WorkerError(Reason.EMPTY_SLICE, f"slice {spec.name!r} has no lines in {config.uri}", Stage.DATA)
+            raise WorkerError(
+                CalibrationReason.EMPTY_SLICE, f"slice {spec.name!r} has no lines in {config.uri}", Stage.DATA
+            )
         if len(mine) < 2:
             raise WorkerError(
-                Reason.EMPTY_SLICE, f"slice {spec.name!r}: one line cannot be calibrated and held out", Stage.DATA
+                CalibrationReason.EMPTY_SLICE,
+                f"slice {spec.name!r}: one line cannot be calibrated and held out",
+                Stage.DATA,
             )
         rng.shuffle(mine)
         n_eval = min(spec.eval_samples, max(1, len(mine) // 2))
@@ -82,7 +88,7 @@ def load_slices(config: DataConfig, tokenizer: Any) -> tuple[list[SliceData], st
                         data.eval_texts.append(text)
         if not data.calibration or not data.evaluation:
             raise WorkerError(
-                Reason.EMPTY_SLICE, f"slice {spec.name!r}: no usable samples after tokenizing", Stage.DATA
+                CalibrationReason.EMPTY_SLICE, f"slice {spec.name!r}: no usable samples after tokenizing", Stage.DATA
             )
         out.append(data)
     digest = hashlib.sha256(

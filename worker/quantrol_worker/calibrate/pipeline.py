@@ -15,17 +15,18 @@ from typing import Any
 
 import yaml
 
-from quantrol_worker.calibrate import WorkerError, integrity, oci
+from quantrol_worker import oci
+from quantrol_worker.calibrate import WorkerError, integrity
 from quantrol_worker.calibrate.data import SliceData, load_slices
 from quantrol_worker.calibrate.progress import Progress
-from quantrol_worker.calibrate.sources import TOKENIZER_FILES, directory_digest, resolve_model
+from quantrol_worker.calibrate.sources import TOKENIZER_FILES, directory_digest, pull, resolve_model
 from quantrol_worker.contracts import (
     REPORT_FILE,
     CalibrationConfig,
+    CalibrationReason,
     CalibrationReport,
     ExperimentEnvelope,
     KvCacheScheme,
-    Reason,
     SliceHeadline,
     SliceQuality,
     Stage,
@@ -167,7 +168,9 @@ def quantize(run: Run, tokenizer: Any) -> Path:
         )
     except Exception as exc:
         raise WorkerError(
-            Reason.QUANTIZATION_FAILED, f"llm-compressor oneshot: {type(exc).__name__}: {exc}", Stage.CALIBRATE
+            CalibrationReason.QUANTIZATION_FAILED,
+            f"llm-compressor oneshot: {type(exc).__name__}: {exc}",
+            Stage.CALIBRATE,
         ) from exc
     finally:
         for h in handles:
@@ -224,7 +227,9 @@ def _prepare(run: Run) -> tuple[Any, list[str], list[str]]:
         if not kc.compatible:
             v = kc.violations[0]
             more = f" (+{len(kc.violations) - 1} more)" if len(kc.violations) > 1 else ""
-            raise WorkerError(Reason.KERNEL_INCOMPATIBLE, f"{v.layer}: {v.rule}: {v.detail}{more}", Stage.PRECHECK)
+            raise WorkerError(
+                CalibrationReason.KERNEL_INCOMPATIBLE, f"{v.layer}: {v.rule}: {v.detail}{more}", Stage.PRECHECK
+            )
     with p.stage_of(Stage.DATA):
         run.slices, run.envelope.calibration_data_digest = load_slices(cfg.calibration, tokenizer)
         run.envelope.seed = cfg.calibration.seed
@@ -257,13 +262,13 @@ def _execute(run: Run) -> None:
     failed_checks = [c for c in report.integrity if not c.passed]
     if failed_checks:
         detail = "; ".join(f"{c.name}: {c.detail}" for c in failed_checks)
-        raise WorkerError(Reason.INTEGRITY_CHECK_FAILED, detail, Stage.INTEGRITY)
+        raise WorkerError(CalibrationReason.INTEGRITY_CHECK_FAILED, detail, Stage.INTEGRITY)
     if not report.gate_passed:
         bad = [f"{q.slice} ({', '.join(q.failed_limits)})" for q in report.quality if not q.passed]
-        report.phase, report.reason = WorkerPhase.REJECTED, Reason.QUALITY_GATE_FAILED
+        report.phase, report.reason = WorkerPhase.REJECTED, CalibrationReason.QUALITY_GATE_FAILED
         report.message = "quality gate failed for slice " + "; ".join(bad)
     else:
-        report.phase, report.reason = WorkerPhase.READY, Reason.SUCCEEDED
+        report.phase, report.reason = WorkerPhase.READY, CalibrationReason.SUCCEEDED
         report.message = f"{cfg.quantization.scheme.value} passed the quality gate on {len(report.quality)} slices"
 
 
@@ -299,16 +304,19 @@ def _package_and_publish(run: Run, result: TerminationResult) -> None:
     result.size_bytes = _dir_bytes(package) if ready else None
     if cfg.artifact is None:
         return
-    if result.reason in (Reason.PUBLISH_FAILED,):
+    if result.reason in (CalibrationReason.PUBLISH_FAILED,):
         return
     with run.progress.stage_of(Stage.PUBLISH):
-        ref = oci.push(
-            package,
-            cfg.artifact.repository,
-            insecure=cfg.artifact.insecure,
-            tag=cfg.artifact.tag,
-            annotations=_annotations(run, report),
-        )
+        try:
+            ref = oci.push(
+                package,
+                cfg.artifact.repository,
+                insecure=cfg.artifact.insecure,
+                tag=cfg.artifact.tag,
+                annotations=_annotations(run, report),
+            )
+        except oci.ArtifactError as exc:
+            raise WorkerError.from_artifact(exc, Stage.PUBLISH, unavailable=CalibrationReason.PUBLISH_FAILED) from exc
     run.progress.log("pushed", ref=ref)
     if ready:
         result.artifact_ref, result.digest = ref, ref.split("@", 1)[1]
@@ -323,7 +331,7 @@ def run_calibration(
     q = config.quantization
     run.report = CalibrationReport(
         phase=WorkerPhase.FAILED,
-        reason=Reason.INTERNAL_ERROR,
+        reason=CalibrationReason.INTERNAL_ERROR,
         name=config.name,
         generation=config.generation,
         scheme=q.scheme,
@@ -335,11 +343,11 @@ def run_calibration(
     try:
         _execute(run)
     except WorkerError as exc:
-        rejected = exc.reason in (Reason.KERNEL_INCOMPATIBLE,)
+        rejected = exc.reason in (CalibrationReason.KERNEL_INCOMPATIBLE,)
         run.report.phase = WorkerPhase.REJECTED if rejected else WorkerPhase.FAILED
         run.report.reason, run.report.message, stage = exc.reason, exc.message, exc.stage
     except Exception as exc:  # anything else is still written down, never a silent crash
-        run.report.phase, run.report.reason = WorkerPhase.FAILED, Reason.INTERNAL_ERROR
+        run.report.phase, run.report.reason = WorkerPhase.FAILED, CalibrationReason.INTERNAL_ERROR
         run.report.message, stage = f"{type(exc).__name__}: {exc}", run.progress.stage
     report = run.report
     report.envelope = run.envelope.model_copy(update={"hardware": hardware(), "tool_versions": tool_versions()})
@@ -383,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
     except Exception as exc:
-        result = TerminationResult(phase=WorkerPhase.FAILED, reason=Reason.INVALID_CONFIG, message=str(exc)[:2000])
+        result = TerminationResult(
+            phase=WorkerPhase.FAILED, reason=CalibrationReason.INVALID_CONFIG, message=str(exc)[:2000]
+        )
         print(result.to_message())
         return 1
     report, result = run_calibration(config)
@@ -400,7 +410,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = load_config(args.config)
     run = Run(config=config)
-    run.report = CalibrationReport(phase=WorkerPhase.FAILED, reason=Reason.INTERNAL_ERROR)
+    run.report = CalibrationReport(phase=WorkerPhase.FAILED, reason=CalibrationReason.INTERNAL_ERROR)
     tokenizer, quantized, attention = _prepare(run)
     quality, _ = evaluate_checkpoint(run, args.candidate, tokenizer)
     checks, _ = integrity.check(
@@ -422,10 +432,10 @@ def pull_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--insecure", action="store_true")
     args = parser.parse_args(argv)
     try:
-        out = oci.pull(args.reference, args.out, insecure=args.insecure)
+        out = pull(args.reference, args.out, insecure=args.insecure)
     except WorkerError as exc:
         print(json.dumps({"ok": False, "reason": exc.reason.value, "message": exc.message}))
         return 1
     files = sorted(p.name for p in out.iterdir() if p.is_file())
-    print(json.dumps({"ok": True, "reason": Reason.SUCCEEDED.value, "message": "verified", "files": files}))
+    print(json.dumps({"ok": True, "reason": CalibrationReason.SUCCEEDED.value, "message": "verified", "files": files}))
     return 0

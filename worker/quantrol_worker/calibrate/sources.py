@@ -6,9 +6,10 @@ import hashlib
 import os
 from pathlib import Path
 
-from quantrol_worker.calibrate import WorkerError, oci
-from quantrol_worker.contracts import Reason, Stage
-from quantrol_worker.fetch import sha256_file
+from quantrol_worker import oci
+from quantrol_worker.calibrate import WorkerError
+from quantrol_worker.contracts import CalibrationReason, Stage
+from quantrol_worker.oci import sha256_file
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -38,7 +39,7 @@ def _hf_snapshot(uri: str) -> Path:
     """hf://org/name@revision from the local cache only: HF_HUB_OFFLINE must be set; a download is never tried."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes"):
         raise WorkerError(
-            Reason.BASE_MODEL_UNAVAILABLE,
+            CalibrationReason.BASE_MODEL_UNAVAILABLE,
             f"{uri}: hf:// needs HF_HUB_OFFLINE=1 and a mounted cache (the worker never downloads from a hub)",
             Stage.LOAD,
         )
@@ -48,14 +49,25 @@ def _hf_snapshot(uri: str) -> Path:
 
         path = snapshot_download(repo_id=repo, revision=revision or None, local_files_only=True)
     except Exception as exc:
-        raise WorkerError(Reason.BASE_MODEL_UNAVAILABLE, f"{uri}: not in the local cache ({exc})", Stage.LOAD) from exc
+        raise WorkerError(
+            CalibrationReason.BASE_MODEL_UNAVAILABLE, f"{uri}: not in the local cache ({exc})", Stage.LOAD
+        ) from exc
     return Path(path)
+
+
+def pull(reference: str, outdir: Path, *, insecure: bool) -> Path:
+    """`REPO@sha256:…` into `outdir`, every file verified (`quantrol_worker.oci`); returns `outdir`."""
+    try:
+        oci.pull(reference, outdir, insecure=insecure)
+    except oci.ArtifactError as exc:
+        raise WorkerError.from_artifact(exc, Stage.LOAD, unavailable=CalibrationReason.BASE_MODEL_UNAVAILABLE) from exc
+    return outdir
 
 
 def resolve_model(uri: str, work_dir: Path, *, insecure: bool = False) -> Path:
     """A local directory holding the base model (config.json, weights, tokenizer)."""
     if uri.startswith("oci://"):
-        path = oci.pull(uri, work_dir / "base-model", insecure=insecure)
+        path = pull(uri, work_dir / "base-model", insecure=insecure)
     elif uri.startswith("hf://"):
         path = _hf_snapshot(uri)
     elif uri.startswith("file://") or "://" not in uri:
@@ -63,8 +75,8 @@ def resolve_model(uri: str, work_dir: Path, *, insecure: bool = False) -> Path:
     else:
         scheme = uri.split("://", 1)[0]
         raise WorkerError(
-            Reason.BASE_MODEL_UNAVAILABLE, f"{uri}: {scheme}:// is not supported by this worker", Stage.LOAD
+            CalibrationReason.BASE_MODEL_UNAVAILABLE, f"{uri}: {scheme}:// is not supported by this worker", Stage.LOAD
         )
     if not (path / "config.json").is_file():
-        raise WorkerError(Reason.BASE_MODEL_UNAVAILABLE, f"{uri}: no config.json in {path}", Stage.LOAD)
+        raise WorkerError(CalibrationReason.BASE_MODEL_UNAVAILABLE, f"{uri}: no config.json in {path}", Stage.LOAD)
     return path

@@ -104,7 +104,7 @@ class DiffsConfig(_Strict):
         return patterns
 
 
-class SliceConfig(_Strict):
+class SliceRule(_Strict):
     """How a request's `slice` label is chosen. Header values are user input, so only listed ones become label
     values (anything else is `other`): an unbounded label would let any client blow up Prometheus."""
 
@@ -121,7 +121,7 @@ class RouterConfig(_Strict):
     arms: dict[ArmName, ArmConfig]
     mirror_fraction: float = Field(default=0.0, ge=0.0, le=1.0, description="Share of stable traffic mirrored")
     sticky_header: str | None = Field(default=None, description="Requests with equal values stay on one arm")
-    slices: SliceConfig = Field(default_factory=SliceConfig)
+    slices: SliceRule = Field(default_factory=SliceRule)
     compare: CompareConfig = Field(default_factory=CompareConfig)
     diffs: DiffsConfig = Field(default_factory=DiffsConfig)
     goodput_deadlines: list[GoodputDeadline] = Field(

@@ -4,10 +4,11 @@ The table says which kernel family a (scheme, target) must land on and whether t
 `none`; this module turns vLLM's log events (`logparse`) into the same words, so the calibration pre-check and the
 serving-side verification can never disagree. Pure and torch-free: fed events, asked for an `Assessment`.
 
-Verdicts: `native` / `fallback` / `none` as in the table, plus `unknown` when the engine is up but its log named
-no kernel the table knows (a new vLLM, a scheme the table lacks): the operator treats that as unverified, never as
-a pass. Mismatches are listed separately from the verdict (a native kernel with default KV-cache scales is still a
-candidate that does not keep its promise).
+Verdicts (`contracts.KernelVerdict`, shared with the pre-check and the rollout state machine): `native` /
+`fallback` / `none` as in the table, and `unknown` when the engine is up but its log named no kernel the table
+knows (a new vLLM, a scheme the table lacks): the operator treats that as unverified, never as a pass. Mismatches
+are listed separately from the verdict (a native kernel with default KV-cache scales is still a candidate that
+does not keep its promise).
 """
 
 from __future__ import annotations
@@ -17,15 +18,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from quantrol_worker.contracts import KernelVerdict, Scheme, Target
-from quantrol_worker.kernels import KERNEL_TABLE, Candidate
+from quantrol_worker.kernels import KERNEL_TABLE, KernelCandidate
 from quantrol_worker.serve.logparse import EventKind, LogEvent
-
-
-class Verdict(StrEnum):
-    NATIVE = KernelVerdict.NATIVE.value
-    FALLBACK = KernelVerdict.FALLBACK.value
-    NONE = KernelVerdict.NONE.value
-    UNKNOWN = "unknown"
 
 
 class Mismatch(StrEnum):
@@ -40,7 +34,7 @@ class Mismatch(StrEnum):
 
 
 # Worst first wins when layers disagree: one fallback layer slows every token; an unknown one is unverified.
-_ORDER = (Verdict.NATIVE, Verdict.FALLBACK, Verdict.UNKNOWN, Verdict.NONE)
+_ORDER = (KernelVerdict.NATIVE, KernelVerdict.FALLBACK, KernelVerdict.UNKNOWN, KernelVerdict.NONE)
 UNQUANTIZED = "unquantized"  # the scheme label of a bf16/fp16 baseline: nothing to verify, dense GEMM
 FP8_WEIGHT_ONLY_FAMILY = "MarlinFP8 (weight-only)"
 _TRACE_LAYER = re.compile(r"\bself\.(?P<attr>\w+) = (?P<cls>\w*Linear\w*)\(")
@@ -54,7 +48,7 @@ class KernelInUse:
     kernel: str
     subject: str  # the scheme class it serves (CompressedTensorsW8A8Int8) or "mixed-precision"
     family: str  # the table's family it matched, or the kernel itself when it matched none
-    verdict: Verdict
+    verdict: KernelVerdict
 
 
 @dataclass(frozen=True)
@@ -63,7 +57,7 @@ class Assessment:
     target: str
     kv_cache_dtype: str
     phase: str  # starting | serving | failed | exited
-    verdict: Verdict | None  # None while starting and nothing decisive was seen yet
+    verdict: KernelVerdict | None  # None while starting and nothing decisive was seen yet
     family: str
     kernels: tuple[KernelInUse, ...]
     mismatches: tuple[tuple[Mismatch, str], ...]
@@ -72,7 +66,7 @@ class Assessment:
     @property
     def verified(self) -> bool:
         """The kernels are the ones the scheme promises (fallback included: kernelPolicy decides about it)."""
-        return self.verdict in (Verdict.NATIVE, Verdict.FALLBACK) and not self.mismatches
+        return self.verdict in (KernelVerdict.NATIVE, KernelVerdict.FALLBACK) and not self.mismatches
 
 
 @dataclass
@@ -124,15 +118,15 @@ class KernelObserver:
             return "exited" if self.ready else "failed"
         return "serving" if self.ready else "starting"
 
-    def _match(self, event: LogEvent, candidates: tuple[Candidate, ...]) -> KernelInUse:
+    def _match(self, event: LogEvent, candidates: tuple[KernelCandidate, ...]) -> KernelInUse:
         if event.kind is EventKind.FP8_WEIGHT_ONLY:
-            return KernelInUse(event.kernel, event.subject, FP8_WEIGHT_ONLY_FAMILY, Verdict.FALLBACK)
+            return KernelInUse(event.kernel, event.subject, FP8_WEIGHT_ONLY_FAMILY, KernelVerdict.FALLBACK)
         for candidate in candidates:
             # Table families may carry a note in parentheses ("TorchFP8ScaledMM (CPU emulation)"); vLLM names the
             # concrete class (ChannelWiseTorchFP8ScaledMMLinearKernel), so the family's first word must occur in it.
             if candidate.family.split(" ")[0] in event.kernel:
-                return KernelInUse(event.kernel, event.subject, candidate.family, Verdict(candidate.verdict.value))
-        return KernelInUse(event.kernel, event.subject, event.kernel, Verdict.UNKNOWN)
+                return KernelInUse(event.kernel, event.subject, candidate.family, candidate.verdict)
+        return KernelInUse(event.kernel, event.subject, event.kernel, KernelVerdict.UNKNOWN)
 
     def _no_kernel_message(self) -> str:
         assert self.no_kernel is not None
@@ -159,19 +153,19 @@ class KernelObserver:
         phase = self._phase()
         kernels: tuple[KernelInUse, ...] = ()
         mismatches: list[tuple[Mismatch, str]] = []
-        verdict: Verdict | None = None
+        verdict: KernelVerdict | None = None
         family = ""
         if self.no_kernel is not None:
-            verdict, message = Verdict.NONE, self._no_kernel_message()
+            verdict, message = KernelVerdict.NONE, self._no_kernel_message()
             mismatches.append((Mismatch.KERNEL_UNAVAILABLE, message))
             family = self.no_kernel.subject
         elif not self.scheme_known:
             kernels = tuple(self._match(e, ()) for e in self.selected)
-            verdict = Verdict.UNKNOWN if self.ready else None
+            verdict = KernelVerdict.UNKNOWN if self.ready else None
             message = "scheme unknown: pass --scheme or ship quantrol-report.json with the artifact"
         elif self.scheme is None:
             kernels = tuple(self._match(e, ()) for e in self.selected)
-            verdict, family = Verdict.NATIVE, "dense"
+            verdict, family = KernelVerdict.NATIVE, "dense"
             if kernels:
                 mismatches.append((Mismatch.KERNEL_NOT_EXPECTED,
                                    f"unquantized model, yet vLLM selected {[k.kernel for k in kernels]}"))
@@ -195,27 +189,27 @@ class KernelObserver:
 
     def _judge_quantized(
         self, scheme: Scheme, mismatches: list[tuple[Mismatch, str]]
-    ) -> tuple[Verdict | None, str, tuple[KernelInUse, ...], str]:
+    ) -> tuple[KernelVerdict | None, str, tuple[KernelInUse, ...], str]:
         expectation = KERNEL_TABLE.get((scheme, self.target))
         if expectation is None:
             mismatches.append((Mismatch.NOT_IN_TABLE, f"the kernel table has no row for {scheme} on {self.target}"))
             kernels = tuple(self._match(e, ()) for e in self.selected)
-            return (Verdict.UNKNOWN if self.ready or kernels else None), "", kernels, mismatches[-1][1]
+            return (KernelVerdict.UNKNOWN if self.ready or kernels else None), "", kernels, mismatches[-1][1]
         if not expectation.candidates:
             # The table knows there is no kernel here (e.g. static FP8 on CPU loads, then fails at the first request).
             detail = f"no kernel serves {scheme} on {self.target}: {expectation.none_reason}"
             mismatches.append((Mismatch.KERNEL_UNAVAILABLE, detail))
-            return Verdict.NONE, "", tuple(self._match(e, ()) for e in self.selected), detail
+            return KernelVerdict.NONE, "", tuple(self._match(e, ()) for e in self.selected), detail
         kernels = tuple(self._match(e, expectation.candidates) for e in self.selected)
         expected = [c.family for c in expectation.candidates]
         for k in kernels:
-            if k.verdict is Verdict.UNKNOWN:
+            if k.verdict is KernelVerdict.UNKNOWN:
                 mismatches.append((Mismatch.KERNEL_NOT_EXPECTED,
                                    f"vLLM selected {k.kernel} for {k.subject}; the table expects one of {expected}"))
         if not kernels:
             if not self.ready:
                 return None, "", (), f"waiting for kernel selection (expecting {expected})"
             mismatches.append((Mismatch.NO_KERNEL_LOGGED, f"engine is up but logged no kernel; expected {expected}"))
-            return Verdict.UNKNOWN, "", (), mismatches[-1][1]
+            return KernelVerdict.UNKNOWN, "", (), mismatches[-1][1]
         worst = max(kernels, key=lambda k: _ORDER.index(k.verdict))
         return worst.verdict, worst.family, kernels, f"ok: {worst.kernel} is {worst.verdict} for {scheme}"
