@@ -95,8 +95,12 @@ class AnswersEverything:
             return 100.0  # requests and comparisons in the window, router targets up
         if self.value is not None:
             return self.value
-        floors = ("agreement", "deadline_output_tokens", "x{")  # more is better: agreement, goodput, hit-rate
+        floors = ("top1_matches", "deadline_output_tokens", "x{")  # more is better: agreement, goodput, hit-rate
         return 1.0 if any(k in promql for k in floors) else 0.001
+
+    def by_label(self, promql: str, label: str) -> dict[str, float]:
+        value = self.scalar(promql)
+        return {} if value is None else {"code": value}
 
 
 def _quantized_model() -> dict[str, Any]:

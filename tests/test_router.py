@@ -126,31 +126,57 @@ async def test_gate_hands_slots_over_in_fifo_order_and_times_out() -> None:
 # ---- pure: comparison, redaction, protocol ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("stable", "candidate", "ratio", "first"),
-    [
-        ([1, 2, 3, 4], [1, 2, 3, 4], 1.0, None),
-        ([1, 2, 3, 4], [1, 2, 9, 4], 0.75, 2),
-        ([1, 2, 3, 4], [1, 2], 0.5, 2),  # a shorter answer is a disagreement
-        ([], [], 1.0, None),
-        ([5], [6], 0.0, 0),
-    ],
-)
-def test_token_agreement(stable: list[int], candidate: list[int], ratio: float, first: int | None) -> None:
-    result = compare.token_agreement(stable, candidate)
-    assert result.ratio == ratio and result.first_divergence == first
+def _top(*pairs: tuple[int, float], floor: float | None = None) -> compare.TopLogprobs:
+    listed = {t: math.log(p) for t, p in pairs}
+    return compare.TopLogprobs(listed, min(listed.values()) if floor is None else floor)
 
 
-@given(st.lists(st.integers(0, 50), max_size=40), st.lists(st.integers(0, 50), max_size=40))
-def test_agreement_is_symmetric_and_bounded(a: list[int], b: list[int]) -> None:
-    ab, ba = compare.token_agreement(a, b), compare.token_agreement(b, a)
-    assert ab == ba and 0 <= ab.ratio <= 1
-    assert (ab.first_divergence is None) == (a == b)
+def test_identical_distributions_have_no_kl_and_full_agreement() -> None:
+    s = [_top((1, 0.85), (2, 0.05), (3, 0.05)), _top((7, 0.6), (8, 0.3))]
+    result = compare.teacher_forced(s, s)
+    assert result is not None and result.mean_kl == pytest.approx(0.0, abs=1e-12)
+    assert result.agreement == 1.0 and result.first_disagreement is None
 
 
-def test_quality_delta_is_candidate_minus_stable() -> None:
-    assert compare.quality_delta([-1.0, -3.0], [-0.5, -0.5]) == pytest.approx(-1.5)
-    assert compare.quality_delta([], []) is None
+def test_kl_is_that_of_the_coarsened_distributions() -> None:
+    # Stable {1: .8, 2: .1, rest .1}; candidate {1: .5, 2: .3, rest .2}: the KL of the three-bucket distributions.
+    stable, candidate = _top((1, 0.8), (2, 0.1)), _top((1, 0.5), (2, 0.3))
+    expected = 0.8 * math.log(0.8 / 0.5) + 0.1 * math.log(0.1 / 0.3) + 0.1 * math.log(0.1 / 0.2)
+    assert compare.position_kl(stable, candidate) == pytest.approx(expected)
+
+
+def test_a_token_the_candidate_did_not_list_counts_at_its_floor_and_top1_disagrees() -> None:
+    stable = _top((1, 0.9), (2, 0.05))
+    candidate = _top((2, 0.9), (3, 0.05))  # 1 unlisted: at most as likely as 0.05
+    kl = compare.position_kl(stable, candidate)
+    assert kl == pytest.approx(0.9 * math.log(0.9 / 0.05) + 0.05 * math.log(0.05 / 0.9)
+                               + 0.05 * math.log(0.05 / max(1e-9, 1 - 0.05 - 0.9)), rel=1e-6)
+    result = compare.teacher_forced([stable, stable], [stable, candidate])
+    assert result is not None and result.agreement == 0.5 and result.first_disagreement == 1
+
+
+def test_a_ruled_out_token_is_bounded_and_kl_never_negative() -> None:
+    stable = _top((1, 0.99))
+    candidate = compare.TopLogprobs({1: -9999.0, 2: -0.0001}, -9999.0)
+    expected = 0.99 * (math.log(0.99) + 20) + 0.01 * math.log(0.01 / (1 - math.exp(-20)))  # -9999 counts as -20
+    assert compare.position_kl(stable, candidate) == pytest.approx(expected)
+    assert compare.teacher_forced([], []) is None and compare.teacher_forced([stable], []) is None
+
+
+@given(st.lists(st.floats(0.001, 1.0), min_size=1, max_size=6), st.lists(st.floats(0.001, 1.0), min_size=1,
+                                                                          max_size=6))
+def test_kl_is_non_negative_and_zero_only_for_the_same_distribution(a: list[float], b: list[float]) -> None:
+    def dist(weights: list[float]) -> compare.TopLogprobs:
+        total = sum(weights) * 1.25  # a quarter of the mass left for the unlisted rest
+        return _top(*((i, w / total) for i, w in enumerate(weights)))
+
+    assert compare.position_kl(dist(a), dist(b)) >= 0
+    assert compare.position_kl(dist(a), dist(a)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_acceptance_is_the_mean_kl_within_the_limit() -> None:
+    result = compare.Comparison(positions=4, kl_sum=0.2, top1_matches=4, first_disagreement=None)
+    assert compare.accepted(result, 0.05) and not compare.accepted(result, 0.049)
 
 
 def test_redaction_happens_before_the_cut() -> None:
@@ -194,18 +220,46 @@ def test_loads_is_json_loads_for_utf8_bytes() -> None:
             protocol.loads(bad)
 
 
-def test_is_greedy_needs_an_explicit_zero_temperature() -> None:
-    assert protocol.is_greedy({"temperature": 0}) and protocol.is_greedy({"top_k": 1})
-    assert not protocol.is_greedy({}) and not protocol.is_greedy({"temperature": 0, "n": 2})
-
-
-def test_scored_logprobs_reads_the_engine_shape() -> None:
+def test_scored_positions_read_the_engine_shape_with_the_topk_floor() -> None:
     engine = EngineStandin()
     ids = [3, 4, 5, 6]
-    entries = engine.prompt_logprobs(ids, 0)
-    values = protocol.scored_logprobs({"choices": [{"prompt_logprobs": entries}]}, ids[2:], 2)
-    assert values is not None and len(values) == 2
-    assert protocol.scored_logprobs({"choices": [{"prompt_logprobs": None}]}, ids[2:], 2) is None
+    entries = engine.prompt_logprobs(ids, 2)
+    positions = protocol.scored_positions({"choices": [{"prompt_logprobs": entries}]}, 2, 2, 2)
+    assert positions is not None and len(positions) == 2
+    for j, position in zip((2, 3), positions, strict=True):
+        ranked = engine.ranking(ids[:j])
+        assert position.top1() == ranked[0] and set(ranked[:2]) <= set(position.logprobs)
+        assert position.floor == pytest.approx(math.log(0.03))  # the 2nd ranked, not the prompt's rest-mass token
+    assert protocol.scored_positions({"choices": [{"prompt_logprobs": None}]}, 2, 2, 2) is None
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_generation_logprobs_by_token_id_are_read_and_text_keys_refused(chat: bool) -> None:
+    engine = EngineStandin()
+    body, added = protocol.comparison_body({"prompt": "a b c", "temperature": 0.8}, chat, 3)
+    assert added == {protocol.ADDED_TOKEN_IDS, protocol.ADDED_LOGPROBS} and body["return_tokens_as_token_ids"]
+    from quantrol_dev.standin import _Ask
+    ask = _Ask.of(body, chat)
+    out = engine.generate([1, 2, 3], 4, 0.8, seed=7)
+    logprobs = engine._logprobs_for([1, 2, 3], out, chat, ask)
+    positions = (protocol.chat_positions if chat else protocol.completion_positions)(logprobs)
+    assert positions is not None and [p.top1() for p in positions] == [
+        engine.ranking([1, 2, 3, *out[:i]])[0] for i in range(4)]
+    as_text = engine._logprobs_for([1, 2, 3], out, chat, _Ask(True, True, 3, as_ids=False))
+    assert (protocol.chat_positions if chat else protocol.completion_positions)(as_text) is None
+    # A client that asked for log-probabilities itself keeps its own request.
+    own = {"logprobs": True, "top_logprobs": 2} if chat else {"logprobs": 2}
+    assert protocol.comparison_body({**own, "return_token_ids": True}, chat, 3) == ({**own, "return_token_ids": True},
+                                                                                   frozenset())
+
+
+def test_the_added_fields_are_stripped_as_vllm_would_have_written_them() -> None:
+    whole = {"choices": [{"text": "x", "logprobs": {"tokens": []}, "token_ids": [1], "prompt_token_ids": [2]}]}
+    protocol.strip_added(whole, frozenset({protocol.ADDED_LOGPROBS, protocol.ADDED_TOKEN_IDS}), streamed=False)
+    assert whole == {"choices": [{"text": "x", "logprobs": None, "token_ids": None, "prompt_token_ids": None}]}
+    chunk = {"choices": [{"text": "x", "logprobs": {"tokens": []}, "token_ids": [1]}]}
+    protocol.strip_added(chunk, frozenset({protocol.ADDED_LOGPROBS}), streamed=True)
+    assert chunk == {"choices": [{"text": "x", "logprobs": None, "token_ids": [1]}]}
 
 
 # ---- pure: config -----------------------------------------------------------------------------------------------
@@ -497,19 +551,19 @@ async def test_shadow_mirrors_a_fraction_and_compares_identical_answers(
     assert abs(mirrored / n - 0.5) < 0.15, mirrored
     samples = await scrape(http, running.url)
     assert total(samples, "quantrol_router_mirrored_total", outcome="sent") == mirrored
-    assert total(samples, "quantrol_router_compared_total", result="identical") == mirrored
-    assert total(samples, "quantrol_router_agreement_ratio_count") == mirrored
-    assert total(samples, "quantrol_router_agreement_ratio_sum") == mirrored  # every ratio is 1.0
-    assert total(samples, "quantrol_router_quality_delta_nats_count") == mirrored
-    assert total(samples, "quantrol_router_quality_delta_nats_bucket", le="0.0") == mirrored
-    assert total(samples, "quantrol_router_quality_delta_nats_bucket", le="-0.01") == 0
-    nll = [total(samples, "quantrol_router_probe_nll_nats_total", arm=arm) for arm in ("stable", "candidate")]
-    assert nll[0] == pytest.approx(nll[1]) and nll[0] > 0
+    assert total(samples, "quantrol_router_compared_total", result="accepted", traffic="mirror") == mirrored
+    positions = total(samples, "quantrol_router_compare_positions_total")
+    assert positions == 4 * mirrored and total(samples, "quantrol_router_compare_top1_matches_total") == positions
+    assert total(samples, "quantrol_router_compare_kl_nats_total") == pytest.approx(0.0, abs=1e-9)
+    # The comparison's cost: one candidate prefill per compared request, of prompt + stable's answer.
+    assert stack.candidate.stats.prompt_logprob_requests == mirrored
+    assert total(samples, "quantrol_router_score_prefill_tokens_total") > 4 * mirrored
     # Mirror and probe traffic is never counted as live: the candidate has no live requests at all.
     assert total(samples, "quantrol_router_requests_total", arm="candidate", traffic="live") == 0
     assert total(samples, "quantrol_router_requests_total", arm="stable", traffic="live") == n
     assert total(samples, "quantrol_router_requests_total", arm="candidate", traffic="mirror") == mirrored
-    assert total(samples, "quantrol_router_requests_total", traffic="probe") == 2 * mirrored
+    assert total(samples, "quantrol_router_requests_total", arm="candidate", traffic="score") == mirrored
+    assert total(samples, "quantrol_router_requests_total", arm="stable", traffic="score") == 0
 
 
 async def test_a_slow_candidate_does_not_slow_the_client(stack: Stack, start_router: RouterFactory,
@@ -552,16 +606,11 @@ async def test_a_candidate_that_answers_differently_shows_in_agreement_quality_a
 
     await eventually(settled)
     samples = await scrape(http, running.url)
-    compared = total(samples, "quantrol_router_agreement_ratio_count")
-    assert compared == 8
-    assert total(samples, "quantrol_router_agreement_ratio_sum") / compared < 0.9
-    assert total(samples, "quantrol_router_compared_total", result="diverged") >= 6
-    assert total(samples, "quantrol_router_first_divergence_position_count") >= 6
-    assert total(samples, "quantrol_router_quality_delta_nats_bucket", le="-0.5") == 8
-    delta_mean = (total(samples, "quantrol_router_probe_nll_nats_total", arm="stable")
-                  - total(samples, "quantrol_router_probe_nll_nats_total", arm="candidate")) / total(
-        samples, "quantrol_router_probe_tokens_total")
-    assert delta_mean < -0.5  # the candidate finds stable's tokens markedly less likely
+    positions = total(samples, "quantrol_router_compare_positions_total")
+    assert positions == 8 * 16
+    assert total(samples, "quantrol_router_compare_top1_matches_total") / positions < 0.75
+    assert total(samples, "quantrol_router_compare_kl_nats_total") / positions > 0.5  # whole nats per swapped token
+    assert total(samples, "quantrol_router_compared_total", result="rejected") == 8
 
     async with http.get(running.url + "/quantrol/diffs") as r:
         assert r.status == 401
@@ -570,20 +619,46 @@ async def test_a_candidate_that_answers_differently_shows_in_agreement_quality_a
     assert 1 <= len(samples_json) <= 3  # bounded
     sample = samples_json[-1]
     assert "jane.doe" not in sample["prompt"] and compare.REDACTED in sample["prompt"]
-    assert sample["stable"] != sample["candidate"] and sample["first_divergence"] is not None
+    assert sample["stable"] != sample["candidate"] and sample["first_disagreement"] is not None
+    assert sample["mean_kl"] > 0.1 and sample["traffic"] == "mirror"
 
 
-async def test_sampled_requests_are_not_compared(stack: Stack, start_router: RouterFactory,
-                                                 http: aiohttp.ClientSession) -> None:
+@pytest.mark.parametrize("stream", [False, True])
+async def test_sampled_requests_are_compared_teacher_forced(
+        stack: Stack, start_router: RouterFactory, http: aiohttp.ClientSession, stream: bool) -> None:
+    """The control: the candidate is the same toy model, and the traffic is sampled at temperature 0.8 — the
+    answers differ from run to run, the comparison of distributions on the stable arm's tokens does not."""
     running = await start_router(mirror_fraction=1.0)
-    async with http.post(running.url + "/v1/completions", json=completion(temperature=0.8)) as r:
-        assert r.status == 200
+    for i in range(6):
+        async with http.post(running.url + "/v1/completions",
+                             json=completion(f"sampled {i}", temperature=0.8, stream=stream)) as r:
+            assert r.status == 200
+            await r.read()
 
     async def counted() -> bool:
         samples = await scrape(http, running.url)
-        return total(samples, "quantrol_router_compared_total", result="skipped_sampled") == 1
+        return total(samples, "quantrol_router_compared_total", result="accepted") == 6
 
     await eventually(counted)
+    samples = await scrape(http, running.url)
+    positions = total(samples, "quantrol_router_compare_positions_total")
+    assert total(samples, "quantrol_router_compare_top1_matches_total") == positions == 6 * 8
+    assert total(samples, "quantrol_router_compare_kl_nats_total") == pytest.approx(0.0, abs=1e-9)
+    # The same traffic against a damaged candidate: clearly visible although every answer was sampled.
+    stack.candidate.behaviour.deviation = 0.3
+    for i in range(6):
+        async with http.post(running.url + "/v1/completions",
+                             json=completion(f"sampled {i}", temperature=0.8, stream=stream)) as r:
+            await r.read()
+
+    async def damaged() -> bool:
+        samples = await scrape(http, running.url)
+        return total(samples, "quantrol_router_compare_positions_total") == 12 * 8
+
+    await eventually(damaged)
+    samples = await scrape(http, running.url)
+    assert total(samples, "quantrol_router_compare_kl_nats_total") / (6 * 8) > 0.3
+    assert total(samples, "quantrol_router_compared_total", result="rejected") >= 4
 
 
 async def test_diffs_are_off_by_default(stack: Stack, start_router: RouterFactory,

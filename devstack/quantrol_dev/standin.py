@@ -9,12 +9,21 @@ What it imitates (shapes from vllm/entrypoints/openai/{completion,chat_completio
   `prompt_logprobs` (per prompt token: null first, then `{token_id: {logprob, rank, decoded_token}}`; refused with
   stream, as vLLM does), `return_token_ids` (`token_ids`, `prompt_token_ids`), `stream_options.include_usage`,
   prompts as text or token ids; GET /v1/models, /health, /metrics (a few `vllm:*` series).
-- A deterministic toy language model: the greedy next token is a hash of the last three tokens and the position,
-  so both arms agree token for token unless told otherwise. `deviation` (0..1) makes this engine pick another
-  token at that share of positions (a quality drop the router must see); its log-probabilities follow its own
-  choices, so teacher forcing on the other arm's tokens shows the drop too.
-- Behaviour knobs (per-token latency, prefill latency, error rate, deviation) are set at construction or at run
-  time with POST /standin/behaviour, so one process can play a healthy arm, then a slow or broken one.
+- A deterministic toy language model with a real next-token distribution: after a context, its top-1 token (a
+  hash of the last three tokens and the position) has probability 0.85, four runner-ups 0.03 each, and every other
+  token shares the rest; so both arms agree on every distribution unless told otherwise. Greedy requests take the
+  top-1, sampled ones (temperature > 0, or none given: vLLM's default is 1.0) draw from the distribution sharpened by
+  the temperature. Log-probabilities are those of the raw distribution, as vLLM's default `raw_logprobs` mode
+  returns them (top-k at generation with `logprobs`, top-k per prompt token with `prompt_logprobs`, keyed
+  `token_id:<id>` with `return_tokens_as_token_ids`). `deviation` (0..1) swaps this engine's top-1 with its first
+  runner-up at that share of positions (a quality drop the router must see, sampled or greedy); with
+  `deviation_when` set to a word, only in requests whose prompt holds that word (one slice damaged).
+- A batch budget like vLLM's `--max-num-seqs`: at most `max_num_seqs` requests run at once (0: no limit), the rest
+  wait in the engine (`vllm:num_requests_waiting`, `vllm:request_queue_time_seconds`); `vllm:kv_cache_usage_perc`
+  follows the running share of the budget, and a request that waited past `preempt_after_s` counts one
+  `vllm:num_preemptions` (a stand-in for KV-cache pressure, which this toy does not have).
+- Behaviour knobs (per-token latency, prefill latency, error rate, deviation, batch budget) are set at construction
+  or at run time with POST /standin/behaviour, so one process can play a healthy arm, then a slow or broken one.
 
 Run standalone (the benchmark does): `python -m quantrol_dev.standin --port 8001 [--token-latency 0.01]`;
 it prints `READY <port>` on stdout once listening. It binds 127.0.0.1 only.
@@ -26,6 +35,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import math
 import random
 import sys
 import time
@@ -41,8 +51,8 @@ _SYLLABLES = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "ve", "da", "zu", 
 # Pronounceable toy words, so a diff sample is readable by a human.
 VOCAB = [_SYLLABLES[i % 16] + _SYLLABLES[(i // 16) % 16] + ("n" if i >= 256 else "") for i in range(VOCAB_SIZE)]
 _WORD_IDS = {word: i for i, word in enumerate(VOCAB)}
-GOOD_LOGPROB = -0.05  # the engine's own greedy choice
-OTHER_LOGPROB = -4.0  # any other token
+TOP1_P, RUNNER_UP_P, RUNNER_UPS = 0.85, 0.03, 4  # the toy distribution; the rest is spread over the vocabulary
+REST_P = (1.0 - TOP1_P - RUNNER_UP_P * RUNNER_UPS) / (VOCAB_SIZE - 1 - RUNNER_UPS)
 
 
 def _h(*parts: object) -> int:
@@ -62,14 +72,24 @@ def reference_next(context: list[int]) -> int:
     return _h("next", tuple(context[-3:]), len(context)) % VOCAB_SIZE
 
 
+def reference_ranking(context: list[int]) -> list[int]:
+    """The reference model's top-1 and runner-ups after `context`, most likely first (distinct tokens)."""
+    top = reference_next(context)
+    offset = _h("alt", tuple(context[-3:]), len(context)) % 97
+    return [top, *((top + 1 + offset + 37 * i) % VOCAB_SIZE for i in range(RUNNER_UPS))]
+
+
 @dataclass
 class Behaviour:
     model: str = "standin"
     token_latency_s: float = 0.0
     prefill_latency_s: float = 0.0
     error_rate: float = 0.0  # share of generation requests answered 500 (deterministic spacing)
-    deviation: float = 0.0  # share of positions where this engine's greedy token differs from the reference
+    deviation: float = 0.0  # share of positions where this engine's top-1 differs from the reference
+    deviation_when: str = ""  # a prompt word: deviate only in requests whose prompt holds it ("": every request)
     seed: int = 1
+    max_num_seqs: int = 0  # requests running at once, like vLLM's --max-num-seqs (0: no limit)
+    preempt_after_s: float = 1.0  # a request that waited longer counts one preemption
 
 
 @dataclass
@@ -79,6 +99,7 @@ class Stats:
     token_id_requests: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
+    waiting: int = 0
 
 
 class EngineStandin:
@@ -97,37 +118,74 @@ class EngineStandin:
                                  registry=self.registry)
         self.m_gen = Counter("vllm:generation_tokens", "Generated tokens", labels, registry=self.registry)
         self.m_prompt = Counter("vllm:prompt_tokens", "Prompt tokens", labels, registry=self.registry)
+        self.m_queue = Histogram("vllm:request_queue_time_seconds", "Queue time", labels, registry=self.registry)
+        self.m_kv = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage (0-1)", labels, registry=self.registry)
+        self.m_preemptions = Counter("vllm:num_preemptions", "Preemptions", labels, registry=self.registry)
+        self._slots = asyncio.Condition()
 
     # ---- the toy model ---------------------------------------------------------------------------------------
 
-    def next_token(self, context: list[int]) -> int:
-        ref = reference_next(context)
+    def _deviates(self, context: list[int]) -> bool:
         b = self.behaviour
-        if b.deviation > 0 and _h("dev", b.seed, tuple(context[-3:]), len(context)) / 2**64 < b.deviation:
-            return (ref + 1 + _h("alt", b.seed, len(context)) % (VOCAB_SIZE - 1)) % VOCAB_SIZE
-        return ref
+        if b.deviation <= 0 or (b.deviation_when and tokenize(b.deviation_when)[0] not in context):
+            return False
+        return _h("dev", b.seed, tuple(context[-3:]), len(context)) / 2**64 < b.deviation
+
+    def ranking(self, context: list[int]) -> list[int]:
+        """This engine's top-1 and runner-ups after `context`: the reference's, or with the first two swapped."""
+        ranked = reference_ranking(context)
+        if self._deviates(context):
+            ranked[0], ranked[1] = ranked[1], ranked[0]
+        return ranked
+
+    def next_token(self, context: list[int]) -> int:
+        return self.ranking(context)[0]
 
     def logprob(self, context: list[int], token: int) -> tuple[float, int, int]:
-        """(log-prob of token, its rank, this engine's greedy token) after context."""
-        best = self.next_token(context)
-        return (GOOD_LOGPROB, 1, best) if token == best else (OTHER_LOGPROB, 2, best)
+        """(raw log-prob of token, its rank, this engine's top-1) after context."""
+        ranked = self.ranking(context)
+        if token in ranked:
+            rank = ranked.index(token) + 1
+            return math.log(TOP1_P if rank == 1 else RUNNER_UP_P), rank, ranked[0]
+        return math.log(REST_P), RUNNER_UPS + 2, ranked[0]
 
-    def generate(self, prompt: list[int], max_tokens: int, greedy: bool, seed: int | None) -> list[int]:
+    def top_k(self, context: list[int], k: int) -> list[tuple[int, float]]:
+        ranked = self.ranking(context)[:k]
+        return [(t, math.log(TOP1_P if i == 0 else RUNNER_UP_P)) for i, t in enumerate(ranked)]
+
+    def sample(self, context: list[int], temperature: float, rng: random.Random) -> int:
+        """A draw from the distribution sharpened by `temperature` (the rest stays one bucket, then uniform)."""
+        ranked = self.ranking(context)
+        weights = [p ** (1 / temperature) for p in (TOP1_P, *([RUNNER_UP_P] * RUNNER_UPS))]
+        rest = (VOCAB_SIZE - len(ranked)) * REST_P ** (1 / temperature)
+        pick = rng.random() * (sum(weights) + rest)
+        for token, weight in zip(ranked, weights, strict=True):
+            if pick < weight:
+                return token
+            pick -= weight
+        while True:
+            token = rng.randrange(VOCAB_SIZE)
+            if token not in ranked:
+                return token
+
+    def generate(self, prompt: list[int], max_tokens: int, temperature: float, seed: int | None) -> list[int]:
         rng = random.Random(seed)
         context, out = list(prompt), []
         for _ in range(max_tokens):
-            token = self.next_token(context) if greedy else rng.randrange(VOCAB_SIZE)
+            token = self.next_token(context) if temperature == 0 else self.sample(context, temperature, rng)
             out.append(token)
             context.append(token)
         return out
 
     def prompt_logprobs(self, ids: list[int], k: int) -> list[dict[str, dict[str, Any]] | None]:
+        """vLLM's shape: null for the first prompt token, then the prompt token and the top k, by token id."""
         entries: list[dict[str, dict[str, Any]] | None] = [None]
         for j in range(1, len(ids)):
-            value, rank, best = self.logprob(ids[:j], ids[j])
+            value, rank, _ = self.logprob(ids[:j], ids[j])
             entry = {str(ids[j]): {"logprob": value, "rank": rank, "decoded_token": token_text(ids[j])}}
-            if k > 0 and best != ids[j]:
-                entry[str(best)] = {"logprob": GOOD_LOGPROB, "rank": 1, "decoded_token": token_text(best)}
+            for top_rank, (token, top_value) in enumerate(self.top_k(ids[:j], k), start=1):
+                entry.setdefault(str(token), {"logprob": top_value, "rank": top_rank,
+                                              "decoded_token": token_text(token)})
             entries.append(entry)
         return entries
 
@@ -177,14 +235,40 @@ class EngineStandin:
         if body.get("stream") and body.get("prompt_logprobs") is not None:
             return web.json_response({"error": {"message": "`prompt_logprobs` are not available when `stream=True`.",
                                                 "type": "BadRequestError", "code": 400}}, status=400)
-        st.in_flight += 1
-        st.max_in_flight = max(st.max_in_flight, st.in_flight)
-        self.m_running.labels(self.behaviour.model).inc()
+        await self._admit()
         try:
             return await self._generate(request, body, chat=path.endswith("chat/completions"))
         finally:
-            st.in_flight -= 1
-            self.m_running.labels(self.behaviour.model).dec()
+            async with self._slots:
+                st.in_flight -= 1
+                self._gauges()
+                self._slots.notify()
+
+    async def _admit(self) -> None:
+        """Wait for a place in the batch budget (max_num_seqs), as vLLM's scheduler keeps a request waiting."""
+        began = time.perf_counter()
+        model, st = self.behaviour.model, self.stats
+        async with self._slots:
+            st.waiting += 1
+            self._gauges()
+            try:
+                await self._slots.wait_for(lambda: not self.behaviour.max_num_seqs
+                                           or st.in_flight < self.behaviour.max_num_seqs)
+            finally:
+                st.waiting -= 1
+            st.in_flight += 1
+            st.max_in_flight = max(st.max_in_flight, st.in_flight)
+            self._gauges()
+        waited = time.perf_counter() - began
+        self.m_queue.labels(model).observe(waited)
+        if waited > self.behaviour.preempt_after_s:
+            self.m_preemptions.labels(model).inc()
+
+    def _gauges(self) -> None:
+        model, budget = self.behaviour.model, self.behaviour.max_num_seqs
+        self.m_running.labels(model).set(self.stats.in_flight)
+        self.m_waiting.labels(model).set(self.stats.waiting)
+        self.m_kv.labels(model).set(min(1.0, self.stats.in_flight / budget) if budget else 0.0)
 
     async def _generate(self, request: web.Request, body: dict[str, Any], chat: bool) -> web.StreamResponse:
         b = self.behaviour
@@ -197,12 +281,10 @@ class EngineStandin:
             prompt_ids = list(prompt) if isinstance(prompt, list) else tokenize(str(prompt))
             prompt_text = prompt if isinstance(prompt, str) else "".join(token_text(t) for t in prompt_ids)
         max_tokens = int(body.get("max_tokens") or (body.get("max_completion_tokens") or 16))
-        temperature = body.get("temperature")
-        greedy = temperature == 0 or body.get("top_k") == 1
-        out = self.generate(prompt_ids, max_tokens, greedy, body.get("seed"))
-        want_ids = bool(body.get("return_token_ids"))
-        want_lp = body.get("logprobs")
-        top_k = int(body.get("top_logprobs") or 0) if chat else int(want_lp or 0)
+        # vLLM's default temperature is 1.0 (no generation config here); top_k 1 is greedy too.
+        temperature = 0.0 if body.get("top_k") == 1 else float(body.get("temperature", 1.0))
+        out = self.generate(prompt_ids, max_tokens, temperature, body.get("seed"))
+        ask = _Ask.of(body, chat)
         prompt_lp = self.prompt_logprobs(prompt_ids, int(body["prompt_logprobs"])) \
             if body.get("prompt_logprobs") is not None else None
         echo = bool(body.get("echo")) and not chat
@@ -213,49 +295,52 @@ class EngineStandin:
         if b.prefill_latency_s:
             await asyncio.sleep(b.prefill_latency_s)
         if body.get("stream"):
-            response = await self._stream(request, body, chat, rid, prompt_ids, out, want_ids, want_lp, top_k,
-                                          usage, started)
+            response = await self._stream(request, body, chat, rid, prompt_ids, out, ask, usage, started)
         else:
             if b.token_latency_s:
                 await asyncio.sleep(b.token_latency_s * len(out))
-            response = self._whole(body, chat, rid, prompt_ids, prompt_text, out, want_ids, want_lp, top_k,
-                                   prompt_lp, echo, usage)
+            response = self._whole(chat, rid, prompt_ids, prompt_text, out, ask, prompt_lp, echo, usage)
         elapsed = time.perf_counter() - started
         self.m_e2e.labels(b.model).observe(elapsed)
         self.m_gen.labels(b.model).inc(len(out))
         self.m_success.labels(b.model, "length").inc()
         return response
 
-    def _logprobs_for(self, context: list[int], tokens: list[int], chat: bool, top_k: int) -> Any:
+    def _logprobs_for(self, context: list[int], tokens: list[int], chat: bool, ask: _Ask) -> Any:
+        """vLLM's logprobs objects: completions take the top k plus the emitted token (k + 1 entries), chat the
+        first k of the emitted token and the top k."""
         ctx = list(context)
+        name = ask.name
         if chat:
             content = []
             for t in tokens:
-                value, _, best = self.logprob(ctx, t)
-                tops = [{"token": token_text(best), "logprob": GOOD_LOGPROB, "bytes": None}] if top_k else []
-                content.append({"token": token_text(t), "logprob": value, "bytes": None, "top_logprobs": tops})
+                value = self.logprob(ctx, t)[0]
+                listed = [(t, value), *((u, v) for u, v in self.top_k(ctx, ask.top_k) if u != t)][:ask.top_k]
+                tops = [{"token": name(u), "logprob": v, "bytes": None} for u, v in listed]
+                content.append({"token": name(t), "logprob": value, "bytes": None, "top_logprobs": tops})
                 ctx.append(t)
             return {"content": content}
         result: dict[str, list[Any]] = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
         offset = 0
         for t in tokens:
-            value, _, best = self.logprob(ctx, t)
-            result["tokens"].append(token_text(t))
+            value = self.logprob(ctx, t)[0]
+            result["tokens"].append(name(t))
             result["token_logprobs"].append(value)
             result["text_offset"].append(offset)
-            result["top_logprobs"].append({token_text(best): GOOD_LOGPROB, token_text(t): value} if top_k else None)
+            result["top_logprobs"].append({name(t): value, **{name(u): v for u, v in self.top_k(ctx, ask.top_k)}})
             offset += len(token_text(t))
             ctx.append(t)
         return result
 
-    def _whole(self, body: dict[str, Any], chat: bool, rid: str, prompt_ids: list[int], prompt_text: str,
-               out: list[int], want_ids: bool, want_lp: Any, top_k: int, prompt_lp: Any, echo: bool,
-               usage: dict[str, int]) -> web.Response:
+    def _whole(self, chat: bool, rid: str, prompt_ids: list[int], prompt_text: str, out: list[int], ask: _Ask,
+               prompt_lp: Any, echo: bool, usage: dict[str, int]) -> web.Response:
         text = "".join(token_text(t) for t in out)
         model, created = self.behaviour.model, int(time.time())
+        want_ids = ask.token_ids
         if chat:
             choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                      "logprobs": self._logprobs_for(prompt_ids, out, True, top_k) if want_lp else None,
+                                      "logprobs": self._logprobs_for(prompt_ids, out, True, ask) if ask.logprobs
+                                      else None,
                                       "finish_reason": "length", "stop_reason": None,
                                       "token_ids": out if want_ids else None}
             payload = {"id": rid, "object": "chat.completion", "created": created, "model": model,
@@ -263,10 +348,10 @@ class EngineStandin:
                        "prompt_token_ids": prompt_ids if want_ids else None}
             return web.json_response(payload)
         logprobs = None
-        if want_lp is not None:
-            logprobs = self._logprobs_for(prompt_ids, out, False, top_k)
+        if ask.logprobs:
+            logprobs = self._logprobs_for(prompt_ids, out, False, ask)
             if echo:  # echo with logprobs: the prompt's tokens first, the first one without a log-prob
-                head = self._logprobs_for([], prompt_ids, False, top_k)
+                head = self._logprobs_for([], prompt_ids, False, ask)
                 head["token_logprobs"][0] = None
                 logprobs = {k: head[k] + logprobs[k] for k in logprobs}
         choice = {"index": 0, "text": (prompt_text if echo else "") + text, "logprobs": logprobs,
@@ -276,8 +361,7 @@ class EngineStandin:
                                   "choices": [choice], "usage": usage})
 
     async def _stream(self, request: web.Request, body: dict[str, Any], chat: bool, rid: str, prompt_ids: list[int],
-                      out: list[int], want_ids: bool, want_lp: Any, top_k: int, usage: dict[str, int],
-                      started: float) -> web.StreamResponse:
+                      out: list[int], ask: _Ask, usage: dict[str, int], started: float) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                                "Cache-Control": "no-cache"})
         await response.prepare(request)
@@ -289,7 +373,7 @@ class EngineStandin:
             return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
         if chat:  # vLLM opens a chat stream with the role
-            first = {"prompt_token_ids": prompt_ids} if want_ids else {}
+            first = {"prompt_token_ids": prompt_ids} if ask.token_ids else {}
             await response.write(event([{"index": 0, "delta": {"role": "assistant", "content": ""},
                                          "logprobs": None, "finish_reason": None}], **first))
         context = list(prompt_ids)
@@ -304,15 +388,15 @@ class EngineStandin:
                 self.m_itl.labels(model).observe(now - last)
             last = now
             finish = "length" if i == len(out) - 1 else None
-            lp = self._logprobs_for(context, [token], chat, top_k) if want_lp else None
+            lp = self._logprobs_for(context, [token], chat, ask) if ask.logprobs else None
             choice: dict[str, Any] = {"index": 0, "logprobs": lp, "finish_reason": finish}
             if chat:
                 choice["delta"] = {"content": token_text(token)}
             else:
                 choice["text"] = token_text(token)
-                if want_ids and i == 0:
+                if ask.token_ids and i == 0:
                     choice["prompt_token_ids"] = prompt_ids
-            if want_ids:
+            if ask.token_ids:
                 choice["token_ids"] = [token]
             context.append(token)
             await response.write(event([choice]))
@@ -322,6 +406,27 @@ class EngineStandin:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+
+@dataclass(frozen=True)
+class _Ask:
+    """What a request asked to get back besides the text."""
+
+    token_ids: bool
+    logprobs: bool
+    top_k: int
+    as_ids: bool  # return_tokens_as_token_ids: tokens as `token_id:<id>`
+
+    @classmethod
+    def of(cls, body: dict[str, Any], chat: bool) -> _Ask:
+        want = body.get("logprobs")
+        return cls(token_ids=bool(body.get("return_token_ids")),
+                   logprobs=bool(want) if chat else want is not None,
+                   top_k=int(body.get("top_logprobs") or 0) if chat else int(want or 0),
+                   as_ids=bool(body.get("return_tokens_as_token_ids")))
+
+    def name(self, token: int) -> str:
+        return f"token_id:{token}" if self.as_ids else token_text(token)
 
 
 async def start_standin(engine: EngineStandin, port: int = 0) -> tuple[web.AppRunner, int]:
@@ -338,7 +443,8 @@ async def start_standin(engine: EngineStandin, port: int = 0) -> tuple[web.AppRu
 
 async def _main(args: argparse.Namespace) -> None:
     engine = EngineStandin(Behaviour(model=args.model, token_latency_s=args.token_latency,
-                                     prefill_latency_s=args.prefill_latency, deviation=args.deviation))
+                                     prefill_latency_s=args.prefill_latency, deviation=args.deviation,
+                                     max_num_seqs=args.max_num_seqs))
     runner, port = await start_standin(engine, args.port)
     print(f"READY {port}", flush=True)
     try:
@@ -354,6 +460,7 @@ if __name__ == "__main__":
     parser.add_argument("--token-latency", type=float, default=0.0)
     parser.add_argument("--prefill-latency", type=float, default=0.0)
     parser.add_argument("--deviation", type=float, default=0.0)
+    parser.add_argument("--max-num-seqs", type=int, default=0)
     try:
         asyncio.run(_main(parser.parse_args()))
     except KeyboardInterrupt:

@@ -193,6 +193,20 @@ class PrometheusEndpoint(ApiModel):
     address: str = Field(pattern=r"^https?://\S+$", max_length=1024, description="e.g. http://prometheus:9090")
 
 
+DEFAULT_REQUEST_KL = 0.1  # nats per token: quality acceptance of one request when nothing else says
+
+
+class QualityAcceptance(ApiModel):
+    """When one compared request counts as quality-accepted: its teacher-forced mean KL within a limit. The share of
+    accepted requests in a window is goodput's quality-acceptance term."""
+
+    max_request_kl: float | None = Field(
+        default=None, gt=0, le=100,
+        description="Mean teacher-forced KL (nats per token) one compared request may show and still be accepted. "
+        "Unset: from the candidate QuantizedModel's quality gate, per slice (its maxP99KlDivergence, else 2 × its "
+        "maxMeanKlDivergence), else 0.1.")
+
+
 class Analysis(ApiModel):
     prometheus: PrometheusEndpoint | None = Field(
         default=None, description="Where the SLO metrics live; the operator's default when unset."
@@ -204,6 +218,7 @@ class Analysis(ApiModel):
     inconclusive_limit: int = Field(default=30, ge=1, le=10_000, description="Consecutive → Paused.")
     error_limit: int = Field(default=10, ge=1, le=10_000, description="Consecutive query errors → Paused.")
     min_sample_count: int = Field(default=20, ge=1, description="Fewer requests in a window: inconclusive.")
+    quality_acceptance: QualityAcceptance = Field(default_factory=QualityAcceptance)
 
 
 class SloLimit(ApiModel):
@@ -272,10 +287,14 @@ class Slos(ApiModel):
     queue_time_p99: SloLimit | None = Field(default_factory=lambda: SloLimit(max=1.0, max_relative_to_stable=1.5))
     quality_delta: SloLimit | None = Field(
         default_factory=lambda: SloLimit(max=0.1),
-        description="Stable minus candidate mean log-probability of the stable arm's tokens (nats/token).",
+        description="Mean teacher-forced KL divergence of the candidate's next-token distribution from the stable "
+        "arm's, on the stable arm's own tokens (nats/token), sampled and greedy traffic alike; judged over all "
+        "compared requests and per slice.",
     )
     agreement: SloFloor | None = Field(
-        default_factory=lambda: SloFloor(min=0.9), description="Greedy token agreement with the stable arm."
+        default_factory=lambda: SloFloor(min=0.9),
+        description="Top-1 agreement of the two arms' next-token distributions on the stable arm's tokens "
+        "(teacher-forced); judged over all compared requests and per slice.",
     )
     goodput: SloFloor | None = Field(
         default_factory=lambda: SloFloor(min_relative_to_stable=1.0),
@@ -308,6 +327,7 @@ class RollbackReason(StrEnum):
 
 class MetricResult(StatusModel):
     slo: str
+    slice: str | None = Field(default=None, description="The slice this row judges; unset: all traffic.")
     arm: str = "candidate"
     value: float | None = None
     stable_value: float | None = None
@@ -328,6 +348,7 @@ class AnalysisRun(StatusModel):
 class RollbackRecord(StatusModel):
     reason: RollbackReason
     slo: str | None = Field(default=None, description="The first failing SLO of the deciding window.")
+    slice: str | None = Field(default=None, description="The slice that SLO failed on, when one slice failed it.")
     failing_slos: list[str] = Field(default_factory=list, max_length=64,
                                     description="Every SLO that failed in the deciding window.")
     candidate_value: float | None = None

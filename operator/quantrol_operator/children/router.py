@@ -10,7 +10,14 @@ from typing import Any
 from quantrol_operator.api.servingpolicy import ServingPolicySpec
 from quantrol_operator.children import MANAGED_BY, child_name, owner_reference
 from quantrol_operator.children.serving import ENGINE_PORT, LABEL_POLICY, arm_name
-from quantrol_worker.router.config import AdmissionLimits, ArmConfig, RouterConfig, dump_config
+from quantrol_worker.router.config import (
+    AdmissionLimits,
+    ArmConfig,
+    CompareConfig,
+    RouterConfig,
+    SliceRule,
+    dump_config,
+)
 
 ROUTER_PORT = 8080
 ROUTER_PORT_NAME = "http"  # container and Service port name; the PodMonitor's router endpoint names it
@@ -34,7 +41,9 @@ def arm_url(policy: str, namespace: str, ref: str) -> str:
 
 
 def router_config(policy: str, namespace: str, spec: ServingPolicySpec, stable_ref: str, candidate_ref: str | None,
-                  stable_weight: int, candidate_weight: int, mirror_fraction: float, version: int) -> RouterConfig:
+                  stable_weight: int, candidate_weight: int, mirror_fraction: float, version: int, *,
+                  slices: SliceRule | None = None, compare: CompareConfig | None = None) -> RouterConfig:
+    """`slices` and `compare`: the slice names and per-request quality limits (planning/slices.py)."""
     admission = spec.serving.admission
     limits = AdmissionLimits(max_in_flight=admission.max_in_flight, max_queue=admission.max_queue,
                              max_queue_wait_s=admission.max_queue_wait_seconds)
@@ -42,7 +51,8 @@ def router_config(policy: str, namespace: str, spec: ServingPolicySpec, stable_r
     if candidate_ref is not None:
         arms["candidate"] = ArmConfig(url=arm_url(policy, namespace, candidate_ref), weight=candidate_weight,
                                       admission=limits)
-    return RouterConfig(version=version, arms=arms, mirror_fraction=mirror_fraction if candidate_ref else 0.0)
+    return RouterConfig(version=version, arms=arms, mirror_fraction=mirror_fraction if candidate_ref else 0.0,
+                        slices=slices or SliceRule(), compare=compare or CompareConfig())
 
 
 def _meta(owner: dict[str, Any], name: str) -> dict[str, Any]:

@@ -37,12 +37,13 @@ from quantrol_operator.api.servingpolicy import RolloutPhase as P
 from quantrol_operator.children import monitoring, router, serving
 from quantrol_operator.conditions import set_condition
 from quantrol_operator.planning import Event, Plan
-from quantrol_operator.rollout.analysis import decide, judge, no_judgement, window_verdict
+from quantrol_operator.planning.slices import quality_plan
+from quantrol_operator.rollout.analysis import bounded, decide, judge, no_judgement, window_verdict
 from quantrol_operator.rollout.queries import Observation
 from quantrol_operator.rollout.statemachine import Decision, Facts, TransitionReason, step, weights_for
 from quantrol_operator.validation import field_error
 from quantrol_worker.contracts import KernelVerdict
-from quantrol_worker.router.config import dump_config
+from quantrol_worker.router.config import CompareConfig, SliceRule, dump_config
 
 ANNOTATION_PAUSED = "quantrol.io/paused"
 ANNOTATION_RETRY = "quantrol.io/retry"
@@ -168,7 +169,8 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
     if pinned is None and phase is P.PENDING:
         status.message = f"waiting for a candidate: {why_not}"
     weights = weights_for(phase, index, facts.steps, spec.rollout.shadow.mirror_fraction, held=before.weights)
-    _children(result, obj, spec, images, stable, pinned, phase, status, weights, now, observed.router_token)
+    _children(result, obj, spec, images, stable, pinned, phase, status, weights, now, observed.router_token,
+              observed.quantized_model)
     if pod_monitor_labels is not None:
         result.apply.append(monitoring.pod_monitor(obj, spec, pod_monitor_labels))
     _withdraw_stale_arms(result, observed.deployments)
@@ -183,7 +185,7 @@ def _analyse(result: SpPlan, status: ServingPolicyStatus, observed: SpObserved, 
     window = observed.window
     if window is None or phase not in (P.SHADOW, P.CANARY):
         return Decision.HOLD, status.counters
-    results = [judge(sample, limit, spec.analysis.min_sample_count) for sample, limit in window.samples]
+    results = bounded([judge(sample, limit, spec.analysis.min_sample_count) for sample, limit in window.samples])
     verdict = window_verdict(results)
     why = no_judgement([s for s, _ in window.samples], window.targets) if verdict in (
         Verdict.INCONCLUSIVE, Verdict.ERROR) else None
@@ -266,7 +268,10 @@ def _rollback_record(reason: RollbackReason, analysis: AnalysisRun | None, obser
     if reason is RollbackReason.SLO_BREACH and failing and analysis is not None:
         worst = failing[0]
         record = record.model_copy(update={
-            "slo": worst.slo, "failing_slos": [m.slo for m in failing], "candidate_value": worst.value,
+            "slo": worst.slo, "failing_slos": list(dict.fromkeys(m.slo for m in failing)),
+            # Named even when the aggregate failed too: the slice says where to look first.
+            "slice": next((m.slice for m in failing if m.slo == worst.slo and m.slice), None),
+            "candidate_value": worst.value,
             "stable_value": worst.stable_value, "limit": worst.limit, "window_seconds": analysis.window_seconds,
             "message": worst.message or ""})
     elif reason in (RollbackReason.KERNEL_UNAVAILABLE, RollbackReason.KERNEL_FALLBACK):
@@ -279,7 +284,7 @@ def _rollback_record(reason: RollbackReason, analysis: AnalysisRun | None, obser
 
 def _children(result: SpPlan, obj: dict[str, Any], spec: ServingPolicySpec, images: tuple[str, str], stable: str,
               candidate: str | None, phase: P, status: ServingPolicyStatus, weights: Weights, now: datetime,
-              token: str) -> None:
+              token: str, quantized_model: dict[str, Any] | None) -> None:
     meta = obj["metadata"]
     policy, namespace = meta["name"], meta["namespace"]
     serving_image, router_image = images
@@ -298,9 +303,12 @@ def _children(result: SpPlan, obj: dict[str, Any], spec: ServingPolicySpec, imag
         result.apply.append(serving.arm_deployment(obj, spec, target, serving_image, 0 if grace_over else replicas))
     if spec.traffic_provider is not TrafficProvider.ROUTER:
         return  # the only provider today; another would split traffic without Quantrol's router
+    quality = quality_plan(spec, quantized_model)
     config = router.router_config(policy, namespace, spec, stable, candidate if candidate_live else None,
                                   weights.stable if candidate_live else 100, weights.candidate if candidate_live else 0,
-                                  weights.mirror_fraction, version=0)
+                                  weights.mirror_fraction, version=0, slices=SliceRule(allowed=quality.slices),
+                                  compare=CompareConfig(max_request_kl=quality.max_request_kl,
+                                                        slice_max_request_kl=quality.slice_max_request_kl))
     # The version moves only when the content does, so routers and status agree on what "newer" means.
     digest = hashlib.sha256(dump_config(config).encode()).hexdigest()[:16]
     state = status.router

@@ -7,6 +7,11 @@ Streak counters move only on windows that carry samples newer than the last coun
 analysis interval over a slow scrape cannot count one scrape twice. After each step the cooldown is one window:
 a passing window counts toward the next step only when all of it lies after the step began (traffic at the old
 weight proves nothing about the new one), while a failing window always counts (safety never waits).
+
+Quality is judged over all compared requests and per slice: a slice with enough comparisons that fails fails the
+window even when the aggregate passes (a regression confined to one slice is not averaged away), and the slice is
+named. A slice with too few comparisons is `inconclusive` in its own row, never a pass; it does not hold the window
+on its own (the aggregate, which has enough samples, must still pass), so one quiet slice cannot stall a rollout.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class Sample:
     stable_requests: float | None = None
     error: NoJudgement | None = None  # the query failed: MetricsUnreachable or QueryFailed
     newest: datetime | None = None  # timestamp of the newest sample behind the values
+    slice: str | None = None  # the slice this sample covers; None: all traffic
 
 
 @dataclass(frozen=True)
@@ -58,8 +64,9 @@ def judge(sample: Sample, limit: SloLimit | SloFloor, min_samples: int) -> Metri
     name, cand, stab = sample.slo, sample.candidate, sample.stable
 
     def verdict(v: Verdict, bound: float | None, message: str) -> MetricResult:
-        return MetricResult(slo=name, verdict=v, value=cand if _usable(cand) else None,
-                            stable_value=stab if _usable(stab) else None, limit=bound, message=message)
+        where = f"slice {sample.slice}: " if sample.slice else ""
+        return MetricResult(slo=name, slice=sample.slice, verdict=v, value=cand if _usable(cand) else None,
+                            stable_value=stab if _usable(stab) else None, limit=bound, message=where + message)
 
     if sample.error:
         return verdict(Verdict.ERROR, None, f"no answer from Prometheus: {sample.error.value}")
@@ -93,13 +100,25 @@ def judge(sample: Sample, limit: SloLimit | SloFloor, min_samples: int) -> Metri
 
 
 _SEVERITY = (Verdict.ERROR, Verdict.FAIL, Verdict.OVERLOAD, Verdict.INCONCLUSIVE, Verdict.PASS)
+METRICS_IN_STATUS = 64  # AnalysisRun.metrics' bound
+
+
+def bounded(judgements: list[MetricResult], limit: int = METRICS_IN_STATUS) -> list[MetricResult]:
+    """The rows status keeps: every all-traffic row, then slice rows most severe first, up to `limit`, in their
+    original order (so a failing slice is never the one cut)."""
+    overall = [j for j in judgements if j.slice is None]
+    ranked = sorted((j for j in judgements if j.slice is not None), key=lambda j: _SEVERITY.index(j.verdict))
+    keep = {id(j) for j in overall + ranked[:max(0, limit - len(overall))]}
+    return [j for j in judgements if id(j) in keep][:limit]
 
 
 def window_verdict(judgements: list[MetricResult]) -> Verdict:
-    """The whole window: the most severe SLO verdict; no SLO at all is inconclusive, never pass."""
-    if not judgements:
+    """The whole window: the most severe SLO verdict; no SLO at all is inconclusive, never pass. A slice's row
+    counts when it judged (pass, fail); a slice too quiet to judge does not hold the window (module docstring)."""
+    counted = [j for j in judgements if j.slice is None or j.verdict in (Verdict.FAIL, Verdict.ERROR)]
+    if not counted:
         return Verdict.INCONCLUSIVE
-    present = {j.verdict for j in judgements}
+    present = {j.verdict for j in counted}
     return next(v for v in _SEVERITY if v in present)
 
 

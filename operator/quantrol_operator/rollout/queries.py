@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import requests
 
@@ -30,9 +30,16 @@ class QueryError(Exception):
         self.reason = reason
 
 
+MAX_SERIES = 64  # a vector answer is cut to this many series: slices are bounded by the router's config anyway
+
+
 class MetricSource(Protocol):
     def scalar(self, promql: str) -> float | None:
         """One value, or None when the result is empty. Raises QueryError."""
+        ...
+
+    def by_label(self, promql: str, label: str) -> dict[str, float]:
+        """One value per series, keyed by the series' `label` (at most MAX_SERIES). Raises QueryError."""
         ...
 
 
@@ -46,13 +53,16 @@ class Scope:
     # canary step on, only live traffic counts.
     candidate_traffic: str = "live"
 
-    def sel(self, arm: str | None = None, live: bool = True, **extra: str) -> str:
+    def sel(self, arm: str | None = None, live: bool = True, matching: dict[str, str] | None = None,
+            **extra: str) -> str:
+        """The label selector of the policy's series: `extra` labels equal, `matching` labels match a regex."""
         labels = {"namespace": self.namespace, "policy": self.policy, **extra}
         if arm:
             labels["arm"] = arm
         if live:
             labels["traffic"] = self.candidate_traffic if arm == "candidate" else "live"
-        return "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+        pairs = [f'{k}="{v}"' for k, v in labels.items()] + [f'{k}=~"{v}"' for k, v in (matching or {}).items()]
+        return "{" + ",".join(pairs) + "}"
 
 
 def _p99(metric: str) -> Callable[[Scope, str], str]:
@@ -92,23 +102,36 @@ ARM_SLOS: dict[str, Callable[[Scope, str], str]] = {
 }
 
 
-def _quality_delta(s: Scope) -> tuple[str, str]:
-    nll = f"{R}probe_nll_nats_total"
-    value = (f"(sum(rate({nll}{s.sel('candidate', live=False)}[{s.window}])) - "
-             f"sum(rate({nll}{s.sel('stable', live=False)}[{s.window}]))) / "
-             f"sum(rate({R}probe_tokens_total{s.sel(live=False)}[{s.window}]))")
-    count = f"sum(increase({R}compared_total{s.sel(live=False)}[{s.window}]))"
-    return value, count
+def _compared(s: Scope, by: str) -> str:
+    """Compared requests in the window (accepted or rejected; skipped ones compared nothing)."""
+    return f"sum{by} (increase({R}compared_total{s.sel(live=False, matching={'result': 'accepted|rejected'})}" \
+           f"[{s.window}]))"
 
 
-def _agreement(s: Scope) -> tuple[str, str]:
-    value = (f"sum(rate({R}agreement_ratio_sum{s.sel(live=False)}[{s.window}])) / "
-             f"sum(rate({R}agreement_ratio_count{s.sel(live=False)}[{s.window}]))")
-    count = f"sum(increase({R}agreement_ratio_count{s.sel(live=False)}[{s.window}]))"
-    return value, count
+def _quality_delta(s: Scope, by: str = "") -> tuple[str, str]:
+    """Mean teacher-forced KL over the window, token-weighted (router/compare.py has the definition)."""
+    value = (f"sum{by} (rate({R}compare_kl_nats_total{s.sel(live=False)}[{s.window}])) / "
+             f"sum{by} (rate({R}compare_positions_total{s.sel(live=False)}[{s.window}]))")
+    return value, _compared(s, by)
 
 
-PAIR_SLOS: dict[str, Callable[[Scope], tuple[str, str]]] = {"qualityDelta": _quality_delta, "agreement": _agreement}
+def _agreement(s: Scope, by: str = "") -> tuple[str, str]:
+    """Top-1 agreement of the two arms' distributions over the window, token-weighted."""
+    value = (f"sum{by} (rate({R}compare_top1_matches_total{s.sel(live=False)}[{s.window}])) / "
+             f"sum{by} (rate({R}compare_positions_total{s.sel(live=False)}[{s.window}]))")
+    return value, _compared(s, by)
+
+
+# Quality SLOs compare the two arms on the same requests (mirrored ones and probes): one value, judged over all
+# compared requests and per slice.
+PAIR_SLOS: dict[str, Callable[..., tuple[str, str]]] = {"qualityDelta": _quality_delta, "agreement": _agreement}
+
+
+def _per_slice(source: MetricSource, scope: Scope, name: str, newest: datetime | None) -> list[Sample]:
+    value, count = PAIR_SLOS[name](scope, " by (slice)")
+    values, counts = source.by_label(value, "slice"), source.by_label(count, "slice")
+    return [Sample(name, _finite(values.get(slice_)), None, n, None, newest=newest, slice=slice_)
+            for slice_, n in sorted(counts.items()) if n > 0]
 
 
 def newest_sample(source: MetricSource, scope: Scope) -> datetime | None:
@@ -117,7 +140,10 @@ def newest_sample(source: MetricSource, scope: Scope) -> datetime | None:
 
 
 def _safe(source: MetricSource, promql: str) -> float | None:
-    value = source.scalar(promql)
+    return _finite(source.scalar(promql))
+
+
+def _finite(value: float | None) -> float | None:
     return None if value is None or math.isnan(value) else value
 
 
@@ -141,21 +167,26 @@ def collect(source: MetricSource, scope: Scope, slos: Slos, stable_live: bool = 
         if limit is None or (name == "queueTimeP99" and scope.candidate_traffic == "mirror"):
             continue  # mirrored requests never wait in the router's queue: nothing to judge in Shadow
         try:
-            if name in ARM_SLOS:
-                query = ARM_SLOS[name]
-                sample = Sample(name, _safe(source, query(scope, "candidate")), _safe(source, query(scope, "stable")),
-                                requests["candidate"], requests["stable"], newest=newest)
-            elif name in PAIR_SLOS:
-                value, count = PAIR_SLOS[name](scope)
-                sample = Sample(name, _safe(source, value), None, _safe(source, count), None, newest=newest)
-            else:
-                custom = next(c for c in slos.custom if c.name == name)
-                sample = Sample(name, *_custom(source, scope, custom), requests["candidate"], requests["stable"],
-                                newest=newest)
+            found = _samples(source, scope, slos, name, requests, newest)
         except QueryError as exc:
-            sample = Sample(name, error=exc.reason)
-        out.append((sample, limit))
+            found = [Sample(name, error=exc.reason)]
+        out.extend((sample, limit) for sample in found)
     return out, newest
+
+
+def _samples(source: MetricSource, scope: Scope, slos: Slos, name: str, requests: dict[str, float | None],
+             newest: datetime | None) -> list[Sample]:
+    """One SLO's samples: both arms' values, or (quality) the compared pairs overall and then per slice."""
+    if name in ARM_SLOS:
+        query = ARM_SLOS[name]
+        return [Sample(name, _safe(source, query(scope, "candidate")), _safe(source, query(scope, "stable")),
+                       requests["candidate"], requests["stable"], newest=newest)]
+    if name in PAIR_SLOS:
+        value, count = PAIR_SLOS[name](scope)
+        overall = Sample(name, _safe(source, value), None, _safe(source, count), None, newest=newest)
+        return [overall, *_per_slice(source, scope, name, newest)]
+    custom = next(c for c in slos.custom if c.name == name)
+    return [Sample(name, *_custom(source, scope, custom), requests["candidate"], requests["stable"], newest=newest)]
 
 
 def target_health(source: MetricSource, scope: Scope) -> TargetHealth:
@@ -227,14 +258,22 @@ class PrometheusSource:
         self.client = PrometheusConnect(url=url, disable_ssl=True, timeout=int(timeout), retry=Retry(total=0))
         self.timeout = timeout
 
-    def scalar(self, promql: str) -> float | None:
+    def _query(self, promql: str) -> list[dict[str, Any]]:
         try:
-            result = self.client.custom_query(promql, params={"timeout": f"{int(self.timeout)}s"})
+            return list(self.client.custom_query(promql, params={"timeout": f"{int(self.timeout)}s"}))
         except (requests.ConnectionError, requests.Timeout) as exc:  # refused, DNS, TLS, timeouts
             raise QueryError(f"{self.url}: {type(exc).__name__}: {str(exc)[:200]}",
                              NoJudgement.METRICS_UNREACHABLE) from exc
         except Exception as exc:  # HTTP 4xx/5xx, a body that is not Prometheus' JSON: an answer, but an error
             raise QueryError(f"{self.url}: {type(exc).__name__}: {str(exc)[:200]}", NoJudgement.QUERY_FAILED) from exc
+
+    def scalar(self, promql: str) -> float | None:
+        result = self._query(promql)
         if not result:
             return None
         return float(result[0]["value"][1])
+
+    def by_label(self, promql: str, label: str) -> dict[str, float]:
+        # Label values come from series the router wrote: bounded by its config, cut here once more all the same.
+        return {str(series.get("metric", {}).get(label, ""))[:63]: float(series["value"][1])
+                for series in self._query(promql)[:MAX_SERIES]}

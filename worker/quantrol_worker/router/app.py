@@ -1,9 +1,11 @@
 """The router's aiohttp server: thin glue around the pure parts (split, admission, protocol, compare).
 
 Request path: read body → choose arm (weights, optional sticky key) → admission (slot or bounded queue, else 429)
-→ forward to the arm, streaming bytes through as they arrive → metrics. For a mirrored stable request, a
+→ forward to the arm, streaming bytes through as they arrive → metrics. For a mirrored stable request, the stable
+arm is also asked for token ids and its top-k log-probabilities (stripped from the client's answer), and a
 background task sends the same body to the candidate (never waited on by the client, bounded in number, no queue
-place), then compares the two outputs and, when asked, runs the teacher-forced probe on both arms.
+place), then has the candidate score the stable arm's answer teacher-forced and compares the two distributions
+(compare.py), sampled or greedy alike.
 
 Config changes replace one reference (`self.config`); each request reads it once at arrival and keeps that
 snapshot, so a reload never drops or re-routes a request in flight, and the one shared client session (not one
@@ -368,14 +370,15 @@ class Router:
             arm = "stable"
 
         live_done: asyncio.Future[_Result | None] | None = None
-        strip = False
+        strip: frozenset[str] = frozenset()
         if should_mirror(arm, config.mirror_fraction, self.random.random()):
             if self.mirrors_in_flight < config.compare.max_concurrent_mirrors:
                 live_done = asyncio.get_running_loop().create_future()
-                if not body.get("return_token_ids"):
-                    # Ask stable for token ids too (generation is unchanged), and strip them from what the client
-                    # gets: comparison needs ids, the client must get exactly the stable answer.
-                    raw, strip = json.dumps(protocol.with_token_ids(body)).encode(), True
+                # Ask stable for token ids and top-k log-probabilities too (generation is unchanged), and strip
+                # them from what the client gets: comparison needs them, the client must get exactly its answer.
+                asked, strip = protocol.comparison_body(body, path == protocol.CHAT, config.compare.top_logprobs)
+                if strip:
+                    raw = json.dumps(asked).encode()
                 self.mirrors_in_flight += 1
                 self._spawn(self._shadow(config, path, body, slice_, live_done))
             else:
@@ -392,7 +395,7 @@ class Router:
 
     async def _live(
         self, request: web.Request, config: RouterConfig, arm: ArmName, path: str, payload: bytes, slice_: str,
-        arrived: float, strip: bool,
+        arrived: float, strip: frozenset[str],
     ) -> tuple[web.StreamResponse, _Result | None]:
         gate = self.gates[arm]
         try:
@@ -453,7 +456,7 @@ class Router:
                     output.feed(parsed, chat)
                     if sink is not None:
                         if sink.strip:
-                            protocol.strip_token_fields(parsed, streamed=False)
+                            protocol.strip_added(parsed, sink.strip, streamed=False)
                             data = json.dumps(parsed).encode()
                         sink.set_body(status, data, content_type)
                     complete = True
@@ -490,7 +493,7 @@ class Router:
                 obj = protocol.loads(data)
                 timing.tokens(output.feed(obj, chat))
                 if sink is not None and sink.strip:
-                    protocol.strip_token_fields(obj, streamed=True)
+                    protocol.strip_added(obj, sink.strip, streamed=True)
                     rewritten.append(b"data: " + json.dumps(obj).encode() + b"\n\n")
             if sink is not None and sink.strip and rewritten:
                 await sink.write(b"".join(rewritten))
@@ -536,29 +539,29 @@ class Router:
         self, config: RouterConfig, path: str, body: dict[str, Any], slice_: str,
         live_done: asyncio.Future[_Result | None],
     ) -> None:
-        """Mirror to the candidate, then compare with the live stable answer. Never raises: a shadow failure
-        must not be anybody's problem but the metrics'."""
+        """Mirror to the candidate (its latency and errors are what Shadow judges), then compare with the live
+        stable answer. Never raises: a shadow failure must not be anybody's problem but the metrics'."""
         try:
             candidate = await asyncio.wait_for(
-                self._background_call(config, "candidate", "mirror", path, protocol.with_token_ids(body), slice_),
+                self._background_call(config, "candidate", "mirror", path, body, slice_),
                 timeout=config.compare.timeout_s,
             )
-            if candidate is None:
-                return
             stable = await asyncio.wait_for(live_done, timeout=config.compare.timeout_s)
-            await self._compare(config, path, body, slice_, stable, candidate)
+            await asyncio.wait_for(self._compare(config, path, body, slice_, "mirror", stable, candidate),
+                                   timeout=config.compare.timeout_s)
         except TimeoutError:
-            self.metrics.compared.labels(slice_, "skipped_timeout").inc()
+            self.metrics.compared.labels(slice_, "mirror", "skipped_timeout").inc()
         except Exception:
             log.exception("shadow comparison failed (the client was not affected)")
-            self.metrics.compared.labels(slice_, "skipped_error").inc()
+            self.metrics.compared.labels(slice_, "mirror", "skipped_error").inc()
         finally:
             self.mirrors_in_flight -= 1
 
     async def _background_call(
         self, config: RouterConfig, arm: ArmName, traffic: str, path: str, body: dict[str, Any], slice_: str,
     ) -> _Result | None:
-        """A mirror or probe request: takes a free slot or is dropped (never queues ahead of live traffic)."""
+        """A mirror, scoring or probe request: takes a free slot or is dropped (never queues ahead of live
+        traffic)."""
         gate = self.gates[arm]
         try:
             await gate.acquire(may_wait=False)
@@ -579,60 +582,52 @@ class Router:
             gate.release(time.perf_counter() - held)
 
     async def _compare(
-        self, config: RouterConfig, path: str, body: dict[str, Any], slice_: str, stable: _Result | None,
-        candidate: _Result,
+        self, config: RouterConfig, path: str, body: dict[str, Any], slice_: str, traffic: str,
+        stable: _Result | None, candidate: _Result | None,
     ) -> None:
+        """Teacher-forced comparison of one stable answer (compare.py), counted per slice and source (`traffic`:
+        mirror or probe); `candidate` is the candidate's own answer to the same request, for the diff sample."""
         m = self.metrics
-        if stable is None or not stable.complete or not candidate.complete:
-            m.compared.labels(slice_, "skipped_incomplete").inc()
+        if stable is None or not stable.complete:
+            m.compared.labels(slice_, traffic, "skipped_incomplete").inc()
             return
-        if not protocol.is_greedy(body):
-            # Sampled outputs differ by chance: agreement would measure the sampler, not the quantization.
-            m.compared.labels(slice_, "skipped_sampled").inc()
+        positions = stable.output.comparable()
+        if positions is None or stable.output.prompt_token_ids is None:
+            m.compared.labels(slice_, traffic, "skipped_no_logprobs").inc()
             return
-        if not (stable.output.saw_token_ids and candidate.output.saw_token_ids):
-            m.compared.labels(slice_, "skipped_no_token_ids").inc()
+        scored = await self._score(config, body.get("model"), stable.output, slice_)
+        result = compare.teacher_forced(positions, scored) if scored is not None else None
+        if result is None:
+            m.compared.labels(slice_, traffic, "skipped_score_unavailable").inc()
             return
-        agreement = compare.token_agreement(stable.output.token_ids, candidate.output.token_ids)
-        m.compared.labels(slice_, "identical" if agreement.first_divergence is None else "diverged").inc()
-        m.agreement.labels(slice_).observe(agreement.ratio)
-        if agreement.first_divergence is not None:
-            m.divergence.labels(slice_).observe(agreement.first_divergence)
-        delta = None
-        if config.compare.quality_probe and stable.output.prompt_token_ids is not None and stable.output.token_ids:
-            delta = await self._probe(config, body.get("model"), stable.output, slice_)
-            if delta is not None:
-                m.quality_delta.labels(slice_).observe(delta)
-        if agreement.first_divergence is not None and config.diffs.enabled:
+        ok = compare.accepted(result, config.compare.request_kl_limit(slice_))
+        m.compared.labels(slice_, traffic, "accepted" if ok else "rejected").inc()
+        m.compare_positions.labels(slice_, traffic).inc(result.positions)
+        m.compare_kl.labels(slice_, traffic).inc(result.kl_sum)
+        m.compare_top1.labels(slice_, traffic).inc(result.top1_matches)
+        m.request_kl.labels(slice_, traffic).observe(result.mean_kl)
+        if not ok and config.diffs.enabled:
             cut = config.diffs.max_chars
             self.diffs.add(compare.DiffSample(
-                at=compare.now(), endpoint=path, slice=slice_,
+                at=compare.now(), endpoint=path, slice=slice_, traffic=traffic,
                 prompt=compare.redact(compare.prompt_text(body), self.patterns, cut),
                 stable=compare.redact(stable.output.joined, self.patterns, cut),
-                candidate=compare.redact(candidate.output.joined, self.patterns, cut),
-                agreement=agreement.ratio, first_divergence=agreement.first_divergence, quality_delta=delta,
+                candidate=compare.redact(candidate.output.joined if candidate else "", self.patterns, cut),
+                mean_kl=result.mean_kl, agreement=result.agreement, first_disagreement=result.first_disagreement,
             ))
 
-    async def _probe(self, config: RouterConfig, model: Any, stable: protocol.Output, slice_: str) -> float | None:
-        """Teacher-forced quality delta: both arms score stable's tokens after the same prompt, in parallel."""
+    async def _score(self, config: RouterConfig, model: Any, stable: protocol.Output,
+                     slice_: str) -> list[compare.TopLogprobs] | None:
+        """The candidate's distribution at each of the stable arm's generated positions: one prefill of prompt +
+        stable's tokens with prompt log-probabilities (`traffic="score"`: its cost shows in the request series)."""
         assert stable.prompt_token_ids is not None
-        body = protocol.probe_body(model, stable.prompt_token_ids, stable.token_ids)
-        results = await asyncio.gather(
-            self._background_call(config, "candidate", "probe", protocol.COMPLETIONS, body, slice_),
-            self._background_call(config, "stable", "probe", protocol.COMPLETIONS, body, slice_),
-        )
-        start = len(stable.prompt_token_ids)
-        scores = [
-            protocol.scored_logprobs(r.body, stable.token_ids, start) if r and r.body else None for r in results
-        ]
-        candidate, stable_own = scores
-        if candidate is None or stable_own is None:
-            self.metrics.compared.labels(slice_, "probe_unavailable").inc()
+        k = config.compare.top_logprobs
+        body = protocol.score_body(model, stable.prompt_token_ids, stable.token_ids, k)
+        result = await self._background_call(config, "candidate", "score", protocol.COMPLETIONS, body, slice_)
+        if result is None or result.body is None:
             return None
-        self.metrics.probe_nll.labels("candidate", slice_).inc(-sum(candidate))
-        self.metrics.probe_nll.labels("stable", slice_).inc(-sum(stable_own))
-        self.metrics.probe_tokens.labels(slice_).inc(len(candidate))
-        return compare.quality_delta(candidate, stable_own)
+        self.metrics.score_prefill_tokens.labels(slice_).inc(len(body["prompt"]))
+        return protocol.scored_positions(result.body, len(stable.prompt_token_ids), len(stable.token_ids), k)
 
 
 class _ClientGone(Exception):
@@ -642,7 +637,7 @@ class _ClientGone(Exception):
 class _ClientSink:
     """Where a live answer goes: a streamed response (started on the first upstream byte) or a whole body."""
 
-    def __init__(self, request: web.Request, strip: bool) -> None:
+    def __init__(self, request: web.Request, strip: frozenset[str]) -> None:
         self.request = request
         self.strip = strip
         self.stream: web.StreamResponse | None = None

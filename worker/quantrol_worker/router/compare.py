@@ -1,59 +1,110 @@
-"""Comparing the candidate's output with the stable arm's on identical inputs: pure functions.
+"""Comparing the candidate with the stable arm on identical inputs: pure functions.
 
-Two signals, both defined on token ids (so they mean the same for chat and completions, and need no tokenizer):
-- agreement under greedy decoding: the share of positions where both arms chose the same token, over the longer
-  of the two outputs (a shorter or longer answer is a disagreement), and the first position where they differ;
-- the teacher-forced quality delta: the candidate's mean log-probability of the stable arm's tokens minus the
-  stable arm's own, in nats per token. 0 means the candidate is as sure of the stable answer as stable is;
-  negative means it would rather have said something else. Unlike agreement it does not collapse after the first
-  divergence, so it is the better early signal for a small quantization error.
+Teacher-forced comparison, the one definition of online quality (README, "How a rollout is decided"): for a
+request the stable arm answered, take the stable arm's own next-token distribution at each position it generated
+(its top-k log-probabilities, which the router asks for at generation time) and the candidate's distribution on
+the same prefix (the candidate scores the stable arm's emitted tokens as prompt log-probabilities: one extra
+prefill). Per request:
+
+- the mean approximate KL divergence KL(stable ‖ candidate) over the generated positions, in nats per token;
+- top-1 agreement: the share of positions where both distributions put their highest probability on one token.
+
+Both distributions are taken on the same tokens, so it does not matter whether the stable arm sampled them
+(temperature 0.8) or chose greedily: a candidate identical to the stable arm scores KL 0 and agreement 1 either
+way. Engines return only the top-k of a distribution, so the KL is that of the two distributions coarsened to the
+stable arm's listed tokens plus one bucket for the rest (a lower bound of the full KL, by the data-processing
+inequality); a token the candidate did not list counts as likely as its least likely listed top-k token (the most
+it can be). Everything is keyed by token id, so chat and completions mean the same and no tokenizer is needed.
+
+A request is quality-accepted when its mean KL is within the per-request limit (`accepted`); the share of accepted
+requests is the quality-acceptance term of goodput.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 REDACTED = "[REDACTED]"
+# A token the candidate all but rules out (vLLM clamps -inf to -9999) counts as this log-probability, so that one
+# position cannot outweigh a whole window: e^-20 is already "never".
+LOGPROB_FLOOR = -20.0
+_EPS = 1e-9
 
 
 @dataclass(frozen=True)
-class Agreement:
-    ratio: float
-    first_divergence: int | None  # None: identical sequences
-    compared: int  # the longer length, the denominator of ratio
+class TopLogprobs:
+    """One position's next-token distribution as an engine returns it: log-probabilities by token id of its top-k
+    tokens (and of the token actually there); any token it does not list is at most as likely as `floor`."""
+
+    logprobs: Mapping[int, float]
+    floor: float
+
+    def top1(self) -> int:
+        # Ties go to the smaller token id, on both arms alike.
+        return max(self.logprobs, key=lambda t: (self.logprobs[t], -t))
+
+    def of(self, token: int) -> float:
+        return max(LOGPROB_FLOOR, self.logprobs.get(token, self.floor))
 
 
-def token_agreement(stable: Sequence[int], candidate: Sequence[int]) -> Agreement:
-    longest = max(len(stable), len(candidate))
-    if longest == 0:
-        return Agreement(ratio=1.0, first_divergence=None, compared=0)
-    matches = sum(1 for a, b in zip(stable, candidate, strict=False) if a == b)
-    first: int | None = None
-    for position, (a, b) in enumerate(zip(stable, candidate, strict=False)):
-        if a != b:
-            first = position
-            break
-    if first is None and len(stable) != len(candidate):
-        first = min(len(stable), len(candidate))
-    return Agreement(ratio=matches / longest, first_divergence=first, compared=longest)
+def position_kl(stable: TopLogprobs, candidate: TopLogprobs) -> float:
+    """KL(stable ‖ candidate) at one position, coarsened to stable's listed tokens plus the rest (nats, ≥ 0)."""
+    kl = mass_stable = mass_candidate = 0.0
+    for token, logprob in stable.logprobs.items():
+        own = max(LOGPROB_FLOOR, logprob)
+        p = math.exp(own)
+        other = candidate.of(token)
+        kl += p * (own - other)
+        mass_stable += p
+        mass_candidate += math.exp(other)
+    rest_stable, rest_candidate = 1.0 - mass_stable, max(_EPS, 1.0 - mass_candidate)
+    if rest_stable > _EPS:
+        kl += rest_stable * (math.log(rest_stable) - math.log(rest_candidate))
+    return max(0.0, kl)
 
 
-def mean(values: Sequence[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+@dataclass(frozen=True)
+class Comparison:
+    """One request compared, teacher-forced: the sums behind its mean KL and top-1 agreement."""
+
+    positions: int
+    kl_sum: float
+    top1_matches: int
+    first_disagreement: int | None  # the first position whose top-1 tokens differ; None: none did
+
+    @property
+    def mean_kl(self) -> float:
+        return self.kl_sum / self.positions
+
+    @property
+    def agreement(self) -> float:
+        return self.top1_matches / self.positions
 
 
-def quality_delta(candidate_logprobs: Sequence[float], stable_logprobs: Sequence[float]) -> float | None:
-    """Mean candidate log-prob minus mean stable log-prob of the same (stable) tokens; None if nothing to score."""
-    if not candidate_logprobs or len(candidate_logprobs) != len(stable_logprobs):
+def teacher_forced(stable: Sequence[TopLogprobs], candidate: Sequence[TopLogprobs]) -> Comparison | None:
+    """Compare two arms position by position (see the module docstring); None when there is nothing to compare
+    (no positions, or the two sides do not line up)."""
+    if not stable or len(stable) != len(candidate):
         return None
-    cand, stab = mean(candidate_logprobs), mean(stable_logprobs)
-    assert cand is not None and stab is not None
-    return cand - stab
+    kl_sum, matches, first = 0.0, 0, None
+    for position, (s, c) in enumerate(zip(stable, candidate, strict=True)):
+        kl_sum += position_kl(s, c)
+        if s.top1() == c.top1():
+            matches += 1
+        elif first is None:
+            first = position
+    return Comparison(positions=len(stable), kl_sum=kl_sum, top1_matches=matches, first_disagreement=first)
+
+
+def accepted(comparison: Comparison, max_request_kl: float) -> bool:
+    """Quality acceptance of one request: its mean KL within the per-request limit."""
+    return comparison.mean_kl <= max_request_kl
 
 
 def compile_patterns(patterns: Sequence[str]) -> list[re.Pattern[str]]:
@@ -70,17 +121,21 @@ def redact(text: str, patterns: Sequence[re.Pattern[str]], max_chars: int) -> st
 
 @dataclass(frozen=True)
 class DiffSample:
-    """A stable/candidate pair that differed, as a human reads it at /quantrol/diffs (already redacted)."""
+    """A compared request that was not quality-accepted, as a human reads it at /quantrol/diffs (already redacted):
+    the prompt, the stable arm's answer, the candidate's own answer to the same request when it has one (mirrored
+    traffic; sampled answers differ by chance, so read it beside the figures), and where the arms' top-1 first
+    disagreed on the stable arm's tokens."""
 
     at: float
     endpoint: str
     slice: str
+    traffic: str  # mirror or probe
     prompt: str
     stable: str
     candidate: str
+    mean_kl: float
     agreement: float
-    first_divergence: int | None
-    quality_delta: float | None
+    first_disagreement: int | None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -66,16 +66,24 @@ class GoodputDeadline(_Strict):
 
 
 class CompareConfig(_Strict):
-    """Shadow comparison of mirrored requests."""
+    """Teacher-forced comparison of mirrored (and probe) requests (compare.py has the definition)."""
 
     max_concurrent_mirrors: int = Field(
         default=8, ge=0, description="Mirrors beyond this many in flight are dropped (counted), never queued"
     )
-    quality_probe: bool = Field(
-        default=True,
-        description="Teacher-forced probe: score the stable arm's tokens on both arms with prompt_logprobs",
+    top_logprobs: int = Field(
+        default=5, ge=1, le=20,
+        description="k of the top-k log-probabilities both arms return per position (vLLM's --max-logprobs is 20)",
     )
-    timeout_s: float = Field(default=120.0, gt=0, description="A mirror or probe running longer is abandoned")
+    max_request_kl: float = Field(
+        default=0.1, gt=0, description="A compared request is quality-accepted when its mean KL (nats per token) "
+        "is within this; `slice_max_request_kl` overrides it per slice",
+    )
+    slice_max_request_kl: dict[str, float] = Field(default_factory=dict, max_length=64)
+    timeout_s: float = Field(default=120.0, gt=0, description="A mirror or its scoring running longer is abandoned")
+
+    def request_kl_limit(self, slice_: str) -> float:
+        return self.slice_max_request_kl.get(slice_, self.max_request_kl)
 
 
 class DiffsConfig(_Strict):

@@ -1,7 +1,8 @@
 """The router's Prometheus metrics (`quantrol_router_*`).
 
-Labels: `arm` (stable / candidate), `traffic` (live / mirror / probe: SLO queries select `traffic="live"` so that
-shadow and teacher-forcing traffic never count), `slice` (see protocol.slice_label; bounded by config).
+Labels: `arm` (stable / candidate), `traffic` (live / mirror / score / probe: SLO queries select `traffic="live"`
+so that mirrored copies, teacher-forced scoring and evaluation-prompt probes never count as what clients got),
+`slice` (see protocol.slice_label; bounded by config).
 
 Latencies are measured at the router from the moment the request arrived, so they include admission queueing
 (which is what the client feels); queueing alone is `queue_wait_seconds`. Time to first token and inter-token
@@ -25,10 +26,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
 QUEUE_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TOKEN_COUNT_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
-AGREEMENT_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
-POSITION_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-# Nats per token; negative = the candidate finds the stable answer less likely.
-DELTA_BUCKETS = (-5.0, -2.0, -1.0, -0.5, -0.2, -0.1, -0.05, -0.02, -0.01, 0.0, 0.01, 0.05, 0.1, 0.5)
+# Nats per token: a healthy 8-bit candidate sits around 0.001-0.05, a damaged one at whole nats.
+KL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 ARM_TRAFFIC_SLICE = ("arm", "traffic", "slice")
 
@@ -86,31 +85,29 @@ class RouterMetrics:
             p + "mirrored", "Stable requests mirrored to the candidate, by outcome (sent, dropped_busy, "
             "dropped_admission)", ["outcome"], registry=r,
         )
+        # Teacher-forced comparison (compare.py), per slice and per source of the compared request: `mirror` (a
+        # stable request mirrored to the candidate) or `probe` (an evaluation prompt replayed by the router).
+        # Window figures are ratios of counters, token-weighted: mean KL = rate(kl_nats) / rate(positions),
+        # top-1 agreement = rate(top1_matches) / rate(positions), quality acceptance = rate(accepted) / rate(all).
         self.compared = Counter(
-            p + "compared", "Mirrored pairs compared, by result (identical, diverged) or why skipped",
-            ["slice", "result"], registry=r,
+            p + "compared", "Compared requests, by result (accepted, rejected: quality acceptance) or why skipped",
+            ["slice", "traffic", "result"], registry=r,
         )
-        self.agreement = Histogram(
-            p + "agreement_ratio", "Greedy token agreement of candidate with stable, per mirrored request",
-            ["slice"], buckets=AGREEMENT_BUCKETS, registry=r,
-        )
-        self.divergence = Histogram(
-            p + "first_divergence_position", "First differing output position, diverged pairs only", ["slice"],
-            buckets=POSITION_BUCKETS, registry=r,
-        )
-        self.quality_delta = Histogram(
-            p + "quality_delta_nats", "Teacher-forced: candidate minus stable mean log-prob of stable's tokens",
-            ["slice"], buckets=DELTA_BUCKETS, registry=r,
-        )
-        # The histogram above has negative buckets, so Prometheus exposes no _sum for it (exposition format
-        # rule); the mean delta comes from these counters instead, token-weighted over any window:
-        #   (rate(nll{arm="candidate"}) - rate(nll{arm="stable"})) / rate(probe_tokens)  = -mean delta.
-        self.probe_nll = Counter(
-            p + "probe_nll_nats", "Teacher-forced negative log-likelihood of stable's tokens, summed, per scoring arm",
-            ["arm", "slice"], registry=r,
-        )
-        self.probe_tokens = Counter(p + "probe_tokens", "Tokens scored by teacher-forced probes", ["slice"],
-                                    registry=r)
+        self.compare_positions = Counter(
+            p + "compare_positions", "Generated positions compared teacher-forced", ["slice", "traffic"], registry=r)
+        self.compare_kl = Counter(
+            p + "compare_kl_nats", "Approximate KL(stable ‖ candidate), summed over compared positions",
+            ["slice", "traffic"], registry=r)
+        self.compare_top1 = Counter(
+            p + "compare_top1_matches", "Compared positions where both arms' top-1 tokens agree", ["slice", "traffic"],
+            registry=r)
+        self.request_kl = Histogram(
+            p + "compare_request_kl_nats", "Mean KL per compared request (the quality-acceptance figure)",
+            ["slice", "traffic"], buckets=KL_BUCKETS, registry=r)
+        self.score_prefill_tokens = Counter(
+            p + "score_prefill_tokens", "Tokens the candidate prefilled to score stable answers: the comparison's "
+            "extra cost (its requests and their time are `traffic=\"score\"` in the request series)", ["slice"],
+            registry=r)
         self.weight = Gauge(p + "weight", "Live traffic weight in the applied config", ["arm"], registry=r)
         self.mirror_fraction = Gauge(p + "mirror_fraction", "Mirrored share of stable traffic", registry=r)
         self.config_version = Gauge(p + "config_version", "Version of the applied config", registry=r)

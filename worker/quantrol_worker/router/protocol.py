@@ -6,7 +6,11 @@ vLLM specifics relied on (vllm/entrypoints/openai/{completion,chat_completion}/p
 - `prompt_logprobs: k` on /v1/completions returns per choice a list, one entry per prompt token: `null` for the
   first, else a map from token id (as a JSON string) to `{"logprob", "rank", "decoded_token"}` that always holds
   the prompt's own token; not available with `stream: true`;
-- a prompt may be a list of token ids, which is how the teacher-forced probe reuses the chat-templated prompt.
+- a prompt may be a list of token ids, which is how teacher-forced scoring reuses the chat-templated prompt;
+- `logprobs: k` (completions) or `logprobs: true, top_logprobs: k` (chat) return, per generated token, the
+  log-probabilities of the top k tokens and of the token emitted, from the model's raw distribution (vLLM's default
+  `--logprobs-mode raw_logprobs`: before temperature, so a sampled request still shows the model's distribution);
+  `return_tokens_as_token_ids: true` writes those tokens as `token_id:<id>` instead of decoded text.
 """
 
 from __future__ import annotations
@@ -17,9 +21,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from quantrol_worker.router.compare import TopLogprobs
+
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
 TOKEN_FIELDS = ("token_ids", "prompt_token_ids")
+TOKEN_ID_PREFIX = "token_id:"
+ADDED_TOKEN_IDS = "token_ids"  # what the router added to a stable request for comparison, to strip from the answer
+ADDED_LOGPROBS = "logprobs"
 
 
 def is_greedy(body: Mapping[str, Any]) -> bool:
@@ -94,6 +103,77 @@ class SSEParser:
         return payloads
 
 
+def _token_id(token: Any) -> int | None:
+    """`token_id:123` (return_tokens_as_token_ids) → 123; anything else (decoded text) → None."""
+    if isinstance(token, str) and token.startswith(TOKEN_ID_PREFIX):
+        try:
+            return int(token[len(TOKEN_ID_PREFIX):])
+        except ValueError:
+            return None
+    return None
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not math.isnan(value) else None
+
+
+def _position(top: Mapping[int, float], emitted: tuple[int, float] | None) -> TopLogprobs | None:
+    """One generated position: the top-k listed (their least likely is the bound for any unlisted token) and the
+    token emitted (listed too, but not part of the bound: it may lie far outside the top k)."""
+    if not top:
+        return None
+    listed = dict(top)
+    if emitted is not None:
+        listed.setdefault(*emitted)
+    return TopLogprobs(listed, min(top.values()))
+
+
+def completion_positions(logprobs: Mapping[str, Any]) -> list[TopLogprobs] | None:
+    """Positions from a completions `logprobs` object (CompletionLogProbs); None when not keyed by token id."""
+    tokens, values, tops = logprobs.get("tokens"), logprobs.get("token_logprobs"), logprobs.get("top_logprobs")
+    if not (isinstance(tokens, list) and isinstance(values, list) and isinstance(tops, list)):
+        return None
+    out: list[TopLogprobs] = []
+    for token, value, top in zip(tokens, values, tops, strict=False):
+        if not isinstance(top, dict):
+            return None
+        listed = {_token_id(k): _finite(v) for k, v in top.items()}
+        emitted_id, emitted_value = _token_id(token), _finite(value)
+        if None in listed or None in listed.values() or emitted_id is None or emitted_value is None:
+            return None
+        position = _position({k: v for k, v in listed.items() if k is not None and v is not None},
+                             (emitted_id, emitted_value))
+        if position is None:
+            return None
+        out.append(position)
+    return out
+
+
+def chat_positions(logprobs: Mapping[str, Any]) -> list[TopLogprobs] | None:
+    """Positions from a chat `logprobs` object (`content`: one entry per token, with `top_logprobs`)."""
+    content = logprobs.get("content")
+    if not isinstance(content, list):
+        return None
+    out: list[TopLogprobs] = []
+    for entry in content:
+        if not isinstance(entry, dict) or not isinstance(entry.get("top_logprobs"), list):
+            return None
+        top: dict[int, float] = {}
+        for item in entry["top_logprobs"]:
+            if not isinstance(item, dict):
+                return None
+            token, value = _token_id(item.get("token")), _finite(item.get("logprob"))
+            if token is None or value is None:
+                return None
+            top[token] = value
+        emitted, value = _token_id(entry.get("token")), _finite(entry.get("logprob"))
+        position = _position(top, (emitted, value)) if emitted is not None and value is not None else None
+        if position is None:
+            return None
+        out.append(position)
+    return out
+
+
 @dataclass
 class Output:
     """One response's generated output, accumulated from a JSON body or from streamed chunks (choice 0 only:
@@ -105,6 +185,8 @@ class Output:
     tokens: int = 0
     usage_completion_tokens: int | None = None
     saw_token_ids: bool = False
+    positions: list[TopLogprobs] = field(default_factory=list)  # the top-k distribution at each generated token
+    positions_usable: bool = True  # False once a logprobs object could not be read by token id
 
     @property
     def joined(self) -> str:
@@ -133,6 +215,7 @@ class Output:
             text = part.get("content") if isinstance(part, dict) else None
         else:
             text = choice.get("text")
+        self._feed_logprobs(choice.get("logprobs"), chat)
         ids = choice.get("token_ids")
         if isinstance(ids, list):
             self.saw_token_ids = True
@@ -147,61 +230,102 @@ class Output:
         self.tokens += count
         return count
 
+    def _feed_logprobs(self, logprobs: Any, chat: bool) -> None:
+        if not isinstance(logprobs, dict) or not self.positions_usable:
+            return
+        found = chat_positions(logprobs) if chat else completion_positions(logprobs)
+        if found is None:
+            self.positions_usable = False
+        else:
+            self.positions.extend(found)
 
-def strip_token_fields(obj: dict[str, Any], streamed: bool) -> None:
-    """Undo the token-id fields the router itself asked for, so the client's answer is what it would have been:
-    vLLM writes unset fields as `null` in whole bodies and leaves them out of streamed chunks (exclude_unset)."""
-    for holder in [obj, *(c for c in obj.get("choices") or [] if isinstance(c, dict))]:
-        for key in TOKEN_FIELDS:
-            if key in holder:
-                if streamed:
-                    del holder[key]
-                else:
-                    holder[key] = None
-
-
-def with_token_ids(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of the request that also returns token ids (generation is unchanged by this flag)."""
-    copy = dict(body)
-    copy["return_token_ids"] = True
-    return copy
+    def comparable(self) -> list[TopLogprobs] | None:
+        """The per-position distributions, when there is one for every emitted token id."""
+        if not (self.saw_token_ids and self.positions_usable and self.token_ids):
+            return None
+        return self.positions if len(self.positions) == len(self.token_ids) else None
 
 
-def probe_body(model: Any, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> dict[str, Any]:
-    """Teacher-forcing probe: score prompt + stable's output in one prefill; one token is generated because vLLM
-    needs max_tokens ≥ 1, temperature 0 keeps it cheap and deterministic."""
+def strip_added(obj: dict[str, Any], added: frozenset[str], streamed: bool) -> None:
+    """Undo the fields the router itself asked for (`comparison_body`), so the client's answer is what it would
+    have been: vLLM writes unset token-id fields as `null` in whole bodies and leaves them out of streamed chunks
+    (exclude_unset); `logprobs` it always writes, as `null` when not asked for."""
+    choices = [c for c in obj.get("choices") or [] if isinstance(c, dict)]
+    if ADDED_TOKEN_IDS in added:
+        for holder in [obj, *choices]:
+            for key in TOKEN_FIELDS:
+                if key in holder:
+                    if streamed:
+                        del holder[key]
+                    else:
+                        holder[key] = None
+    if ADDED_LOGPROBS in added:
+        for choice in choices:
+            if "logprobs" in choice:
+                choice["logprobs"] = None
+
+
+def comparison_body(body: Mapping[str, Any], chat: bool, top_k: int) -> tuple[dict[str, Any], frozenset[str]]:
+    """A copy of a stable-arm request that also returns what the teacher-forced comparison needs, and which
+    fields were added (to strip from the client's answer): token ids, and the top-k log-probabilities keyed by
+    token id. Generation is unchanged by either. A client that asked for log-probabilities itself keeps exactly
+    its own request; its answer is compared when it happens to be keyed by token id, else skipped (counted)."""
+    copy, added = dict(body), set()
+    if not body.get("return_token_ids"):
+        copy["return_token_ids"] = True
+        added.add(ADDED_TOKEN_IDS)
+    if not (body.get("logprobs") if chat else body.get("logprobs") is not None):
+        if chat:
+            copy["logprobs"], copy["top_logprobs"] = True, top_k
+        else:
+            copy["logprobs"] = top_k
+        copy["return_tokens_as_token_ids"] = True
+        added.add(ADDED_LOGPROBS)
+    return copy, frozenset(added)
+
+
+def score_body(model: Any, prompt_ids: Sequence[int], output_ids: Sequence[int], top_k: int) -> dict[str, Any]:
+    """Teacher-forced scoring on the candidate: prompt + the stable arm's output in one prefill, with the top-k
+    prompt log-probabilities at every position; one token is generated because vLLM needs max_tokens ≥ 1,
+    temperature 0 keeps it cheap and deterministic."""
     body: dict[str, Any] = {
         "prompt": [*prompt_ids, *output_ids],
         "max_tokens": 1,
         "temperature": 0,
-        "prompt_logprobs": 0,
+        "prompt_logprobs": top_k,
     }
     if model is not None:
         body["model"] = model
     return body
 
 
-def scored_logprobs(response: Mapping[str, Any], token_ids: Sequence[int], start: int) -> list[float] | None:
-    """The log-probabilities of `token_ids`, read from a probe response's prompt_logprobs from position `start`.
+def scored_positions(response: Mapping[str, Any], start: int, count: int, top_k: int) -> list[TopLogprobs] | None:
+    """The candidate's distribution at `count` positions from `start`, read from a scoring response's
+    prompt_logprobs (`{token id: {logprob, rank, …}}` per position: the top k by rank, and the prompt's own token).
 
     None when the engine did not return prompt log-probabilities (or returned a shape we cannot trust)."""
     choices = response.get("choices") or []
     entries = choices[0].get("prompt_logprobs") if choices and isinstance(choices[0], dict) else None
     if entries is None:
         entries = response.get("prompt_logprobs")  # chat responses carry it at the top level
-    if not isinstance(entries, list) or len(entries) < start + len(token_ids):
+    if not isinstance(entries, list) or len(entries) < start + count:
         return None
-    values: list[float] = []
-    for offset, token in enumerate(token_ids):
-        entry = entries[start + offset]
+    out: list[TopLogprobs] = []
+    for entry in entries[start:start + count]:
         if not isinstance(entry, dict):
             return None
-        item = entry.get(str(token))
-        value = item.get("logprob") if isinstance(item, dict) else None
-        if not isinstance(value, (int, float)):
-            return None
-        values.append(float(value) if math.isfinite(value) else -1e4)  # -inf: a token the arm rules out
-    return values
+        listed: dict[int, float] = {}
+        ranked: list[float] = []
+        for key, item in entry.items():
+            value = _finite(item.get("logprob")) if isinstance(item, dict) else None
+            if value is None or not str(key).lstrip("-").isdigit():
+                return None
+            listed[int(key)] = value
+            rank = item.get("rank")
+            if isinstance(rank, int) and rank <= top_k:
+                ranked.append(value)
+        out.append(TopLogprobs(listed, min(ranked or listed.values())))
+    return out
 
 
 def error_body(message: str, kind: str, code: int) -> bytes:
