@@ -220,6 +220,11 @@ def test_loads_is_json_loads_for_utf8_bytes() -> None:
             protocol.loads(bad)
 
 
+def test_decoding_is_greedy_only_with_an_explicit_zero_temperature() -> None:
+    assert protocol.decoding({"temperature": 0}) == protocol.decoding({"top_k": 1}) == "greedy"
+    assert protocol.decoding({}) == protocol.decoding({"temperature": 0, "n": 2}) == "sampled"
+
+
 def test_scored_positions_read_the_engine_shape_with_the_topk_floor() -> None:
     engine = EngineStandin()
     ids = [3, 4, 5, 6]
@@ -637,7 +642,7 @@ async def test_sampled_requests_are_compared_teacher_forced(
 
     async def counted() -> bool:
         samples = await scrape(http, running.url)
-        return total(samples, "quantrol_router_compared_total", result="accepted") == 6
+        return total(samples, "quantrol_router_compared_total", result="accepted", decoding="sampled") == 6
 
     await eventually(counted)
     samples = await scrape(http, running.url)

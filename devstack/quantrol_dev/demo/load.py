@@ -15,10 +15,15 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
 
-# The same prompts every time: the quality comparison needs repeated inputs, and both slices of the tiny model's
-# calibration data (prose and code) are represented.
-PROMPTS = ("The licence grants", "def parse(self, text):", "Permission is hereby granted", "import os\nimport",
-           "You may not use this file except", "for i in range(")
+# Both slices of the tiny model's calibration data (prose and code), each request naming its slice in the header the
+# router reads (its allowed values are the QuantizedModel's slice names), as a client that knows its workload would.
+PROMPTS = (("The licence grants", "prose"), ("def parse(self, text):", "code"),
+           ("Permission is hereby granted", "prose"), ("import os\nimport", "code"),
+           ("You may not use this file except", "prose"), ("for i in range(", "code"))
+SLICE_HEADER = "X-Quantrol-Slice"
+# Chat fleets sample: every other request is sampled at this temperature (the rest greedy), so the quality verdicts
+# come from sampled traffic too; one request in four is not streamed (the router still measures its latencies).
+SAMPLED_TEMPERATURE = 0.8
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 never goes through a proxy
 
 
@@ -39,9 +44,10 @@ class Counts:
             self.failed += 1 if self.ok else 0
 
 
-def completion(model: str, prompt: str, max_tokens: int) -> bytes:
-    return json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                       "stream": True}).encode()
+def completion(model: str, prompt: str, max_tokens: int, n: int = 0) -> bytes:
+    """The n-th request of a client: sampled when n is odd, not streamed when n % 4 == 2."""
+    return json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                       "temperature": SAMPLED_TEMPERATURE if n % 2 else 0, "stream": n % 4 != 2}).encode()
 
 
 def client(worker: int, workers: int, url_of: Callable[[], str | None], model: str, max_tokens: int,
@@ -53,8 +59,9 @@ def client(worker: int, workers: int, url_of: Callable[[], str | None], model: s
         if url is None:
             stop.wait(1.0)
             continue
-        request = urllib.request.Request(url, data=completion(model, PROMPTS[n % len(PROMPTS)], max_tokens),
-                                         headers={"Content-Type": "application/json"})
+        prompt, slice_ = PROMPTS[n % len(PROMPTS)]
+        request = urllib.request.Request(url, data=completion(model, prompt, max_tokens, n // len(PROMPTS)),
+                                         headers={"Content-Type": "application/json", SLICE_HEADER: slice_})
         n += workers
         try:
             with _DIRECT.open(request, timeout=60) as rsp:
@@ -76,18 +83,20 @@ def start_clients(workers: int, url_of: Callable[[], str | None], model: str, ma
 
 
 def warm_bodies(model: str) -> list[dict[str, Any]]:
-    """One request of each kind the router sends (a streamed completion with token ids, a teacher-forced probe with
-    prompt_logprobs — the probe sends token ids, not text, as protocol.probe_body does) at several prompt lengths:
-    CPU kernels are built per shape (oneDNN primitives, inductor graphs) at the first request that needs them."""
+    """One request of each kind the router sends (a streamed completion with token ids and top-k log-probabilities,
+    greedy and sampled; a teacher-forced scoring with prompt_logprobs — it sends token ids, not text, as
+    protocol.score_body does) at several prompt lengths: CPU kernels are built per shape (oneDNN primitives,
+    inductor graphs) at the first request that needs them."""
     words = ["the", "licence", "grants", "permission", "to", "use", "copy", "modify", "merge", "publish", "and",
              "distribute", "the", "software"]
     bodies: list[dict[str, Any]] = []
     for n in (1, 3, 6, 10, 15, 22, 30):
         prompt = " ".join(words[i % len(words)] for i in range(n))
-        bodies.append({"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0, "stream": True,
-                       "return_token_ids": True})
+        bodies.append({"model": model, "prompt": prompt, "max_tokens": 4, "stream": True, "return_token_ids": True,
+                       "temperature": SAMPLED_TEMPERATURE if n % 2 else 0, "logprobs": 5,
+                       "return_tokens_as_token_ids": True})
         bodies.append({"model": model, "prompt": [(17 * i + 5) % 1000 + 10 for i in range(n + 4)], "max_tokens": 1,
-                       "temperature": 0, "prompt_logprobs": 0})
+                       "temperature": 0, "prompt_logprobs": 5})
     return bodies
 
 

@@ -257,8 +257,10 @@ def serving_policy(baseline: str, candidate: str, settings: DemoSettings, promet
             # Absolute limits only, and generous ones: on 2 shared cores both arms' latencies swing several-fold
             # with the load (a ratio to the stable arm's p99 over a handful of requests is mostly noise), while
             # FP8_DYNAMIC's ≈1.8 s per output token breaks the inter-token limit whatever the load.
+            # Quality as a user would judge it: the defaults (mean teacher-forced KL ≤ 0.1 nats per token, top-1
+            # agreement ≥ 0.9), per slice, on half sampled traffic (demo.load).
             "slos": {"ttftP99": {"max": 5.0}, "interTokenLatencyP99": {"max": 1.2}, "errorRate": {"max": 0.05},
-                     "queueTimeP99": {"max": 5.0}, "qualityDelta": {"max": 0.5}, "agreement": {"min": 0.5},
+                     "queueTimeP99": {"max": 5.0}, "qualityDelta": {"max": 0.1}, "agreement": {"min": 0.9},
                      "goodput": {"minRelativeToStable": GOODPUT_RATIO}},  # see GOODPUT_WHY
         },
     }
@@ -633,9 +635,9 @@ def draw_chart(series: list[Snapshot], marks: list[tuple[float, str]], path: Pat
                   markersize=3, linewidth=1)
     ax_l.set_ylabel("seconds")
     ax_l.set_yscale("log")
-    ax_q.plot(t, [s.quality_delta for s in series], label="quality delta vs stable (candidate)",
+    ax_q.plot(t, [s.quality_delta for s in series], label="mean teacher-forced KL, candidate vs stable (nats/token)",
               color="tab:purple", marker=".", markersize=3, linewidth=1)
-    ax_q.set_ylabel("delta")
+    ax_q.set_ylabel("KL")
     ax_q.set_xlabel("seconds since the ServingPolicy was applied")
     # Marks close in time (a rollback, the next edit, its refusal) would overprint their labels: number them on
     # the chart and list them below it.
@@ -700,6 +702,16 @@ def report_markdown(report: dict[str, Any]) -> str:
         ordered = sorted(ratios)
         lines.append(f"  - {candidate}: candidate/stable goodput over {len(ordered)} windows: min {ordered[0]:.2f}, "
                      f"median {ordered[len(ordered) // 2]:.2f}, max {ordered[-1]:.2f}")
+    if report.get("comparisons"):
+        lines += ["", "## Quality comparisons (teacher-forced, per compared request)", "",
+                  "Half the load is sampled at temperature 0.8: the comparison scores the candidate on the stable "
+                  "arm's own tokens, so sampled requests are judged like greedy ones.", "",
+                  "| candidate | decoding | accepted | rejected | skipped |", "| --- | --- | --- | --- | --- |"]
+        for entry in report["comparisons"]:
+            for decoding, by in entry["counts"].items():
+                skipped = sum(v for r, v in by.items() if r.startswith("skipped"))
+                lines.append(f"| {entry['candidate']} | {decoding} | {by.get('accepted', 0):.0f} | "
+                             f"{by.get('rejected', 0):.0f} | {skipped:.0f} |")
     lines += ["", "## Analysis verdicts per step", "",
               "| candidate | phase | verdict | per SLO (value / limit: verdict) |", "| --- | --- | --- | --- |"]
     for a in report["analyses"]:
@@ -719,15 +731,40 @@ def report_markdown(report: dict[str, Any]) -> str:
 def build_report(*, seconds: float, settings: DemoSettings, baseline: str, quantized: dict[str, dict[str, Any]],
                  final: dict[str, Any], recorder: Recorder, rollbacks: list[dict[str, Any]],
                  rollbacks_total: dict[str, float], load: dict[str, int],
-                 marks: list[tuple[float, str]]) -> dict[str, Any]:
+                 marks: list[tuple[float, str]], comparisons: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """report.json's content, whichever way the story ran (local stack or cluster)."""
     return {
         "seconds": seconds, "kernelPolicy": settings.kernel_policy, "baseline": baseline,
         "quantizedModels": quantized, "servingPolicy": final, "analyses": recorder.analyses,
         "history": (final.get("status") or {}).get("history", []), "rollbacks": rollbacks,
         "rollbacksTotal": rollbacks_total, "load": load,
-        "series": [s.__dict__ for s in recorder.series], "marks": marks,
+        "series": [s.__dict__ for s in recorder.series], "marks": marks, "comparisons": comparisons or [],
     }
+
+
+class Comparisons:
+    """The router's teacher-forced comparisons per candidate, by decoding (greedy, sampled) and result, read from
+    Prometheus as each candidate settles: the evidence that quality was judged on sampled traffic too."""
+
+    def __init__(self, prometheus_url: str) -> None:
+        self.source = PrometheusSource(prometheus_url)
+        self.seen: dict[str, dict[str, float]] = {}
+        self.per_candidate: list[dict[str, Any]] = []
+
+    def _totals(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for decoding in ("greedy", "sampled"):
+            sel = f'{{namespace="{NAMESPACE}",policy="{POLICY}",decoding="{decoding}"}}'
+            out[decoding] = self.source.by_label(f"sum by (result) (quantrol_router_compared_total{sel})", "result")
+        return out
+
+    def settled(self, candidate: str) -> None:
+        with contextlib.suppress(Exception):  # evidence for the report; never a reason to stop the story
+            totals = self._totals()
+            counts = {d: {r: max(0.0, v - self.seen.get(d, {}).get(r, 0.0)) for r, v in by.items()}
+                      for d, by in totals.items()}
+            self.seen = totals
+            self.per_candidate.append({"candidate": candidate, "counts": counts})
 
 
 # --- the story ------------------------------------------------------------------------------------------------
@@ -803,10 +840,12 @@ def run_story(settings: DemoSettings) -> dict[str, Any]:
                           settings.phase_timeout)
             marks: list[tuple[float, str]] = []
             rollbacks: list[dict[str, Any]] = []
+            comparisons = Comparisons(stack.prometheus.url)
 
             wait_policy(recorder, "W8A8 to be promoted",
                         lambda s: s.get("phase") == "Promoted", settings.phase_timeout, stop_on=("RolledBack",))
             marks.append((time.monotonic() - recorder.started, "W8A8 promoted"))
+            comparisons.settled(CANDIDATES[0][0])
 
             for name, expect in ((CANDIDATES[1][0], "SloBreach" if settings.kernel_policy == "warn"
                                   else "KernelFallback"), (CANDIDATES[2][0], "KernelUnavailable")):
@@ -827,6 +866,8 @@ def run_story(settings: DemoSettings) -> dict[str, Any]:
                     record = dict(recorder.status.get("rollback") or {})
                 marks.append((time.monotonic() - recorder.started, f"RolledBack: {name} ({record.get('reason')})"))
                 rollbacks.append({"candidate": name, "record": record})
+                if not refused:
+                    comparisons.settled(name)
                 say(f"rollback record for {name}: {json.dumps(record, sort_keys=True)}")
                 if record.get("reason") != expect:
                     say(f"!! expected {expect} for {name}, got {record.get('reason')}")
@@ -840,7 +881,8 @@ def run_story(settings: DemoSettings) -> dict[str, Any]:
                 print(render_quantizedmodel(obj), flush=True)
     report = build_report(seconds=time.monotonic() - began, settings=settings, baseline=baseline,
                           quantized=quantized, final=final, recorder=recorder, rollbacks=rollbacks,
-                          rollbacks_total=rollbacks_total, load={"ok": load.ok, "failed": load.failed}, marks=marks)
+                          rollbacks_total=rollbacks_total, load={"ok": load.ok, "failed": load.failed}, marks=marks,
+                          comparisons=comparisons.per_candidate)
     draw_chart(recorder.series, marks, output / "chart.png")
     (output / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (output / "report.md").write_text(report_markdown(report))

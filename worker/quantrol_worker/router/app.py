@@ -550,10 +550,10 @@ class Router:
             await asyncio.wait_for(self._compare(config, path, body, slice_, "mirror", stable, candidate),
                                    timeout=config.compare.timeout_s)
         except TimeoutError:
-            self.metrics.compared.labels(slice_, "mirror", "skipped_timeout").inc()
+            self.metrics.compared.labels(slice_, "mirror", protocol.decoding(body), "skipped_timeout").inc()
         except Exception:
             log.exception("shadow comparison failed (the client was not affected)")
-            self.metrics.compared.labels(slice_, "mirror", "skipped_error").inc()
+            self.metrics.compared.labels(slice_, "mirror", protocol.decoding(body), "skipped_error").inc()
         finally:
             self.mirrors_in_flight -= 1
 
@@ -588,20 +588,21 @@ class Router:
         """Teacher-forced comparison of one stable answer (compare.py), counted per slice and source (`traffic`:
         mirror or probe); `candidate` is the candidate's own answer to the same request, for the diff sample."""
         m = self.metrics
+        counted = functools.partial(m.compared.labels, slice_, traffic, protocol.decoding(body))
         if stable is None or not stable.complete:
-            m.compared.labels(slice_, traffic, "skipped_incomplete").inc()
+            counted("skipped_incomplete").inc()
             return
         positions = stable.output.comparable()
         if positions is None or stable.output.prompt_token_ids is None:
-            m.compared.labels(slice_, traffic, "skipped_no_logprobs").inc()
+            counted("skipped_no_logprobs").inc()
             return
         scored = await self._score(config, body.get("model"), stable.output, slice_)
         result = compare.teacher_forced(positions, scored) if scored is not None else None
         if result is None:
-            m.compared.labels(slice_, traffic, "skipped_score_unavailable").inc()
+            counted("skipped_score_unavailable").inc()
             return
         ok = compare.accepted(result, config.compare.request_kl_limit(slice_))
-        m.compared.labels(slice_, traffic, "accepted" if ok else "rejected").inc()
+        counted("accepted" if ok else "rejected").inc()
         m.compare_positions.labels(slice_, traffic).inc(result.positions)
         m.compare_kl.labels(slice_, traffic).inc(result.kl_sum)
         m.compare_top1.labels(slice_, traffic).inc(result.top1_matches)

@@ -90,8 +90,8 @@ class RouterMetrics:
         # Window figures are ratios of counters, token-weighted: mean KL = rate(kl_nats) / rate(positions),
         # top-1 agreement = rate(top1_matches) / rate(positions), quality acceptance = rate(accepted) / rate(all).
         self.compared = Counter(
-            p + "compared", "Compared requests, by result (accepted, rejected: quality acceptance) or why skipped",
-            ["slice", "traffic", "result"], registry=r,
+            p + "compared", "Compared requests, by result (accepted, rejected: quality acceptance) or why skipped, "
+            "and by the request's decoding (greedy, sampled)", ["slice", "traffic", "decoding", "result"], registry=r,
         )
         self.compare_positions = Counter(
             p + "compare_positions", "Generated positions compared teacher-forced", ["slice", "traffic"], registry=r)

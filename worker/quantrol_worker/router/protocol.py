@@ -32,13 +32,18 @@ ADDED_LOGPROBS = "logprobs"
 
 
 def is_greedy(body: Mapping[str, Any]) -> bool:
-    """Greedy decoding, where token agreement between arms means something. vLLM's default temperature is the
-    model's generation config or 1.0, so an absent temperature is *not* greedy."""
+    """Greedy decoding. vLLM's default temperature is the model's generation config or 1.0, so an absent
+    temperature is *not* greedy."""
     if int(body.get("n") or 1) != 1 or body.get("use_beam_search"):
         return False
     temperature = body.get("temperature")
     top_k = body.get("top_k")
     return (isinstance(temperature, (int, float)) and temperature == 0) or top_k == 1
+
+
+def decoding(body: Mapping[str, Any]) -> str:
+    """The `decoding` label of a compared request: greedy or sampled (the comparison is the same for both)."""
+    return "greedy" if is_greedy(body) else "sampled"
 
 
 def prompt_chars(path: str, body: Mapping[str, Any]) -> int:
