@@ -838,6 +838,16 @@ async def test_latency_token_and_goodput_metrics_carry_arm_traffic_and_slice(
     assert total(s, "quantrol_router_in_flight", arm="stable", traffic="live") == 0
     assert total(s, "quantrol_router_weight", arm="stable") == 100
     assert ("quantrol_router_queued", frozenset({("arm", "stable")})) in s
-    # Series appear when something is recorded in them, not before: no TTFT for a slice only whole answers had.
+    # A non-streamed client got one whole answer, streamed from the engine: its latencies are measured all the same.
+    assert total(s, "quantrol_router_time_to_first_token_seconds_count", slice="len_le_256") == 1
+    assert total(s, "quantrol_router_inter_token_latency_seconds_count", slice="len_le_256") == 2
+    assert stack.stable.stats.requests["/v1/completions"] == 3 and stack.stable.stats.streamed == 3
+    # Series appear when something is recorded in them, not before: no TTFT for a request the router could not
+    # stream (prompt log-probabilities are refused with stream), and none in a slice before it had one.
+    async with http.post(running.url + "/v1/completions", json=completion("whole", max_tokens=3, prompt_logprobs=1),
+                         headers={"X-Quantrol-Slice": "code"}) as r:
+        assert r.status == 200 and (await r.json())["choices"][0]["prompt_logprobs"]
+    s = await scrape(http, running.url)
+    assert total(s, "quantrol_router_time_to_first_token_seconds_count", **live_code) == 1
     assert not [key for key in s if key[0].startswith("quantrol_router_time_to_first_token_seconds")
-                and ("slice", "len_le_256") in key[1]]
+                and ("slice", "len_le_1024") in key[1]]

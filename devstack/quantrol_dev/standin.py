@@ -96,6 +96,7 @@ class Behaviour:
 class Stats:
     requests: dict[str, int] = field(default_factory=dict)
     prompt_logprob_requests: int = 0
+    streamed: int = 0  # generation requests asked with stream: true
     token_id_requests: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
@@ -227,6 +228,7 @@ class EngineStandin:
         st.requests[path] = st.requests.get(path, 0) + 1
         st.prompt_logprob_requests += body.get("prompt_logprobs") is not None
         st.token_id_requests += bool(body.get("return_token_ids"))
+        st.streamed += bool(body.get("stream"))
         self._error_credit += self.behaviour.error_rate
         if self._error_credit >= 1.0:
             self._error_credit -= 1.0
@@ -306,7 +308,7 @@ class EngineStandin:
         self.m_success.labels(b.model, "length").inc()
         return response
 
-    def _logprobs_for(self, context: list[int], tokens: list[int], chat: bool, ask: _Ask) -> Any:
+    def _logprobs_for(self, context: list[int], tokens: list[int], chat: bool, ask: _Ask, offset: int = 0) -> Any:
         """vLLM's logprobs objects: completions take the top k plus the emitted token (k + 1 entries), chat the
         first k of the emitted token and the top k."""
         ctx = list(context)
@@ -321,7 +323,6 @@ class EngineStandin:
                 ctx.append(t)
             return {"content": content}
         result: dict[str, list[Any]] = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
-        offset = 0
         for t in tokens:
             value = self.logprob(ctx, t)[0]
             result["tokens"].append(name(t))
@@ -378,6 +379,7 @@ class EngineStandin:
                                          "logprobs": None, "finish_reason": None}], **first))
         context = list(prompt_ids)
         last = time.perf_counter()
+        offset = 0  # text offsets run on across chunks, as vLLM's do (initial_text_offset)
         for i, token in enumerate(out):
             if self.behaviour.token_latency_s:
                 await asyncio.sleep(self.behaviour.token_latency_s)
@@ -388,7 +390,8 @@ class EngineStandin:
                 self.m_itl.labels(model).observe(now - last)
             last = now
             finish = "length" if i == len(out) - 1 else None
-            lp = self._logprobs_for(context, [token], chat, ask) if ask.logprobs else None
+            lp = self._logprobs_for(context, [token], chat, ask, offset) if ask.logprobs else None
+            offset += len(token_text(token))
             choice: dict[str, Any] = {"index": 0, "logprobs": lp, "finish_reason": finish}
             if chat:
                 choice["delta"] = {"content": token_text(token)}

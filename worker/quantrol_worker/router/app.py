@@ -370,24 +370,28 @@ class Router:
             arm = "stable"
 
         live_done: asyncio.Future[_Result | None] | None = None
-        strip: frozenset[str] = frozenset()
+        asked, strip = body, frozenset[str]()
         if should_mirror(arm, config.mirror_fraction, self.random.random()):
             if self.mirrors_in_flight < config.compare.max_concurrent_mirrors:
                 live_done = asyncio.get_running_loop().create_future()
                 # Ask stable for token ids and top-k log-probabilities too (generation is unchanged), and strip
                 # them from what the client gets: comparison needs them, the client must get exactly its answer.
                 asked, strip = protocol.comparison_body(body, path == protocol.CHAT, config.compare.top_logprobs)
-                if strip:
-                    raw = json.dumps(asked).encode()
                 self.mirrors_in_flight += 1
                 self._spawn(self._shadow(config, path, body, slice_, live_done))
             else:
                 self.metrics.mirrored.labels("dropped_busy").inc()
+        # A non-streamed client is served from a streamed upstream answer, assembled: so its time to first token
+        # and inter-token latency exist like everybody's, and the latency SLOs judge every client.
+        assemble = protocol.assemblable(body)
+        if strip or assemble:
+            raw = json.dumps(protocol.as_stream(asked) if assemble else asked).encode()
 
         response: web.StreamResponse | None = None
         result: _Result | None = None
         try:
-            response, result = await self._live(request, config, arm, path, raw, slice_, arrived, strip)
+            sink = _ClientSink(request, strip, protocol.Assembler(path == protocol.CHAT) if assemble else None)
+            response, result = await self._live(request, config, arm, path, raw, slice_, arrived, sink)
             return response
         finally:
             if live_done is not None and not live_done.done():
@@ -395,7 +399,7 @@ class Router:
 
     async def _live(
         self, request: web.Request, config: RouterConfig, arm: ArmName, path: str, payload: bytes, slice_: str,
-        arrived: float, strip: frozenset[str],
+        arrived: float, sink: _ClientSink,
     ) -> tuple[web.StreamResponse, _Result | None]:
         gate = self.gates[arm]
         try:
@@ -412,7 +416,6 @@ class Router:
             ), None
         series = self.metrics.series(arm, "live", slice_)
         series.queue_wait.observe(waited)
-        sink = _ClientSink(request, strip)
         held = time.perf_counter()
         series.in_flight.inc()
         try:
@@ -479,11 +482,13 @@ class Router:
     ) -> bool:
         parser = protocol.SSEParser()
         done = False
-        if sink is not None:
-            await sink.start(upstream.status, upstream.headers.get("Content-Type", "text/event-stream"))
+        assembler = sink.assembler if sink is not None else None
+        relay = sink if sink is not None and assembler is None else None  # a streamed client: bytes pass through
+        if relay is not None:
+            await relay.start(upstream.status, upstream.headers.get("Content-Type", "text/event-stream"))
         async for chunk in upstream.content.iter_any():
-            if sink is not None and not sink.strip:
-                await sink.write(chunk)  # bytes first, bookkeeping after: the client never waits for metrics
+            if relay is not None and not relay.strip:
+                await relay.write(chunk)  # bytes first, bookkeeping after: the client never waits for metrics
             rewritten: list[bytes] = []
             for data in parser.feed(chunk):
                 if data == b"[DONE]":
@@ -492,13 +497,19 @@ class Router:
                     continue
                 obj = protocol.loads(data)
                 timing.tokens(output.feed(obj, chat))
-                if sink is not None and sink.strip:
-                    protocol.strip_added(obj, sink.strip, streamed=True)
+                if assembler is not None:
+                    assembler.feed(obj)
+                elif relay is not None and relay.strip:
+                    protocol.strip_added(obj, relay.strip, streamed=True)
                     rewritten.append(b"data: " + json.dumps(obj).encode() + b"\n\n")
-            if sink is not None and sink.strip and rewritten:
-                await sink.write(b"".join(rewritten))
-        if sink is not None:
-            await sink.finish()
+            if relay is not None and relay.strip and rewritten:
+                await relay.write(b"".join(rewritten))
+        if relay is not None:
+            await relay.finish()
+        elif sink is not None and assembler is not None and done:
+            answer = assembler.body()
+            protocol.strip_added(answer, sink.strip, streamed=False)
+            sink.set_body(upstream.status, json.dumps(answer).encode(), "application/json")
         return done
 
     def _record(
@@ -575,8 +586,10 @@ class Router:
         held = time.perf_counter()
         in_flight = self.metrics.series(arm, traffic, slice_).in_flight
         in_flight.inc()
+        upstream = protocol.as_stream(body) if protocol.assemblable(body) else body
         try:
-            return await self._exchange(config, arm, traffic, path, json.dumps(body).encode(), slice_, held, None, {})
+            return await self._exchange(config, arm, traffic, path, json.dumps(upstream).encode(), slice_, held, None,
+                                        {})
         finally:
             in_flight.dec()
             gate.release(time.perf_counter() - held)
@@ -638,9 +651,10 @@ class _ClientGone(Exception):
 class _ClientSink:
     """Where a live answer goes: a streamed response (started on the first upstream byte) or a whole body."""
 
-    def __init__(self, request: web.Request, strip: frozenset[str]) -> None:
+    def __init__(self, request: web.Request, strip: frozenset[str], assembler: protocol.Assembler | None) -> None:
         self.request = request
-        self.strip = strip
+        self.strip = strip  # fields the router added to the request, to take out of the answer
+        self.assembler = assembler  # a non-streamed client served from a streamed upstream answer
         self.stream: web.StreamResponse | None = None
         self.body: tuple[int, bytes, str] | None = None
 

@@ -6,7 +6,8 @@ so that mirrored copies, teacher-forced scoring and evaluation-prompt probes nev
 
 Latencies are measured at the router from the moment the request arrived, so they include admission queueing
 (which is what the client feels); queueing alone is `queue_wait_seconds`. Time to first token and inter-token
-latency exist for streamed responses only (a non-streamed body arrives at once).
+latency exist for every request the engine streamed: the router streams from the engine also for non-streamed
+clients and assembles their answer (protocol.assemblable says which requests it cannot assemble faithfully).
 
 Goodput inputs: every request adds its output tokens to `output_tokens_total`, and to
 `deadline_output_tokens_total{deadline=…}` when it met that configured deadline (TTFT and mean time per output

@@ -336,3 +336,81 @@ def scored_positions(response: Mapping[str, Any], start: int, count: int, top_k:
 def error_body(message: str, kind: str, code: int) -> bytes:
     """An OpenAI-shaped error body, so clients' SDKs surface the message."""
     return json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode()
+
+
+# ---- non-streamed clients, streamed upstream ------------------------------------------------------------------
+
+# What an assembled answer cannot reproduce faithfully, so such requests go upstream as they came: several choices,
+# beam search, prompt log-probabilities (vLLM refuses them with stream), echo, and tool calls (their deltas are
+# fragments of JSON arguments).
+_NOT_ASSEMBLED = ("prompt_logprobs", "echo", "use_beam_search", "tools", "functions", "tool_choice")
+
+
+def assemblable(body: Mapping[str, Any]) -> bool:
+    """Whether a non-streamed request can be streamed from the engine and assembled for the client, so that its
+    time to first token and inter-token latency exist like every streamed request's."""
+    if body.get("stream") or int(body.get("n") or 1) != 1 or int(body.get("best_of") or 1) != 1:
+        return False
+    return not any(body.get(key) for key in _NOT_ASSEMBLED)
+
+
+def as_stream(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The upstream form of an assemblable request: streamed, with the usage chunk a non-streamed body has."""
+    return {**body, "stream": True, "stream_options": {"include_usage": True}}
+
+
+class Assembler:
+    """Builds the non-streamed answer (vLLM's CompletionResponse / ChatCompletionResponse, choice 0) from the
+    streamed chunks of one request."""
+
+    def __init__(self, chat: bool) -> None:
+        self.chat = chat
+        self.head: dict[str, Any] = {}
+        self.text: list[str] = []
+        self.token_ids: list[int] | None = None
+        self.prompt_token_ids: list[int] | None = None
+        self.logprobs: dict[str, list[Any]] | None = None
+        self.finish: tuple[Any, Any] = (None, None)
+        self.usage: Any = None
+
+    def feed(self, chunk: Mapping[str, Any]) -> None:
+        if not self.head:
+            self.head = {k: chunk.get(k) for k in ("id", "created", "model")}
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        if isinstance(chunk.get("prompt_token_ids"), list):
+            self.prompt_token_ids = list(chunk["prompt_token_ids"])
+        choices = chunk.get("choices") or []
+        if not choices or not isinstance(choices[0], dict):
+            return
+        choice = choices[0]
+        part = (choice.get("delta") or {}) if self.chat else choice
+        if isinstance(part.get("content" if self.chat else "text"), str):
+            self.text.append(part["content" if self.chat else "text"])
+        if isinstance(choice.get("prompt_token_ids"), list):
+            self.prompt_token_ids = list(choice["prompt_token_ids"])
+        if isinstance(choice.get("token_ids"), list):
+            self.token_ids = (self.token_ids or []) + list(choice["token_ids"])
+        if isinstance(choice.get("logprobs"), dict):
+            self._logprobs(choice["logprobs"])
+        if choice.get("finish_reason") is not None:
+            self.finish = (choice.get("finish_reason"), choice.get("stop_reason"))
+
+    def _logprobs(self, part: Mapping[str, Any]) -> None:
+        keys = ("content",) if self.chat else ("text_offset", "token_logprobs", "tokens", "top_logprobs")
+        merged = self.logprobs or {k: [] for k in keys}
+        for key in keys:
+            merged[key].extend(part.get(key) or [])
+        self.logprobs = merged
+
+    def body(self) -> dict[str, Any]:
+        text = "".join(self.text)
+        finish, stop = self.finish
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": self.logprobs,
+                      "finish_reason": finish, "stop_reason": stop, "token_ids": self.token_ids}
+            return {**self.head, "object": "chat.completion", "choices": [choice], "usage": self.usage,
+                    "prompt_logprobs": None, "prompt_token_ids": self.prompt_token_ids}
+        choice = {"index": 0, "text": text, "logprobs": self.logprobs, "finish_reason": finish, "stop_reason": stop,
+                  "prompt_logprobs": None, "prompt_token_ids": self.prompt_token_ids, "token_ids": self.token_ids}
+        return {**self.head, "object": "text_completion", "choices": [choice], "usage": self.usage}
