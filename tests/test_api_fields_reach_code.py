@@ -83,8 +83,9 @@ class AnswersEverything:
     """A metric source that answers every query, its newest sample at `newest`: with `value` for every SLO, or (no
     value) with figures that pass every SLO of the sample policy; or it fails every query."""
 
-    def __init__(self, newest: datetime, value: float | None = None, fail: bool = False) -> None:
-        self.newest, self.value, self.fail = newest, value, fail
+    def __init__(self, newest: datetime, value: float | None = None, fail: bool = False,
+                 overload: bool = False) -> None:
+        self.newest, self.value, self.fail, self.overload = newest, value, fail, overload
 
     def scalar(self, promql: str) -> float | None:
         if self.fail:
@@ -93,6 +94,8 @@ class AnswersEverything:
             return self.newest.timestamp()
         if "increase(" in promql or "(up{" in promql:
             return 100.0  # requests and comparisons in the window, router targets up
+        if self.overload and "compare_" not in promql:
+            return 50.0  # both arms break every absolute limit alike; the comparison is fine
         if self.value is not None:
             return self.value
         floors = ("top1_matches", "deadline_output_tokens", "x{")  # more is better: agreement, goodput, hit-rate
@@ -167,15 +170,25 @@ def _run_serving_policy(recorded: set[tuple[str, str]]) -> None:
     deployments = obj.pop("_ready")
     scope = Scope("llm-serving", "llama-3-1-8b", "60s", "mirror")
     assert spec.spec is not None
-    # Windows that pass, fail (every value 50), cannot be read, and hold no data (NaN): every limit consulted.
+    # Windows that pass, fail (every value 50), cannot be read, hold no data (NaN), and overload both arms (twice,
+    # past the hold limit): every limit consulted.
     verdicts: list[str] = []
-    for value, fail in ((None, False), (50.0, False), (None, True), (float("nan"), False)):
+    for value, fail, overload in ((None, False, False), (50.0, False, False), (None, True, False),
+                                  (float("nan"), False, False), (None, False, True), (None, False, True)):
         now += timedelta(minutes=30)
-        window = observe(AnswersEverything(now, value, fail), scope, spec.spec.slos)
+        window = observe(AnswersEverything(now, value, fail, overload), scope, spec.spec.slos)
         obj = one(obj, deployments=deployments, window=window)
         obj.pop("_ready")
         verdicts.append(obj["status"]["lastAnalysis"]["verdict"])
-    assert verdicts == ["pass", "fail", "error", "inconclusive"], verdicts
+    assert verdicts == ["pass", "fail", "error", "inconclusive", "overload", "overload"], verdicts
+    # The last canary step passes: a promotion, guarded for promotionGraceSeconds.
+    last = copy.deepcopy(obj)
+    last["status"].update(phase="Canary", step=len(spec.spec.rollout.canary_steps) - 1,
+                          phaseSince="2026-01-01T00:00:00Z",
+                          counters={"consecutiveSuccesses": spec.spec.analysis.success_streak - 1})
+    now += timedelta(minutes=30)
+    last = one(last, deployments=deployments, window=observe(AnswersEverything(now), scope, spec.spec.slos))
+    assert last["status"]["phase"] == "Promoted" and last["status"]["guardUntil"], last["status"].get("message")
     # After a promotion the previous stable arm is kept warm for promotionGraceSeconds.
     promoted = copy.deepcopy(obj)
     promoted["status"].update(phase="Promoted", rollbackTarget=obj["spec"]["baseline"]["artifact"],

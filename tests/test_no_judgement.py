@@ -71,7 +71,7 @@ def _one_window(obj: dict[str, Any]) -> dict[str, Any]:
     now = T0 + timedelta(minutes=5)
     assert analysis.due(status, spec, now)
     source = analysis.source_for(spec, "http://unused.invalid:9090")
-    window = analysis.window(source, NAMESPACE, obj["metadata"]["name"], status, spec)
+    window = analysis.window(source, NAMESPACE, obj["metadata"]["name"], status, spec, now)
     result = run(obj, quantized_model=qm(), window=window, now=now)
     return advance(obj, result)["status"]
 

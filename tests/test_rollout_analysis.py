@@ -12,13 +12,24 @@ from hypothesis import strategies as st
 from quantrol_operator.api.servingpolicy import (
     Analysis,
     AnalysisCounters,
+    Cause,
     MetricResult,
     NoJudgement,
     SloFloor,
     SloLimit,
     Verdict,
 )
-from quantrol_operator.rollout.analysis import Sample, decide, goodput, judge, window_verdict
+from quantrol_operator.rollout.analysis import (
+    GoodputInputs,
+    Sample,
+    bounded,
+    cause_of,
+    decide,
+    goodput,
+    judge,
+    window_cause,
+    window_verdict,
+)
 from quantrol_operator.rollout.statemachine import Decision
 
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -144,6 +155,71 @@ def test_no_data_never_reads_as_pass(value: float | None, requests: int) -> None
     assert judge(s(value, n=requests), TTFT, 20).verdict is not Verdict.PASS
 
 
-def test_goodput_counts_accepted_tokens_per_engine_second() -> None:
-    assert goodput(1200.0, 60.0) == 20.0
-    assert goodput(1200.0, 0.0) is None
+def test_goodput_is_accepted_tokens_times_quality_acceptance_both_ways() -> None:
+    inputs = GoodputInputs(output_tokens=1000.0, deadline_tokens=800.0, compared=40.0, quality_accepted=30.0,
+                           engine_seconds=60.0)
+    figures = goodput("candidate", inputs)
+    assert figures.accepted_share == 0.8 and figures.quality_acceptance == 0.75
+    assert figures.value == pytest.approx(0.6)  # the online SLO's figure: on time and good
+    assert figures.per_engine_second == pytest.approx(800 * 0.75 / 60)  # capacity, for status
+    # Worse quality lowers goodput, never raises it.
+    worse = goodput("candidate", GoodputInputs(1000.0, 800.0, compared=40.0, quality_accepted=10.0,
+                                               engine_seconds=60.0))
+    assert worse.value is not None and worse.value < figures.value
+    # The stable arm is the quality reference; nothing compared is no quality term, not zero.
+    assert goodput("stable", inputs, reference=True).value == 0.8
+    assert goodput("candidate", GoodputInputs(1000.0, 800.0, engine_seconds=60.0)).value == 0.8
+    # No tokens, no engine time: no figure, never zero or infinity.
+    empty = goodput("candidate", GoodputInputs(0.0, 0.0, engine_seconds=0.0))
+    assert empty.value is None and empty.per_engine_second is None
+
+
+def _row(slo: str, verdict: Verdict, slice_: str | None = None) -> MetricResult:
+    row = MetricResult(slo=slo, verdict=verdict, slice=slice_)
+    row.cause = cause_of(row)
+    return row
+
+
+@pytest.mark.parametrize(
+    ("rows", "why", "cause"),
+    [
+        ([_row("qualityDelta", Verdict.FAIL), _row("ttftP99", Verdict.PASS)], None, Cause.PRECISION),
+        ([_row("qualityDelta", Verdict.FAIL, "code"), _row("ttftP99", Verdict.FAIL)], None, Cause.PRECISION),
+        ([_row("ttftP99", Verdict.FAIL), _row("engineQueueTimeP99", Verdict.FAIL)], None, Cause.SCHEDULING),
+        ([_row("ttftP99", Verdict.OVERLOAD), _row("errorRate", Verdict.PASS)], None, Cause.OVERLOAD),
+        ([_row("ttftP99", Verdict.ERROR)], NoJudgement.METRICS_UNREACHABLE, Cause.DEPENDENCY),
+        ([_row("ttftP99", Verdict.INCONCLUSIVE)], NoJudgement.TARGETS_DOWN, Cause.DEPENDENCY),
+        ([_row("ttftP99", Verdict.INCONCLUSIVE)], NoJudgement.NO_SAMPLES, None),  # nobody sent traffic
+        ([_row("ttftP99", Verdict.PASS)], None, None),
+    ],
+)
+def test_a_window_names_its_cause(rows: list[MetricResult], why: NoJudgement | None, cause: Cause | None) -> None:
+    assert window_cause(window_verdict(rows), rows, why) is cause
+
+
+def test_one_failing_slice_fails_the_window_and_a_quiet_slice_never_passes_or_holds_it() -> None:
+    overall = MetricResult(slo="qualityDelta", verdict=Verdict.PASS)
+    failing = judge(Sample("qualityDelta", 0.4, None, 30, None, slice="code"), SloLimit(max=0.1), 20)
+    quiet = judge(Sample("qualityDelta", 0.0, None, 3, None, slice="prose"), SloLimit(max=0.1), 20)
+    assert failing.verdict is Verdict.FAIL and "slice code" in (failing.message or "")
+    assert quiet.verdict is Verdict.INCONCLUSIVE and failing.cause is Cause.PRECISION
+    assert window_verdict([overall, quiet]) is Verdict.PASS
+    assert window_verdict([overall, quiet, failing]) is Verdict.FAIL
+    # Status keeps every overall row and the most severe slice rows within its bound.
+    rows = [overall, *(quiet.model_copy() for _ in range(70)), failing]
+    kept = bounded(rows, 64)
+    assert len(kept) == 64 and overall in kept and failing in kept
+
+
+def test_overload_holds_for_the_hold_limit_then_steps_back_and_holds_again() -> None:
+    policy = Analysis(overload_hold_seconds=60)
+    c = AnalysisCounters()
+    decisions = []
+    for i in range(0, 100, 10):
+        d, c = decide(Verdict.OVERLOAD, T0 + timedelta(seconds=i), c, policy)
+        decisions.append(d)
+    # Held from t=0; the window at t=60 steps back; the hold starts again at t=70 and would step back at t=130.
+    assert decisions == [Decision.HOLD] * 6 + [Decision.STEP_BACK] + [Decision.HOLD] * 3
+    assert c.overloaded_since == T0 + timedelta(seconds=70)
+    _d, c = decide(Verdict.PASS, T0 + timedelta(seconds=100), c, policy)
+    assert c.overloaded_since is None  # a window that is not overloaded ends the hold

@@ -58,6 +58,16 @@ def facts(**kw: object) -> Facts:
         (P.CANARY, 1, {"rollback_requested": True}, (P.ROLLED_BACK, None, TransitionReason.MANUAL_ROLLBACK)),
         (P.CANARY, 1, {"candidate_failed": True}, (P.ROLLED_BACK, None, TransitionReason.CANDIDATE_FAILED)),
         (P.ROLLED_BACK, None, {"decision": Decision.ADVANCE}, (P.ROLLED_BACK, None, None)),
+        (P.CANARY, 2, {"decision": Decision.STEP_BACK}, (P.CANARY, 1, TransitionReason.OVERLOAD_STEP_BACK)),
+        (P.CANARY, 0, {"decision": Decision.STEP_BACK}, (P.SHADOW, None, TransitionReason.OVERLOAD_STEP_BACK)),
+        (P.SHADOW, None, {"decision": Decision.STEP_BACK}, (P.SHADOW, None, None)),  # nothing below: it holds
+        (P.PROMOTED, None, {"guarding": True, "decision": Decision.ROLLBACK},
+         (P.ROLLED_BACK, None, TransitionReason.SLO_BREACH)),
+        (P.PROMOTED, None, {"guarding": True, "rollback_requested": True},
+         (P.ROLLED_BACK, None, TransitionReason.MANUAL_ROLLBACK)),
+        (P.PROMOTED, None, {"decision": Decision.ROLLBACK}, (P.PROMOTED, None, None)),  # no guard: settled
+        (P.PROMOTED, None, {"rollback_requested": True}, (P.PROMOTED, None, None)),
+        (P.PROMOTED, None, {"guard_over": True}, (P.PROMOTED, None, TransitionReason.GUARD_PASSED)),
         (P.ROLLED_BACK, None, {"retry_requested": True}, (P.PENDING, None, TransitionReason.RETRY)),
         (P.ROLLED_BACK, None, {"new_candidate": True}, (P.PENDING, None, TransitionReason.NEW_CANDIDATE)),
         (P.ROLLED_BACK, None, {"spec_changed": True}, (P.PENDING, None, TransitionReason.SPEC_CHANGED)),

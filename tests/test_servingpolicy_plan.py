@@ -273,3 +273,77 @@ def test_a_new_candidate_digest_mid_rollout_withdraws_the_current_one() -> None:
     assert result.events[0].reason == "NewCandidate"
     config = json.loads(result.router_config or "{}")
     assert config["arms"]["candidate"]["weight"] == 0 and config["mirror_fraction"] == 0.0
+
+
+def _promoted() -> tuple[dict[str, Any], list[dict[str, Any]], datetime]:
+    obj, shadow = _to_shadow()
+    deps = ready(deployments(shadow))
+    now = T0 + timedelta(seconds=10)
+    for _ in range(40):
+        now += timedelta(seconds=31)
+        result = run(obj, quantized_model=qm(), deployments=deps, window=window(Verdict.PASS, now),
+                     candidate_kernels={"verdict": "native"}, now=now)
+        obj = advance(obj, result)
+        if result.status["phase"] == "Promoted":
+            return obj, ready(deployments(result)), now
+    raise AssertionError("never promoted")
+
+
+def test_a_promotion_is_guarded_and_a_breach_returns_traffic_to_the_warm_previous_stable() -> None:
+    obj, deps, promoted_at = _promoted()
+    status = obj["status"]
+    previous = status["rollbackTarget"]
+    grace = obj["spec"]["rollout"]["promotionGraceSeconds"]
+    assert _parse_time(status["guardUntil"]) == promoted_at + timedelta(seconds=grace)
+    now = promoted_at
+    for i in range(3):  # the failure limit
+        now += timedelta(seconds=5)
+        result = run(obj, quantized_model=qm(), deployments=deps, window=window(Verdict.FAIL, now, value=3.1), now=now)
+        obj = advance(obj, result)
+        if i < 2:
+            # Guarded: the promoted arm takes all live traffic as the router's `candidate`; the previous stable arm
+            # stays warm as `stable` with none, so the analysis goes on on the same series.
+            assert result.status["phase"] == "Promoted" and result.status["counters"]["consecutiveFailures"] == i + 1
+            arms = {d["metadata"]["name"]: d["spec"]["replicas"] for d in deployments(result)}
+            assert arms[serving.arm_name("llama-3-1-8b", previous)] == obj["spec"]["serving"]["replicas"]
+            config = json.loads(next(o for o in result.apply if o["kind"] == "ConfigMap")["data"]["router.yaml"])
+            assert {a: c["weight"] for a, c in config["arms"].items()} == {"stable": 0, "candidate": 100}
+            promoted_arm = serving.arm_name("llama-3-1-8b", CANDIDATE)
+            assert config["arms"]["candidate"]["url"].startswith(f"http://{promoted_arm}.")
+    assert result.status["phase"] == "RolledBack" and result.status["stableArtifact"] == previous
+    assert result.status["rollback"]["reason"] == "SloBreach" and result.status["rollback"]["cause"] == "scheduling"
+    assert result.status["rollback"]["candidateArtifact"] == CANDIDATE
+    config = json.loads(result.router_config or "{}")
+    assert set(config["arms"]) == {"stable"} and config["arms"]["stable"]["url"].startswith(
+        f"http://{serving.arm_name('llama-3-1-8b', previous)}.")
+
+
+def test_the_rollback_annotation_during_the_guard_returns_traffic_and_after_it_does_nothing() -> None:
+    obj, deps, promoted_at = _promoted()
+    previous = obj["status"]["rollbackTarget"]
+    rolled = copy.deepcopy(obj)
+    rolled["metadata"]["annotations"] = {"quantrol.io/rollback": "1"}
+    result = run(rolled, quantized_model=qm(), deployments=deps, now=promoted_at + timedelta(seconds=5))
+    assert result.status["phase"] == "RolledBack" and result.status["stableArtifact"] == previous
+    # The guard's time is up: recorded once, the previous arm scaled down, and a rollback no longer applies.
+    grace = obj["spec"]["rollout"]["promotionGraceSeconds"]
+    later = promoted_at + timedelta(seconds=grace + 1)
+    result = run(obj, quantized_model=qm(), deployments=deps, now=later)
+    assert result.status["history"][-1]["reason"] == "GuardPassed" and "guardUntil" not in result.status
+    arms = {d["metadata"]["name"]: d["spec"]["replicas"] for d in deployments(result)}
+    assert arms[serving.arm_name("llama-3-1-8b", previous)] == 0
+    obj = advance(obj, result)
+    obj["metadata"]["annotations"] = {"quantrol.io/rollback": "2"}
+    after = run(obj, quantized_model=qm(), deployments=deps, now=later + timedelta(seconds=5))
+    assert after.status["phase"] == "Promoted" and after.status["stableArtifact"] == CANDIDATE
+
+
+def test_the_router_gets_deadlines_from_the_latency_slos_and_admission_split_across_its_replicas() -> None:
+    obj = policy(routerReplicas=3)
+    obj["spec"]["serving"].pop("admission", None)
+    obj["spec"]["serving"]["replicas"] = 2
+    config = json.loads(next(o for o in run(obj, quantized_model=qm(), now=T0).apply
+                             if o["kind"] == "ConfigMap")["data"]["router.yaml"])
+    assert config["goodput_deadlines"] == [{"name": "interactive", "ttft_s": 1.5, "tpot_s": 0.08}]
+    # No more in flight than the engines can run (maxNumSeqs 64 × 2 replicas), a third per router replica.
+    assert config["arms"]["stable"]["admission"]["max_in_flight"] == 43

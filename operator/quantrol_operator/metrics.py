@@ -25,7 +25,12 @@ CANDIDATE_WEIGHT = Gauge(
     "quantrol_candidate_weight_percent", "Percent of live traffic on the candidate arm.", POLICY_LABELS
 )
 ROLLBACKS = Counter(
-    "quantrol_rollbacks_total", "Rollbacks to the stable arm, by reason and SLO.", [*POLICY_LABELS, "reason", "slo"]
+    "quantrol_rollbacks_total", "Rollbacks to the stable arm, by reason, SLO and cause (precision, scheduling, "
+    "overload, dependency; empty for rollbacks no analysis decided).", [*POLICY_LABELS, "reason", "slo", "cause"]
+)
+ANALYSIS_CAUSES = Counter(
+    "quantrol_analysis_causes_total", "Analysis windows that did not pass, by cause (precision, scheduling, "
+    "overload, dependency).", [*POLICY_LABELS, "cause"]
 )
 ANALYSIS_VERDICTS = Counter(
     "quantrol_analysis_verdicts_total", "SLO verdicts per analysis window.", [*POLICY_LABELS, "slo", "verdict"]
@@ -52,6 +57,10 @@ def export_rollout(namespace: str, policy: str, status: ServingPolicyStatus, ana
     if status.phase_since is not None:
         ROLLOUT_PHASE_SINCE.labels(namespace, policy).set(status.phase_since.timestamp())
     for result in analysis.metrics if analysis else []:
-        ANALYSIS_VERDICTS.labels(namespace, policy, result.slo, result.verdict.value).inc()
+        if result.slice is None:  # per-slice rows are in status; the counter stays one series per SLO
+            ANALYSIS_VERDICTS.labels(namespace, policy, result.slo, result.verdict.value).inc()
+    if analysis is not None and analysis.cause is not None:
+        ANALYSIS_CAUSES.labels(namespace, policy, analysis.cause.value).inc()
     if rollback is not None:
-        ROLLBACKS.labels(namespace, policy, rollback.reason.value, rollback.slo or "").inc()
+        cause = rollback.cause.value if rollback.cause else ""
+        ROLLBACKS.labels(namespace, policy, rollback.reason.value, rollback.slo or "", cause).inc()

@@ -56,6 +56,18 @@ class NoJudgement(StrEnum):
     NO_SAMPLES = "NoSamples"  # the routers are scraped, but the window holds too few requests (no traffic)
     METRICS_UNREACHABLE = "MetricsUnreachable"  # Prometheus did not answer: connection refused, DNS, timeout
     QUERY_FAILED = "QueryFailed"  # Prometheus answered with an error: a bad query, HTTP 4xx/5xx
+    NO_ENGINE_SERIES = "NoEngineSeries"  # the routers answer with traffic, but no engine series (vllm:*) exist
+
+
+class Cause(StrEnum):
+    """Why a window did not pass, in the control loop's four words: the status, the rollback record and
+    `quantrol_analysis_causes_total` carry it. One per window, the first of these that applies."""
+
+    DEPENDENCY = "dependency"  # the analysis could not read what it judges (a NoJudgement reason other than NoSamples)
+    OVERLOAD = "overload"  # both arms break the same limit: the load, not the candidate; hold, then step back
+    PRECISION = "precision"  # the candidate's answers differ from the stable arm's: a quality SLO failed
+    SCHEDULING = "scheduling"  # the candidate cannot serve a load the stable arm carries: latency, queueing, errors,
+    # goodput or its engine's saturation failed on the candidate alone
 
 
 # What to look at next, per reason: the Paused condition's message and `quantrol status` quote it.
@@ -69,6 +81,9 @@ NO_JUDGEMENT_ADVICE: dict[NoJudgement, str] = {
     NoJudgement.METRICS_UNREACHABLE: "Prometheus did not answer: check analysis.prometheus.address and that "
     "Prometheus is up",
     NoJudgement.QUERY_FAILED: "Prometheus answered with an error: check custom SLO queries and Prometheus' log",
+    NoJudgement.NO_ENGINE_SERIES: "the routers are scraped and carry traffic, but Prometheus has no series of the "
+    "arms' engines (vllm:*) for the engine SLOs: check the PodMonitor's engine endpoint (or the engine pods' "
+    "scrape annotations), or unset those SLOs",
 }
 
 
@@ -132,10 +147,15 @@ class BatchBudget(ApiModel):
 
 
 class Admission(ApiModel):
-    """The router's bound per arm: beyond it, 429 with Retry-After instead of an unbounded queue."""
+    """The policy's bound per arm, split evenly across its router replicas: beyond it, 429 with Retry-After instead
+    of an unbounded queue. Bounded at what the engines can run, the queue builds in the router, where it is measured
+    and judged (queueTimeP99), rather than inside the engine."""
 
-    max_in_flight: int = Field(default=128, ge=1, le=100_000)
-    max_queue: int = Field(default=256, ge=0, le=100_000)
+    max_in_flight: int | None = Field(
+        default=None, ge=1, le=100_000,
+        description="Requests upstream at once per arm, for the whole policy. Unset: what the arm's engines can run "
+        "(batchBudget.maxNumSeqs × replicas).")
+    max_queue: int = Field(default=256, ge=0, le=100_000, description="Requests waiting per arm, for the whole policy.")
     max_queue_wait_seconds: float = Field(default=5.0, gt=0, le=600)
 
 
@@ -219,6 +239,10 @@ class Analysis(ApiModel):
     error_limit: int = Field(default=10, ge=1, le=10_000, description="Consecutive query errors → Paused.")
     min_sample_count: int = Field(default=20, ge=1, description="Fewer requests in a window: inconclusive.")
     quality_acceptance: QualityAcceptance = Field(default_factory=QualityAcceptance)
+    overload_hold_seconds: int = Field(
+        default=600, ge=0, le=86_400,
+        description="How long the rollout holds while both arms are overloaded; then the candidate steps back one "
+        "canary step (never forward), and the hold starts again.")
 
 
 class SloLimit(ApiModel):
@@ -298,9 +322,28 @@ class Slos(ApiModel):
     )
     goodput: SloFloor | None = Field(
         default_factory=lambda: SloFloor(min_relative_to_stable=1.0),
-        description="Accepted output tokens per engine-second vs the stable arm: a lower-bit artifact is "
-        "promoted because it is faster on the target, not because it fits.",
+        description="Online goodput vs the stable arm: the accepted share of output tokens (of requests within the "
+        "deadlines this policy's ttftP99 and interTokenLatencyP99 limits set) times the candidate's quality "
+        "acceptance. Arms carry unequal shares online, so capacity per engine-second is compared in qualification "
+        "and reported here (status.lastAnalysis.goodput) without deciding.",
     )
+    engine_queue_time_p99: SloLimit | None = Field(
+        default_factory=lambda: SloLimit(max=1.0),
+        description="The engine's own queue time, p99 (vllm:request_queue_time_seconds), seconds.")
+    engine_waiting: SloLimit | None = Field(
+        default=None, description="Requests waiting inside the engine, mean over the window, all replicas "
+        "(vllm:num_requests_waiting). Unset by default: admission keeps the queue in the router, where "
+        "queueTimeP99 judges it.")
+    batch_occupancy: SloLimit | None = Field(
+        default=None, description="Running requests ÷ (maxNumSeqs × replicas), mean over the window "
+        "(vllm:num_requests_running). Unset by default: a full batch is what a batch budget is for; the analysis "
+        "reads it to name a saturated arm.")
+    kv_cache_usage: SloLimit | None = Field(
+        default_factory=lambda: SloLimit(max=0.95),
+        description="KV-cache usage, highest over the window (vllm:kv_cache_usage_perc, 0-1).")
+    preemption_rate: SloLimit | None = Field(
+        default_factory=lambda: SloLimit(max=0.1),
+        description="Preemptions per second (vllm:num_preemptions): requests evicted for KV-cache room.")
     custom: list[CustomSlo] = Field(default_factory=list, max_length=32)
 
 
@@ -333,22 +376,41 @@ class MetricResult(StatusModel):
     stable_value: float | None = None
     limit: float | None = None
     verdict: Verdict
+    cause: Cause | None = Field(default=None, description="Why this row did not pass.")
     message: str | None = None
+
+
+class GoodputFigures(StatusModel):
+    """One arm's goodput in the window, both ways (README, "Goodput"): the online SLO decides on `value`;
+    `perEngineSecond` is capacity, which only qualification compares fairly."""
+
+    arm: str
+    accepted_share: float | None = Field(
+        default=None, description="Output tokens of requests within their deadlines ÷ all output tokens.")
+    quality_acceptance: float | None = Field(
+        default=None, description="Share of compared requests quality-accepted; 1 for the stable arm (the "
+        "reference); unset when nothing was compared.")
+    value: float | None = Field(default=None, description="acceptedShare × qualityAcceptance: the goodput SLO's.")
+    per_engine_second: float | None = Field(
+        default=None, description="Accepted output tokens × quality acceptance ÷ (replicas × engine slots × window).")
 
 
 class AnalysisRun(StatusModel):
     time: datetime
     window_seconds: int
     verdict: Verdict
+    cause: Cause | None = Field(default=None, description="Why this window did not pass, when it did not.")
     no_judgement: NoJudgement | None = Field(
         default=None, description="Why this window could not judge (set when the verdict is inconclusive or error).")
     metrics: list[MetricResult] = Field(default_factory=list, max_length=64)
+    goodput: list[GoodputFigures] = Field(default_factory=list, max_length=2)
 
 
 class RollbackRecord(StatusModel):
     reason: RollbackReason
     slo: str | None = Field(default=None, description="The first failing SLO of the deciding window.")
     slice: str | None = Field(default=None, description="The slice that SLO failed on, when one slice failed it.")
+    cause: Cause | None = Field(default=None, description="The deciding window's cause.")
     failing_slos: list[str] = Field(default_factory=list, max_length=64,
                                     description="Every SLO that failed in the deciding window.")
     candidate_value: float | None = None
@@ -414,6 +476,8 @@ class AnalysisCounters(StatusModel):
     consecutive_inconclusive: int = 0
     consecutive_errors: int = 0
     newest_sample_time: datetime | None = None
+    overloaded_since: datetime | None = Field(
+        default=None, description="The newest sample time of the first window of the current overload hold.")
 
 
 class ServingPolicyStatus(StatusModel):
@@ -428,6 +492,9 @@ class ServingPolicyStatus(StatusModel):
     candidate_artifact: str | None = Field(default=None, description="The pinned candidate under rollout.")
     candidate_short_digest: str | None = None
     rollback_target: str | None = None
+    guard_until: datetime | None = Field(
+        default=None, description="After a promotion: until when the previous stable arm is kept warm and the "
+        "analysis goes on (promotionGraceSeconds); a breach or the rollback annotation returns traffic to it.")
     phase_since: datetime | None = None
     paused_from: RolloutPhase | None = Field(default=None, description="The phase a user pause interrupted.")
     candidate_kernels: KernelReport | None = None

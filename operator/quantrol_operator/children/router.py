@@ -5,15 +5,18 @@ The Service carries the policy's own name: it is the address clients use, whatev
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from quantrol_operator.api.servingpolicy import ServingPolicySpec
+from quantrol_operator.api.servingpolicy import ServingPolicySpec, SloLimit
 from quantrol_operator.children import MANAGED_BY, child_name, owner_reference
 from quantrol_operator.children.serving import ENGINE_PORT, LABEL_POLICY, arm_name
 from quantrol_worker.router.config import (
+    INTERACTIVE,
     AdmissionLimits,
     ArmConfig,
     CompareConfig,
+    GoodputDeadline,
     RouterConfig,
     SliceRule,
     dump_config,
@@ -26,6 +29,7 @@ CONFIG_FILE = "router.yaml"
 TOKEN_DIR = "/etc/quantrol/admin"
 TOKEN_KEY = "token"
 LABEL_COMPONENT = "app.kubernetes.io/component"
+UPSTREAM_TIMEOUT_S = 600.0
 
 
 def router_name(policy: str) -> str:
@@ -40,19 +44,39 @@ def arm_url(policy: str, namespace: str, ref: str) -> str:
     return f"http://{arm_name(policy, ref)}.{namespace}.svc:{ENGINE_PORT}"
 
 
+def admission_limits(spec: ServingPolicySpec) -> AdmissionLimits:
+    """One router replica's share of the policy's admission bound per arm. Unset, the bound is what the arm's
+    engines can run at once (maxNumSeqs × replicas), so requests beyond it wait in the router, where the queue is
+    measured and judged, not unseen inside the engine."""
+    admission, replicas = spec.serving.admission, spec.router_replicas
+    total = admission.max_in_flight or spec.serving.batch_budget.max_num_seqs * spec.serving.replicas
+    return AdmissionLimits(max_in_flight=math.ceil(total / replicas),
+                           max_queue=math.ceil(admission.max_queue / replicas),
+                           max_queue_wait_s=admission.max_queue_wait_seconds)
+
+
+def goodput_deadline(spec: ServingPolicySpec) -> GoodputDeadline:
+    """The deadline a request must meet for its tokens to count as accepted (goodput): the policy's absolute TTFT
+    and inter-token limits; a latency without an absolute limit sets no deadline (the upstream timeout)."""
+    def bound(limit: SloLimit | None) -> float:
+        return limit.max if limit is not None and limit.max else UPSTREAM_TIMEOUT_S
+
+    return GoodputDeadline(name=INTERACTIVE, ttft_s=bound(spec.slos.ttft_p99),
+                           tpot_s=bound(spec.slos.inter_token_latency_p99))
+
+
 def router_config(policy: str, namespace: str, spec: ServingPolicySpec, stable_ref: str, candidate_ref: str | None,
                   stable_weight: int, candidate_weight: int, mirror_fraction: float, version: int, *,
                   slices: SliceRule | None = None, compare: CompareConfig | None = None) -> RouterConfig:
     """`slices` and `compare`: the slice names and per-request quality limits (planning/slices.py)."""
-    admission = spec.serving.admission
-    limits = AdmissionLimits(max_in_flight=admission.max_in_flight, max_queue=admission.max_queue,
-                             max_queue_wait_s=admission.max_queue_wait_seconds)
+    limits = admission_limits(spec)
     arms = {"stable": ArmConfig(url=arm_url(policy, namespace, stable_ref), weight=stable_weight, admission=limits)}
     if candidate_ref is not None:
         arms["candidate"] = ArmConfig(url=arm_url(policy, namespace, candidate_ref), weight=candidate_weight,
                                       admission=limits)
     return RouterConfig(version=version, arms=arms, mirror_fraction=mirror_fraction if candidate_ref else 0.0,
-                        slices=slices or SliceRule(), compare=compare or CompareConfig())
+                        slices=slices or SliceRule(), compare=compare or CompareConfig(),
+                        goodput_deadlines=[goodput_deadline(spec)], upstream_timeout_s=UPSTREAM_TIMEOUT_S)
 
 
 def _meta(owner: dict[str, Any], name: str) -> dict[str, Any]:

@@ -47,7 +47,7 @@ def observe(kube: Kube, addresses: Addresses, prometheus_url: str, obj: dict[str
     token, create_token = router_token(kube, namespace, policy)
     window = None
     if spec is not None and analysis.due(status, spec, now):
-        window = analysis.window(analysis.source_for(spec, prometheus_url), namespace, policy, status, spec)
+        window = analysis.window(analysis.source_for(spec, prometheus_url), namespace, policy, status, spec, now)
     observed = SpObserved(obj=obj, spec=read, quantized_model=qm, deployments=deployments, candidate_kernels=kernels,
                           candidate_failed=failed, window=window, router_token=token if create_token else "",
                           now=now)

@@ -38,7 +38,7 @@ from quantrol_operator.children import monitoring, router, serving
 from quantrol_operator.conditions import set_condition
 from quantrol_operator.planning import Event, Plan
 from quantrol_operator.planning.slices import quality_plan
-from quantrol_operator.rollout.analysis import bounded, decide, judge, no_judgement, window_verdict
+from quantrol_operator.rollout.analysis import bounded, decide, judge, no_judgement, window_cause, window_verdict
 from quantrol_operator.rollout.queries import Observation
 from quantrol_operator.rollout.statemachine import Decision, Facts, TransitionReason, step, weights_for
 from quantrol_operator.validation import field_error
@@ -124,7 +124,8 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
         pinned = desired
     annotations = meta.get("annotations") or {}
     retry, rollback = annotations.get(ANNOTATION_RETRY), annotations.get(ANNOTATION_ROLLBACK)
-    decision, counters = _analyse(result, status, observed, spec, phase, now)
+    guarding = phase is P.PROMOTED and status.guard_until is not None and now < status.guard_until
+    decision, counters = _analyse(result, status, observed, spec, phase in (P.SHADOW, P.CANARY) or guarding, now)
     if observed.candidate_kernels:
         status.candidate_kernels = observed.candidate_kernels
     facts = Facts(
@@ -142,6 +143,7 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
         rollback_requested=rollback is not None and rollback != status.handled_annotations.rollback,
         new_candidate=desired is not None and pinned is not None and desired != pinned and desired != stable,
         spec_changed=before.observed_generation is not None and before.observed_generation < generation,
+        guarding=guarding, guard_over=phase is P.PROMOTED and status.guard_until is not None and not guarding,
     )
     moved = step(phase, index, facts)
     if moved.reason is not None:
@@ -156,6 +158,13 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
         if moved.reason is TransitionReason.PROMOTED and pinned:
             status.rollback_target, status.stable_artifact = stable, pinned
             stable = pinned
+            grace = spec.rollout.promotion_grace_seconds
+            status.guard_until = now + timedelta(seconds=grace) if grace else None
+        elif phase is P.PROMOTED and moved.phase is P.ROLLED_BACK and status.rollback_target:
+            # A breach (or the annotation) during the guard: the previous stable arm, still warm, serves again.
+            stable = status.stable_artifact = status.rollback_target
+        if moved.phase is not P.PROMOTED or moved.reason is TransitionReason.GUARD_PASSED:
+            status.guard_until = None
         if moved.reason in (TransitionReason.NEW_CANDIDATE, TransitionReason.RETRY, TransitionReason.SPEC_CHANGED):
             pinned = desired  # None when the new candidate has no digest (refused, or still calibrating)
         if moved.rollback is not None:
@@ -179,22 +188,25 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
     return result
 
 
-def _analyse(result: SpPlan, status: ServingPolicyStatus, observed: SpObserved, spec: ServingPolicySpec, phase: P,
-             now: datetime) -> tuple[Decision, AnalysisCounters]:
-    """Judge this pass's window, if there is one, and fold it into the streak counters (rollout.analysis)."""
+def _analyse(result: SpPlan, status: ServingPolicyStatus, observed: SpObserved, spec: ServingPolicySpec,
+             analysing: bool, now: datetime) -> tuple[Decision, AnalysisCounters]:
+    """Judge this pass's window, if there is one and the phase is analysed (Shadow, Canary, a guarded promotion),
+    and fold it into the streak counters (rollout.analysis)."""
     window = observed.window
-    if window is None or phase not in (P.SHADOW, P.CANARY):
+    if window is None or not analysing:
         return Decision.HOLD, status.counters
     results = bounded([judge(sample, limit, spec.analysis.min_sample_count) for sample, limit in window.samples])
     verdict = window_verdict(results)
     why = no_judgement([s for s, _ in window.samples], window.targets) if verdict in (
         Verdict.INCONCLUSIVE, Verdict.ERROR) else None
+    cause = window_cause(verdict, results, why)
     seconds = spec.analysis.window_seconds
     started = status.phase_since
     after_step = started is None or now - timedelta(seconds=seconds) >= started
     decision, counters = decide(verdict, window.newest, status.counters, spec.analysis, after_step)
     status.last_analysis = result.analysis = AnalysisRun(time=now, window_seconds=seconds, verdict=verdict,
-                                                         no_judgement=why, metrics=results)
+                                                         cause=cause, no_judgement=why, metrics=results,
+                                                         goodput=window.goodput)
     return decision, counters
 
 
@@ -273,6 +285,7 @@ def _rollback_record(reason: RollbackReason, analysis: AnalysisRun | None, obser
             "slice": next((m.slice for m in failing if m.slo == worst.slo and m.slice), None),
             "candidate_value": worst.value,
             "stable_value": worst.stable_value, "limit": worst.limit, "window_seconds": analysis.window_seconds,
+            "cause": analysis.cause,
             "message": worst.message or ""})
     elif reason in (RollbackReason.KERNEL_UNAVAILABLE, RollbackReason.KERNEL_FALLBACK):
         kernels = observed.candidate_kernels
@@ -298,15 +311,22 @@ def _children(result: SpPlan, obj: dict[str, Any], spec: ServingPolicySpec, imag
                                                    replicas if candidate_live else 0))
         result.apply.append(serving.arm_service(obj, candidate))
     target = status.rollback_target
+    guard = phase is P.PROMOTED and status.guard_until is not None and now < status.guard_until
     if target and target not in (stable, candidate):
-        grace_over = now - (status.phase_since or now) >= timedelta(seconds=spec.rollout.promotion_grace_seconds)
-        result.apply.append(serving.arm_deployment(obj, spec, target, serving_image, 0 if grace_over else replicas))
+        result.apply.append(serving.arm_deployment(obj, spec, target, serving_image, replicas if guard else 0))
     if spec.traffic_provider is not TrafficProvider.ROUTER:
         return  # the only provider today; another would split traffic without Quantrol's router
     quality = quality_plan(spec, quantized_model)
-    config = router.router_config(policy, namespace, spec, stable, candidate if candidate_live else None,
-                                  weights.stable if candidate_live else 100, weights.candidate if candidate_live else 0,
-                                  weights.mirror_fraction, version=0, slices=SliceRule(allowed=quality.slices),
+    split: tuple[str, str | None, int, int] = (stable, candidate if candidate_live else None,
+                                               weights.stable if candidate_live else 100,
+                                               weights.candidate if candidate_live else 0)
+    if guard and target and target != stable:
+        # The guard is the last canary step continued: the router still calls the promoted artifact `candidate`
+        # (all live traffic) and keeps the previous stable arm as `stable` (none), so the analysis runs on the
+        # same series and a rollback is one weight change to an arm that is still warm.
+        split = (target, stable, 0, 100)
+    config = router.router_config(policy, namespace, spec, *split, weights.mirror_fraction, version=0,
+                                  slices=SliceRule(allowed=quality.slices),
                                   compare=CompareConfig(max_request_kl=quality.max_request_kl,
                                                         slice_max_request_kl=quality.slice_max_request_kl))
     # The version moves only when the content does, so routers and status agree on what "newer" means.

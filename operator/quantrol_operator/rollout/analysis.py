@@ -12,6 +12,11 @@ Quality is judged over all compared requests and per slice: a slice with enough 
 window even when the aggregate passes (a regression confined to one slice is not averaged away), and the slice is
 named. A slice with too few comparisons is `inconclusive` in its own row, never a pass; it does not hold the window
 on its own (the aggregate, which has enough samples, must still pass), so one quiet slice cannot stall a rollout.
+
+A window that does not pass names its cause (`Cause`): dependency (nothing to judge: Prometheus or the targets
+failed), overload (both arms break the same limit), precision (a quality SLO failed) or scheduling (the candidate
+alone fails to serve: latency, queueing, errors, goodput, its engine's saturation). Overload holds the rollout, but
+not for ever: after `overloadHoldSeconds` of overloaded windows the candidate steps back one step (never forward).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from datetime import datetime
 from quantrol_operator.api.servingpolicy import (
     Analysis,
     AnalysisCounters,
+    Cause,
+    GoodputFigures,
     MetricResult,
     NoJudgement,
     SloFloor,
@@ -44,6 +51,7 @@ class Sample:
     error: NoJudgement | None = None  # the query failed: MetricsUnreachable or QueryFailed
     newest: datetime | None = None  # timestamp of the newest sample behind the values
     slice: str | None = None  # the slice this sample covers; None: all traffic
+    source: str = "router"  # router, or engine (vLLM's own series, scraped from the arms' pods)
 
 
 @dataclass(frozen=True)
@@ -65,8 +73,10 @@ def judge(sample: Sample, limit: SloLimit | SloFloor, min_samples: int) -> Metri
 
     def verdict(v: Verdict, bound: float | None, message: str) -> MetricResult:
         where = f"slice {sample.slice}: " if sample.slice else ""
-        return MetricResult(slo=name, slice=sample.slice, verdict=v, value=cand if _usable(cand) else None,
-                            stable_value=stab if _usable(stab) else None, limit=bound, message=where + message)
+        result = MetricResult(slo=name, slice=sample.slice, verdict=v, value=cand if _usable(cand) else None,
+                              stable_value=stab if _usable(stab) else None, limit=bound, message=where + message)
+        result.cause = cause_of(result)
+        return result
 
     if sample.error:
         return verdict(Verdict.ERROR, None, f"no answer from Prometheus: {sample.error.value}")
@@ -100,6 +110,31 @@ def judge(sample: Sample, limit: SloLimit | SloFloor, min_samples: int) -> Metri
 
 
 _SEVERITY = (Verdict.ERROR, Verdict.FAIL, Verdict.OVERLOAD, Verdict.INCONCLUSIVE, Verdict.PASS)
+QUALITY_SLOS = ("qualityDelta", "agreement")  # judged on compared pairs; their failure is a precision problem
+# Why-no-judgement reasons that are a failed dependency; NoSamples is nobody sending traffic, not a failure.
+DEPENDENCY_FAILURES = frozenset(NoJudgement) - {NoJudgement.NO_SAMPLES}
+
+
+def cause_of(result: MetricResult) -> Cause | None:
+    """One row's cause: what its verdict says about the candidate."""
+    if result.verdict is Verdict.ERROR:
+        return Cause.DEPENDENCY
+    if result.verdict is Verdict.OVERLOAD:
+        return Cause.OVERLOAD
+    if result.verdict is Verdict.FAIL:
+        return Cause.PRECISION if result.slo in QUALITY_SLOS else Cause.SCHEDULING
+    return None
+
+
+def window_cause(verdict: Verdict, judgements: list[MetricResult], why: NoJudgement | None) -> Cause | None:
+    """The window's cause: a failed dependency first (nothing else can be trusted then), else the cause of the
+    rows that decided its verdict, precision before scheduling (a wrong answer matters more than a slow one)."""
+    if verdict is Verdict.PASS:
+        return None
+    if verdict is Verdict.ERROR or why in DEPENDENCY_FAILURES:
+        return Cause.DEPENDENCY
+    causes = {cause_of(j) for j in judgements if j.verdict is verdict}
+    return next((c for c in (Cause.PRECISION, Cause.SCHEDULING, Cause.OVERLOAD) if c in causes), None)
 METRICS_IN_STATUS = 64  # AnalysisRun.metrics' bound
 
 
@@ -126,8 +161,8 @@ def no_judgement(samples: list[Sample], targets: TargetHealth) -> NoJudgement:
     """Why a window that judged nothing could not judge, from Prometheus' own answers (not guessed).
 
     A failed query says it first (unreachable, or an error answer). Otherwise Prometheus' target health for the
-    policy's routers decides: no router target at all, targets that all failed their last scrape, or targets that
-    answer but carry too few requests in the window.
+    policy's routers decides: no router target at all, targets that all failed their last scrape, targets that
+    answer while only the engines' series are missing, or targets that answer but carry too few requests.
     """
     failed = next((s.error for s in samples if s.error is not None), None)
     if failed is not None:
@@ -138,6 +173,9 @@ def no_judgement(samples: list[Sample], targets: TargetHealth) -> NoJudgement:
         return NoJudgement.NO_TARGETS
     if targets.up == 0:
         return NoJudgement.TARGETS_DOWN
+    silent = [s for s in samples if s.slice is None and not _usable(s.candidate)]
+    if silent and all(s.source == "engine" for s in silent):
+        return NoJudgement.NO_ENGINE_SERIES
     return NoJudgement.NO_SAMPLES
 
 
@@ -161,7 +199,9 @@ def decide(verdict: Verdict, newest: datetime | None, counters: AnalysisCounters
     last = counters.newest_sample_time
     if newest is None or (last is not None and newest <= last):
         return Decision.HOLD, counters  # nothing new since the last counted window
-    fresh = {"newest_sample_time": newest, "consecutive_errors": 0}
+    fresh: dict[str, object] = {"newest_sample_time": newest, "consecutive_errors": 0}
+    if verdict is not Verdict.OVERLOAD:
+        fresh["overloaded_since"] = None
     if verdict is Verdict.FAIL:
         c = counted(**fresh, consecutive_failures=counters.consecutive_failures + 1, consecutive_successes=0,
                     consecutive_inconclusive=0)
@@ -175,18 +215,49 @@ def decide(verdict: Verdict, newest: datetime | None, counters: AnalysisCounters
     if verdict is Verdict.INCONCLUSIVE:
         c = counted(**fresh, consecutive_inconclusive=counters.consecutive_inconclusive + 1, consecutive_successes=0)
         return (Decision.PAUSE if c.consecutive_inconclusive >= policy.inconclusive_limit else Decision.HOLD), c
-    # OVERLOAD: the stable arm breaks the same limit; neither the candidate's fault nor a reason to advance.
-    return Decision.HOLD, counted(**fresh, consecutive_successes=0)
+    # OVERLOAD: the stable arm breaks the same limit; neither the candidate's fault nor a reason to advance. Held
+    # for at most overloadHoldSeconds (of sample time), then one step back, and the hold starts again.
+    since = counters.overloaded_since or newest
+    if (newest - since).total_seconds() >= policy.overload_hold_seconds:
+        return Decision.STEP_BACK, counted(**fresh, consecutive_successes=0, overloaded_since=None)
+    return Decision.HOLD, counted(**fresh, consecutive_successes=0, overloaded_since=since)
 
 
-def goodput(accepted_output_tokens: float, engine_seconds: float) -> float | None:
-    """Goodput: accepted output tokens per engine-second (GPU-second on GPUs; per engine-second on CPU).
+@dataclass(frozen=True)
+class GoodputInputs:
+    """One arm's window as the router counted it (None: no series)."""
 
-    Only tokens of requests that met their latency deadline (time to first token and time per output token
-    within the router's deadline) *and* whose arm passed the quality check in the same window count as
-    accepted. A lower-bit artifact therefore earns goodput by serving more good tokens per unit of hardware,
-    never by being smaller alone. No engine time means no judgement (None), not zero and not infinity.
+    output_tokens: float | None  # every output token the arm sent
+    deadline_tokens: float | None  # those of requests within the deadlines the policy's latency SLOs set
+    compared: float | None = None  # requests compared with the stable arm, teacher-forced (candidate only)
+    quality_accepted: float | None = None  # of which quality-accepted
+    engine_seconds: float = 0.0  # replicas × engine slots (GPUs, or 1 per CPU engine) × window
+
+
+def goodput(arm: str, inputs: GoodputInputs, reference: bool = False) -> GoodputFigures:
+    """Goodput, the one definition: accepted output tokens × quality acceptance, per engine-second.
+
+    Accepted tokens are those of requests that met the deadlines derived from the policy's TTFT and inter-token
+    SLOs; quality acceptance is the share of compared requests quality-accepted (router/compare.py), 1 for the
+    stable arm, which is the reference (and for a candidate nothing was compared with in the window). A lower-bit
+    artifact therefore earns goodput by serving more good tokens per unit of hardware, never by being smaller alone.
+
+    Two figures: `per_engine_second` is capacity, fair only at matched load (qualification compares it); online the
+    arms carry unequal shares, so the goodput SLO decides on `value` = accepted share × quality acceptance, the
+    part of what the arm served that was on time and good. No tokens, or no engine time, is no figure (None), never
+    zero and never infinity.
     """
-    if engine_seconds <= 0 or not math.isfinite(accepted_output_tokens):
+    acceptance = 1.0 if reference else _share(inputs.quality_accepted, inputs.compared)
+    share = _share(inputs.deadline_tokens, inputs.output_tokens)
+    quality = 1.0 if acceptance is None else acceptance
+    per_second = None
+    if inputs.engine_seconds > 0 and inputs.deadline_tokens is not None and math.isfinite(inputs.deadline_tokens):
+        per_second = inputs.deadline_tokens * quality / inputs.engine_seconds
+    return GoodputFigures(arm=arm, accepted_share=share, quality_acceptance=acceptance,
+                          value=None if share is None else share * quality, per_engine_second=per_second)
+
+
+def _share(part: float | None, whole: float | None) -> float | None:
+    if part is None or whole is None or not (whole > 0) or not math.isfinite(part):
         return None
-    return accepted_output_tokens / engine_seconds
+    return min(1.0, max(0.0, part / whole))

@@ -2,21 +2,24 @@
 
 Latency and error SLOs read the router's `traffic="live"` series, so mirrored and probe traffic never
 count. Series carry `namespace` and `policy` labels from the scrape configuration (PodMonitor relabelling
-on a cluster, file_sd labels in the local stack); `arm` is the router's role label (stable, candidate).
+on a cluster, file_sd labels in the local stack); on router series `arm` is the router's role label (stable,
+candidate), on engine series (vLLM's own `vllm:*`) it is the arm's short digest (children/monitoring.py), which
+`Scope.engines` maps each role to.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import requests
 
-from quantrol_operator.api.servingpolicy import CustomSlo, NoJudgement, SloFloor, SloLimit, Slos
-from quantrol_operator.rollout.analysis import Sample, TargetHealth
+from quantrol_operator.api.servingpolicy import CustomSlo, GoodputFigures, NoJudgement, SloFloor, SloLimit, Slos
+from quantrol_operator.rollout.analysis import QUALITY_SLOS, GoodputInputs, Sample, TargetHealth, goodput
+from quantrol_worker.router.config import INTERACTIVE
 
 R = "quantrol_router_"
 
@@ -52,6 +55,15 @@ class Scope:
     # judged on those (the client never waited for them, but the engine did the same work). From the first
     # canary step on, only live traffic counts.
     candidate_traffic: str = "live"
+    engines: dict[str, str] = field(default_factory=dict)  # role (stable, candidate) → its engines' `arm` label
+    batch_slots: int = 0  # maxNumSeqs × replicas: what one arm's engines can run at once
+    engine_slots: float = 0.0  # replicas × engine slots (GPUs, or 1 per CPU engine), per arm
+    window_seconds: int = 0
+
+    def engine_sel(self, role: str) -> str:
+        """The selector of one arm's engine series (its pods' scrape labels)."""
+        digest = self.engines.get(role, "")
+        return "{" + f'namespace="{self.namespace}",policy="{self.policy}",arm="{digest}"' + "}"
 
     def sel(self, arm: str | None = None, live: bool = True, matching: dict[str, str] | None = None,
             **extra: str) -> str:
@@ -80,12 +92,50 @@ def _queue_p99(s: Scope, arm: str) -> str:
             f"{s.sel(arm)}[{s.window}])))")
 
 
-def _goodput(s: Scope, arm: str) -> str:
-    # Accepted (deadline-meeting) output tokens per second of the arm's busy time: arms with different traffic
-    # shares compare fairly, and only serving faster raises it. See analysis.goodput for the definition.
-    accepted = f'sum(rate({R}deadline_output_tokens_total{s.sel(arm, deadline="interactive")}[{s.window}]))'
-    busy = f"sum(rate({R}request_duration_seconds_sum{s.sel(arm)}[{s.window}]))"
-    return f"({accepted} or vector(0)) / {busy}"
+
+
+def goodput_inputs(source: MetricSource, s: Scope, arm: str) -> GoodputInputs:
+    """One arm's goodput counts in the window (analysis.goodput has the definition)."""
+    def increase(metric: str, selector: str) -> float | None:
+        return _safe(source, f"sum(increase({R}{metric}{selector}[{s.window}]))")
+
+    deadline = increase("deadline_output_tokens_total", s.sel(arm, deadline=INTERACTIVE))
+    inputs = GoodputInputs(output_tokens=increase("output_tokens_total", s.sel(arm)),
+                           deadline_tokens=deadline if deadline is not None else 0.0,
+                           engine_seconds=s.engine_slots * s.window_seconds)
+    if arm != "candidate":
+        return inputs
+    return replace(inputs, compared=increase("compared_total", s.sel(live=False,
+                                                                     matching={"result": "accepted|rejected"})),
+                   quality_accepted=increase("compared_total", s.sel(live=False, result="accepted")))
+
+
+def _engine_p99(s: Scope, arm: str) -> str:
+    return f"histogram_quantile(0.99, sum by (le) (rate(vllm:request_queue_time_seconds_bucket{s.engine_sel(arm)}" \
+           f"[{s.window}])))"
+
+
+def _engine_waiting(s: Scope, arm: str) -> str:
+    return f"sum(avg_over_time(vllm:num_requests_waiting{s.engine_sel(arm)}[{s.window}]))"
+
+
+def _batch_occupancy(s: Scope, arm: str) -> str:
+    return f"sum(avg_over_time(vllm:num_requests_running{s.engine_sel(arm)}[{s.window}])) / {max(1, s.batch_slots)}"
+
+
+def _kv_cache_usage(s: Scope, arm: str) -> str:
+    return f"max(max_over_time(vllm:kv_cache_usage_perc{s.engine_sel(arm)}[{s.window}]))"
+
+
+def _preemption_rate(s: Scope, arm: str) -> str:
+    return f"sum(rate(vllm:num_preemptions_total{s.engine_sel(arm)}[{s.window}]))"
+
+
+# The engines' own signals, per arm (vLLM's series, names as vLLM CPU 0.32 exports them).
+ENGINE_SLOS: dict[str, Callable[[Scope, str], str]] = {
+    "engineQueueTimeP99": _engine_p99, "engineWaiting": _engine_waiting, "batchOccupancy": _batch_occupancy,
+    "kvCacheUsage": _kv_cache_usage, "preemptionRate": _preemption_rate,
+}
 
 
 def _requests(s: Scope, arm: str) -> str:
@@ -98,7 +148,7 @@ ARM_SLOS: dict[str, Callable[[Scope, str], str]] = {
     "interTokenLatencyP99": _p99("inter_token_latency_seconds"),
     "errorRate": _error_rate,
     "queueTimeP99": _queue_p99,
-    "goodput": _goodput,
+    **ENGINE_SLOS,
 }
 
 
@@ -124,7 +174,8 @@ def _agreement(s: Scope, by: str = "") -> tuple[str, str]:
 
 # Quality SLOs compare the two arms on the same requests (mirrored ones and probes): one value, judged over all
 # compared requests and per slice.
-PAIR_SLOS: dict[str, Callable[..., tuple[str, str]]] = {"qualityDelta": _quality_delta, "agreement": _agreement}
+PAIR_SLOS: dict[str, Callable[..., tuple[str, str]]] = dict(zip(QUALITY_SLOS, (_quality_delta, _agreement),
+                                                                strict=True))
 
 
 def _per_slice(source: MetricSource, scope: Scope, name: str, newest: datetime | None) -> list[Sample]:
@@ -180,7 +231,12 @@ def _samples(source: MetricSource, scope: Scope, slos: Slos, name: str, requests
     if name in ARM_SLOS:
         query = ARM_SLOS[name]
         return [Sample(name, _safe(source, query(scope, "candidate")), _safe(source, query(scope, "stable")),
-                       requests["candidate"], requests["stable"], newest=newest)]
+                       requests["candidate"], requests["stable"], newest=newest,
+                       source="engine" if name in ENGINE_SLOS else "router")]
+    if name == "goodput":
+        figures = observe_goodput(source, scope)
+        return [Sample(name, figures[0].value, figures[1].value, requests["candidate"], requests["stable"],
+                       newest=newest)]
     if name in PAIR_SLOS:
         value, count = PAIR_SLOS[name](scope)
         overall = Sample(name, _safe(source, value), None, _safe(source, count), None, newest=newest)
@@ -201,18 +257,30 @@ def target_health(source: MetricSource, scope: Scope) -> TargetHealth:
         return TargetHealth(0, 0, exc.reason)
 
 
+def observe_goodput(source: MetricSource, scope: Scope) -> list[GoodputFigures]:
+    """Both arms' goodput figures, candidate first (the stable arm is the quality reference)."""
+    return [goodput(arm, goodput_inputs(source, scope, arm), reference=arm == "stable")
+            for arm in ("candidate", "stable")]
+
+
 @dataclass(frozen=True)
 class Observation:
-    """One window as Prometheus answered it: a sample per SLO, the newest sample time, the router targets' health."""
+    """One window as Prometheus answered it: a sample per SLO, the newest sample time, the router targets' health,
+    and both arms' goodput figures (for status; the goodput SLO's sample carries what decides)."""
 
     samples: list[tuple[Sample, SloLimit | SloFloor]]
     newest: datetime | None
     targets: TargetHealth
+    goodput: list[GoodputFigures] = field(default_factory=list)
 
 
 def observe(source: MetricSource, scope: Scope, slos: Slos, stable_live: bool = True) -> Observation:
     samples, newest = collect(source, scope, slos, stable_live)
-    return Observation(samples, newest, target_health(source, scope))
+    try:
+        figures = observe_goodput(source, scope) if newest is not None else []
+    except QueryError:
+        figures = []
+    return Observation(samples, newest, target_health(source, scope), figures)
 
 
 def _absolute_only(name: str, limit: SloLimit | SloFloor) -> SloLimit | SloFloor | None:
@@ -237,6 +305,9 @@ def _configured(slos: Slos) -> list[tuple[str, SloLimit | SloFloor]]:
         ("ttftP99", slos.ttft_p99), ("interTokenLatencyP99", slos.inter_token_latency_p99),
         ("errorRate", slos.error_rate), ("queueTimeP99", slos.queue_time_p99),
         ("qualityDelta", slos.quality_delta), ("agreement", slos.agreement), ("goodput", slos.goodput),
+        ("engineQueueTimeP99", slos.engine_queue_time_p99), ("engineWaiting", slos.engine_waiting),
+        ("batchOccupancy", slos.batch_occupancy), ("kvCacheUsage", slos.kv_cache_usage),
+        ("preemptionRate", slos.preemption_rate),
     ]
     out = [(name, limit) for name, limit in named if limit is not None]
     for custom in slos.custom:

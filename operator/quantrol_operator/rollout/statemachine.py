@@ -1,7 +1,8 @@
 """The ServingPolicy rollout as one state machine with a visible transition table.
 
-    Pending → Shadow → Canary(step 0..n-1) → Promoted
-    any live phase → RolledBack (SLO breach, kernel refusal, candidate failure, manual)
+    Pending → Shadow → Canary(step 0..n-1) → Promoted (guarded for promotionGraceSeconds) → Promoted
+    any live phase → RolledBack (SLO breach, kernel refusal, candidate failure, manual); a guarded Promoted too
+    Canary(step k) → Canary(step k-1), or Shadow from step 0 (overloaded longer than the hold limit)
     live phases ⇄ Paused (annotation, or analysis that cannot judge)
     RolledBack / Failed / Promoted / Paused → Pending (retry annotation, or a new candidate digest)
     RolledBack / Failed → Pending (any spec change: Git says something new, so the rollout is judged again)
@@ -30,6 +31,7 @@ class Decision(StrEnum):
     HOLD = "hold"  # keep the current weights and keep measuring
     ROLLBACK = "rollback"  # failure limit reached
     PAUSE = "pause"  # inconclusive or query-error limit reached: a human must look; never promote
+    STEP_BACK = "step-back"  # both arms overloaded for longer than the hold limit: one canary step back
 
 
 class TransitionReason(StrEnum):
@@ -51,6 +53,8 @@ class TransitionReason(StrEnum):
     RETRY = "Retry"
     NEW_CANDIDATE = "NewCandidate"
     SPEC_CHANGED = "SpecChanged"
+    OVERLOAD_STEP_BACK = "OverloadStepBack"
+    GUARD_PASSED = "GuardPassed"
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,8 @@ class Facts:
     rollback_requested: bool = False  # the rollback annotation has a value not yet handled
     new_candidate: bool = False  # the desired candidate digest differs from the pinned one
     spec_changed: bool = False  # metadata.generation is newer than the one the last pass handled
+    guarding: bool = False  # Promoted, within promotionGraceSeconds: the previous stable arm is warm, analysis runs
+    guard_over: bool = False  # Promoted, and the guard's time is up
 
     def dwell_over(self, phase: P, step: int | None) -> bool:
         needed = self.shadow_seconds if phase is P.SHADOW else self.dwell_seconds[step or 0]
@@ -116,12 +122,19 @@ def _resume(f: Facts, _p: P, s: int | None) -> tuple[P, int | None]:
     return (f.paused_from or P.PENDING, s)
 
 
+def _step_back(_f: Facts, _p: P, s: int | None) -> tuple[P, int | None]:
+    return (P.CANARY, s - 1) if s else (P.SHADOW, None)
+
+
 ANY = frozenset(P)
 
 TRANSITIONS: tuple[TransitionRule, ...] = (
     TransitionRule(LIVE | {P.PAUSED}, lambda f, p, s: f.rollback_requested, _to(P.ROLLED_BACK),
          TransitionReason.MANUAL_ROLLBACK, "the rollback annotation got a new value: all traffic to stable now",
          RollbackReason.MANUAL),
+    TransitionRule(frozenset({P.PROMOTED}), lambda f, p, s: f.guarding and f.rollback_requested, _to(P.ROLLED_BACK),
+         TransitionReason.MANUAL_ROLLBACK, "the rollback annotation got a new value during the promotion guard: all "
+         "traffic back to the previous stable arm, still warm", RollbackReason.MANUAL),
     TransitionRule(SETTLED | {P.PAUSED}, lambda f, p, s: f.retry_requested, _to(P.PENDING),
          TransitionReason.RETRY, "the retry annotation got a new value: start again from Pending"),
     TransitionRule(ANY - {P.PENDING}, lambda f, p, s: f.new_candidate, _to(P.PENDING),
@@ -145,6 +158,15 @@ TRANSITIONS: tuple[TransitionRule, ...] = (
          TransitionReason.RESUMED, "the paused annotation was removed: continue where the rollout stood"),
     TransitionRule(CANDIDATE_SERVING, lambda f, p, s: f.decision is Decision.ROLLBACK, _to(P.ROLLED_BACK),
          TransitionReason.SLO_BREACH, "the analysis reached its failure limit", RollbackReason.SLO_BREACH),
+    TransitionRule(frozenset({P.PROMOTED}), lambda f, p, s: f.guarding and f.decision is Decision.ROLLBACK,
+         _to(P.ROLLED_BACK), TransitionReason.SLO_BREACH, "the analysis reached its failure limit during the promotion "
+         "guard: all traffic back to the previous stable arm, still warm", RollbackReason.SLO_BREACH),
+    TransitionRule(frozenset({P.PROMOTED}), lambda f, p, s: f.guard_over, _to(P.PROMOTED),
+         TransitionReason.GUARD_PASSED, "the promotion guard ended without a breach: the previous stable arm is "
+         "scaled down"),
+    TransitionRule(frozenset({P.CANARY}), lambda f, p, s: f.decision is Decision.STEP_BACK, _step_back,
+         TransitionReason.OVERLOAD_STEP_BACK, "both arms overloaded for longer than overloadHoldSeconds: the "
+         "candidate steps back one step (never forward)"),
     TransitionRule(CANDIDATE_SERVING, lambda f, p, s: f.decision is Decision.PAUSE, _to(P.PAUSED),
          TransitionReason.ANALYSIS_CANNOT_JUDGE, "no judgement possible (no data, or metrics unreachable): hold"),
     TransitionRule(frozenset({P.PENDING}),

@@ -57,6 +57,9 @@ class ArmConfig(_Strict):
         return value.rstrip("/")
 
 
+INTERACTIVE = "interactive"  # the deadline the operator derives from a policy's latency SLOs (goodput's numerator)
+
+
 class GoodputDeadline(_Strict):
     """A latency deadline a request must meet for its output tokens to count toward goodput (see metrics)."""
 
@@ -133,7 +136,7 @@ class RouterConfig(_Strict):
     compare: CompareConfig = Field(default_factory=CompareConfig)
     diffs: DiffsConfig = Field(default_factory=DiffsConfig)
     goodput_deadlines: list[GoodputDeadline] = Field(
-        default_factory=lambda: [GoodputDeadline(name="interactive", ttft_s=2.0, tpot_s=0.2)]
+        default_factory=lambda: [GoodputDeadline(name=INTERACTIVE, ttft_s=2.0, tpot_s=0.2)]
     )
     upstream_timeout_s: float = Field(default=600.0, gt=0)
 
