@@ -666,6 +666,62 @@ async def test_sampled_requests_are_compared_teacher_forced(
     assert total(samples, "quantrol_router_compared_total", result="rejected") >= 4
 
 
+async def test_probes_from_a_configmap_judge_each_slice_without_any_live_traffic(
+        stack: Stack, start_router: RouterFactory, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    """The candidate is damaged on one slice's prompts only; no client sends anything. Probes replay each slice's
+    prompts greedily at the configured rate, and the comparison shows the damage in that slice alone."""
+    probes_dir = tmp_path / "probes"
+    probes_dir.mkdir()
+    (probes_dir / "prose").write_text(json.dumps([f"the licence grants permission {i}" for i in range(3)]))
+    (probes_dir / "code").write_text(json.dumps([f"def parse self text {i}" for i in range(3)]))
+    (probes_dir / "..data").mkdir()  # how a mounted ConfigMap looks: not a key
+    stack.candidate.behaviour.deviation, stack.candidate.behaviour.deviation_when = 0.5, "parse"
+    running = await start_router(probes={"directory": str(probes_dir), "rate_per_second": 10, "max_tokens": 8})
+
+    async def both_slices() -> bool:
+        s = await scrape(http, running.url)
+        return all(total(s, "quantrol_router_compare_positions_total", slice=n, traffic="probe") >= 40
+                   for n in ("prose", "code"))
+
+    await eventually(both_slices, within_s=15)
+    s = await scrape(http, running.url)
+    kl = {n: total(s, "quantrol_router_compare_kl_nats_total", slice=n, traffic="probe")
+          / total(s, "quantrol_router_compare_positions_total", slice=n, traffic="probe") for n in ("prose", "code")}
+    assert kl["prose"] == pytest.approx(0.0, abs=1e-9) and kl["code"] > 0.3, kl
+    assert total(s, "quantrol_router_probe_prompts", slice="code") == 3
+    # Never live: the stable arm answered probes, the candidate scored them; nobody's latency SLO saw any of it.
+    assert total(s, "quantrol_router_requests_total", traffic="live") == 0
+    assert total(s, "quantrol_router_requests_total", arm="stable", traffic="probe") >= 10
+    assert total(s, "quantrol_router_requests_total", arm="candidate", traffic="score") >= 10
+
+
+@pytest.mark.stack
+async def test_probes_read_the_candidate_artifacts_evaluation_prompts_by_digest(
+        stack: Stack, start_router: RouterFactory, http: aiohttp.ClientSession, tmp_path: Path,
+        oci_registry: Any) -> None:
+    from quantrol_worker import oci
+    from quantrol_worker.contracts import EVALUATION_PROMPTS_FILE, EvaluationPrompt, EvaluationPrompts, SlicePrompts
+
+    artifact = tmp_path / "artifact"
+    artifact.mkdir()
+    (artifact / "config.json").write_text("{}")
+    prompts = EvaluationPrompts(slices=[SlicePrompts(slice="code", prompts=[
+        EvaluationPrompt(text="def f", token_ids=[5, 6, 7 + i]) for i in range(4)])])
+    (artifact / EVALUATION_PROMPTS_FILE).write_text(prompts.model_dump_json(by_alias=True))
+    ref = "oci://" + oci.push(artifact, f"{oci_registry.address}/models/probed", insecure=True, tag=None,
+                              annotations={})
+    running = await start_router(probes={"artifact": ref, "insecure": True, "rate_per_second": 10, "max_tokens": 4})
+
+    async def probed() -> bool:
+        s = await scrape(http, running.url)
+        return total(s, "quantrol_router_compared_total", slice="code", traffic="probe", result="accepted") >= 4
+
+    await eventually(probed, within_s=15)
+    s = await scrape(http, running.url)
+    assert total(s, "quantrol_router_probe_prompts", slice="code") == 4
+    assert stack.stable.stats.requests["/v1/completions"] >= 4  # token-id prompts: no tokenizer, no chat template
+
+
 async def test_diffs_are_off_by_default(stack: Stack, start_router: RouterFactory,
                                         http: aiohttp.ClientSession) -> None:
     running = await start_router()

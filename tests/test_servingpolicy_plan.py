@@ -347,3 +347,28 @@ def test_the_router_gets_deadlines_from_the_latency_slos_and_admission_split_acr
     assert config["goodput_deadlines"] == [{"name": "interactive", "ttft_s": 1.5, "tpot_s": 0.08}]
     # No more in flight than the engines can run (maxNumSeqs 64 × 2 replicas), a third per router replica.
     assert config["arms"]["stable"]["admission"]["max_in_flight"] == 43
+
+
+def test_probes_take_the_artifacts_prompts_and_status_says_when_quality_rests_on_live_comparison_alone() -> None:
+    obj, shadow = _to_shadow()
+    config = json.loads(next(o for o in shadow.apply if o["kind"] == "ConfigMap")["data"]["router.yaml"])
+    assert config["probes"] == {"artifact": CANDIDATE, "insecure": False, "directory": None, "rate_per_second": 0.5,
+                                "max_tokens": 16}
+    assert shadow.status["probes"]["source"] == "artifact"
+    conditions = {c["type"]: c for c in shadow.status["conditions"]}
+    assert conditions["QualityProbes"]["status"] == "Unknown"  # until the routers report what they hold
+    now = T0 + timedelta(seconds=30)
+    deps = ready(deployments(shadow))
+    for counts, status, reason in (({}, "False", "NoProbePrompts"), ({"code": 4.0}, "True", "ProbePrompts")):
+        observed = window(Verdict.PASS, now)
+        observed = Observation(observed.samples, observed.newest, observed.targets, probe_prompts=counts)
+        result = run(obj, quantized_model=qm(), deployments=deps, window=observed, now=now)
+        condition = next(c for c in result.status["conditions"] if c["type"] == "QualityProbes")
+        assert (condition["status"], condition["reason"]) == (status, reason), condition
+        assert ("live comparison alone" in condition["message"]) == (not counts)
+    # A ConfigMap named instead: mounted (optional: a missing one never stops the router), read from there.
+    named = policy(rollout={**obj["spec"]["rollout"], "probes": {"configMapRef": {"name": "probe-prompts"}}})
+    result = run(named, quantized_model=qm(), now=T0)
+    router_pod = next(d for d in deployments(result) if d["metadata"]["name"].endswith("-router"))["spec"]["template"]
+    assert {"name": "probes", "configMap": {"name": "probe-prompts", "optional": True}} in router_pod["spec"]["volumes"]
+    assert result.status["probes"]["source"] == "configMap"

@@ -183,6 +183,20 @@ class CanaryStep(ApiModel):
     min_dwell_seconds: int = Field(default=300, ge=0, le=604_800)
 
 
+class Probes(ApiModel):
+    """Quality probes: the router replays held-out prompts per slice greedily to the stable arm and has the candidate
+    score the answers, like mirrored requests but never live, so quality is judged when the traffic is sampled or
+    absent. The prompts are the candidate artifact's evaluation prompts; a pinned artifact without them may name a
+    ConfigMap instead."""
+
+    rate_per_second: float = Field(default=0.5, ge=0, le=10,
+                                   description="Probes started per second, per router replica (0: off).")
+    max_tokens: int = Field(default=16, ge=1, le=256, description="Tokens the stable arm generates per probe.")
+    config_map_ref: LocalObjectReference | None = Field(
+        default=None, description="A ConfigMap of probe prompts: one key per slice, each a JSON list of prompt "
+        "strings (used instead of the artifact's evaluation prompts).")
+
+
 def _weights_strictly_increasing(r: Rollout) -> bool:
     weights = [s.weight for s in r.canary_steps]
     return all(a < b for a, b in itertools.pairwise(weights))
@@ -194,8 +208,10 @@ class Rollout(ApiModel):
         default_factory=lambda: [CanaryStep(weight=w) for w in (5, 25, 50, 100)], min_length=1, max_length=20
     )
     promotion_grace_seconds: int = Field(
-        default=300, ge=0, le=86_400, description="How long the old stable arm stays up after a promotion."
+        default=300, ge=0, le=86_400, description="How long the old stable arm stays up (warm, still analysed) "
+        "after a promotion: a breach or the rollback annotation within it returns traffic to it at once."
     )
+    probes: Probes = Field(default_factory=Probes)
 
     cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
         CrossFieldRule(
@@ -462,6 +478,22 @@ class RouterState(StatusModel):
     replicas: RouterReplicas | None = None
 
 
+class ProbeSource(StrEnum):
+    ARTIFACT = "artifact"  # the candidate artifact's evaluation prompts
+    CONFIG_MAP = "configMap"  # spec.rollout.probes.configMapRef
+    NONE = "none"  # quality rests on live comparison alone
+
+
+class ProbeStatus(StatusModel):
+    """Where the quality probes' prompts come from, and how many the routers hold per slice (as they report them
+    to Prometheus; unset until an analysis window read it)."""
+
+    source: ProbeSource = ProbeSource.NONE
+    prompts: dict[str, int] | None = Field(default=None, max_length=64,
+                                           description="Prompts per slice the routers hold.")
+    message: str = ""
+
+
 class HandledAnnotations(StatusModel):
     retry: str | None = None
     rollback: str | None = None
@@ -498,6 +530,7 @@ class ServingPolicyStatus(StatusModel):
     phase_since: datetime | None = None
     paused_from: RolloutPhase | None = Field(default=None, description="The phase a user pause interrupted.")
     candidate_kernels: KernelReport | None = None
+    probes: ProbeStatus | None = None
     router: RouterState = Field(default_factory=RouterState)
     last_analysis: AnalysisRun | None = None
     counters: AnalysisCounters = Field(default_factory=AnalysisCounters)

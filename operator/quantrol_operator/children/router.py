@@ -8,15 +8,16 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from quantrol_operator.api.servingpolicy import ServingPolicySpec, SloLimit
+from quantrol_operator.api.servingpolicy import ProbeSource, ServingPolicySpec, SloLimit
 from quantrol_operator.children import MANAGED_BY, child_name, owner_reference
-from quantrol_operator.children.serving import ENGINE_PORT, LABEL_POLICY, arm_name
+from quantrol_operator.children.serving import ENGINE_PORT, LABEL_POLICY, arm_name, insecure_registry
 from quantrol_worker.router.config import (
     INTERACTIVE,
     AdmissionLimits,
     ArmConfig,
     CompareConfig,
     GoodputDeadline,
+    ProbeConfig,
     RouterConfig,
     SliceRule,
     dump_config,
@@ -27,6 +28,7 @@ ROUTER_PORT_NAME = "http"  # container and Service port name; the PodMonitor's r
 CONFIG_DIR = "/etc/quantrol/router"
 CONFIG_FILE = "router.yaml"
 TOKEN_DIR = "/etc/quantrol/admin"
+PROBES_DIR = "/etc/quantrol/probes"  # the policy's ConfigMap of probe prompts, when it names one
 TOKEN_KEY = "token"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 UPSTREAM_TIMEOUT_S = 600.0
@@ -65,10 +67,22 @@ def goodput_deadline(spec: ServingPolicySpec) -> GoodputDeadline:
                            tpot_s=bound(spec.slos.inter_token_latency_p99))
 
 
+def probe_config(spec: ServingPolicySpec, candidate_ref: str | None, source: ProbeSource) -> ProbeConfig:
+    probes = spec.rollout.probes
+    if candidate_ref is None or source is ProbeSource.NONE:
+        return ProbeConfig()
+    if source is ProbeSource.CONFIG_MAP:
+        return ProbeConfig(directory=PROBES_DIR, rate_per_second=probes.rate_per_second, max_tokens=probes.max_tokens)
+    return ProbeConfig(artifact=candidate_ref, insecure=insecure_registry(candidate_ref),
+                       rate_per_second=probes.rate_per_second, max_tokens=probes.max_tokens)
+
+
 def router_config(policy: str, namespace: str, spec: ServingPolicySpec, stable_ref: str, candidate_ref: str | None,
                   stable_weight: int, candidate_weight: int, mirror_fraction: float, version: int, *,
-                  slices: SliceRule | None = None, compare: CompareConfig | None = None) -> RouterConfig:
-    """`slices` and `compare`: the slice names and per-request quality limits (planning/slices.py)."""
+                  slices: SliceRule | None = None, compare: CompareConfig | None = None,
+                  probe_source: ProbeSource = ProbeSource.NONE) -> RouterConfig:
+    """`slices` and `compare`: the slice names and per-request quality limits; `probe_source`: where the probes'
+    prompts come from (planning/slices.py). Probes run only while there is a candidate to compare."""
     limits = admission_limits(spec)
     arms = {"stable": ArmConfig(url=arm_url(policy, namespace, stable_ref), weight=stable_weight, admission=limits)}
     if candidate_ref is not None:
@@ -76,6 +90,7 @@ def router_config(policy: str, namespace: str, spec: ServingPolicySpec, stable_r
                                       admission=limits)
     return RouterConfig(version=version, arms=arms, mirror_fraction=mirror_fraction if candidate_ref else 0.0,
                         slices=slices or SliceRule(), compare=compare or CompareConfig(),
+                        probes=probe_config(spec, candidate_ref, probe_source),
                         goodput_deadlines=[goodput_deadline(spec)], upstream_timeout_s=UPSTREAM_TIMEOUT_S)
 
 
@@ -94,6 +109,8 @@ def router_config_map(owner: dict[str, Any], config: RouterConfig) -> dict[str, 
 def router_deployment(owner: dict[str, Any], spec: ServingPolicySpec, image: str) -> dict[str, Any]:
     policy = owner["metadata"]["name"]
     selector = {LABEL_POLICY: policy, LABEL_COMPONENT: "router"}
+    mounts: list[dict[str, Any]] = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+                                    {"name": "admin", "mountPath": TOKEN_DIR, "readOnly": True}]
     container = {
         "name": "router",
         "image": image,
@@ -101,9 +118,15 @@ def router_deployment(owner: dict[str, Any], spec: ServingPolicySpec, image: str
                     "--admin-token-file", f"{TOKEN_DIR}/{TOKEN_KEY}"],
         "ports": [{"name": ROUTER_PORT_NAME, "containerPort": ROUTER_PORT}],
         "readinessProbe": {"httpGet": {"path": "/healthz", "port": ROUTER_PORT}, "periodSeconds": 2},
-        "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-                         {"name": "admin", "mountPath": TOKEN_DIR, "readOnly": True}],
+        "volumeMounts": mounts,
     }
+    volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": router_name(policy)}},
+                                     {"name": "admin", "secret": {"secretName": admin_secret_name(policy)}}]
+    probes = spec.rollout.probes.config_map_ref
+    if probes is not None:
+        mounts.append({"name": "probes", "mountPath": PROBES_DIR, "readOnly": True})
+        # optional: a missing ConfigMap costs the probes (the router says so), never the router's start
+        volumes.append({"name": "probes", "configMap": {"name": probes.name, "optional": True}})
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -116,8 +139,7 @@ def router_deployment(owner: dict[str, Any], spec: ServingPolicySpec, image: str
                     "prometheus.io/scrape": "true", "prometheus.io/port": str(ROUTER_PORT)}},
                 "spec": {
                     "containers": [container],
-                    "volumes": [{"name": "config", "configMap": {"name": router_name(policy)}},
-                                {"name": "admin", "secret": {"secretName": admin_secret_name(policy)}}],
+                    "volumes": volumes,
                 },
             },
         },

@@ -59,11 +59,15 @@ def engine_args(policy: str, spec: ServingPolicySpec) -> list[str]:
     return args
 
 
+def insecure_registry(ref: str) -> bool:
+    """Plain HTTP only for a registry on the node itself (the local stack)."""
+    return ref.removeprefix("oci://").split("/", 1)[0].split(":", 1)[0] in LOOPBACK_REGISTRIES
+
+
 def fetch_args(ref: str) -> list[str]:
     args = ["quantrol-worker", "fetch", "--ref", ref, "--dest", MODEL_DIR, "--termination-log", TERMINATION_LOG]
-    host = ref.removeprefix("oci://").split("/", 1)[0].split(":", 1)[0]
-    if host in LOOPBACK_REGISTRIES:
-        args.append("--insecure")  # plain HTTP only for a registry on the node itself (the local stack)
+    if insecure_registry(ref):
+        args.append("--insecure")
     return args
 
 

@@ -24,6 +24,8 @@ from quantrol_operator.api.servingpolicy import (
     DeletionPolicy,
     HandledAnnotations,
     KernelReport,
+    ProbeSource,
+    ProbeStatus,
     RollbackReason,
     RollbackRecord,
     ServingPolicySpec,
@@ -37,7 +39,7 @@ from quantrol_operator.api.servingpolicy import RolloutPhase as P
 from quantrol_operator.children import monitoring, router, serving
 from quantrol_operator.conditions import set_condition
 from quantrol_operator.planning import Event, Plan
-from quantrol_operator.planning.slices import quality_plan
+from quantrol_operator.planning.slices import probe_source, quality_plan, with_counts
 from quantrol_operator.rollout.analysis import bounded, decide, judge, no_judgement, window_cause, window_verdict
 from quantrol_operator.rollout.queries import Observation
 from quantrol_operator.rollout.statemachine import Decision, Facts, TransitionReason, step, weights_for
@@ -177,6 +179,7 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
     status.candidate_artifact = pinned
     if pinned is None and phase is P.PENDING:
         status.message = f"waiting for a candidate: {why_not}"
+    status.probes = _probes(spec, observed, before)
     weights = weights_for(phase, index, facts.steps, spec.rollout.shadow.mirror_fraction, held=before.weights)
     _children(result, obj, spec, images, stable, pinned, phase, status, weights, now, observed.router_token,
               observed.quantized_model)
@@ -208,6 +211,17 @@ def _analyse(result: SpPlan, status: ServingPolicyStatus, observed: SpObserved, 
                                                          cause=cause, no_judgement=why, metrics=results,
                                                          goodput=window.goodput)
     return decision, counters
+
+
+def _probes(spec: ServingPolicySpec, observed: SpObserved, before: ServingPolicyStatus) -> ProbeStatus:
+    """Where the probes' prompts come from, with the routers' counts from this pass's window (or the last one's,
+    while the source is the same)."""
+    planned = probe_source(spec, observed.quantized_model)
+    if observed.window is not None and observed.window.probe_prompts is not None:
+        return with_counts(planned, observed.window.probe_prompts)
+    if before.probes is not None and before.probes.source is planned.source and before.probes.prompts is not None:
+        return with_counts(planned, before.probes.prompts)
+    return planned
 
 
 def _desired_candidate(observed: SpObserved,
@@ -317,6 +331,7 @@ def _children(result: SpPlan, obj: dict[str, Any], spec: ServingPolicySpec, imag
     if spec.traffic_provider is not TrafficProvider.ROUTER:
         return  # the only provider today; another would split traffic without Quantrol's router
     quality = quality_plan(spec, quantized_model)
+    probes = status.probes.source if status.probes else ProbeSource.NONE
     split: tuple[str, str | None, int, int] = (stable, candidate if candidate_live else None,
                                                weights.stable if candidate_live else 100,
                                                weights.candidate if candidate_live else 0)
@@ -328,7 +343,8 @@ def _children(result: SpPlan, obj: dict[str, Any], spec: ServingPolicySpec, imag
     config = router.router_config(policy, namespace, spec, *split, weights.mirror_fraction, version=0,
                                   slices=SliceRule(allowed=quality.slices),
                                   compare=CompareConfig(max_request_kl=quality.max_request_kl,
-                                                        slice_max_request_kl=quality.slice_max_request_kl))
+                                                        slice_max_request_kl=quality.slice_max_request_kl),
+                                  probe_source=probes)
     # The version moves only when the content does, so routers and status agree on what "newer" means.
     digest = hashlib.sha256(dump_config(config).encode()).hexdigest()[:16]
     state = status.router
@@ -369,7 +385,7 @@ def _status_fields(status: ServingPolicyStatus, phase: P, index: int | None, sta
         status.message = status.history[-1].message if status.history else (status.message or phase.value)
     conditions = status.conditions
 
-    def cond(type_: str, ok: bool, reason: str, message: str) -> None:
+    def cond(type_: str, ok: bool | None, reason: str, message: str) -> None:
         nonlocal conditions
         conditions = set_condition(conditions, type_, ok, reason, message, now=now, generation=generation)
 
@@ -380,6 +396,12 @@ def _status_fields(status: ServingPolicyStatus, phase: P, index: int | None, sta
     cond("Progressing", phase in (P.PENDING, P.SHADOW, P.CANARY), phase.value, status.message or phase.value)
     cond("Promoted", phase is P.PROMOTED, phase.value, f"stable is {serving.short_digest(stable)}")
     cond("Paused", phase is P.PAUSED, *_paused(phase, status))
+    probes = status.probes
+    if probes is not None:
+        known = probes.source is ProbeSource.NONE or probes.prompts is not None
+        held = bool(probes.prompts)
+        cond("QualityProbes", held if known or held else None,
+             "ProbePrompts" if held else "NoProbePrompts" if known else "NotReportedYet", probes.message)
     rolled_back = phase is P.ROLLED_BACK and status.rollback is not None
     cond("RolledBack", phase is P.ROLLED_BACK,
          status.rollback.reason.value if rolled_back and status.rollback else "NotRolledBack",

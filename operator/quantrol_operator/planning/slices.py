@@ -1,9 +1,11 @@
-"""Slices and quality acceptance for the router, from the candidate's QuantizedModel: pure.
+"""Slices, quality acceptance and quality probes for the router, from the candidate's QuantizedModel: pure.
 
 The calibration gate judges a QuantizedModel per slice of its calibration data; online, the router must name the
 same slices (a request's slice header, when it is one of them) so that the analysis judges the same slices, and
 it must hold each request to a limit from the same gate. Requests without a listed header fall into prompt-length
-buckets (the router's own `length_buckets`), so a regression in long prompts shows too.
+buckets (the router's own `length_buckets`), so a regression in long prompts shows too. The probes' prompts are the
+candidate artifact's evaluation prompts (the calibration Job ships them unless its QuantizedModel says not to), or a
+ConfigMap the policy names; with neither, status says that quality rests on live comparison alone.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from quantrol_operator.api.quantizedmodel import QuantizedModelSpec
-from quantrol_operator.api.servingpolicy import DEFAULT_REQUEST_KL, ServingPolicySpec
+from quantrol_operator.api.servingpolicy import DEFAULT_REQUEST_KL, ProbeSource, ProbeStatus, ServingPolicySpec
 from quantrol_worker.contracts import QualityLimits
 
 
@@ -55,6 +57,36 @@ def quality_plan(spec: ServingPolicySpec, quantized_model: Mapping[str, Any] | N
                  for s in qm.calibration.slices}
     return QualityPlan(slices=slices, max_request_kl=default,
                        slice_max_request_kl={k: v for k, v in per_slice.items() if v != default})
+
+
+LIVE_ONLY = "quality rests on live comparison alone"
+
+
+def probe_source(spec: ServingPolicySpec, quantized_model: Mapping[str, Any] | None) -> ProbeStatus:
+    """Where the router takes its probe prompts from, and why (the counts come from the routers, later)."""
+    probes = spec.rollout.probes
+    if probes.rate_per_second <= 0:
+        return ProbeStatus(source=ProbeSource.NONE, message=f"rollout.probes.ratePerSecond is 0: {LIVE_ONLY}")
+    if probes.config_map_ref is not None:
+        return ProbeStatus(source=ProbeSource.CONFIG_MAP,
+                           message=f"probe prompts from ConfigMap {probes.config_map_ref.name}")
+    qm = _spec(quantized_model)
+    if qm is not None and not qm.calibration.evaluation_prompts.publish:
+        return ProbeStatus(source=ProbeSource.NONE, message="the QuantizedModel keeps its evaluation prompts in the "
+                           f"Job (calibration.evaluationPrompts.publish false) and no ConfigMap is named: {LIVE_ONLY}")
+    return ProbeStatus(source=ProbeSource.ARTIFACT, message="probe prompts from the candidate artifact's evaluation "
+                       "prompts" + ("" if qm is not None else ", if it carries them (a pinned artifact may not: name a "
+                                    "ConfigMap in rollout.probes.configMapRef)"))
+
+
+def with_counts(status: ProbeStatus, counts: Mapping[str, float] | None) -> ProbeStatus:
+    """The routers' report folded in: how many prompts each slice has; none at all is live comparison alone."""
+    if counts is None or status.source is ProbeSource.NONE:
+        return status
+    prompts = {name: int(n) for name, n in sorted(counts.items()) if n > 0}
+    message = status.message if prompts else f"the routers hold no probe prompts from the {status.source.value}: " \
+        f"{LIVE_ONLY}"
+    return status.model_copy(update={"prompts": prompts, "message": message})
 
 
 def _spec(quantized_model: Mapping[str, Any] | None) -> QuantizedModelSpec | None:

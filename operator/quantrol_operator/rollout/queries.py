@@ -272,15 +272,20 @@ class Observation:
     newest: datetime | None
     targets: TargetHealth
     goodput: list[GoodputFigures] = field(default_factory=list)
+    probe_prompts: dict[str, float] | None = None  # per slice, as the routers report them; None: not known
 
 
 def observe(source: MetricSource, scope: Scope, slos: Slos, stable_live: bool = True) -> Observation:
     samples, newest = collect(source, scope, slos, stable_live)
+    figures: list[GoodputFigures] = []
+    prompts: dict[str, float] | None = None
     try:
         figures = observe_goodput(source, scope) if newest is not None else []
+        prompts = source.by_label(f"max by (slice) ({R}probe_prompts{scope.sel(live=False)})", "slice") \
+            if newest is not None else None
     except QueryError:
-        figures = []
-    return Observation(samples, newest, target_health(source, scope), figures)
+        pass  # the samples say so already; these figures are for status only
+    return Observation(samples, newest, target_health(source, scope), figures, prompts)
 
 
 def _absolute_only(name: str, limit: SloLimit | SloFloor) -> SloLimit | SloFloor | None:

@@ -34,12 +34,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from quantrol_worker.addresses import Addresses, ClusterAddresses, from_environment
-from quantrol_worker.router import compare, protocol
+from quantrol_worker.router import compare, probes, protocol
 from quantrol_worker.router.admission import ArmGate, Rejected
 from quantrol_worker.router.config import (
     ARMS,
     ApplyDecision,
     ArmName,
+    ProbeConfig,
     RouterConfig,
     apply_decision,
     load_config,
@@ -57,6 +58,9 @@ _HOP_HEADERS = frozenset(
               "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Accept-Encoding")
 )
 ADMIN_TOKEN_ENV = "QUANTROL_ROUTER_ADMIN_TOKEN"
+MAX_PROBES_IN_FLIGHT = 2  # probes never crowd the arms: at most this many at once, whatever the rate
+PROBE_LOAD_TIMEOUT_S = 120.0  # reading the prompts (an artifact pull of one file)
+PROBE_RETRY_S = 30.0  # after a failed read
 
 
 class _RateLimitedLog:
@@ -173,6 +177,11 @@ class Router:
         self.random = random.Random(seed)
         self.session: aiohttp.ClientSession | None = None
         self.mirrors_in_flight = 0
+        self.probes_in_flight = 0
+        self.probe_prompts: probes.ProbePrompts | None = None
+        self._probe_source: tuple[str | None, bool, str | None] | None = None
+        self._probe_retry_at = 0.0
+        self._served_model: dict[str, str | None] = {}  # stable arm URL → the model name it serves
         self._background: set[asyncio.Task[None]] = set()
         self._errors = _RateLimitedLog()
         self._file_state: tuple[float, int] | None = None
@@ -267,6 +276,7 @@ class Router:
         # never ride along on other clients' requests (their own Cookie headers pass through untouched).
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                              cookie_jar=aiohttp.DummyCookieJar())
+        self._spawn(self._probe_loop())
         if self.config_path is not None:
             self.reload_file()
             self._spawn(self._watch_file())
@@ -642,6 +652,86 @@ class Router:
             return None
         self.metrics.score_prefill_tokens.labels(slice_).inc(len(body["prompt"]))
         return protocol.scored_positions(result.body, len(stable.prompt_token_ids), len(stable.token_ids), k)
+
+
+    # ---- quality probes ------------------------------------------------------------------------------------------
+
+    async def _probe_loop(self) -> None:
+        """Probes at the configured rate while a candidate is configured and a prompt source is given; a probe that
+        would exceed MAX_PROBES_IN_FLIGHT is skipped, so probes never queue up behind a slow arm."""
+        while True:
+            config = self.config
+            settings = config.probes
+            if settings.rate_per_second <= 0 or "candidate" not in config.arms or not (
+                    settings.artifact or settings.directory):
+                await asyncio.sleep(1.0)
+                continue
+            prompts = await self._prompts(settings)
+            item = prompts.next() if prompts is not None else None
+            if item is None:
+                await asyncio.sleep(1.0)
+                continue
+            if self.probes_in_flight < MAX_PROBES_IN_FLIGHT:
+                self.probes_in_flight += 1
+                self._spawn(self._probe(config, item))
+            await asyncio.sleep(1.0 / settings.rate_per_second)
+
+    async def _prompts(self, settings: ProbeConfig) -> probes.ProbePrompts | None:
+        """The prompts of the configured source, read once per source (a new candidate digest is a new source)."""
+        source = (settings.artifact, settings.insecure, settings.directory)
+        if source == self._probe_source:
+            return self.probe_prompts
+        if time.monotonic() < self._probe_retry_at:
+            return None
+        try:
+            read = (functools.partial(probes.from_artifact, settings.artifact, settings.insecure) if settings.artifact
+                    else functools.partial(probes.from_directory, Path(settings.directory or "")))
+            loaded = await asyncio.wait_for(asyncio.to_thread(read), timeout=PROBE_LOAD_TIMEOUT_S)
+        except Exception as exc:  # the registry, the artifact or the ConfigMap: say which, retry later
+            self._probe_retry_at = time.monotonic() + PROBE_RETRY_S
+            self._errors.warning("candidate", "probe_prompts", "probe prompts from %s not read (retry in %.0fs): %r",
+                                 settings.artifact or settings.directory, PROBE_RETRY_S, exc)
+            return None
+        self._probe_source, self.probe_prompts = source, loaded
+        self.metrics.probe_prompts.clear()
+        for name, count in loaded.counts().items():
+            self.metrics.probe_prompts.labels(name).set(count)
+        log.info("probe prompts from %s: %s", settings.artifact or settings.directory, loaded.counts() or "none")
+        return loaded
+
+    async def _probe(self, config: RouterConfig, item: probes.ProbePrompt) -> None:
+        """One probe: the stable arm answers the prompt greedily (with its top-k), the candidate scores that answer
+        teacher-forced; counted like a mirrored comparison, as `traffic="probe"`. Never raises."""
+        body: dict[str, Any] = {"prompt": item.prompt, "max_tokens": config.probes.max_tokens, "temperature": 0}
+        try:
+            model = await self._model_of(config)
+            if model is not None:
+                body["model"] = model
+            asked, _ = protocol.comparison_body(body, False, config.compare.top_logprobs)
+            stable = await asyncio.wait_for(
+                self._background_call(config, "stable", "probe", protocol.COMPLETIONS, asked, item.slice),
+                timeout=config.compare.timeout_s)
+            await asyncio.wait_for(self._compare(config, protocol.COMPLETIONS, body, item.slice, "probe", stable,
+                                                 None), timeout=config.compare.timeout_s)
+        except TimeoutError:
+            self.metrics.compared.labels(item.slice, "probe", "greedy", "skipped_timeout").inc()
+        except Exception:
+            log.exception("quality probe failed (no client was affected)")
+            self.metrics.compared.labels(item.slice, "probe", "greedy", "skipped_error").inc()
+        finally:
+            self.probes_in_flight -= 1
+
+    async def _model_of(self, config: RouterConfig) -> str | None:
+        """The model name the stable arm serves (its /v1/models), asked once per arm URL: probes name it as a
+        client would. None when the arm does not say (vLLM then takes its only model)."""
+        url = config.arms["stable"].url
+        if self._served_model.get(url) is None:
+            assert self.session is not None
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, KeyError, IndexError, TypeError):
+                async with self.session.get(self.addresses.url(url) + "/v1/models",
+                                            timeout=aiohttp.ClientTimeout(total=5)) as answer:
+                    self._served_model[url] = str((await answer.json(content_type=None))["data"][0]["id"])[:256]
+        return self._served_model.get(url)
 
 
 class _ClientGone(Exception):

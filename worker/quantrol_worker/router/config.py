@@ -91,6 +91,19 @@ class CompareConfig(_Strict):
         return self.slice_max_request_kl.get(slice_, self.max_request_kl)
 
 
+class ProbeConfig(_Strict):
+    """Quality probes: held-out prompts per slice replayed greedily to the stable arm at a bounded rate and compared
+    teacher-forced like mirrored requests (`traffic="probe"`, never live), so quality has samples when the traffic
+    is sampled and when there is none. The prompts come from the candidate artifact's evaluation prompts
+    (`artifact`), or from a mounted ConfigMap (`directory`: one key per slice, each a JSON list of prompt strings)."""
+
+    artifact: str | None = Field(default=None, description="oci://repo@sha256:… holding the evaluation prompts")
+    insecure: bool = Field(default=False, description="Plain HTTP to the artifact's registry (local registries only)")
+    directory: str | None = Field(default=None, description="A mounted ConfigMap of probe prompts per slice")
+    rate_per_second: float = Field(default=0.0, ge=0.0, le=10.0, description="Probes started per second (0: off)")
+    max_tokens: int = Field(default=16, ge=1, le=256, description="Tokens the stable arm generates per probe")
+
+
 class DiffsConfig(_Strict):
     """Samples of differing stable/candidate pairs for a human. Prompts are user data: off unless enabled."""
 
@@ -127,6 +140,7 @@ class RouterConfig(_Strict):
     sticky_header: str | None = Field(default=None, description="Requests with equal values stay on one arm")
     slices: SliceRule = Field(default_factory=SliceRule)
     compare: CompareConfig = Field(default_factory=CompareConfig)
+    probes: ProbeConfig = Field(default_factory=ProbeConfig)
     diffs: DiffsConfig = Field(default_factory=DiffsConfig)
     goodput_deadlines: list[GoodputDeadline] = Field(
         default_factory=lambda: [GoodputDeadline(name=INTERACTIVE, ttft_s=2.0, tpot_s=0.2)]

@@ -105,6 +105,9 @@ class RouterMetrics:
         self.request_kl = Histogram(
             p + "compare_request_kl_nats", "Mean KL per compared request (the quality-acceptance figure)",
             ["slice", "traffic"], buckets=KL_BUCKETS, registry=r)
+        self.probe_prompts = Gauge(
+            p + "probe_prompts", "Quality-probe prompts the router holds, per slice (none: quality rests on live "
+            "comparison alone)", ["slice"], registry=r)
         self.score_prefill_tokens = Counter(
             p + "score_prefill_tokens", "Tokens the candidate prefilled to score stable answers: the comparison's "
             "extra cost (its requests and their time are `traffic=\"score\"` in the request series)", ["slice"],
