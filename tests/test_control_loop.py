@@ -12,13 +12,14 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from quantrol_dev.localstack.kubeapi import KubeAPIServer, OperatorProcess, kopf_watches
 from quantrol_dev.localstack.procs import free_port, wait_until
 from quantrol_dev.localstack.prometheus import PrometheusServer
-from quantrol_dev.rig import CANDIDATE, Rig, create_policy, load, open_rig, policy_manifest
+from quantrol_dev.rig import CANDIDATE, STABLE, Rig, create_policy, load, open_rig, policy_manifest
 
 pytestmark = pytest.mark.stack
 
@@ -62,20 +63,28 @@ def test_a_healthy_candidate_with_noisy_latency_is_promoted(rig: Rig, prometheus
     assert writes == [] and len(reads) >= 5, writes
     assert rig.operator_metric("quantrol_rollout_phase", phase="Promoted") == 1.0
     assert rig.operator_metric("quantrol_rollbacks_total") == 0.0
+    # Half the load was sampled at temperature 0.8 and a quarter not streamed: quality was judged all the same.
+    assert rig.operator_metric("quantrol_analysis_verdicts_total", slo="qualityDelta", verdict="pass") >= 2
+    assert rig.operator_metric("quantrol_analysis_verdicts_total", slo="agreement", verdict="pass") >= 2
 
 
 @pytest.mark.parametrize(
-    ("fault", "slo"),
+    ("fault", "slo", "cause"),
     [
         # A slower engine shows first in time to first token and goodput; ITL p99 sits near its bucket edge.
-        ({"token_latency_s": 0.4}, {"ttftP99", "interTokenLatencyP99", "goodput"}),
-        ({"error_rate": 0.5}, {"errorRate"}),
-        ({"deviation": 0.6}, {"agreement", "qualityDelta"}),
+        ({"token_latency_s": 0.4}, {"ttftP99", "interTokenLatencyP99", "goodput"}, "scheduling"),
+        ({"error_rate": 0.5}, {"errorRate"}, "scheduling"),
+        # Sampled or greedy, the teacher-forced comparison sees the damage; goodput's quality term too.
+        ({"deviation": 0.6}, {"agreement", "qualityDelta"}, "precision"),
+        # The candidate's batch budget too small for the load the stable arm carries: its engine queues.
+        ({"max_num_seqs": 1, "token_latency_s": 0.05}, {"ttftP99", "engineQueueTimeP99", "interTokenLatencyP99",
+                                                        "preemptionRate", "kvCacheUsage", "queueTimeP99",
+                                                        "errorRate"}, "scheduling"),
     ],
-    ids=["latency", "errors", "quality"],
+    ids=["latency", "errors", "quality", "batch-budget"],
 )
 def test_an_injected_fault_rolls_back_to_stable(rig: Rig, prometheus: PrometheusServer, fault: dict[str, float],
-                                               slo: set[str], kubeconfig: Path) -> None:
+                                               slo: set[str], cause: str, kubeconfig: Path) -> None:
     rig.behave("stable", token_latency_s=0.01)
     rig.behave("candidate", token_latency_s=0.01)
     with load(rig):
@@ -91,6 +100,8 @@ def test_an_injected_fault_rolls_back_to_stable(rig: Rig, prometheus: Prometheus
         failing = {m["slo"] for m in status["lastAnalysis"]["metrics"] if m["verdict"] == "fail"}
         assert failing and failing <= slo | {"goodput"}, json.dumps(status["lastAnalysis"], indent=1)
         assert record["slo"] in slo | {"goodput"} and set(record["failingSlos"]) == failing
+        assert record["cause"] == cause and status["lastAnalysis"]["cause"] == cause
+        assert rig.operator_metric("quantrol_analysis_causes_total", cause=cause) >= 1
         assert rig.operator_metric("quantrol_rollbacks_total", reason="SloBreach") == 1.0
         # All live traffic is back on stable, confirmed by the router itself, while requests keep flowing.
         wait_until(lambda: rig.router_weights().get("candidate", 0.0) == 0.0, timeout=5, what="candidate weight 0")
@@ -102,6 +113,68 @@ def test_an_injected_fault_rolls_back_to_stable(rig: Rig, prometheus: Prometheus
                           timeout=60, check=True).stdout
     assert "RolledBack" in view and f"on {record['slo']}" in view and "quantrol.io/retry" in view
 
+
+
+def test_a_regression_in_one_slice_rolls_back_naming_it_while_the_aggregate_passes(
+        rig: Rig, prometheus: PrometheusServer) -> None:
+    """One request in eight has a long prompt (over 256 characters: the router's `len_le_1024` bucket) holding the
+    word the stand-in deviates on; the candidate is damaged there alone, little enough that the aggregate passes."""
+    def request(i: int) -> dict[str, Any]:
+        long = i % 8 == 0
+        prompt = ("long context " * 30 + f"marker {i % 7}") if long else f"request {i % 50}"
+        return {"prompt": prompt, "temperature": 0.8 if i % 2 else 0, "stream": True}
+
+    rig.behave("candidate", deviation=0.3, deviation_when="marker")
+    with load(rig, rps=24, request=request):
+        create_policy(rig, policy_manifest(rig.policy, rig.namespace, prometheus.url))
+        status = rig.wait_phase("RolledBack", "Promoted", "Paused", timeout=90)
+    assert status["phase"] == "RolledBack", status.get("lastAnalysis")
+    record = status["rollback"]
+    assert record["slice"] == "len_le_1024" and record["slo"] in ("qualityDelta", "agreement"), record
+    assert record["cause"] == "precision"
+    rows = status["lastAnalysis"]["metrics"]
+    overall = {m["slo"]: m["verdict"] for m in rows if not m.get("slice") and m["slo"] in ("qualityDelta",
+                                                                                           "agreement")}
+    failing_slices = {m["slice"] for m in rows if m.get("slice") and m["verdict"] == "fail"}
+    assert overall == {"qualityDelta": "pass", "agreement": "pass"} and failing_slices == {"len_le_1024"}, rows
+
+
+def test_overload_on_both_arms_holds_then_steps_back_never_forward(rig: Rig, prometheus: PrometheusServer) -> None:
+    for arm in ("stable", "candidate"):
+        rig.behave(arm, token_latency_s=0.01)
+    with load(rig, seconds=120):
+        # Goodput is judged relative to the stable arm: with both arms saturated it says nothing (the mirrored
+        # share makes the candidate's a little worse), so this policy leaves it out.
+        create_policy(rig, policy_manifest(rig.policy, rig.namespace, prometheus.url, first_dwell=60,
+                                           slos={"goodput": None}, overloadHoldSeconds=6, successStreak=3))
+        rig.wait_phase("Canary", timeout=60)
+        for arm in ("stable", "candidate"):  # both engines now saturate at the load they carry
+            rig.behave(arm, max_num_seqs=1, token_latency_s=0.06)
+        wait_until(lambda: any(h["reason"] == "OverloadStepBack" for h in rig.status()["history"]), timeout=60,
+                   interval=0.5, what="a step back after the overload hold")
+        status = rig.status()
+    back = next(h for h in status["history"] if h["reason"] == "OverloadStepBack")
+    assert (back["from"], back["to"]) == ("Canary", "Shadow"), back  # from the first step: back to shadow
+    assert "rollback" not in status and status["phase"] in ("Shadow", "Canary")
+    assert rig.operator_metric("quantrol_analysis_causes_total", cause="overload") >= 2
+
+
+def test_a_breach_during_the_promotion_guard_returns_traffic_to_the_previous_stable(
+        rig: Rig, prometheus: PrometheusServer) -> None:
+    rig.behave("stable", token_latency_s=0.01)
+    rig.behave("candidate", token_latency_s=0.01)
+    with load(rig, seconds=120):
+        create_policy(rig, policy_manifest(rig.policy, rig.namespace, prometheus.url, grace=120))
+        status = rig.wait_phase("Promoted", "RolledBack", "Paused", timeout=90)
+        assert status["phase"] == "Promoted" and status["guardUntil"], status.get("lastAnalysis")
+        # Guarded: the promoted artifact serves everything; the previous stable arm is still there to go back to.
+        assert rig.router_weights() == {"stable": 0.0, "candidate": 100.0}
+        rig.behave("candidate", error_rate=0.5)  # the promoted artifact's engine
+        status = rig.wait_phase("RolledBack", timeout=30)
+        wait_until(lambda: rig.router_weights().get("stable") == 100.0, timeout=10, what="traffic back on stable")
+    assert status["stableArtifact"] == STABLE and status["rollback"]["candidateArtifact"] == CANDIDATE
+    assert status["rollback"]["reason"] == "SloBreach" and status["rollback"]["slo"] == "errorRate"
+    assert status["history"][-1]["from"] == "Promoted"
 
 
 def test_a_rollback_reaches_every_router_replica_within_seconds(two_router_rig: Rig,

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -132,7 +132,10 @@ class Rig:
 
 
 def policy_manifest(name: str, namespace: str, prometheus_url: str, first_dwell: int = 3, router_replicas: int = 1,
-            **analysis: Any) -> dict[str, Any]:
+                    grace: int = 0, slos: dict[str, Any] | None = None, **analysis: Any) -> dict[str, Any]:
+    """The rig's policy; `grace`: promotionGraceSeconds (the guard after a promotion); `slos`: SLOs replacing the
+    rig's own. Probes are off: the rig's artifacts are names without a registry behind them (the router's own tests
+    cover probes)."""
     return {
         "apiVersion": SERVING_POLICY.api_version, "kind": SERVING_POLICY.kind,
         "metadata": {"name": name, "namespace": namespace},
@@ -143,7 +146,7 @@ def policy_manifest(name: str, namespace: str, prometheus_url: str, first_dwell:
             "rollout": {"shadow": {"durationSeconds": 3, "mirrorFraction": 0.5},
                         "canarySteps": [{"weight": 50, "minDwellSeconds": first_dwell},
                                         {"weight": 100, "minDwellSeconds": 2}],
-                        "promotionGraceSeconds": 0},
+                        "promotionGraceSeconds": grace, "probes": {"ratePerSecond": 0}},
             "analysis": {"prometheus": {"address": prometheus_url}, "intervalSeconds": 1, "windowSeconds": 8,
                          "failureLimit": 2, "successStreak": 2, "minSampleCount": 5, "inconclusiveLimit": 8,
                          "errorLimit": 4, **analysis},
@@ -154,7 +157,7 @@ def policy_manifest(name: str, namespace: str, prometheus_url: str, first_dwell:
                      "qualityDelta": {"max": 0.5},
                      "agreement": {"min": 0.8},
                      # The stand-ins run at the same speed; the goodput rule is exercised in its unit tests.
-                     "goodput": {"minRelativeToStable": 0.3}},
+                     "goodput": {"minRelativeToStable": 0.3}, **(slos or {})},
         },
     }
 
@@ -205,9 +208,13 @@ def open_rig(kubeapi: KubeAPIServer, kubeconfig: Path, namespace: str, prometheu
     processes.extend(rig.routers)
     for name, port in (*rig.engines.items(), *((f"router-{i}", p) for i, p in enumerate(rig.router_ports))):
         wait_until(partial(port_is_open, port), timeout=20, what=f"{name} on {port}")
-    # Every router pod is scraped, as a PodMonitor (or the scrape annotations) would have it.
+    # Every router pod is scraped, and every engine with its arm's short digest as `arm`, as the policy's PodMonitor
+    # would have it (children/monitoring.py).
+    engines = [TargetGroup([f"127.0.0.1:{rig.engines[arm]}"], {"namespace": namespace, "policy": policy,
+                                                               "arm": serving.short_digest(ref)})
+               for arm, ref in (("stable", STABLE), ("candidate", CANDIDATE))]
     prometheus.set_file_sd_targets([TargetGroup([f"127.0.0.1:{p}" for p in rig.router_ports],
-                                                {"namespace": namespace, "policy": policy})])
+                                                {"namespace": namespace, "policy": policy}), *engines])
     began = time.time()
     rig.operator_metrics_port = free_port()
     operator = OperatorProcess(kubeconfig, tmp_path / "operator", env={
@@ -272,19 +279,28 @@ def _router_pods(rig: Rig, deployment: dict[str, Any]) -> None:
                                    "imageID": "", "state": {"running": {}}}]})
 
 
+def mixed_request(i: int) -> dict[str, Any]:
+    """The rig's default client mix, as a chat fleet sends it: every other request sampled at temperature 0.8, one in
+    four not streamed (the router streams it from the engine all the same)."""
+    return {"prompt": f"request {i % 50}", "temperature": 0.8 if i % 2 else 0, "stream": i % 4 != 2}
+
+
 @contextlib.contextmanager
-def load(rig: Rig, rps: float = 20.0, seconds: float = 90.0) -> Iterator[None]:
-    """A bounded load generator: greedy completions at about `rps`, for at most `seconds`, spread over the router
-    pods in turn as a Service spreads connections over its endpoints."""
+def load(rig: Rig, rps: float = 20.0, seconds: float = 90.0,
+         request: Callable[[int], dict[str, Any]] = mixed_request) -> Iterator[None]:
+    """A bounded load generator: `request(i)` (prompt, temperature, stream, optional `headers`) at about `rps`, 6
+    tokens each, for at most `seconds`, spread over the router pods in turn as a Service spreads connections over
+    its endpoints."""
     done = threading.Event()
     ports = rig.router_ports or [rig.router_port]
 
     def one(i: int) -> None:
-        body = json.dumps({"model": rig.policy, "prompt": f"request {i % 50}", "max_tokens": 6,
-                           "temperature": 0, "stream": True}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{ports[i % len(ports)]}/v1/completions", data=body,
-                                         headers={"Content-Type": "application/json"}, method="POST")
-        with contextlib.suppress(Exception), urllib.request.urlopen(request, timeout=10) as rsp:
+        fields = request(i)
+        headers = {"Content-Type": "application/json", **fields.pop("headers", {})}
+        body = json.dumps({"model": rig.policy, "max_tokens": 6, **fields}).encode()
+        sent = urllib.request.Request(f"http://127.0.0.1:{ports[i % len(ports)]}/v1/completions", data=body,
+                                      headers=headers, method="POST")
+        with contextlib.suppress(Exception), urllib.request.urlopen(sent, timeout=10) as rsp:
             rsp.read()
 
     def loop() -> None:
