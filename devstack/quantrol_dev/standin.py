@@ -123,6 +123,11 @@ class EngineStandin:
         self.m_kv = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage (0-1)", labels, registry=self.registry)
         self.m_preemptions = Counter("vllm:num_preemptions", "Preemptions", labels, registry=self.registry)
         self._slots = asyncio.Condition()
+        # vLLM exports its per-model series from the start (zeros included): an SLO on preemptions has a value
+        # before the first preemption.
+        model = self.behaviour.model
+        for metric in (self.m_running, self.m_waiting, self.m_kv, self.m_preemptions, self.m_queue):
+            metric.labels(model)
 
     # ---- the toy model ---------------------------------------------------------------------------------------
 
