@@ -107,6 +107,22 @@ def test_w8a8_is_promoted_and_its_digest_is_stable(report: dict[str, Any]) -> No
     assert {q["slice"] for q in w8a8["quality"]} == {"prose", "code"}
 
 
+def test_w8a8_quality_is_judged_as_a_user_would_on_sampled_traffic_too(report: dict[str, Any]) -> None:
+    """The default quality SLOs (mean teacher-forced KL ≤ 0.1, top-1 agreement ≥ 0.9), per slice, passed on a load
+    half of which was sampled at temperature 0.8; the router compared sampled requests and accepted them."""
+    windows = [a for a in report["analyses"] if a["candidate"] == "tiny-w8a8"]
+    rows = [m for a in windows for m in a.get("metrics", []) if m["slo"] in ("qualityDelta", "agreement")]
+    assert {(m["slo"], m["limit"]) for m in rows if m["verdict"] == "pass" and not m.get("slice")} == {
+        ("qualityDelta", 0.1), ("agreement", 0.9)}, rows
+    assert {m.get("slice") for m in rows if m["verdict"] == "pass"} >= {"prose", "code"}, rows
+    assert not [m for m in rows if m["verdict"] == "fail"], rows
+    [w8a8] = [c for c in report["comparisons"] if c["candidate"] == "tiny-w8a8"]
+    assert w8a8["counts"]["sampled"].get("accepted", 0) > 0 and w8a8["counts"]["greedy"].get("accepted", 0) > 0
+    # Goodput both ways, for every judged window: the accepted share decides, capacity is reported.
+    figures = [g for a in windows if a["verdict"] == "pass" for g in a.get("goodput", [])]
+    assert figures and all(g["perEngineSecond"] is not None for g in figures), figures
+
+
 def test_fp8_dynamic_is_rolled_back_by_a_latency_slo(report: dict[str, Any]) -> None:
     from quantrol_dev.demo.story import LATENCY_SLOS
 

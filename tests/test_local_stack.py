@@ -58,7 +58,7 @@ def test_stack_with_runner_runs_workloads_and_scrapes_routers(tmp_path: Path) ->
     import kubernetes
 
     from quantrol_dev.localstack.runner_plan import ImageEnv
-    from quantrol_dev.localstack.scrape import router_targets
+    from quantrol_dev.localstack.scrape import engine_targets, router_targets
 
     stack = LocalStack(tmp_path, with_operator=False,
                        image_map=[ImageEnv("quantrol-test/*", Path(sys.executable).parent)]).start()
@@ -90,6 +90,12 @@ def test_stack_with_runner_runs_workloads_and_scrapes_routers(tmp_path: Path) ->
                      "demo/tiny": {"host": "127.0.0.1", "ports": {"8080": 5001}}}
         [group] = router_targets(addresses, listed, pods)
         assert group.targets == ["127.0.0.1:5001", "127.0.0.1:5002"]
+        # Each arm's engine is a target of its own, labelled with the arm's digest as the PodMonitor labels it.
+        arm = {"quantrol.io/servingpolicy": "tiny", "quantrol.io/arm": "d8c6e59f2629"}
+        addresses["pods"]["demo/tiny-d8c6e59f2629-x"] = {"host": "127.0.0.1", "ports": {"8000": 5005}}
+        [engine] = engine_targets(addresses, [*pods, pod("tiny-d8c6e59f2629-x", **arm)])
+        assert engine.as_json() == {"targets": ["127.0.0.1:5005"], "labels": {"namespace": "demo", "policy": "tiny",
+                                                                             "arm": "d8c6e59f2629"}}
         api.close()
         ports = [stack.kubeapi.port, stack.prometheus.port, stack.registry.port]  # type: ignore[union-attr]
     finally:

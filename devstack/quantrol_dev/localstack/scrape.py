@@ -1,4 +1,4 @@
-"""Glue between the local workload runner and Prometheus: scrape every router the runner serves.
+"""Glue between the local workload runner and Prometheus: scrape every router and every engine the runner serves.
 
 On a cluster, a ServiceMonitor (or the `prometheus.io/scrape` pod annotations) makes Prometheus scrape each
 ServingPolicy's router, and relabelling gives every series the `namespace` and `policy` labels the operator's
@@ -7,7 +7,8 @@ and the emulated API says which Services are routers (component label `router`, 
 the two into Prometheus file_sd target groups with those labels, rewritten only when they change. Every router pod
 is a target (the runner's `"pods"` section says where each answers), as a PodMonitor would make it, so a policy
 with several router replicas is judged on all of its traffic; the Service's endpoint stands in when the runner
-has not listed the pods yet.
+has not listed the pods yet. Every serving arm's engine is a target too, with the arm's short digest as `arm`
+(the PodMonitor's relabelling), so the analysis reads vLLM's own queue, batch and KV-cache signals.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from quantrol_dev.localstack.prometheus import PrometheusServer, TargetGroup
 from quantrol_operator.children.router import LABEL_COMPONENT, ROUTER_PORT
-from quantrol_operator.children.serving import LABEL_POLICY
+from quantrol_operator.children.serving import ENGINE_PORT, LABEL_ARM, LABEL_POLICY
 
 log = logging.getLogger("quantrol.localstack.scrape")
 
@@ -63,6 +64,24 @@ def router_targets(services: Mapping[str, Any], router_services: Sequence[Mappin
             targets = [f"{endpoint.get('host', '127.0.0.1')}:{port}"]
         groups.append(TargetGroup(sorted(targets), {"namespace": str(namespace), "policy": str(policy)}))
     return sorted(groups, key=lambda g: (g.labels["namespace"], g.labels["policy"]))
+
+
+def engine_targets(services: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> list[TargetGroup]:
+    """One target group per arm pod that `services` has an engine address for, labelled as the PodMonitor's engine
+    endpoint labels it: namespace, policy, and `arm` (the arm's short digest)."""
+    addresses = services.get("pods") or {}
+    groups: list[TargetGroup] = []
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        policy, arm = labels.get(LABEL_POLICY), labels.get(LABEL_ARM)
+        entry = addresses.get(f"{meta.get('namespace')}/{meta.get('name')}") or {}
+        port = (entry.get("ports") or {}).get(str(ENGINE_PORT))
+        if policy and arm and port is not None:
+            groups.append(TargetGroup([f"{entry.get('host', '127.0.0.1')}:{port}"],
+                                      {"namespace": str(meta.get("namespace")), "policy": str(policy),
+                                       "arm": str(arm)}))
+    return sorted(groups, key=lambda g: (g.labels["namespace"], g.labels["policy"], g.labels["arm"], g.targets[0]))
 
 
 class RouterScrapeSync:
@@ -109,7 +128,7 @@ class RouterScrapeSync:
         objects = [self._api.sanitize_for_serialization(s) for s in listed.items]
         pods = [self._api.sanitize_for_serialization(p)
                 for p in core.list_pod_for_all_namespaces(_request_timeout=10).items]
-        groups = router_targets(services, objects, pods)
+        groups = router_targets(services, objects, pods) + engine_targets(services, pods)
         if [g.as_json() for g in groups] != [g.as_json() for g in self.current]:
             self.prometheus.set_file_sd_targets(groups)
             self.current = groups
