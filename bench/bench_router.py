@@ -28,6 +28,11 @@ Two sections:
    single-threaded router in bursts of `concurrency`). Every token is relayed on its own here, so `rtr us/req`
    for streams is the per-token cost x tokens. On a machine shared with other work, each extra process hop also
    waits for a core: compare rows of one run, and mind `busy` and the load average printed on top.
+3. Compared requests (`--compare-requests`, sampled at temperature 0.8, 16 concurrent): the same load through a
+   router that mirrors nothing and through one that mirrors and compares every request (the candidate's mirrored
+   answer, its teacher-forced scoring of the stable answer, the comparison, their metrics). The difference in the
+   router's CPU per request is what one compared request adds; the candidate's prefilled tokens per compared
+   request are the engine-side cost.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -82,13 +88,19 @@ async def wait_ready(url: str, timeout_s: float = 20.0) -> None:
     raise SystemExit(f"{url} not ready after {timeout_s}s")
 
 
-def start_router(backend_port: int, workdir: Path, python: str) -> tuple[subprocess.Popen[bytes], int]:
-    config = {"version": 1, "arms": {"stable": {"url": f"http://127.0.0.1:{backend_port}", "weight": 100,
-                                                "admission": {"max_in_flight": 1000, "max_queue": 1000}}}}
-    path = workdir / f"router-{backend_port}.json"
+def start_router(backend_port: int, workdir: Path, python: str, candidate_port: int | None = None,
+                 mirror_fraction: float = 0.0) -> tuple[subprocess.Popen[bytes], int]:
+    admission = {"max_in_flight": 1000, "max_queue": 1000}
+    arms: dict[str, Any] = {"stable": {"url": f"http://127.0.0.1:{backend_port}", "weight": 100,
+                                       "admission": admission}}
+    if candidate_port is not None:
+        arms["candidate"] = {"url": f"http://127.0.0.1:{candidate_port}", "weight": 0, "admission": admission}
+    config = {"version": 1, "arms": arms, "mirror_fraction": mirror_fraction,
+              "compare": {"max_concurrent_mirrors": 1000}}
+    path = workdir / f"router-{backend_port}-{mirror_fraction}.json"
     path.write_text(json.dumps(config))
     port = free_port()
-    log = (workdir / f"router-{backend_port}.log").open("wb")
+    log = (workdir / f"router-{backend_port}-{mirror_fraction}.log").open("wb")
     proc = subprocess.Popen(
         [python, "-m", "quantrol_worker.cli", "route", "--config", str(path), "--host", "127.0.0.1",
          "--port", str(port), "--log-level", "ERROR"],
@@ -116,10 +128,10 @@ def cpu_seconds(pid: int | None = None) -> float:
 
 
 async def load(session: aiohttp.ClientSession, url: str, concurrency: int, requests: int, stream: bool,
-               max_tokens: int, spread_s: float = 0.0) -> tuple[list[float], float]:
+               max_tokens: int, spread_s: float = 0.0, temperature: float = 0.0) -> tuple[list[float], float]:
     """`concurrency` clients, each sending its next request when its last one is answered; with `spread_s`, their
     first requests are spread evenly over that many seconds (see the paced section)."""
-    body = {"model": "m", "prompt": "the quick brown fox", "max_tokens": max_tokens, "temperature": 0,
+    body = {"model": "m", "prompt": "the quick brown fox", "max_tokens": max_tokens, "temperature": temperature,
             "stream": stream}
     latencies: list[float] = []
     remaining = requests
@@ -226,6 +238,53 @@ async def section(title: str, token_latency_s: float, cells: list[tuple[int, int
     return results
 
 
+async def router_counter(session: aiohttp.ClientSession, url: str, name: str) -> float:
+    async with session.get(url + "/metrics") as r:
+        text = await r.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+async def compare_section(args: argparse.Namespace, workdir: Path) -> None:
+    """Section 3: the router's added CPU per compared request (see the module docstring)."""
+    stable, stable_port = start_backend(0.0)
+    candidate, candidate_port = start_backend(0.0)
+    routers = {mirror: start_router(stable_port, workdir, args.router_python, candidate_port, mirror)
+               for mirror in (0.0, 1.0)}
+    n, concurrency = args.compare_requests, 16
+    print(f"\n3. compared requests: {n} sampled requests (temperature 0.8) per mode, {concurrency} concurrent, "
+          f"through a router that mirrors none and one that mirrors and compares all")
+    positions = "quantrol_router_compare_positions_total"
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            for stream in (False, True):
+                per_request: dict[float, float] = {}
+                for mirror, (proc, port) in routers.items():
+                    url = f"http://127.0.0.1:{port}"
+                    await wait_ready(url + "/healthz")
+                    target = await router_counter(session, url, positions) + n * 0.9 * args.max_tokens
+                    before = cpu_seconds(proc.pid)
+                    await load(session, url, concurrency, n, stream, args.max_tokens, temperature=0.8)
+                    deadline = time.monotonic() + 60  # mirrors and scorings finish after the client's answer
+                    while mirror and time.monotonic() < deadline:
+                        if await router_counter(session, url, positions) >= target:
+                            break
+                        await asyncio.sleep(0.2)
+                    per_request[mirror] = (cpu_seconds(proc.pid) - before) / n * 1e6
+                prefill = await router_counter(session, f"http://127.0.0.1:{routers[1.0][1]}",
+                                               "quantrol_router_score_prefill_tokens_total")
+                mode = "streamed" if stream else "whole"
+                print(f"router CPU per {mode} request: {per_request[0.0]:.0f} us not compared, {per_request[1.0]:.0f}"
+                      f" us compared: +{per_request[1.0] - per_request[0.0]:.0f} us per compared request (mirror, "
+                      f"scoring, comparison); candidate prefill so far {prefill:.0f} tokens", flush=True)
+    finally:
+        for proc in (*(p for p, _ in routers.values()), stable, candidate):
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 async def run(args: argparse.Namespace) -> None:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     paced = [int(c) for c in args.paced_concurrency.split(",")] if args.paced_token_ms > 0 else []
@@ -244,6 +303,8 @@ async def run(args: argparse.Namespace) -> None:
                 f"requests per round per target", args.paced_token_ms / 1e3,
                 [(c, c * args.paced_waves) for c in paced], args, Path(tmp),
             )
+        if args.compare_requests > 0:
+            await compare_section(args, Path(tmp))
     print()
     for name, results in sections.items():
         for stream in (False, True):
@@ -266,13 +327,15 @@ def main() -> None:
     parser.add_argument("--paced-waves", type=int, default=5, help="paced section: requests per round per target, "
                         "in multiples of the concurrency")
     parser.add_argument("--paced-concurrency", default="16,100", help="paced section: comma-separated")
+    parser.add_argument("--compare-requests", type=int, default=300, help="compared section: sampled requests per "
+                        "mode and router (0: skip the section)")
     parser.add_argument("--router-python", default=sys.executable, help="the router's interpreter (default: this "
                         "one); $QUANTROL_SERVE_PYTHON is the serving image's environment, which has uvloop")
     parser.add_argument("--quick", action="store_true", help="a smoke run: --requests 100 --rounds 1 "
                         "--paced-waves 3")
     args = parser.parse_args()
     if args.quick:
-        args.requests, args.rounds, args.paced_waves = 100, 1, 3
+        args.requests, args.rounds, args.paced_waves, args.compare_requests = 100, 1, 3, 100
     asyncio.run(run(args))
 
 

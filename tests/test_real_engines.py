@@ -2,8 +2,9 @@
 
 W8A8 must be verified `native` (CPUInt8ScaledMMLinearKernel), the bf16 baseline `native` (dense), and W8A16 refused
 as `none` with exit code 3 and a KernelUnavailable termination message naming the layer, well before any readiness
-timeout. Three vLLM starts in all, never more than two at once (≈3 GB each on 2 cores): W8A16 alone first, then
-bf16 and W8A8 side by side for the rest of the module.
+timeout. Four vLLM starts in all, never more than two at once (≈3 GB each on 2 cores): W8A16 alone first, then
+bf16 and W8A8 side by side (the router's teacher-forced comparison on sampled traffic, with its control), then, once
+bf16 stopped, a corrupted copy of the model beside W8A8 (the comparison must see it).
 
 Needs two environments (their pins conflict, ARCHITECTURE.md): QUANTROL_CALIBRATE_PYTHON builds the tiny model and
 quantizes it with llm-compressor (round-to-nearest, no calibration data: kernel choice depends on the scheme, not
@@ -59,6 +60,21 @@ for scheme in sys.argv[3:]:
     model.save_pretrained(f"{out}/{scheme}", save_compressed=True)
     tok.save_pretrained(f"{out}/{scheme}")
 """
+# A damaged artifact: the bf16 model with Gaussian noise of 0.6 × each Linear weight's own spread added (seeded).
+CORRUPT = """
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+src, out = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+with torch.no_grad():
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            w = module.weight
+            w.add_(torch.randn_like(w) * 0.6 * w.float().std().to(w.dtype))
+model.save_pretrained(out)
+AutoTokenizer.from_pretrained(src).save_pretrained(out)
+"""
 
 
 def _env(tmp: Path) -> dict[str, str]:
@@ -93,8 +109,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     quant = subprocess.run([CALIBRATE_PYTHON, "-c", QUANTIZE, str(base), str(tmp), "W8A8", "W8A16"],
                            capture_output=True, text=True, env=_env(tmp), timeout=600, check=False)
     assert quant.returncode == 0, quant.stderr[-3000:]
-    print(f"\n[real-engines] tiny model + W8A8/W8A16 ready in {time.monotonic() - started:.1f}s", file=sys.stderr)
-    return {"bf16": base, "W8A8": tmp / "W8A8", "W8A16": tmp / "W8A16"}
+    corrupt = subprocess.run([CALIBRATE_PYTHON, "-c", CORRUPT, str(base), str(tmp / "corrupted")],
+                             capture_output=True, text=True, env=_env(tmp), timeout=600, check=False)
+    assert corrupt.returncode == 0, corrupt.stderr[-3000:]
+    print(f"\n[real-engines] tiny model + W8A8/W8A16/corrupted ready in {time.monotonic() - started:.1f}s",
+          file=sys.stderr)
+    return {"bf16": base, "W8A8": tmp / "W8A8", "W8A16": tmp / "W8A16", "corrupted": tmp / "corrupted"}
 
 
 class Served:
@@ -214,55 +234,95 @@ def test_bf16_baseline_is_native_dense(engines: dict[str, Served]) -> None:
         "unquantized", "native", "dense", [])
 
 
-def test_router_in_front_of_real_engines_mirrors_and_compares(engines: dict[str, Served], tmp_path: Path) -> None:
-    """The router over real HTTP against two real vLLM CPU servers: bf16 stable, W8A8 candidate, everything mirrored.
+class RouterRun:
+    """`quantrol-worker route` in front of two real engines, everything mirrored and compared teacher-forced."""
 
-    Checks what only real engines can tell: vLLM's token ids and prompt log-probabilities have the shapes the
-    router's comparison and teacher-forced probe expect.
-    """
-    port = _free_port()
-    config = {"version": 1, "mirror_fraction": 1.0, "arms": {
-        "stable": {"url": f"http://127.0.0.1:{engines['bf16'].port}", "weight": 100},
-        "candidate": {"url": f"http://127.0.0.1:{engines['W8A8'].port}", "weight": 0}}}
-    (tmp_path / "router.json").write_text(json.dumps(config))
-    router = subprocess.Popen([sys.executable, "-m", "quantrol_worker.cli", "route", "--config",
-                               str(tmp_path / "router.json"), "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=(tmp_path / "router.log").open("wb"), stderr=subprocess.STDOUT,
-                              env={**os.environ, "NO_PROXY": "127.0.0.1,localhost"})
-    try:
+    def __init__(self, tmp: Path, stable_port: int, candidate_port: int) -> None:
+        self.tmp, self.port = tmp, _free_port()
+        config = {"version": 1, "mirror_fraction": 1.0, "arms": {
+            "stable": {"url": f"http://127.0.0.1:{stable_port}", "weight": 100},
+            "candidate": {"url": f"http://127.0.0.1:{candidate_port}", "weight": 0}}}
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "router.json").write_text(json.dumps(config))
+        self.proc = subprocess.Popen([sys.executable, "-m", "quantrol_worker.cli", "route", "--config",
+                                      str(tmp / "router.json"), "--host", "127.0.0.1", "--port", str(self.port)],
+                                     stdout=(tmp / "router.log").open("wb"), stderr=subprocess.STDOUT,
+                                     env={**os.environ, "NO_PROXY": "127.0.0.1,localhost"})
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
             time.sleep(0.2)
-        for i in range(4):
-            body = json.dumps({"model": "tiny", "prompt": f"The licence {i}", "max_tokens": 6,
-                               "temperature": 0}).encode()
-            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+
+    def send(self, n: int, temperature: float) -> list[dict[str, Any]]:
+        answers = []
+        for i in range(n):
+            body = json.dumps({"model": "tiny", "prompt": f"The licence {i} grants", "max_tokens": 8,
+                               "temperature": temperature, "stream": i % 2 == 1}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/completions", data=body,
                                          headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(req, timeout=120) as r:
-                answer = json.loads(r.read())
-            # vLLM always has the field (null unless asked); the router asked for ids on mirrored requests and
-            # must hand the client exactly what it would have got directly.
-            assert answer["choices"][0]["text"] and answer["choices"][0].get("token_ids") is None
-        metrics = ""
-        deadline = time.monotonic() + 120  # mirrors and probes run after the client got its answer
+                answers.append({"stream": i % 2 == 1, "body": r.read().decode()})
+        return answers
+
+    def compared(self, n: int) -> dict[str, float]:
+        """The comparison's sums once `n` requests are compared (mirrors and scorings run after the answers)."""
+        figures: dict[str, float] = {}
+        deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
                 metrics = r.read().decode()
-            compared = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-                           if line.startswith("quantrol_router_compared_total{")
-                           and ('result="identical"' in line or 'result="diverged"' in line))
-            probed = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-                         if line.startswith("quantrol_router_probe_tokens_total{"))
-            if compared >= 4 and probed > 0:
+            figures = {name: sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                                 if line.startswith(f"quantrol_router_{name}") and (match in line))
+                       for name, match in (("compare_positions_total", ""), ("compare_kl_nats_total", ""),
+                                           ("compare_top1_matches_total", ""),
+                                           ("compared_total", 'result="accepted"'),
+                                           ("compared_total{", 'result="rejected"'))}
+            figures["rejected"] = figures.pop("compared_total{")
+            if figures["compared_total"] + figures["rejected"] >= n:
                 break
             time.sleep(1)
-        assert compared >= 4 and probed > 0, (tmp_path / "router.log").read_text()[-3000:] + metrics[-3000:]
-    finally:
-        router.terminate()
-        router.wait(30)
+        return figures
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        self.proc.wait(30)
+        return (self.tmp / "router.log").read_text()[-3000:]
+
+
+def test_router_in_front_of_real_engines_compares_sampled_traffic(engines: dict[str, Served], tmp_path: Path) -> None:
+    """The router over real HTTP against real vLLM CPU servers, traffic sampled at temperature 0.8 (half streamed,
+    half not: the router streams those from the engine and assembles the answer).
+
+    The control: the bf16 arm compared with itself scores KL ≈ 0 and top-1 agreement ≈ 1 although every answer was
+    sampled (vLLM's decode-time and prefill-time log-probabilities agree). W8A8 against bf16: close, and accepted.
+    Checks what only real engines can tell: vLLM's token ids, top-k log-probabilities keyed `token_id:<id>` and prompt
+    log-probabilities have the shapes the comparison expects.
+    """
+    bf16, w8a8 = engines["bf16"].port, engines["W8A8"].port
+    results: dict[str, dict[str, float]] = {}
+    for name, candidate in (("control", bf16), ("W8A8", w8a8)):
+        router = RouterRun(tmp_path / name, bf16, candidate)
+        try:
+            for answer in router.send(6, temperature=0.8):
+                if not answer["stream"]:
+                    # The client gets exactly what it asked for: no token ids or log-probabilities it did not ask.
+                    choice = json.loads(answer["body"])["choices"][0]
+                    assert choice["text"] and choice.get("token_ids") is None and choice.get("logprobs") is None
+            results[name] = router.compared(6)
+        finally:
+            log = router.stop()
+        assert results[name]["compare_positions_total"] >= 6 * 8 - 6, (results, log)  # EOS may end one early
+    for name, figures in results.items():
+        positions = figures["compare_positions_total"]
+        results[name] = {"kl": figures["compare_kl_nats_total"] / positions,
+                         "agreement": figures["compare_top1_matches_total"] / positions,
+                         "accepted": figures["compared_total"], "rejected": figures["rejected"]}
+    print(f"\n[real-engines] teacher-forced at temperature 0.8: {results}", file=sys.stderr)
+    assert results["control"]["kl"] < 1e-3 and results["control"]["agreement"] >= 0.99, results
+    assert results["W8A8"]["kl"] < 0.05 and results["W8A8"]["agreement"] >= 0.9, results
+    assert results["W8A8"]["rejected"] == 0, results
 
 
 def test_sigterm_is_forwarded_and_vllm_stops(engines: dict[str, Served]) -> None:
@@ -274,3 +334,26 @@ def test_sigterm_is_forwarded_and_vllm_stops(engines: dict[str, Served]) -> None
     assert "forwarding to vLLM" in bf16.log_path.read_text()
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", bf16.port)) != 0  # vLLM's port is closed: the engine is gone too
+
+
+def test_a_corrupted_arm_shows_clearly_on_sampled_traffic(models: dict[str, Path], engines: dict[str, Served],
+                                                          tmp_path: Path) -> None:
+    """After bf16 stopped (the previous test), a corrupted arm starts beside W8A8 (never more than two engines): its
+    answers to the same sampled traffic, scored teacher-forced, are far from W8A8's."""
+    corrupted = Served(tmp_path, "corrupted", models["corrupted"], "unquantized")
+    try:
+        corrupted.wait_serving()
+        router = RouterRun(tmp_path / "router", engines["W8A8"].port, corrupted.port)
+        try:
+            router.send(6, temperature=0.8)
+            figures = router.compared(6)
+        finally:
+            log = router.stop()
+    finally:
+        corrupted.stop()
+    positions = figures["compare_positions_total"]
+    kl, agreement = figures["compare_kl_nats_total"] / positions, figures["compare_top1_matches_total"] / positions
+    print(f"\n[real-engines] corrupted vs W8A8 at temperature 0.8: KL {kl:.3f}, agreement {agreement:.2f}",
+          file=sys.stderr)
+    assert positions > 0 and kl > 0.3 and agreement < 0.8, (figures, log)
+    assert figures["rejected"] >= 4, figures
