@@ -27,7 +27,7 @@ from quantrol_worker.contracts import KernelVerdict, Scheme, Target
 from quantrol_worker.serve import main as serve_main
 from quantrol_worker.serve.http import assessment_json
 from quantrol_worker.serve.logparse import EventKind, parse_line
-from quantrol_worker.serve.verify import KernelObserver, Mismatch
+from quantrol_worker.serve.verify import KernelObserver, Mismatch, engine_facts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -363,3 +363,19 @@ def test_assessment_json_shape() -> None:
     assert body["kernels"] == [{"kernel": "CPUInt8ScaledMMLinearKernel", "subject": "CompressedTensorsW8A8Int8",
                                 "family": "CPUInt8ScaledMMLinearKernel", "verdict": "native"}]
     assert body["mismatches"] == [] and body["verified"] is True
+
+
+def test_the_engine_start_line_gives_version_device_and_settings_for_the_envelope() -> None:
+    # vLLM CPU 0.32's own line (from a real engine's log, config shortened).
+    line = ("(EngineCore pid=11516) INFO 12-05 03:46:09 [core.py:133] Initializing a V1 LLM engine (v0.32.0) with "
+            "config: model='/m', dtype=torch.bfloat16, max_seq_len=256, quantization=None, enforce_eager=True, "
+            "kv_cache_dtype=auto, device_config=cpu, seed=0, served_model_name=tiny, enable_prefix_caching=True")
+    facts = engine_facts(line)
+    assert facts == {"version": "0.32.0", "device_config": "cpu", "dtype": "torch.bfloat16", "quantization": "None",
+                     "kv_cache_dtype": "auto", "max_seq_len": "256", "enforce_eager": "True",
+                     "enable_prefix_caching": "True"}
+    assert engine_facts("INFO Starting vLLM API server 0 on http://127.0.0.1:8000") is None
+    observer = KernelObserver(scheme=None, target=Target.CPU_X86, flags=("--max-num-seqs", "4"))
+    observer.feed(line, None)
+    shown = assessment_json(observer.assess())
+    assert shown["engine"]["version"] == "0.32.0" and shown["flags"] == ["--max-num-seqs", "4"]

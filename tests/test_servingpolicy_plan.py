@@ -372,3 +372,22 @@ def test_probes_take_the_artifacts_prompts_and_status_says_when_quality_rests_on
     router_pod = next(d for d in deployments(result) if d["metadata"]["name"].endswith("-router"))["spec"]["template"]
     assert {"name": "probes", "configMap": {"name": "probe-prompts", "optional": True}} in router_pod["spec"]["volumes"]
     assert result.status["probes"]["source"] == "configMap"
+
+
+def test_the_serving_envelope_of_each_arm_is_kept_under_its_role() -> None:
+    from quantrol_operator.api.servingpolicy import ServingEnvelope
+
+    obj, shadow = _to_shadow()
+    stable = obj["spec"]["baseline"]["artifact"]
+    read = {serving.short_digest(ref): ServingEnvelope(arm="", artifact_short_digest=serving.short_digest(ref),
+                                                       engine_version="0.32.0", device="cpu", image="sha256:abc",
+                                                       flags=["--max-num-seqs", "64"], settings={"dtype": "bf16"})
+            for ref in (stable, CANDIDATE)}
+    now = T0 + timedelta(seconds=30)
+    result = run(obj, quantized_model=qm(), deployments=ready(deployments(shadow)), envelopes=read, now=now)
+    envelope = {e["arm"]: e for e in result.status["servingEnvelope"]}
+    assert envelope["candidate"]["artifactShortDigest"] == "c" * 12 and envelope["stable"]["device"] == "cpu"
+    # Read once: later passes keep what status holds.
+    again = run(advance(obj, result), quantized_model=qm(), deployments=ready(deployments(shadow)),
+                now=now + timedelta(seconds=5))
+    assert again.status["servingEnvelope"] == result.status["servingEnvelope"]

@@ -411,6 +411,13 @@ class GoodputFigures(StatusModel):
         default=None, description="Accepted output tokens × quality acceptance ÷ (replicas × engine slots × window).")
 
 
+class RequestMix(StatusModel):
+    """What the window judged: requests per slice (both arms, live and mirrored) and compared requests by decoding."""
+
+    slices: dict[str, int] = Field(default_factory=dict, max_length=64)
+    decoding: dict[str, int] = Field(default_factory=dict, max_length=4)
+
+
 class AnalysisRun(StatusModel):
     time: datetime
     window_seconds: int
@@ -420,6 +427,7 @@ class AnalysisRun(StatusModel):
         default=None, description="Why this window could not judge (set when the verdict is inconclusive or error).")
     metrics: list[MetricResult] = Field(default_factory=list, max_length=64)
     goodput: list[GoodputFigures] = Field(default_factory=list, max_length=2)
+    request_mix: RequestMix | None = None
 
 
 class RollbackRecord(StatusModel):
@@ -494,6 +502,19 @@ class ProbeStatus(StatusModel):
     message: str = ""
 
 
+class ServingEnvelope(StatusModel):
+    """What serves one arm, as its engine and pods report it: the serving-side experiment envelope."""
+
+    arm: str = Field(description="stable or candidate (previousStable while a promotion is guarded).")
+    artifact_short_digest: str
+    engine_version: str | None = Field(default=None, description="As the engine logs it at start.")
+    device: str | None = Field(default=None, description="The engine's device, as it reports it (cpu, cuda, …).")
+    image: str | None = Field(default=None, description="The engine container's image digest (pod imageID).")
+    flags: list[str] = Field(default_factory=list, max_length=64, description="The engine's command-line flags.")
+    settings: dict[str, str] = Field(default_factory=dict, max_length=16,
+                                     description="Effective settings the engine reports (dtype, kv-cache dtype, …).")
+
+
 class HandledAnnotations(StatusModel):
     retry: str | None = None
     rollback: str | None = None
@@ -531,6 +552,7 @@ class ServingPolicyStatus(StatusModel):
     paused_from: RolloutPhase | None = Field(default=None, description="The phase a user pause interrupted.")
     candidate_kernels: KernelReport | None = None
     probes: ProbeStatus | None = None
+    serving_envelope: list[ServingEnvelope] = Field(default_factory=list, max_length=3)
     router: RouterState = Field(default_factory=RouterState)
     last_analysis: AnalysisRun | None = None
     counters: AnalysisCounters = Field(default_factory=AnalysisCounters)

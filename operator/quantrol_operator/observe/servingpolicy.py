@@ -10,7 +10,7 @@ from typing import Any
 
 from quantrol_operator.api.kinds import QUANTIZED_MODEL
 from quantrol_operator.children import router
-from quantrol_operator.children.serving import LABEL_POLICY
+from quantrol_operator.children.serving import LABEL_POLICY, short_digest
 from quantrol_operator.kube import Kube
 from quantrol_operator.observe import analysis, candidate
 from quantrol_operator.planning.servingpolicy import SpObserved, read_spec
@@ -44,11 +44,18 @@ def observe(kube: Kube, addresses: Addresses, prometheus_url: str, obj: dict[str
     pinned = status.get("candidateArtifact")
     if pinned and pinned != status.get("stableArtifact"):
         kernels, failed = candidate.health(kube, addresses, namespace, policy, pinned)
+    envelopes = {}
+    known = {e.get("artifactShortDigest") for e in status.get("servingEnvelope") or [] if e.get("engineVersion")}
+    for ref in {status.get("stableArtifact"), pinned, status.get("rollbackTarget")} - {None}:
+        if short_digest(str(ref)) not in known:  # read once per arm: an engine's envelope does not change
+            found = candidate.envelope(kube, addresses, namespace, policy, str(ref))
+            if found is not None:
+                envelopes[found.artifact_short_digest] = found
     token, create_token = router_token(kube, namespace, policy)
     window = None
     if spec is not None and analysis.due(status, spec, now):
         window = analysis.window(analysis.source_for(spec, prometheus_url), namespace, policy, status, spec, now)
     observed = SpObserved(obj=obj, spec=read, quantized_model=qm, deployments=deployments, candidate_kernels=kernels,
                           candidate_failed=failed, window=window, router_token=token if create_token else "",
-                          now=now)
+                          envelopes=envelopes, now=now)
     return observed, token

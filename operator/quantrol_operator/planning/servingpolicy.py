@@ -28,6 +28,7 @@ from quantrol_operator.api.servingpolicy import (
     ProbeStatus,
     RollbackReason,
     RollbackRecord,
+    ServingEnvelope,
     ServingPolicySpec,
     ServingPolicyStatus,
     TrafficProvider,
@@ -82,6 +83,7 @@ class SpObserved:
     candidate_failed: str | None = None  # why the candidate arm cannot run (e.g. fetch refused the digest)
     window: Observation | None = None  # None: no analysis this pass (not in Shadow/Canary, or not due)
     router_token: str = ""
+    envelopes: dict[str, ServingEnvelope] = field(default_factory=dict)  # newly read, by the arm's short digest
     now: datetime = field(default_factory=datetime.now)
 
 
@@ -180,6 +182,7 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
     if pinned is None and phase is P.PENDING:
         status.message = f"waiting for a candidate: {why_not}"
     status.probes = _probes(spec, observed, before)
+    status.serving_envelope = _envelopes(status, observed, stable, pinned, phase, now)
     weights = weights_for(phase, index, facts.steps, spec.rollout.shadow.mirror_fraction, held=before.weights)
     _children(result, obj, spec, images, stable, pinned, phase, status, weights, now, observed.router_token,
               observed.quantized_model)
@@ -209,7 +212,7 @@ def _analyse(result: SpPlan, status: ServingPolicyStatus, observed: SpObserved, 
     decision, counters = decide(verdict, window.newest, status.counters, spec.analysis, after_step)
     status.last_analysis = result.analysis = AnalysisRun(time=now, window_seconds=seconds, verdict=verdict,
                                                          cause=cause, no_judgement=why, metrics=results,
-                                                         goodput=window.goodput)
+                                                         goodput=window.goodput, request_mix=window.mix)
     return decision, counters
 
 
@@ -222,6 +225,26 @@ def _probes(spec: ServingPolicySpec, observed: SpObserved, before: ServingPolicy
     if before.probes is not None and before.probes.source is planned.source and before.probes.prompts is not None:
         return with_counts(planned, before.probes.prompts)
     return planned
+
+
+def _envelopes(status: ServingPolicyStatus, observed: SpObserved, stable: str, candidate: str | None, phase: P,
+               now: datetime) -> list[ServingEnvelope]:
+    """The serving-side envelope of every arm that serves now: what its engine reported (kept once read), under
+    the arm's current role."""
+    guard = phase is P.PROMOTED and status.guard_until is not None and now < status.guard_until
+    roles = [("stable", stable)]
+    if candidate is not None and candidate != stable and phase in CANDIDATE_PHASES:
+        roles.append(("candidate", candidate))
+    if guard and status.rollback_target and status.rollback_target != stable:
+        roles.append(("previousStable", status.rollback_target))
+    known = {e.artifact_short_digest: e for e in status.serving_envelope}
+    out = []
+    for role, ref in roles:
+        digest = serving.short_digest(ref)
+        found = observed.envelopes.get(digest) or known.get(digest)
+        if found is not None:
+            out.append(found.model_copy(update={"arm": role}))
+    return out
 
 
 def _desired_candidate(observed: SpObserved,

@@ -17,7 +17,15 @@ from typing import Any, Protocol
 
 import requests
 
-from quantrol_operator.api.servingpolicy import CustomSlo, GoodputFigures, NoJudgement, SloFloor, SloLimit, Slos
+from quantrol_operator.api.servingpolicy import (
+    CustomSlo,
+    GoodputFigures,
+    NoJudgement,
+    RequestMix,
+    SloFloor,
+    SloLimit,
+    Slos,
+)
 from quantrol_operator.rollout.analysis import QUALITY_SLOS, GoodputInputs, Sample, TargetHealth, goodput
 from quantrol_worker.router.config import INTERACTIVE
 
@@ -273,19 +281,33 @@ class Observation:
     targets: TargetHealth
     goodput: list[GoodputFigures] = field(default_factory=list)
     probe_prompts: dict[str, float] | None = None  # per slice, as the routers report them; None: not known
+    mix: RequestMix | None = None
 
 
 def observe(source: MetricSource, scope: Scope, slos: Slos, stable_live: bool = True) -> Observation:
     samples, newest = collect(source, scope, slos, stable_live)
     figures: list[GoodputFigures] = []
     prompts: dict[str, float] | None = None
+    mix = None
     try:
-        figures = observe_goodput(source, scope) if newest is not None else []
-        prompts = source.by_label(f"max by (slice) ({R}probe_prompts{scope.sel(live=False)})", "slice") \
-            if newest is not None else None
+        if newest is not None:
+            figures = observe_goodput(source, scope)
+            prompts = source.by_label(f"max by (slice) ({R}probe_prompts{scope.sel(live=False)})", "slice")
+            mix = request_mix(source, scope)
     except QueryError:
         pass  # the samples say so already; these figures are for status only
-    return Observation(samples, newest, target_health(source, scope), figures, prompts)
+    return Observation(samples, newest, target_health(source, scope), figures, prompts, mix)
+
+
+def request_mix(source: MetricSource, scope: Scope) -> RequestMix:
+    """Requests per slice in the window (live and mirrored, both arms) and compared requests by decoding."""
+    served = scope.sel(live=False, matching={"traffic": "live|mirror"})
+    slices = source.by_label(f"sum by (slice) (increase({R}requests_total{served}[{scope.window}]))", "slice")
+    compared = scope.sel(live=False, matching={"result": "accepted|rejected"})
+    decoding = source.by_label(f"sum by (decoding) (increase({R}compared_total{compared}[{scope.window}]))",
+                               "decoding")
+    return RequestMix(slices={k: round(v) for k, v in slices.items() if v >= 0.5},
+                      decoding={k: round(v) for k, v in decoding.items() if v >= 0.5})
 
 
 def _absolute_only(name: str, limit: SloLimit | SloFloor) -> SloLimit | SloFloor | None:

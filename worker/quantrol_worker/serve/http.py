@@ -43,6 +43,8 @@ def assessment_json(a: Assessment) -> dict[str, Any]:
         ],
         "mismatches": [{"reason": r.value, "detail": d} for r, d in a.mismatches],
         "message": a.message,
+        "engine": a.engine,
+        "flags": list(a.flags),
     }
 
 

@@ -111,6 +111,7 @@ def build_observer(ns: argparse.Namespace, engine_args: list[str]) -> KernelObse
         kv_cache_dtype=_flag(engine_args, "--kv-cache-dtype") or "auto",
         kv_scales_promised=kv == KvCacheScheme.FP8.value,
         scheme_known=known,
+        flags=tuple(engine_args),
     )
 
 

@@ -39,6 +39,23 @@ UNQUANTIZED = "unquantized"  # the scheme label of a bf16/fp16 baseline: nothing
 FP8_WEIGHT_ONLY_FAMILY = "MarlinFP8 (weight-only)"
 _TRACE_LAYER = re.compile(r"\bself\.(?P<attr>\w+) = (?P<cls>\w*Linear\w*)\(")
 _TRACE_SCHEME = re.compile(r"schemes/(?P<file>\w+\.py)")
+# vLLM's engine start line: "Initializing a V1 LLM engine (v0.32.0) with config: model=…, dtype=…, device_config=cpu,
+# …": the engine's own word on its version, device and effective settings (the serving-side experiment envelope).
+_ENGINE_LINE = re.compile(r"Initializing a \S+ LLM engine \(v(?P<version>[^)\s]+)\) with config: (?P<config>.*)")
+_ENGINE_KEYS = ("device_config", "dtype", "quantization", "kv_cache_dtype", "max_seq_len", "enforce_eager",
+                "tensor_parallel_size", "enable_prefix_caching", "enable_chunked_prefill")
+
+
+def engine_facts(line: str) -> dict[str, str] | None:
+    """The version, device and settings vLLM reports at start, or None for any other line (values cut to 128)."""
+    m = _ENGINE_LINE.search(line)
+    if m is None:
+        return None
+    facts = {"version": m["version"][:64]}
+    for key in _ENGINE_KEYS:
+        if found := re.search(rf"\b{key}=([^,]*)", m["config"]):
+            facts[key] = found.group(1).strip()[:128]
+    return facts
 
 
 @dataclass(frozen=True)
@@ -62,6 +79,8 @@ class Assessment:
     kernels: tuple[KernelInUse, ...]
     mismatches: tuple[tuple[Mismatch, str], ...]
     message: str
+    engine: dict[str, str] = field(default_factory=dict)  # engine_facts: version, device, effective settings
+    flags: tuple[str, ...] = ()  # the engine's command-line flags, as the launcher passed them
 
     @property
     def verified(self) -> bool:
@@ -86,8 +105,12 @@ class KernelObserver:
     exit_code: int | None = None
     layer: str = ""  # the Linear being built when vLLM gave up (from its traceback)
     scheme_class: str = ""  # the vLLM scheme implementation file that asked for the kernel
+    engine: dict[str, str] = field(default_factory=dict)
+    flags: tuple[str, ...] = ()
 
     def feed(self, line: str, event: LogEvent | None) -> None:
+        if not self.engine and (facts := engine_facts(line)) is not None:
+            self.engine = facts
         if event is None:
             # Traceback lines of a failed load name the layer and the scheme implementation; keep the last ones.
             if self.no_kernel is None and self.exit_code is None:
@@ -185,6 +208,8 @@ class KernelObserver:
             kernels=kernels,
             mismatches=tuple(mismatches),
             message=message,
+            engine=dict(self.engine),
+            flags=self.flags,
         )
 
     def _judge_quantized(
