@@ -26,25 +26,38 @@ def render_servingpolicy(obj: dict[str, Any]) -> str:
         f"  candidate   {_fmt(status.get('candidateArtifact'))}",
     ]
     if status.get("rollbackTarget"):
-        lines.append(f"  rollback to {status['rollbackTarget']}")
+        lines.append(f"  rollback to {status['rollbackTarget']}"
+                     + (f"  (kept warm, analysis on, until {status['guardUntil']})" if status.get("guardUntil")
+                        else ""))
     if status.get("message"):
         lines.append(f"  message     {status['message']}")
     analysis = status.get("lastAnalysis")
     if analysis:
         lines.append(f"  last analysis {analysis.get('time')} over {analysis.get('windowSeconds')}s: "
                      f"{analysis.get('verdict')}"
+                     + (f" ({analysis['cause']})" if analysis.get("cause") else "")
                      + (f" — no judgement: {analysis['noJudgement']}" if analysis.get("noJudgement") else ""))
-        lines.append(f"    {'SLO':<22} {'candidate':>10} {'stable':>10} {'limit':>10}  verdict")
+        lines.append(f"    {'SLO':<22} {'slice':<12} {'candidate':>10} {'stable':>10} {'limit':>10}  verdict")
         for m in analysis.get("metrics", []):
-            lines.append(f"    {m.get('slo', ''):<22} {_fmt(m.get('value')):>10} {_fmt(m.get('stableValue')):>10} "
-                         f"{_fmt(m.get('limit')):>10}  {m.get('verdict')}")
+            lines.append(f"    {m.get('slo', ''):<22} {m.get('slice') or 'all':<12} {_fmt(m.get('value')):>10} "
+                         f"{_fmt(m.get('stableValue')):>10} {_fmt(m.get('limit')):>10}  {m.get('verdict')}")
+        for g in analysis.get("goodput") or []:
+            lines.append(f"    goodput {g.get('arm'):<10} accepted share {_fmt(g.get('acceptedShare'))} × quality "
+                         f"{_fmt(g.get('qualityAcceptance'))} = {_fmt(g.get('value'))}; "
+                         f"{_fmt(g.get('perEngineSecond'))} accepted tokens per engine-second")
+    probes = status.get("probes")
+    if probes:
+        lines.append(f"  probes      {probes.get('source')}: {probes.get('message', '')}"
+                     + (f" {probes['prompts']}" if probes.get("prompts") else ""))
     paused = next((c for c in status.get("conditions") or [] if c.get("type") == "Paused"), None)
     if paused and paused.get("status") == "True":
         lines.append(f"  PAUSED: {paused.get('reason')} — {paused.get('message', '')}")
     rollback = status.get("rollback")
     if rollback:
         lines.append(f"  ROLLED BACK {rollback.get('time')}: {rollback.get('reason')}"
-                     + (f" on {rollback['slo']}: candidate {_fmt(rollback.get('candidateValue'))} vs limit "
+                     + (f" ({rollback['cause']})" if rollback.get("cause") else "")
+                     + (f" on {rollback['slo']}" + (f" in slice {rollback['slice']}" if rollback.get("slice") else "")
+                        + f": candidate {_fmt(rollback.get('candidateValue'))} vs limit "
                         f"{_fmt(rollback.get('limit'))}" if rollback.get("slo") else "")
                      + (f" — {rollback['message']}" if rollback.get("message") else ""))
         also = [slo for slo in rollback.get("failingSlos") or [] if slo != rollback.get("slo")]
