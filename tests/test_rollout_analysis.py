@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -157,18 +158,18 @@ def test_no_data_never_reads_as_pass(value: float | None, requests: int) -> None
 
 def test_goodput_is_accepted_tokens_times_quality_acceptance_both_ways() -> None:
     inputs = GoodputInputs(output_tokens=1000.0, deadline_tokens=800.0, compared=40.0, quality_accepted=30.0,
-                           engine_seconds=60.0)
+                           engine_seconds=60.0, request_seconds=20.0)
     figures = goodput("candidate", inputs)
     assert figures.accepted_share == 0.8 and figures.quality_acceptance == 0.75
-    assert figures.value == pytest.approx(0.6)  # the online SLO's figure: on time and good
+    assert figures.value == pytest.approx(800 * 0.75 / 20)  # the online SLO's: on time, good, per request-second
     assert figures.per_engine_second == pytest.approx(800 * 0.75 / 60)  # capacity, for status
-    # Worse quality lowers goodput, never raises it.
-    worse = goodput("candidate", GoodputInputs(1000.0, 800.0, compared=40.0, quality_accepted=10.0,
-                                               engine_seconds=60.0))
-    assert worse.value is not None and worse.value < figures.value
+    # Worse quality lowers goodput, never raises it; so does slower serving of the same tokens.
+    worse = goodput("candidate", replace(inputs, quality_accepted=10.0))
+    slower = goodput("candidate", replace(inputs, request_seconds=25.0))
+    assert worse.value is not None and slower.value is not None and max(worse.value, slower.value) < figures.value
     # The stable arm is the quality reference; nothing compared is no quality term, not zero.
-    assert goodput("stable", inputs, reference=True).value == 0.8
-    assert goodput("candidate", GoodputInputs(1000.0, 800.0, engine_seconds=60.0)).value == 0.8
+    assert goodput("stable", inputs, reference=True).value == pytest.approx(800 / 20)
+    assert goodput("candidate", replace(inputs, compared=None, quality_accepted=None)).value == pytest.approx(40)
     # No tokens, no engine time: no figure, never zero or infinity.
     empty = goodput("candidate", GoodputInputs(0.0, 0.0, engine_seconds=0.0))
     assert empty.value is None and empty.per_engine_second is None

@@ -338,10 +338,11 @@ class Slos(ApiModel):
     )
     goodput: SloFloor | None = Field(
         default_factory=lambda: SloFloor(min_relative_to_stable=1.0),
-        description="Online goodput vs the stable arm: the accepted share of output tokens (of requests within the "
-        "deadlines this policy's ttftP99 and interTokenLatencyP99 limits set) times the candidate's quality "
-        "acceptance. Arms carry unequal shares online, so capacity per engine-second is compared in qualification "
-        "and reported here (status.lastAnalysis.goodput) without deciding.",
+        description="Online goodput vs the stable arm: output tokens of requests within the deadlines this "
+        "policy's ttftP99 and interTokenLatencyP99 limits set, times the candidate's quality acceptance, per second "
+        "of the arm's request time (fair although the arms carry unequal shares of the traffic). Capacity per "
+        "engine-second is compared in qualification, at matched load, and reported here "
+        "(status.lastAnalysis.goodput) without deciding.",
     )
     engine_queue_time_p99: SloLimit | None = Field(
         default_factory=lambda: SloLimit(max=1.0),
@@ -406,7 +407,9 @@ class GoodputFigures(StatusModel):
     quality_acceptance: float | None = Field(
         default=None, description="Share of compared requests quality-accepted; 1 for the stable arm (the "
         "reference); unset when nothing was compared.")
-    value: float | None = Field(default=None, description="acceptedShare × qualityAcceptance: the goodput SLO's.")
+    value: float | None = Field(
+        default=None, description="Accepted output tokens × qualityAcceptance per second of the arm's request time: "
+        "the goodput SLO's figure (on time, good and fast per token, whatever share of traffic the arm carries).")
     per_engine_second: float | None = Field(
         default=None, description="Accepted output tokens × quality acceptance ÷ (replicas × engine slots × window).")
 

@@ -232,6 +232,7 @@ class GoodputInputs:
     compared: float | None = None  # requests compared with the stable arm, teacher-forced (candidate only)
     quality_accepted: float | None = None  # of which quality-accepted
     engine_seconds: float = 0.0  # replicas × engine slots (GPUs, or 1 per CPU engine) × window
+    request_seconds: float | None = None  # the arm's requests' durations, summed (arrival to last byte)
 
 
 def goodput(arm: str, inputs: GoodputInputs, reference: bool = False) -> GoodputFigures:
@@ -242,19 +243,26 @@ def goodput(arm: str, inputs: GoodputInputs, reference: bool = False) -> Goodput
     stable arm, which is the reference (and for a candidate nothing was compared with in the window). A lower-bit
     artifact therefore earns goodput by serving more good tokens per unit of hardware, never by being smaller alone.
 
-    Two figures: `per_engine_second` is capacity, fair only at matched load (qualification compares it); online the
-    arms carry unequal shares, so the goodput SLO decides on `value` = accepted share × quality acceptance, the
-    part of what the arm served that was on time and good. No tokens, or no engine time, is no figure (None), never
-    zero and never infinity.
+    Two figures: `per_engine_second` is capacity, fair only at matched load (qualification compares it). Online the
+    arms carry unequal shares of the traffic, so the goodput SLO decides on `value`: accepted tokens × quality
+    acceptance per second of the arm's request time, that is the accepted share × quality acceptance × output
+    tokens per request-second — on time, good and per-token speed at once, whatever share each arm carries. No
+    tokens, or no time, is no figure (None), never zero and never infinity.
     """
     acceptance = 1.0 if reference else _share(inputs.quality_accepted, inputs.compared)
     share = _share(inputs.deadline_tokens, inputs.output_tokens)
     quality = 1.0 if acceptance is None else acceptance
-    per_second = None
-    if inputs.engine_seconds > 0 and inputs.deadline_tokens is not None and math.isfinite(inputs.deadline_tokens):
-        per_second = inputs.deadline_tokens * quality / inputs.engine_seconds
+    accepted = inputs.deadline_tokens if inputs.deadline_tokens is not None and math.isfinite(
+        inputs.deadline_tokens) else None
     return GoodputFigures(arm=arm, accepted_share=share, quality_acceptance=acceptance,
-                          value=None if share is None else share * quality, per_engine_second=per_second)
+                          value=_per(accepted, quality, inputs.request_seconds),
+                          per_engine_second=_per(accepted, quality, inputs.engine_seconds))
+
+
+def _per(tokens: float | None, quality: float, seconds: float | None) -> float | None:
+    if tokens is None or seconds is None or not (seconds > 0) or not math.isfinite(seconds):
+        return None
+    return tokens * quality / seconds
 
 
 def _share(part: float | None, whole: float | None) -> float | None:

@@ -110,7 +110,8 @@ def goodput_inputs(source: MetricSource, s: Scope, arm: str) -> GoodputInputs:
     deadline = increase("deadline_output_tokens_total", s.sel(arm, deadline=INTERACTIVE))
     inputs = GoodputInputs(output_tokens=increase("output_tokens_total", s.sel(arm)),
                            deadline_tokens=deadline if deadline is not None else 0.0,
-                           engine_seconds=s.engine_slots * s.window_seconds)
+                           engine_seconds=s.engine_slots * s.window_seconds,
+                           request_seconds=increase("request_duration_seconds_sum", s.sel(arm)))
     if arm != "candidate":
         return inputs
     return replace(inputs, compared=increase("compared_total", s.sel(live=False,
