@@ -698,7 +698,7 @@ async def test_probes_from_a_configmap_judge_each_slice_without_any_live_traffic
 @pytest.mark.stack
 async def test_probes_read_the_candidate_artifacts_evaluation_prompts_by_digest(
         stack: Stack, start_router: RouterFactory, http: aiohttp.ClientSession, tmp_path: Path,
-        oci_registry: Any) -> None:
+        oci_registry: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from quantrol_worker import oci
     from quantrol_worker.contracts import EVALUATION_PROMPTS_FILE, EvaluationPrompt, EvaluationPrompts, SlicePrompts
 
@@ -720,6 +720,13 @@ async def test_probes_read_the_candidate_artifacts_evaluation_prompts_by_digest(
     s = await scrape(http, running.url)
     assert total(s, "quantrol_router_probe_prompts", slice="code") == 4
     assert stack.stable.stats.requests["/v1/completions"] >= 4  # token-id prompts: no tokenizer, no chat template
+    # The artifact is the tenant's: a file larger than the limit is refused on its manifest's word, before a byte
+    # of it is downloaded.
+    from quantrol_worker.router import probes as probe_prompts
+
+    monkeypatch.setattr(probe_prompts, "EVALUATION_PROMPTS_MAX_BYTES", 100)
+    with pytest.raises(ValueError, match="over the 100-byte limit"):
+        probe_prompts.from_artifact(ref, insecure=True)
 
 
 async def test_diffs_are_off_by_default(stack: Stack, start_router: RouterFactory,

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantrol_worker.contracts import EVALUATION_PROMPTS_FILE, EvaluationPrompts
+from quantrol_worker.contracts import EVALUATION_PROMPTS_FILE, EVALUATION_PROMPTS_MAX_BYTES, EvaluationPrompts
 
 MAX_SLICES = 64
 MAX_PER_SLICE = 256
@@ -60,9 +60,18 @@ def from_evaluation_prompts(prompts: EvaluationPrompts) -> ProbePrompts:
 
 def from_artifact(reference: str, insecure: bool) -> ProbePrompts:
     """Pull only the evaluation-prompts file of `reference` (verified by digest) and read it; an artifact without
-    one has no probes (empty). Raises ArtifactError or ValueError when the artifact cannot be read."""
+    one has no probes (empty). The size its manifest declares is checked before anything is downloaded. Raises
+    ArtifactError or ValueError when the artifact cannot be read."""
     from quantrol_worker import oci  # the registry client only where probes are used
 
+    ref = oci.OciRef.parse(reference)
+    declared = [layer for layer in oci.layers_of(oci.fetch_manifest(ref, insecure=insecure))
+                if layer.title == EVALUATION_PROMPTS_FILE]
+    if not declared:
+        return ProbePrompts({})
+    if (declared[0].size or 0) > EVALUATION_PROMPTS_MAX_BYTES:
+        raise ValueError(f"{EVALUATION_PROMPTS_FILE} declares {declared[0].size} bytes, over the "
+                         f"{EVALUATION_PROMPTS_MAX_BYTES}-byte limit")
     with tempfile.TemporaryDirectory(prefix="quantrol-probes-") as tmp:
         oci.pull(reference, Path(tmp), insecure=insecure, titles=frozenset({EVALUATION_PROMPTS_FILE}))
         path = Path(tmp) / EVALUATION_PROMPTS_FILE
