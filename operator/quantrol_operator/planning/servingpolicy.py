@@ -354,7 +354,9 @@ def _children(result: SpPlan, obj: dict[str, Any], spec: ServingPolicySpec, imag
     if spec.traffic_provider is not TrafficProvider.ROUTER:
         return  # the only provider today; another would split traffic without Quantrol's router
     quality = quality_plan(spec, quantized_model)
-    probes = status.probes.source if status.probes else ProbeSource.NONE
+    # Probes only while the candidate is judged: a Pending or held candidate arm may not even be up yet.
+    judged = phase in (P.SHADOW, P.CANARY) or guard
+    probes = status.probes.source if status.probes and judged else ProbeSource.NONE
     split: tuple[str, str | None, int, int] = (stable, candidate if candidate_live else None,
                                                weights.stable if candidate_live else 100,
                                                weights.candidate if candidate_live else 0)
