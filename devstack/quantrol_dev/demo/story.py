@@ -715,9 +715,11 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Analysis verdicts per step", "",
               "| candidate | phase | verdict | per SLO (value / limit: verdict) |", "| --- | --- | --- | --- |"]
     for a in report["analyses"]:
-        per = "; ".join(f"{m['slo']} {_fmt(m.get('value'), 3)}/{_fmt(m.get('limit'), 3)}: {m['verdict']}"
+        per = "; ".join(f"{m['slo']}{'[' + m['slice'] + ']' if m.get('slice') else ''} "
+                        f"{_fmt(m.get('value'), 3)}/{_fmt(m.get('limit'), 3)}: {m['verdict']}"
                         for m in a.get("metrics", []))
-        lines.append(f"| {a['candidate']} | {a['phase']} | {a['verdict']} | {per} |")
+        cause = f" ({a['cause']})" if a.get("cause") else ""
+        lines.append(f"| {a['candidate']} | {a['phase']} | {a['verdict']}{cause} | {per} |")
     lines += ["", "## Transitions", ""]
     lines += [f"- {h.get('time')} {h.get('message')}" for h in report["history"]]
     lines += ["", "## Rollback records", ""]
