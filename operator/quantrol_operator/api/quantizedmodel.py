@@ -14,6 +14,9 @@ from quantrol_operator.api.common import (
     Condition,
     DigestPinnedRef,
     DnsLabel,
+    NAME_RULE,
+    BaseModelUri,
+    ImageRef,
     LocalObjectReference,
     ModelUri,
     Resources,
@@ -51,8 +54,8 @@ class QuantizedModelPhase(StrEnum):
 
 
 class BaseModelSource(ApiModel):
-    uri: ModelUri = Field(
-        description="Higher-precision model: hf://org/name@revision, oci://registry/repo@sha256:…, "
+    uri: BaseModelUri = Field(
+        description="Higher-precision model: hf://org/name@revision (the revision is required), oci://registry/repo@sha256:…, "
         "pvc://claim/path, s3://bucket/prefix or file:///path (local use)."
     )
 
@@ -158,7 +161,8 @@ class CalibrationData(ApiModel):
 
 
 class CalibrationJob(ApiModel):
-    image: str | None = Field(default=None, description="Worker image; the operator's default when unset.")
+    image: ImageRef | None = Field(default=None, description="Worker image; the operator's default when unset "
+                                   "(the install policy may restrict which images a tenant may name).")
     gpus: int = Field(default=1, ge=0, le=64, description="nvidia.com/gpu requested by the Job's pod.")
     resources: Resources | None = None
     node_selector: dict[str, str] = Field(default_factory=dict)
@@ -224,3 +228,5 @@ class QuantizedModel(ApiModel):
     metadata: dict[str, object] = Field(default_factory=dict)
     spec: QuantizedModelSpec
     status: QuantizedModelStatus | None = None
+
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (NAME_RULE,)

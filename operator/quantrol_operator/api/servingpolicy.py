@@ -15,8 +15,10 @@ from quantrol_operator.api.common import (
     CONDITIONS_LIST_MAP,
     Condition,
     DnsLabel,
+    NAME_RULE,
+    ImageRef,
     LocalObjectReference,
-    ModelUri,
+    PinnedArtifact,
     Resources,
 )
 from quantrol_worker.contracts import KernelVerdict, Target
@@ -94,9 +96,9 @@ class KvCacheDtype(StrEnum):
 
 
 class Baseline(ApiModel):
-    artifact: ModelUri = Field(
+    artifact: PinnedArtifact = Field(
         description="The higher-precision artifact: what serves until a promotion, and the last rollback "
-        "target. Pin it by digest (oci://repo@sha256:…) so it cannot move under you."
+        "target, pinned by digest (oci://repo@sha256:…) so it cannot move under you."
     )
 
 
@@ -104,7 +106,8 @@ class Candidate(ApiModel):
     quantized_model_ref: LocalObjectReference | None = Field(
         default=None, description="A QuantizedModel in this namespace; served only once Ready and qualified."
     )
-    artifact: ModelUri | None = Field(default=None, description="A pinned artifact, oci://repo@sha256:….")
+    artifact: PinnedArtifact | None = Field(
+        default=None, description="An artifact pinned by digest, oci://repo@sha256:… (a tag can move).")
 
     cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
         CrossFieldRule(
@@ -140,7 +143,8 @@ class Admission(ApiModel):
 
 
 class ServingTemplate(ApiModel):
-    image: str | None = Field(default=None, description="vLLM serving image; the operator's default when unset.")
+    image: ImageRef | None = Field(default=None, description="vLLM serving image; the operator's default when unset "
+                                   "(the install policy may restrict which images a tenant may name).")
     replicas: int = Field(default=1, ge=1, le=1000, description="Engine replicas per arm.")
     resources: Resources | None = None
     max_model_len: int | None = Field(default=None, ge=16, le=10_000_000)
@@ -179,9 +183,11 @@ class Rollout(ApiModel):
 
     cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
         CrossFieldRule(
-            # isSorted() is in Kubernetes' CEL list library (1.27+); exists_one makes it strict.
-            cel="self.canarySteps.map(s, s.weight).isSorted() && "
-            "self.canarySteps.all(a, self.canarySteps.exists_one(b, b.weight == a.weight))",
+            # isSorted() is in Kubernetes' CEL list library (1.27+); exists_one makes it strict. Guarded with has():
+            # the CRD cannot default a list, so `rollout: {shadow: …}` reaches the API server without canarySteps,
+            # and a rule reading an absent field fails there ("no such key") while the models fill the default.
+            cel="!has(self.canarySteps) || (self.canarySteps.map(s, s.weight).isSorted() && "
+            "self.canarySteps.all(a, self.canarySteps.exists_one(b, b.weight == a.weight)))",
             message="canarySteps weights must be strictly increasing",
             check=_weights_strictly_increasing,
             field_path=".canarySteps",
@@ -424,3 +430,5 @@ class ServingPolicy(ApiModel):
     metadata: dict[str, object] = Field(default_factory=dict)
     spec: ServingPolicySpec
     status: ServingPolicyStatus | None = None
+
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (NAME_RULE,)

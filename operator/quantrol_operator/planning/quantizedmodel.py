@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from quantrol_operator.api.common import NAME_RULE, name_fits_children
 from quantrol_operator.api.quantizedmodel import (
     Artifact,
     QuantizedModelPhase,
@@ -73,6 +74,9 @@ def plan(observed: QmObserved, worker_image: str) -> Plan:
         result.status = current.before.to_wire()
         return result
 
+    if not name_fits_children(meta):  # created before the CRD carried the rule
+        current.fail(QmReason.INVALID_SPEC, f"{NAME_RULE.message}; nothing was created (recreate it under such a name)")
+        return current.into(result)
     try:
         spec = QuantizedModelSpec.model_validate(obj.get("spec") or {})
     except ValidationError as exc:

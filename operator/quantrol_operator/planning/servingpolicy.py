@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from quantrol_operator.api.common import ConditionStatus, is_digest_pinned
+from quantrol_operator.api.common import NAME_RULE, ConditionStatus, name_fits_children
 from quantrol_operator.api.servingpolicy import (
     HISTORY_LIMIT,
     NO_JUDGEMENT_ADVICE,
@@ -59,13 +59,13 @@ class SpecRead:
 
 
 def read_spec(obj: Mapping[str, Any]) -> SpecRead:
+    if not name_fits_children(obj.get("metadata") or {}):  # created before the CRD carried the rule
+        return SpecRead(None, f"{NAME_RULE.message}; nothing was created (recreate it under such a name)")
     try:
         spec = ServingPolicySpec.model_validate(obj.get("spec") or {})
     except ValidationError as exc:
         errors = "; ".join(f"spec.{e}" for e in map(field_error, exc.errors()))
         return SpecRead(None, f"the spec is invalid, nothing changed: {errors}")
-    if spec.candidate.artifact is not None and not is_digest_pinned(spec.candidate.artifact):
-        return SpecRead(None, "spec.candidate.artifact must be pinned by digest (oci://repo@sha256:…): a tag can move")
     return SpecRead(spec)
 
 
