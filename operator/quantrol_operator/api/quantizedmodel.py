@@ -11,11 +11,11 @@ from quantrol_operator.api.base import ApiModel, CrossFieldRule, StatusModel
 from quantrol_operator.api.common import (
     API_VERSION,
     CONDITIONS_LIST_MAP,
+    NAME_RULE,
+    BaseModelUri,
     Condition,
     DigestPinnedRef,
     DnsLabel,
-    NAME_RULE,
-    BaseModelUri,
     ImageRef,
     LocalObjectReference,
     ModelUri,
@@ -55,8 +55,8 @@ class QuantizedModelPhase(StrEnum):
 
 class BaseModelSource(ApiModel):
     uri: BaseModelUri = Field(
-        description="Higher-precision model: hf://org/name@revision (the revision is required), oci://registry/repo@sha256:…, "
-        "pvc://claim/path, s3://bucket/prefix or file:///path (local use)."
+        description="Higher-precision model: hf://org/name@revision (the revision is required), "
+        "oci://registry/repo@sha256:…, pvc://claim/path, s3://bucket/prefix or file:///path (local use)."
     )
 
 

@@ -13,9 +13,9 @@ from quantrol_operator.api.base import ApiModel, CrossFieldRule, StatusModel
 from quantrol_operator.api.common import (
     API_VERSION,
     CONDITIONS_LIST_MAP,
+    NAME_RULE,
     Condition,
     DnsLabel,
-    NAME_RULE,
     ImageRef,
     LocalObjectReference,
     PinnedArtifact,
