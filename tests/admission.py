@@ -139,7 +139,7 @@ def _cel_errors(schema: dict[str, Any], obj: dict[str, Any]) -> list[AdmissionEr
             where = _format(path) + validation.get("fieldPath", "")
             try:
                 ok = evaluate_cel(validation["rule"], value)
-            except celpy.CELEvalError as exc:
+            except celpy.evaluation.CELEvalError as exc:
                 # The API server refuses the object when a rule cannot be evaluated, e.g. it reads a field
                 # that is absent ("no such key"): a rule on an optional field must guard it with has().
                 errors.append(AdmissionError(where, f"{validation['message']} (rule not evaluable: {exc.args[0]})",

@@ -15,7 +15,6 @@ from typing import Any
 
 from quantrol_operator.api.servingpolicy import RouterState
 from quantrol_operator.children import router
-from quantrol_operator.children.serving import LABEL_POLICY
 from quantrol_operator.kube import Kube
 from quantrol_operator.observe import http
 from quantrol_operator.planning import routers
@@ -65,7 +64,7 @@ class RouterDelivery:
         deployment = next((d for d in deployments if d["metadata"]["name"] == router.router_name(policy)), None)
         pods: list[routers.RouterPod] = []
         if deployment is not None:  # else created this pass: no pods yet
-            selector = f"{LABEL_POLICY}={policy},{router.LABEL_COMPONENT}=router"
+            selector = ",".join(f"{k}={v}" for k, v in router.router_selector(policy).items())
             pods = routers.current_pods(self.kube.list_objects("v1", "Pod", namespace, selector), deployment)
         known = self._policies.setdefault((namespace, policy), _Confirmations())
         answers = self._push_all(namespace, routers.to_push(pods, desired, known.confirmed), document, token, known)

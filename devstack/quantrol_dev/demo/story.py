@@ -278,7 +278,10 @@ class Api:
 
     def ensure_namespace(self, name: str) -> None:
         try:
-            self.kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+            # Pod Security `restricted`, enforced: every pod Quantrol creates must pass it (the emulation refuses
+            # the others as a cluster's admission would).
+            self.kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {
+                "pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/warn": "restricted"}}})
         except ApiException as exc:
             if exc.status != 409:
                 raise

@@ -48,6 +48,8 @@ import yaml
 from kmock._internal import aiobus, parsing, rendering  # parsing: no hook for the path parser; see _parse_path
 from multidict import CIMultiDict
 
+from quantrol_dev.localstack import admission
+
 JSON = dict[str, Any]
 ObjectKey = tuple[kmock.resource, str | None, str]
 Selector = Callable[[JSON], bool]
@@ -72,6 +74,7 @@ SERVER_METADATA: Final = (
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _GENERATE_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # the API server's: no vowels, no look-alikes
+_WARNING: Final = "warning:"  # marks a ready-made Warning text among the pruned paths a write returns
 _SHUTDOWN: Final = object()  # put on every bus to end open watch streams before the server stops
 
 
@@ -482,7 +485,8 @@ class KubeAPIEmulator(kmock.KubernetesEmulator):
     def _written(obj: JSON, pruned: list[str], *, status: int) -> aiohttp.web.Response:
         headers: CIMultiDict[str] = CIMultiDict()
         for path in pruned:  # what a real server says (fieldValidation=Warn, its default) about pruned fields
-            headers.add("Warning", f'299 - "unknown field \\"{path}\\""')
+            text = path.removeprefix(_WARNING) if path.startswith(_WARNING) else f'unknown field \\"{path}\\"'
+            headers.add("Warning", f'299 - "{text}"')
         return aiohttp.web.json_response(obj, status=status, headers=headers)
 
     # -- reads -------------------------------------------------------------------------------------------------
@@ -618,6 +622,39 @@ class KubeAPIEmulator(kmock.KubernetesEmulator):
             self._trimmed_rv[res] = dropped[-1].rv
         await self._buses[res].put(StoredEvent(self._rv, kind, obj, old))
 
+    def _admit(self, res: kmock.resource, obj: JSON, *, creating: bool) -> list[str]:
+        """Validation and Pod Security admission (admission.py) for the object about to be stored: raises the
+        refusal a cluster gives (422 Invalid, 403 Forbidden), returns its warnings (each `_WARNING`-prefixed)."""
+        if res in (NAMESPACES, CRDS):
+            return []
+        meta = obj.get("metadata") or {}
+        kind, name = str(obj.get("kind")), str(meta.get("name"))
+        if res in self._schemas:  # a custom resource: object meta only (its schema is the CRD's, applied above)
+            problems = admission.name_problems(kind, name) + admission.meta_problems(meta)
+        else:
+            problems = admission.kind_problems(obj)
+        if problems:
+            raise api_error(422, "Invalid", f'{kind} "{name}" is invalid: ' + "; ".join(problems), name=name,
+                            kind=kind)
+        pod_spec = admission.pod_spec_of(obj)
+        if pod_spec is None or res in self._schemas:
+            return []
+        labels = (self._store.get((NAMESPACES, None, str(meta.get("namespace")))) or {}).get("metadata", {}).get(
+            "labels") or {}
+        warnings = []
+        enforce, warn = labels.get(admission.ENFORCE_LABEL), labels.get(admission.WARN_LABEL)
+        if enforce in admission.LEVELS and kind == "Pod" and creating:  # enforce refuses pods, never templates
+            found = admission.violations(enforce, pod_spec)
+            if found:
+                raise api_error(403, "Forbidden", f'pods "{name}" is forbidden: '
+                                + admission.pod_security_message(enforce, found), name=name, kind="pods")
+        if warn in admission.LEVELS:
+            found = admission.violations(warn, pod_spec)
+            if found:
+                warnings.append(_WARNING + "would " + admission.pod_security_message(warn, found).replace(
+                    "violates", "violate", 1).replace('"', "'"))
+        return warnings
+
     def _prune(self, res: kmock.resource, obj: JSON, *, strict: bool) -> tuple[JSON, list[str]]:
         schema = self._schemas.get(res)
         obj, pruned = prune_object(obj, schema) if schema else (obj, [])
@@ -676,6 +713,7 @@ class KubeAPIEmulator(kmock.KubernetesEmulator):
         if "status" in info.subresources:
             obj.pop("status", None)  # with a status subresource, create ignores status (the API server does)
         obj, pruned = self._prune(res, obj, strict=strict)
+        pruned += self._admit(res, obj, creating=True)
         if res == CRDS:
             obj["status"] = self._crd_status(obj)  # what the apiextensions controllers would write at once
         if res == NAMESPACES:
@@ -712,6 +750,8 @@ class KubeAPIEmulator(kmock.KubernetesEmulator):
             raise api_error(422, "Invalid", "the patched object is not an object")
         new = self._scope_update(info, request.subresource, old, candidate)
         new, pruned = self._prune(res, new, strict=strict)
+        if request.subresource is None:
+            pruned += self._admit(res, new, creating=False)
         subresource_status = "status" in info.subresources
         changed = _content(new, status_is_subresource=subresource_status) != _content(
             old, status_is_subresource=subresource_status

@@ -3,9 +3,43 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "quantrol", "app.kubernetes.io/part-of": "quantrol"}
+# Quantrol's images run as this user (worker/Dockerfile, worker/serve.Dockerfile); a tenant's image whose default user
+# is root runs as it too, because Pod Security `restricted` refuses root and cannot see an image's USER.
+POD_USER = 65532
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+def label_value(text: str) -> str:
+    """`text` as a label value: itself when it is one (<= 63 characters, alphanumeric at both ends), else a prefix
+    and a hash of the whole, so two long names never share a value. Kubernetes' rule:
+    https://kubernetes.io/docs/concepts/overview/working-with-objects/labels/#syntax-and-character-set"""
+    if len(text) <= 63 and _LABEL_VALUE.match(text):
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    prefix = re.sub(r"[^-A-Za-z0-9_.]", "-", text)[:52].strip("-_.")
+    return f"{prefix}-{digest}" if prefix else digest
+
+
+def restricted(pod_spec: dict[str, Any], *, api_access: bool = False) -> dict[str, Any]:
+    """`pod_spec` made to pass Pod Security `restricted` (https://kubernetes.io/docs/concepts/security/
+    pod-security-standards/#restricted): non-root with an explicit user (runAsNonRoot, runAsUser), seccomp
+    RuntimeDefault, and in every container no privilege escalation and every capability dropped. No pod Quantrol
+    creates talks to the Kubernetes API, so none mounts a ServiceAccount token unless `api_access`."""
+    container_context = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    out = {
+        **pod_spec,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": POD_USER, "runAsGroup": POD_USER,
+                            "fsGroup": POD_USER, "seccompProfile": {"type": "RuntimeDefault"}},
+        "automountServiceAccountToken": api_access,
+    }
+    for key in ("initContainers", "containers"):
+        if key in out:
+            out[key] = [{**c, "securityContext": dict(container_context)} for c in out[key]]
+    return out
 
 
 def owner_reference(owner: dict[str, Any]) -> dict[str, Any]:

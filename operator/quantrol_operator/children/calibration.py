@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from quantrol_operator.api.quantizedmodel import QuantizedModelSpec
-from quantrol_operator.children import MANAGED_BY, child_name, owner_reference
+from quantrol_operator.children import MANAGED_BY, child_name, label_value, owner_reference, restricted
 from quantrol_worker.contracts import (
     TERMINATION_MESSAGE_PATH,
     ArtifactConfig,
@@ -116,7 +116,7 @@ def worker_config(name: str, namespace: str, generation: int, spec: QuantizedMod
 
 
 def _labels(name: str, generation: int) -> dict[str, str]:
-    return {**MANAGED_BY, LABEL_QM: name, LABEL_GENERATION: str(generation)}
+    return {**MANAGED_BY, LABEL_QM: label_value(name), LABEL_GENERATION: str(generation)}
 
 
 def config_map(owner: dict[str, Any], config: CalibrationConfig) -> dict[str, Any]:
@@ -193,6 +193,6 @@ def job(owner: dict[str, Any], spec: QuantizedModelSpec, image: str) -> dict[str
         "spec": {
             "backoffLimit": job_spec.backoff_limit,
             "activeDeadlineSeconds": job_spec.active_deadline_seconds,
-            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+            "template": {"metadata": {"labels": labels}, "spec": restricted(pod_spec)},
         },
     }

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from quantrol_operator.api.servingpolicy import ServingPolicySpec
-from quantrol_operator.children import MANAGED_BY, child_name, owner_reference
+from quantrol_operator.children import MANAGED_BY, child_name, label_value, owner_reference, restricted
 from quantrol_operator.children.serving import ENGINE_PORT, LABEL_POLICY, arm_name
 from quantrol_worker.router.config import AdmissionLimits, ArmConfig, RouterConfig, dump_config
 
@@ -23,6 +23,10 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 
 def router_name(policy: str) -> str:
     return child_name(policy, "router")
+
+
+def router_selector(policy: str) -> dict[str, str]:
+    return {LABEL_POLICY: label_value(policy), LABEL_COMPONENT: "router"}
 
 
 def admin_secret_name(policy: str) -> str:
@@ -48,7 +52,7 @@ def router_config(policy: str, namespace: str, spec: ServingPolicySpec, stable_r
 def _meta(owner: dict[str, Any], name: str) -> dict[str, Any]:
     policy = owner["metadata"]["name"]
     return {"name": name, "namespace": owner["metadata"]["namespace"],
-            "labels": {**MANAGED_BY, LABEL_POLICY: policy, LABEL_COMPONENT: "router"},
+            "labels": {**MANAGED_BY, LABEL_POLICY: label_value(policy), LABEL_COMPONENT: "router"},
             "ownerReferences": [owner_reference(owner)]}
 
 
@@ -59,7 +63,7 @@ def router_config_map(owner: dict[str, Any], config: RouterConfig) -> dict[str, 
 
 def router_deployment(owner: dict[str, Any], spec: ServingPolicySpec, image: str) -> dict[str, Any]:
     policy = owner["metadata"]["name"]
-    selector = {LABEL_POLICY: policy, LABEL_COMPONENT: "router"}
+    selector = router_selector(policy)
     container = {
         "name": "router",
         "image": image,
@@ -80,11 +84,11 @@ def router_deployment(owner: dict[str, Any], spec: ServingPolicySpec, image: str
             "template": {
                 "metadata": {"labels": {**MANAGED_BY, **selector}, "annotations": {
                     "prometheus.io/scrape": "true", "prometheus.io/port": str(ROUTER_PORT)}},
-                "spec": {
+                "spec": restricted({
                     "containers": [container],
                     "volumes": [{"name": "config", "configMap": {"name": router_name(policy)}},
                                 {"name": "admin", "secret": {"secretName": admin_secret_name(policy)}}],
-                },
+                }),
             },
         },
     }
@@ -94,7 +98,7 @@ def router_service(owner: dict[str, Any]) -> dict[str, Any]:
     policy = owner["metadata"]["name"]
     return {
         "apiVersion": "v1", "kind": "Service", "metadata": _meta(owner, policy),
-        "spec": {"selector": {LABEL_POLICY: policy, LABEL_COMPONENT: "router"},
+        "spec": {"selector": router_selector(policy),
                  "ports": [{"name": ROUTER_PORT_NAME, "port": ROUTER_PORT, "targetPort": ROUTER_PORT}]},
     }
 

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from quantrol_operator.api.servingpolicy import RolloutPhase, ServingPolicySpec
+from quantrol_operator.children import label_value
 from quantrol_operator.rollout.queries import MetricSource, Observation, PrometheusSource, Scope, observe
 
 ANALYSED = (RolloutPhase.SHADOW.value, RolloutPhase.CANARY.value)
@@ -29,6 +30,7 @@ def window(source: MetricSource, namespace: str, policy: str, status: dict[str, 
            spec: ServingPolicySpec) -> Observation:
     """Ask for one window of the policy in its current phase (Shadow judges mirrored traffic)."""
     traffic = "mirror" if status.get("phase") == RolloutPhase.SHADOW.value else "live"
-    scope = Scope(namespace, policy, f"{spec.analysis.window_seconds}s", traffic)
+    # Series carry the pods' policy label (children/monitoring.py relabels it), which is the name as a label value.
+    scope = Scope(namespace, label_value(policy), f"{spec.analysis.window_seconds}s", traffic)
     stable_live = (status.get("weights") or {}).get("stable", 100) > 0
     return observe(source, scope, spec.slos, stable_live)

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from quantrol_operator.api.kinds import QUANTIZED_MODEL
-from quantrol_operator.children import router
+from quantrol_operator.children import label_value, router
 from quantrol_operator.children.serving import LABEL_POLICY
 from quantrol_operator.kube import Kube
 from quantrol_operator.observe import analysis, candidate
@@ -38,7 +38,8 @@ def observe(kube: Kube, addresses: Addresses, prometheus_url: str, obj: dict[str
     if spec is not None and spec.candidate.quantized_model_ref is not None:
         qm = kube.get(QUANTIZED_MODEL.api_version, QUANTIZED_MODEL.kind, namespace,
                       spec.candidate.quantized_model_ref.name)
-    deployments = kube.list_owned("apps/v1", "Deployment", namespace, meta["uid"], f"{LABEL_POLICY}={policy}")
+    deployments = kube.list_owned("apps/v1", "Deployment", namespace, meta["uid"],
+                                  f"{LABEL_POLICY}={label_value(policy)}")
     status = obj.get("status") or {}
     kernels, failed = None, None
     pinned = status.get("candidateArtifact")
