@@ -331,6 +331,7 @@ class KubeAPIEmulator(kmock.KubernetesEmulator):
     _schemas: dict[kmock.resource, JSON] = attrs.field(factory=dict, init=False)
     _crd_resources: dict[str, set[kmock.resource]] = attrs.field(factory=dict, init=False)
     _streamed: set[int] = attrs.field(factory=set, init=False)
+    _implied: dict[int, list[JSON]] = attrs.field(factory=dict, init=False)
     _closing: bool = attrs.field(default=False, init=False)
     _rv: int = attrs.field(default=0, init=False)
 
@@ -387,11 +388,38 @@ class KubeAPIEmulator(kmock.KubernetesEmulator):
         else:
             if request.id not in self._streamed:
                 self._log(request, response.status)
+                for check in self._implied.get(request.id, []) if response.status < 400 else []:
+                    self._log(request, response.status, implied=check)
             return response
         finally:
             self._streamed.discard(request.id)
+            self._implied.pop(request.id, None)
 
-    def _log(self, request: kmock.Request, status: int) -> None:
+    def _owner_reference_checks(self, res: kmock.resource, old: JSON | None, new: JSON) -> list[JSON]:
+        """The authorization checks OwnerReferencesPermissionEnforcement makes on this write, which this emulation
+        (having no authorizer) records in the request log instead: changing an object's ownerReferences needs
+        `delete` on it (not on create), and a new `blockOwnerDeletion: true` needs `update` on the owner's
+        `finalizers` subresource. https://kubernetes.io/docs/reference/access-authn-authz/admission-controllers/
+        #ownerreferencespermissionenforcement"""
+        refs = (new.get("metadata") or {}).get("ownerReferences") or []
+        before = ((old or {}).get("metadata") or {}).get("ownerReferences") or []
+        if refs == before:
+            return []
+        checks: list[JSON] = []
+        if old is not None:
+            checks.append({"verb": "delete", "group": res.group, "resource": res.plural})
+        blocking_before = {r.get("uid") for r in before if r.get("blockOwnerDeletion")}
+        for ref in refs:
+            if not ref.get("blockOwnerDeletion") or ref.get("uid") in blocking_before:
+                continue
+            group, _, _version = str(ref.get("apiVersion", "")).rpartition("/")
+            owner = next((r for r, info in self.resources.items()
+                          if r.group == group and info.kind == ref.get("kind") and r.plural), None)
+            if owner is not None:
+                checks.append({"verb": "update", "group": group, "resource": f"{owner.plural}/finalizers"})
+        return checks
+
+    def _log(self, request: kmock.Request, status: int, implied: JSON | None = None) -> None:
         if self.request_log is None:
             return
         res = request.resource
@@ -416,6 +444,8 @@ class KubeAPIEmulator(kmock.KubernetesEmulator):
             "status": status,
             "user_agent": _header(request.headers, "User-Agent"),
         }
+        if implied is not None:  # an authorization check the request implies (see _owner_reference_checks)
+            entry.update(implied, implied_by="OwnerReferencesPermissionEnforcement")
         with self.request_log.open("a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
 
@@ -446,9 +476,12 @@ class KubeAPIEmulator(kmock.KubernetesEmulator):
                 obj, pruned = await self._create(
                     res, request.namespace, self._body(request), dry_run=dry_run, strict=strict
                 )
+                self._implied[request.id] = self._owner_reference_checks(res, None, obj)
                 return self._written(obj, pruned, status=201)
             if method in ("PATCH", "PUT") and request.name:
+                before = self._store.get((res, request.namespace, str(request.name)))
                 obj, pruned = await self._update(request, res, dry_run=dry_run, strict=strict)
+                self._implied[request.id] = self._owner_reference_checks(res, before, obj)
                 return self._written(obj, pruned, status=200)
             if method == "DELETE" and request.name:
                 options = self._body(request) if request.body.strip() else {}
