@@ -242,3 +242,56 @@ def pod_spec_of(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
 def pod_security_message(level: str, found: list[str]) -> str:
     return f'violates PodSecurity "{level}:latest": ' + ", ".join(found)
 
+
+
+# --- defaulting the API server does that a client can see: quantities in canonical form -------------------------
+
+_QUANTITY = re.compile(r"^([+-]?[0-9]*\.?[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?[0-9]+)?$")
+_DECIMAL = {"n": -9, "u": -6, "m": -3, "": 0, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
+_BINARY = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"]
+
+
+def canonical_quantity(text: str) -> str:
+    """apimachinery's Quantity round trip (k8s.io/apimachinery/pkg/api/resource/quantity.go, CanonicalizeBytes):
+    the server stores `0.5` as `500m` and `1.5Gi` as `1536Mi`. Written apart from the operator's own
+    canonicalisation on purpose: this one stands for the server's. Unparseable text is left alone (the schema
+    check reports it)."""
+    from decimal import Decimal
+
+    match = _QUANTITY.match(str(text).strip())
+    if match is None:
+        return str(text)
+    number, suffix = Decimal(match[1]), match[2] or ""
+    binary = suffix.endswith("i")
+    if binary:
+        value = number * (Decimal(1024) ** _BINARY.index(suffix))
+    elif suffix[:1] in ("e", "E"):
+        value = number.scaleb(int(suffix[1:]))
+    else:
+        value = number.scaleb(_DECIMAL[suffix])
+    if value == 0:
+        return "0"
+    if binary and abs(value) >= 1024 and value == value.to_integral_value():
+        whole, power = int(value), 0
+        while whole % 1024 == 0 and power < len(_BINARY) - 1:
+            whole, power = whole // 1024, power + 1
+        return f"{whole}{_BINARY[power]}"
+    sign, digits, exponent = value.normalize().as_tuple()
+    mantissa = int("".join(map(str, digits))) * 10 ** (int(exponent) % 3)
+    exponent = int(exponent) - int(exponent) % 3
+    names = {v: k for k, v in _DECIMAL.items()}
+    unit = (f"e{exponent}" if exponent else "") if suffix[:1] in ("e", "E") else names.get(exponent, f"e{exponent}")
+    return f"{'-' if sign else ''}{mantissa}{unit}"
+
+
+def normalize(obj: JSON) -> JSON:
+    """Requests and limits of every container of a Pod or workload template, as the server stores them."""
+    pod_spec = pod_spec_of(obj)
+    for _, container in containers(pod_spec or {}):
+        resources = container.get("resources")
+        if isinstance(resources, dict):
+            for section in ("requests", "limits"):
+                values = resources.get(section)
+                if isinstance(values, dict):
+                    resources[section] = {k: canonical_quantity(str(v)) for k, v in values.items()}
+    return obj

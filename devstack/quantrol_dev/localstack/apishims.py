@@ -665,7 +665,7 @@ class KubeAPIEmulator(kmock.KubernetesEmulator):
         if res in self._schemas:  # a custom resource: object meta only (its schema is the CRD's, applied above)
             problems = admission.name_problems(kind, name) + admission.meta_problems(meta)
         else:
-            problems = admission.kind_problems(obj)
+            problems = admission.kind_problems(admission.normalize(obj))
         if problems:
             raise api_error(422, "Invalid", f'{kind} "{name}" is invalid: ' + "; ".join(problems), name=name,
                             kind=kind)

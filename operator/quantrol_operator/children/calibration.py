@@ -6,7 +6,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from quantrol_operator.api.quantizedmodel import QuantizedModelSpec
-from quantrol_operator.children import MANAGED_BY, child_name, label_value, owner_reference, restricted
+from quantrol_operator.children import (
+    MANAGED_BY,
+    child_name,
+    label_value,
+    owner_reference,
+    quantities,
+    restricted,
+)
 from quantrol_worker.contracts import (
     TERMINATION_MESSAGE_PATH,
     ArtifactConfig,
@@ -32,11 +39,6 @@ class UnsupportedSource(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
-
-
-def quantities(resources: dict[str, dict[str, int | str]]) -> dict[str, dict[str, str]]:
-    """Quantities as the API server returns them (strings), so a re-read compares equal to what was sent."""
-    return {section: {name: str(value) for name, value in values.items()} for section, values in resources.items()}
 
 
 def job_name(qm_name: str, generation: int) -> str:

@@ -10,8 +10,14 @@ import hashlib
 from typing import Any
 
 from quantrol_operator.api.servingpolicy import KvCacheDtype, ServingPolicySpec
-from quantrol_operator.children import MANAGED_BY, child_name, label_value, owner_reference, restricted
-from quantrol_operator.children.calibration import quantities
+from quantrol_operator.children import (
+    MANAGED_BY,
+    child_name,
+    label_value,
+    owner_reference,
+    quantities,
+    restricted,
+)
 
 ENGINE_PORT = 8000
 LAUNCHER_PORT = 9400  # the launcher's status port: /metrics (quantrol_engine_kernel_info) and /kernels
