@@ -413,10 +413,11 @@ class KubeAPIEmulator(kmock.KubernetesEmulator):
             if not ref.get("blockOwnerDeletion") or ref.get("uid") in blocking_before:
                 continue
             group, _, _version = str(ref.get("apiVersion", "")).rpartition("/")
-            owner = next((r for r, info in self.resources.items()
-                          if r.group == group and info.kind == ref.get("kind") and r.plural), None)
-            if owner is not None:
-                checks.append({"verb": "update", "group": group, "resource": f"{owner.plural}/finalizers"})
+            plural = next((r.plural for r, info in self.resources.items()
+                           if isinstance(r, kmock.resource) and isinstance(info, kmock.ResourceInfo)
+                           and r.group == group and info.kind == ref.get("kind") and r.plural), None)
+            if plural is not None:
+                checks.append({"verb": "update", "group": group, "resource": f"{plural}/finalizers"})
         return checks
 
     def _log(self, request: kmock.Request, status: int, implied: JSON | None = None) -> None:
