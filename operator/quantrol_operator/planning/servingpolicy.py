@@ -89,6 +89,28 @@ class SpPlan(Plan):
     analysis: AnalysisRun | None = None  # set on a pass that judged a window
 
 
+SETTLED = (P.PROMOTED, P.ROLLED_BACK, P.FAILED)
+
+
+def previous_stable_warm(status: ServingPolicyStatus, spec: ServingPolicySpec, now: datetime) -> bool:
+    """Whether the arm a promotion replaced still serves as the rollback target: for promotionGraceSeconds."""
+    return (status.phase is P.PROMOTED and bool(status.rollback_target)
+            and now - (status.phase_since or now) < timedelta(seconds=spec.rollout.promotion_grace_seconds))
+
+
+def settled(obj: Mapping[str, Any]) -> bool:
+    """Whether a policy has nothing left for the timer to watch: its spec observed, Promoted (with the previous
+    stable arm scaled down), RolledBack or Failed, and every router pod on the last config. What could change that
+    arrives as an event (a spec edit, an annotation), which the event handler takes."""
+    status = obj.get("status") or {}
+    router_state = status.get("router") or {}
+    warm = next((c.get("status") == "True" for c in status.get("conditions") or []
+                 if c.get("type") == "PreviousStableWarm"), False)
+    return (status.get("observedGeneration") == (obj.get("metadata") or {}).get("generation")
+            and status.get("phase") in {p.value for p in SETTLED} and not warm
+            and router_state.get("appliedVersion") == router_state.get("version"))
+
+
 def orphaned_on_delete(spec: ServingPolicySpec) -> bool:
     """Whether deleting the policy leaves its arms, router and config serving, without an owner (deletionPolicy)."""
     return spec.deletion_policy is DeletionPolicy.ORPHAN
@@ -173,6 +195,12 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
         result.apply.append(monitoring.pod_monitor(obj, spec, pod_monitor_labels))
     _withdraw_stale_arms(result, observed.deployments)
     _status_fields(status, phase, index, stable, pinned, weights, facts, before, now, generation)
+    warm = previous_stable_warm(status, spec, now)
+    status.conditions = set_condition(
+        status.conditions, "PreviousStableWarm", warm, "GracePeriod" if warm else "NotServing",
+        f"the previous stable arm {serving.short_digest(status.rollback_target or '')} serves as the rollback target "
+        f"for promotionGraceSeconds" if warm else "no previous stable arm is kept serving", now=now,
+        generation=generation)
     result.status = status.to_wire()
     return result
 
@@ -294,8 +322,8 @@ def _children(result: SpPlan, obj: dict[str, Any], spec: ServingPolicySpec, imag
         result.apply.append(serving.arm_service(obj, candidate))
     target = status.rollback_target
     if target and target not in (stable, candidate):
-        grace_over = now - (status.phase_since or now) >= timedelta(seconds=spec.rollout.promotion_grace_seconds)
-        result.apply.append(serving.arm_deployment(obj, spec, target, serving_image, 0 if grace_over else replicas))
+        warm = previous_stable_warm(status, spec, now)
+        result.apply.append(serving.arm_deployment(obj, spec, target, serving_image, replicas if warm else 0))
     if spec.traffic_provider is not TrafficProvider.ROUTER:
         return  # the only provider today; another would split traffic without Quantrol's router
     config = router.router_config(policy, namespace, spec, stable, candidate if candidate_live else None,
