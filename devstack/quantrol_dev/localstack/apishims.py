@@ -20,7 +20,10 @@ rules a real API server applies, where they are cheap to mirror:
   and sendInitialEvents; label selectors and field selectors (any dotted path) filter lists and watches;
 - a request log (JSON lines) for counting writes and collecting RBAC (verb, resource) pairs.
 
-What stays missing (no garbage collection, no admission/validation beyond pruning, no defaulting,
+- validation and Pod Security admission of the kinds Quantrol creates (admission.py), quantities stored in canonical
+  form, and the checks OwnerReferencesPermissionEnforcement makes, logged as implied requests.
+
+What stays missing (no garbage collection, no CRD validation beyond pruning, no defaulting, no authorizer,
 no controllers, no server-side apply, no Tables) is listed in tests/README.md.
 """
 
