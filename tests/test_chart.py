@@ -56,12 +56,17 @@ MONITORING_ON = {
 }
 # name -> (values, kinds the chart must render, with counts)
 COMBOS: dict[str, tuple[dict[str, Any], dict[str, int]]] = {
-    "cluster-wide": (
+    "default: the release namespace": (
         {},
+        {"ServiceAccount": 1, "Role": 1, "RoleBinding": 1, "ClusterRole": 1, "ClusterRoleBinding": 1,
+         "Deployment": 1, "Service": 1},
+    ),
+    "cluster-wide": (
+        {"watch": {"allNamespaces": True}},
         {"ServiceAccount": 1, "ClusterRole": 1, "ClusterRoleBinding": 1, "Deployment": 1, "Service": 1},
     ),
     "cluster-wide+monitoring": (
-        {"monitoring": MONITORING_ON},
+        {"watch": {"allNamespaces": True}, "monitoring": MONITORING_ON},
         {"ServiceAccount": 1, "ClusterRole": 1, "ClusterRoleBinding": 1, "Deployment": 1, "Service": 1,
          "ServiceMonitor": 1, "PrometheusRule": 1, "ConfigMap": 1},
     ),
@@ -238,7 +243,9 @@ def test_operator_pod_is_locked_down(chart: helm.Chart, combo: str) -> None:
 
 
 def test_operator_args_follow_the_watch_mode(chart: helm.Chart) -> None:
-    _, cluster = operator_container(render(chart, {}))
+    _, default = operator_container(render(chart, {}))
+    assert "--all-namespaces" not in default["args"], "cluster-wide is an explicit value, never the default"
+    _, cluster = operator_container(render(chart, {"watch": {"allNamespaces": True}}))
     assert "--all-namespaces" in cluster["args"] and not any(a.startswith("--namespace") for a in cluster["args"])
     _, named = operator_container(render(chart, COMBOS["namespaced"][0]))
     assert "--all-namespaces" not in named["args"]
@@ -270,11 +277,13 @@ def test_operator_defaults_reach_the_operator_only_when_set(chart: helm.Chart) -
 def test_cluster_mode_grants_exactly_the_rules_file(chart: helm.Chart) -> None:
     rules = rbac_rules()
     # podMonitors.enabled=auto (the default) needs the rights as much as true: the operator decides at start-up.
-    (role,) = by_kind(render(chart, {}), "ClusterRole")
+    cluster = {"watch": {"allNamespaces": True}}
+    (role,) = by_kind(render(chart, cluster), "ClusterRole")
     assert role["rules"] == rules["workload"] + rules["podMonitors"] + rules["clusterDiscovery"]
-    (monitored,) = by_kind(render(chart, {"monitoring": MONITORING_ON}), "ClusterRole")
+    (monitored,) = by_kind(render(chart, {**cluster, "monitoring": MONITORING_ON}), "ClusterRole")
     assert monitored["rules"] == rules["workload"] + rules["podMonitors"] + rules["clusterDiscovery"]
-    (unmonitored,) = by_kind(render(chart, {"monitoring": {"podMonitors": {"enabled": False}}}), "ClusterRole")
+    (unmonitored,) = by_kind(render(chart, {**cluster, "monitoring": {"podMonitors": {"enabled": False}}}),
+                             "ClusterRole")
     assert unmonitored["rules"] == rules["workload"] + rules["clusterDiscovery"]
 
 
