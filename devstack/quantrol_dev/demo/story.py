@@ -61,8 +61,9 @@ from quantrol_operator.children.router import ROUTER_PORT
 from quantrol_operator.children.serving import ENGINE_PORT, arm_name
 from quantrol_operator.cli.statusview import render_quantizedmodel, render_servingpolicy
 from quantrol_operator.kube import Kube
+from quantrol_operator.observe.prometheus import PrometheusSource
 from quantrol_operator.rollout.analysis import no_judgement
-from quantrol_operator.rollout.queries import PrometheusSource, Scope, target_health
+from quantrol_operator.rollout.queries import Scope, target_health
 
 NAMESPACE = "quantrol-demo"
 POLICY = "tiny"

@@ -10,10 +10,17 @@ from typing import Any
 from quantrol_operator.api.servingpolicy import ServingPolicySpec
 from quantrol_operator.children import MANAGED_BY, child_name, label_value, owner_reference, restricted
 from quantrol_operator.children.serving import ENGINE_PORT, LABEL_POLICY, arm_name
-from quantrol_worker.router.config import AdmissionLimits, ArmConfig, RouterConfig, dump_config
+from quantrol_worker.router.config import MAX_BODY_BYTES, AdmissionLimits, ArmConfig, RouterConfig, dump_config
 
 ROUTER_PORT = 8080
 ROUTER_PORT_NAME = "http"  # container and Service port name; the PodMonitor's router endpoint names it
+# The admin API (config pushes, diffs) on its own port: a container port the Service does not expose, which the chart's
+# NetworkPolicy opens to the operator only. Defences hold without it too: a token, arm URLs only of this namespace's
+# Services, versions only from the operator's sequence (quantrol_worker.router.config).
+ADMIN_PORT = 8081
+ADMIN_PORT_NAME = "admin"
+# The router holds requests and streams, not models: bounded so that no client can grow it past its node's share.
+ROUTER_RESOURCES = {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
 CONFIG_DIR = "/etc/quantrol/router"
 CONFIG_FILE = "router.yaml"
 TOKEN_DIR = "/etc/quantrol/admin"
@@ -38,7 +45,8 @@ def arm_url(policy: str, namespace: str, ref: str) -> str:
 
 
 def router_config(policy: str, namespace: str, spec: ServingPolicySpec, stable_ref: str, candidate_ref: str | None,
-                  stable_weight: int, candidate_weight: int, mirror_fraction: float, version: int) -> RouterConfig:
+                  stable_weight: int, candidate_weight: int, mirror_fraction: float, version: int,
+                  max_body_bytes: int = MAX_BODY_BYTES) -> RouterConfig:
     admission = spec.serving.admission
     limits = AdmissionLimits(max_in_flight=admission.max_in_flight, max_queue=admission.max_queue,
                              max_queue_wait_s=admission.max_queue_wait_seconds)
@@ -46,7 +54,8 @@ def router_config(policy: str, namespace: str, spec: ServingPolicySpec, stable_r
     if candidate_ref is not None:
         arms["candidate"] = ArmConfig(url=arm_url(policy, namespace, candidate_ref), weight=candidate_weight,
                                       admission=limits)
-    return RouterConfig(version=version, arms=arms, mirror_fraction=mirror_fraction if candidate_ref else 0.0)
+    return RouterConfig(version=version, arms=arms, mirror_fraction=mirror_fraction if candidate_ref else 0.0,
+                        max_body_bytes=max_body_bytes)
 
 
 def _meta(owner: dict[str, Any], name: str) -> dict[str, Any]:
@@ -68,8 +77,11 @@ def router_deployment(owner: dict[str, Any], spec: ServingPolicySpec, image: str
         "name": "router",
         "image": image,
         "command": ["quantrol-worker", "route", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--port", str(ROUTER_PORT),
+                    "--admin-port", str(ADMIN_PORT), "--namespace", owner["metadata"]["namespace"],
                     "--admin-token-file", f"{TOKEN_DIR}/{TOKEN_KEY}"],
-        "ports": [{"name": ROUTER_PORT_NAME, "containerPort": ROUTER_PORT}],
+        "ports": [{"name": ROUTER_PORT_NAME, "containerPort": ROUTER_PORT},
+                  {"name": ADMIN_PORT_NAME, "containerPort": ADMIN_PORT}],
+        "resources": {section: dict(values) for section, values in ROUTER_RESOURCES.items()},
         "readinessProbe": {"httpGet": {"path": "/healthz", "port": ROUTER_PORT}, "periodSeconds": 2},
         "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
                          {"name": "admin", "mountPath": TOKEN_DIR, "readOnly": True}],

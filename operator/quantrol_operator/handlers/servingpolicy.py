@@ -19,8 +19,10 @@ from quantrol_operator.planning.servingpolicy import orphaned_on_delete, plan, r
 
 def _reconcile(rt: Runtime, obj: dict[str, Any]) -> Events:
     meta = obj["metadata"]
-    observed, token = observe.observe(rt.kube, rt.addresses, rt.defaults.prometheus_url, obj, datetime.now(UTC))
-    result = plan(observed, (rt.defaults.serving_image, rt.defaults.router_image), rt.pod_monitors.labels)
+    observed, token = observe.observe(rt.kube, rt.addresses, rt.defaults.prometheus_url, obj, datetime.now(UTC),
+                                      rt.policy)
+    result = plan(observed, (rt.defaults.serving_image, rt.defaults.router_image), rt.pod_monitors.labels,
+                  rt.policy.router.max_body_bytes)
     apply_plan(rt.kube, result, rt.pod_monitors)
     status = ServingPolicyStatus.model_validate(result.status)
     status.router = rt.delivery.sync(status.router, result.apply, observed.deployments, meta["namespace"],

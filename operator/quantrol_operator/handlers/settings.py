@@ -19,6 +19,7 @@ from quantrol_operator.children import monitoring
 from quantrol_operator.delivery import RouterDelivery
 from quantrol_operator.handlers.common import DEFAULTS, MEMO_KEY, Runtime, poll_forever
 from quantrol_operator.kube import Kube
+from quantrol_operator.policy import InstallPolicy
 from quantrol_worker.addresses import from_environment
 
 # kopf keeps its bookkeeping in annotations under our own prefix, never in `status`: status belongs to the
@@ -42,8 +43,10 @@ def start_runtime(memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     except ApiException as exc:
         raise kopf.TemporaryError(f"API discovery failed ({exc.status} {exc.reason}); retrying", delay=5) from exc
     monitors = PodMonitors(dict(DEFAULTS.pod_monitor_labels) if enabled else None)
+    policy = InstallPolicy.from_env()  # invalid JSON or values stop the start-up, naming the field
     memo[MEMO_KEY] = Runtime(kube=kube, defaults=DEFAULTS, addresses=addresses,
-                             delivery=RouterDelivery(kube, addresses), pod_monitors=monitors)
+                             delivery=RouterDelivery(kube, addresses, policy.reads), pod_monitors=monitors,
+                             policy=policy)
     logger.info("%s: %s", "writing one PodMonitor per ServingPolicy" if enabled else "writing no PodMonitors", why)
 
 

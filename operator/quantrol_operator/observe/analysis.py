@@ -8,7 +8,9 @@ from typing import Any
 
 from quantrol_operator.api.servingpolicy import RolloutPhase, ServingPolicySpec
 from quantrol_operator.children import label_value
-from quantrol_operator.rollout.queries import MetricSource, Observation, PrometheusSource, Scope, observe
+from quantrol_operator.observe.prometheus import PrometheusSource
+from quantrol_operator.policy import InstallPolicy
+from quantrol_operator.rollout.queries import MetricSource, Observation, Scope, observe
 
 ANALYSED = (RolloutPhase.SHADOW.value, RolloutPhase.CANARY.value)
 
@@ -22,8 +24,12 @@ def due(status: dict[str, Any], spec: ServingPolicySpec, now: datetime) -> bool:
         seconds=spec.analysis.interval_seconds)
 
 
-def source_for(spec: ServingPolicySpec, default_address: str) -> PrometheusSource:
-    return PrometheusSource(spec.analysis.prometheus.address if spec.analysis.prometheus else default_address)
+def source_for(spec: ServingPolicySpec, default_address: str, policy: InstallPolicy | None = None) -> PrometheusSource:
+    """The policy's Prometheus (an address the install policy allows: planning refuses others before any query),
+    read within the install's bounds."""
+    policy = policy or InstallPolicy()
+    address = spec.analysis.prometheus.address if spec.analysis.prometheus else default_address
+    return PrometheusSource(address, policy.reads, policy.prometheus.ca_file)
 
 
 def window(source: MetricSource, namespace: str, policy: str, status: dict[str, Any],
