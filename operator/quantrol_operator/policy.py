@@ -38,10 +38,11 @@ class ReadBounds(_Policy):
 
 
 class PrometheusPolicy(_Policy):
-    """Which Prometheus a ServingPolicy may name (`spec.analysis.prometheus.address`). Empty: only the operator's
-    own (QUANTROL_PROMETHEUS_URL). TLS is verified against the system's CAs, or `caFile` when set."""
+    """Which Prometheus a ServingPolicy may name (`spec.analysis.prometheus.address`) besides the operator's own
+    (QUANTROL_PROMETHEUS_URL): these (empty: none), or any (None). TLS is verified against the system's CAs, or
+    `caFile` when set."""
 
-    allowed_addresses: tuple[str, ...] = ()
+    allowed_addresses: tuple[str, ...] | None = None
     ca_file: str | None = None
 
 
@@ -71,6 +72,8 @@ class InstallPolicy(_Policy):
         return cls.model_validate(json.loads(text)) if text else cls()
 
     def prometheus_allowed(self, address: str, default: str) -> bool:
+        if self.prometheus.allowed_addresses is None:
+            return True
         allowed = {a.rstrip("/") for a in (*self.prometheus.allowed_addresses, default)}
         return address.rstrip("/") in allowed
 
