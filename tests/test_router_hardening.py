@@ -10,8 +10,10 @@ import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from quantrol_worker.router.app import AdminToken, Router
@@ -135,3 +137,69 @@ async def test_a_version_jump_is_refused_and_later_pushes_still_apply(stack: Sta
         assert r.status == 409
     async with http.post(url, data=_config_text(6, stack.stable_url, stack.candidate_url), headers=AUTH) as r:
         assert r.status == 200 and running.router.config.version == 6
+
+
+# ---- shadow diffs (issue 20, item 6) ------------------------------------------------------------------------------
+
+
+def _sample(at: float) -> Any:
+    from quantrol_worker.router import compare
+
+    return compare.DiffSample(at=at, endpoint="/v1/completions", slice="other", prompt="p", stable="a",
+                              candidate="b", agreement=0.5, first_divergence=1, quality_delta=None)
+
+
+async def test_diffs_are_dropped_when_the_candidate_leaves_and_after_their_retention(
+        stack: Stack, start_router: RouterFactory, http: aiohttp.ClientSession) -> None:
+    from quantrol_worker.router import compare
+
+    running = await start_router(version=1, diffs={"enabled": True, "retention_s": 60})
+    running.router.diffs.add(_sample(compare.now() - 120))  # past its retention
+    running.router.diffs.add(_sample(compare.now()))
+    async with http.get(running.url + "/quantrol/diffs", headers=AUTH) as r:
+        assert r.status == 200 and len((await r.json())["samples"]) == 1
+    assert len(running.router.diffs.items()) == 1  # the old one is gone, not only hidden
+    rollback = json.loads(_config_text(2, stack.stable_url, stack.candidate_url, diffs={"enabled": True}))
+    rollback["arms"].pop("candidate")
+    rollback["mirror_fraction"] = 0.0
+    assert running.router.offer(parse_config(json.dumps(rollback)), "admin") == "apply"
+    assert running.router.diffs.items() == []
+
+
+def test_default_redaction_covers_what_prompts_carry() -> None:
+    from quantrol_worker.contracts import DEFAULT_REDACT_PATTERNS
+    from quantrol_worker.router import compare
+
+    patterns = compare.compile_patterns(list(DEFAULT_REDACT_PATTERNS))
+    secrets = {"e-mail": "mail jane.doe@example.com now", "phone": "call +1 415-555-0132 today",
+               "card": "card 4111 1111 1111 1111 ok", "key": "use sk-live_0123456789abcdefghij please",
+               "token": "Authorization: Bearer abc.def.ghi", "jwt": "t=eyJhbGciOiJI.eyJzdWIiOiIx.SflKxwRJSMeKKF2QT4",
+               "aws": "AKIAIOSFODNN7EXAMPLE here", "ipv4": "from 10.12.0.7 at",
+               "ipv6": "from fe80:0:0:0:202:b3ff:fe1e:8329"}
+    for kind, text in secrets.items():
+        redacted = compare.redact(text, patterns, 10_000)
+        assert compare.REDACTED in redacted, kind
+    assert compare.redact("the answer is 42 and 2024", patterns, 100) == "the answer is 42 and 2024"
+
+
+def test_diff_bounds_have_ceilings_and_the_spec_reaches_the_router() -> None:
+    import pydantic
+
+    from quantrol_operator.api.servingpolicy import ServingPolicySpec, ShadowDiffs
+    from quantrol_operator.children import router as router_children
+    from quantrol_worker.router.config import DiffsConfig
+
+    for too_much in ({"capacity": 10_000}, {"max_chars": 100_000}, {"retention_s": 30 * 86400}):
+        with pytest.raises(pydantic.ValidationError):
+            DiffsConfig(**too_much)
+    with pytest.raises(pydantic.ValidationError):
+        ShadowDiffs(max_samples=5000)
+    spec = ServingPolicySpec.model_validate({
+        "baseline": {"artifact": "oci://r.example.com/m@sha256:" + "a" * 64},
+        "candidate": {"artifact": "oci://r.example.com/m@sha256:" + "b" * 64},
+        "rollout": {"shadow": {"diffs": {"enabled": True, "maxSamples": 7, "redactPatterns": ["ticket-\\d+"]}}}})
+    config = router_children.router_config("p", "ns", spec, "oci://s@sha256:" + "a" * 64, None, 100, 0, 0.0, 1)
+    assert config.diffs.enabled and config.diffs.capacity == 7 and config.diffs.redact_patterns[-1] == "ticket-\\d+"
+    assert not router_children.router_config("p", "ns", ServingPolicySpec.model_validate(
+        {"baseline": spec.baseline.to_wire(), "candidate": spec.candidate.to_wire()}), "oci://s@sha256:" + "a" * 64,
+        None, 100, 0, 0.0, 1).diffs.enabled  # off by default

@@ -7,7 +7,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from quantrol_operator.api.base import ApiModel, CrossFieldRule, StatusModel
 from quantrol_operator.api.common import (
@@ -21,7 +21,7 @@ from quantrol_operator.api.common import (
     PinnedArtifact,
     Resources,
 )
-from quantrol_worker.contracts import KernelVerdict, Target
+from quantrol_worker.contracts import KernelVerdict, RedactPattern, Target, check_patterns
 
 KIND = "ServingPolicy"
 PLURAL = "servingpolicies"
@@ -157,9 +157,29 @@ class ServingTemplate(ApiModel):
     node_selector: dict[str, str] = Field(default_factory=dict)
 
 
+class ShadowDiffs(ApiModel):
+    """Samples of prompts where the candidate's answer differed from the stable arm's, for a human to read side by
+    side on the router's admin port (with its token). Prompts are user data: off by default."""
+
+    enabled: bool = Field(default=False)
+    max_samples: int = Field(default=50, ge=1, le=1000, description="The newest this many differing pairs are kept.")
+    max_chars: int = Field(default=2000, ge=16, le=8192, description="Each text is cut to this many characters.")
+    retention_seconds: int = Field(default=3600, ge=60, le=604_800, description="Older samples are dropped; all "
+                                   "are dropped when the candidate leaves.")
+    redact_patterns: list[RedactPattern] = Field(
+        default_factory=list, max_length=16, description="Regular expressions (Python `re`) redacted besides the "
+        "defaults (e-mail addresses, phone numbers, card numbers, keys, tokens, IP addresses).")
+
+    @field_validator("redact_patterns")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        return check_patterns(patterns)
+
+
 class ShadowStage(ApiModel):
     duration_seconds: int = Field(default=300, ge=0, le=604_800)
     mirror_fraction: float = Field(default=0.1, ge=0, le=1, description="Fraction of stable traffic mirrored.")
+    diffs: ShadowDiffs = Field(default_factory=ShadowDiffs)
 
 
 class CanaryStep(ApiModel):

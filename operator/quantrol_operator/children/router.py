@@ -10,7 +10,15 @@ from typing import Any
 from quantrol_operator.api.servingpolicy import ServingPolicySpec
 from quantrol_operator.children import MANAGED_BY, child_name, label_value, owner_reference, restricted
 from quantrol_operator.children.serving import ENGINE_PORT, LABEL_POLICY, arm_name
-from quantrol_worker.router.config import MAX_BODY_BYTES, AdmissionLimits, ArmConfig, RouterConfig, dump_config
+from quantrol_worker.contracts import DEFAULT_REDACT_PATTERNS
+from quantrol_worker.router.config import (
+    MAX_BODY_BYTES,
+    AdmissionLimits,
+    ArmConfig,
+    DiffsConfig,
+    RouterConfig,
+    dump_config,
+)
 
 ROUTER_PORT = 8080
 ROUTER_PORT_NAME = "http"  # container and Service port name; the PodMonitor's router endpoint names it
@@ -54,8 +62,12 @@ def router_config(policy: str, namespace: str, spec: ServingPolicySpec, stable_r
     if candidate_ref is not None:
         arms["candidate"] = ArmConfig(url=arm_url(policy, namespace, candidate_ref), weight=candidate_weight,
                                       admission=limits)
+    wanted = spec.rollout.shadow.diffs
+    diffs = DiffsConfig(enabled=wanted.enabled, capacity=wanted.max_samples, max_chars=wanted.max_chars,
+                        retention_s=float(wanted.retention_seconds),
+                        redact_patterns=[*DEFAULT_REDACT_PATTERNS, *wanted.redact_patterns])
     return RouterConfig(version=version, arms=arms, mirror_fraction=mirror_fraction if candidate_ref else 0.0,
-                        max_body_bytes=max_body_bytes)
+                        max_body_bytes=max_body_bytes, diffs=diffs)
 
 
 def _meta(owner: dict[str, Any], name: str) -> dict[str, Any]:

@@ -198,8 +198,9 @@ class Router:
                     self.gates[arm].set_limits(config.arms[arm].admission)
             self.patterns = compare.compile_patterns(config.diffs.redact_patterns)
             self.diffs.resize(config.diffs.capacity)
-            if not config.diffs.enabled:
-                self.diffs.clear()  # turning diffs off must also forget the user data already held
+            if not config.diffs.enabled or "candidate" not in config.arms:
+                # Turning diffs off, or the candidate leaving (a rollback), forgets the user data already held.
+                self.diffs.clear()
             self._publish_config()
             log.info(
                 "config v%d applied from %s (was v%d): weights %s, mirror %.3f",
@@ -372,7 +373,13 @@ class Router:
         denied = self.admin_token.check(request)
         if denied is not None:
             return denied
-        return _json(200, {"samples": [s.to_json() for s in self.diffs.items()]})
+        oldest = compare.now() - self.config.diffs.retention_s  # samples are not kept past their retention
+        kept = [s for s in self.diffs.items() if s.at >= oldest]
+        if len(kept) != len(self.diffs.items()):
+            self.diffs.clear()
+            for sample in kept:
+                self.diffs.add(sample)
+        return _json(200, {"samples": [s.to_json() for s in kept]})
 
     # ---- the generation path -------------------------------------------------------------------------------
 

@@ -86,13 +86,16 @@ class CompareConfig(_Strict):
 
 
 class DiffsConfig(_Strict):
-    """Samples of differing stable/candidate pairs for a human. Prompts are user data: off unless enabled."""
+    """Samples of differing stable/candidate pairs for a human. Prompts are user data: off unless enabled, bounded
+    in count, size and age, redacted before they are kept, readable only on the admin port with the token, and
+    dropped when the candidate leaves (a rollback)."""
 
     enabled: bool = False
-    capacity: int = Field(default=50, ge=1, le=10_000)
-    max_chars: int = Field(default=2000, ge=16, description="Each text is cut to this many characters")
+    capacity: int = Field(default=50, ge=1, le=1000)
+    max_chars: int = Field(default=2000, ge=16, le=8192, description="Each text is cut to this many characters")
+    retention_s: float = Field(default=3600.0, gt=0, le=7 * 86400, description="Samples older than this are dropped")
     redact_patterns: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_REDACT_PATTERNS),
+        default_factory=lambda: list(DEFAULT_REDACT_PATTERNS), max_length=64,
         description="Regular expressions whose matches are replaced by [REDACTED] before a sample is stored",
     )
 
