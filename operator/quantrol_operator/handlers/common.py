@@ -27,6 +27,7 @@ from quantrol_worker.addresses import Addresses
 # Read once at import: the timers' interval is fixed when kopf registers them. Never changed afterwards.
 DEFAULTS = OperatorDefaults.from_env()
 MEMO_KEY = "quantrol"
+FINALIZER = "quantrol.io/finalizer"  # kopf's, on ServingPolicies with deletionPolicy Orphan only
 
 # (type, reason, message) of the Events a reconcile pass wants posted.
 Events = list[tuple[str, str, str]]
@@ -64,6 +65,8 @@ class Runtime:
     _turns: weakref.WeakValueDictionary[str, threading.Lock] = field(default_factory=weakref.WeakValueDictionary)
     # uid -> the objects the watches delivered, for the poller (poll_forever): kept in memory, never read from the API.
     tracked: dict[str, Tracked] = field(default_factory=dict)
+    # uids whose deletion the operator has handled (deletionPolicy Orphan): no pass may write their children again.
+    released: set[str] = field(default_factory=set)
     _turns_guard: threading.Lock = field(default_factory=threading.Lock)
 
     def turn(self, uid: str) -> threading.Lock:
@@ -102,6 +105,8 @@ async def handle(body: kopf.Body, logger: kopf.Logger | logging.Logger, rt: Runt
 
     def one_pass() -> Events | None:
         with turn:
+            if str(body.meta.uid) in rt.released:
+                return None  # a pass that was due before the deletion was handled: it would re-own the children
             if superseded(obj, rt.kube.status_written_from):
                 logger.debug("%s pass skipped: resourceVersion %s carries a status our own write already replaced",
                              handler, obj["metadata"].get("resourceVersion"))

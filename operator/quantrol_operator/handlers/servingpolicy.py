@@ -12,7 +12,7 @@ from quantrol_operator import metrics
 from quantrol_operator.api.kinds import SERVING_POLICY as SP
 from quantrol_operator.api.servingpolicy import ServingPolicyStatus
 from quantrol_operator.apply import apply_plan, orphan_children
-from quantrol_operator.handlers.common import Events, Runtime, handle, runtime, track
+from quantrol_operator.handlers.common import FINALIZER, Events, Runtime, handle, runtime, track
 from quantrol_operator.observe import servingpolicy as observe
 from quantrol_operator.planning.servingpolicy import orphaned_on_delete, plan, read_spec, settled
 
@@ -39,8 +39,11 @@ async def serving_policy_changed(type: str, body: kopf.Body, logger: kopf.Logger
     the newest version handed to the poller, which runs the control loop's clock (arms' readiness, kernels, SLO
     analysis when due) while the policy is not settled."""
     rt = runtime(memo)
-    if track(rt, type, body, SP.kind, _reconcile, settled(body)) or (type != "DELETED" and not body.meta.get(
-            "deletionTimestamp")):
+    # An Orphan policy without its finalizer yet: kopf adds it right after this handler (its test-and-set patch
+    # would lose the race against this pass's writes); the pass runs on the event that write brings.
+    unguarded = _orphaned(body.spec) and FINALIZER not in (body.meta.get("finalizers") or [])
+    if track(rt, type, body, SP.kind, _reconcile, settled(body) or unguarded) or (
+            type != "DELETED" and not body.meta.get("deletionTimestamp") and not unguarded):
         await handle(body, logger, rt, SP.kind, "event", _reconcile)
 
 
@@ -56,6 +59,9 @@ def serving_policy_deleted(body: kopf.Body, logger: kopf.Logger, memo: kopf.Memo
     serving keep being scraped; `kubectl delete podmonitor` once they go)."""
     rt = runtime(memo)
     namespace, policy, uid = str(body.meta.namespace), str(body.meta.name), str(body.meta.uid)
+    with rt.turn(uid):  # after any pass in flight, and before any later one (which `released` then stops)
+        rt.released.add(uid)
+        rt.tracked.pop(uid, None)
     rt.delivery.forget(namespace, policy)
     spec = read_spec({"spec": dict(body.spec)}).spec
     # An invalid spec still says what its deletionPolicy is: nothing serving is lost on a typo elsewhere.

@@ -17,7 +17,7 @@ from quantrol_operator.api.kinds import KINDS
 from quantrol_operator.apply import PodMonitors
 from quantrol_operator.children import monitoring
 from quantrol_operator.delivery import RouterDelivery
-from quantrol_operator.handlers.common import DEFAULTS, MEMO_KEY, Runtime, poll_forever
+from quantrol_operator.handlers.common import DEFAULTS, FINALIZER, MEMO_KEY, Runtime, poll_forever
 from quantrol_operator.kube import Kube
 from quantrol_operator.policy import InstallPolicy
 from quantrol_worker.addresses import from_environment
@@ -25,7 +25,6 @@ from quantrol_worker.addresses import from_environment
 # kopf keeps its bookkeeping in annotations under our own prefix, never in `status`: status belongs to the
 # models (and the CRD schema prunes undeclared status fields, which would lose kopf's progress).
 ANNOTATION_PREFIX = GROUP
-FINALIZER = f"{GROUP}/finalizer"
 WATCHED_KINDS = tuple(k.kind for k in KINDS)
 # Set by `quantrol-operator` (run.py) from the kopf arguments; kopf does not pass the namespaces to handlers.
 SCOPE_ENV = "QUANTROL_OPERATOR_SCOPE"
