@@ -391,3 +391,14 @@ def test_the_serving_envelope_of_each_arm_is_kept_under_its_role() -> None:
     again = run(advance(obj, result), quantized_model=qm(), deployments=ready(deployments(shadow)),
                 now=now + timedelta(seconds=5))
     assert again.status["servingEnvelope"] == result.status["servingEnvelope"]
+
+
+def test_a_name_no_service_can_carry_creates_nothing_and_says_why() -> None:
+    """A policy admitted before the CRD carried the name rule: its router Service could not exist on a real server,
+    so nothing is created and status names the field (instead of every pass failing with a 422 on the Service)."""
+    obj = policy()
+    obj["metadata"]["name"] = "llama-3.1-8b"
+    result = run(obj, now=T0)
+    assert result.apply == [] and result.router_config is None
+    assert result.status["message"].startswith("metadata.name must be a DNS-1035 label")
+    assert result.events[0].reason == "InvalidSpec"

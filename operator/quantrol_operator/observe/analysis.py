@@ -7,8 +7,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from quantrol_operator.api.servingpolicy import RolloutPhase, ServingPolicySpec
+from quantrol_operator.children import label_value
 from quantrol_operator.children.serving import short_digest
-from quantrol_operator.rollout.queries import MetricSource, Observation, PrometheusSource, Scope, observe
+from quantrol_operator.observe.prometheus import PrometheusSource
+from quantrol_operator.policy import InstallPolicy
+from quantrol_operator.rollout.queries import MetricSource, Observation, Scope, observe
 
 ANALYSED = (RolloutPhase.SHADOW.value, RolloutPhase.CANARY.value)
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -29,8 +32,12 @@ def due(status: dict[str, Any], spec: ServingPolicySpec, now: datetime) -> bool:
     return not last or now - _time(last) >= timedelta(seconds=spec.analysis.interval_seconds)
 
 
-def source_for(spec: ServingPolicySpec, default_address: str) -> PrometheusSource:
-    return PrometheusSource(spec.analysis.prometheus.address if spec.analysis.prometheus else default_address)
+def source_for(spec: ServingPolicySpec, default_address: str, policy: InstallPolicy | None = None) -> PrometheusSource:
+    """The policy's Prometheus (an address the install policy allows: planning refuses others before any query),
+    read within the install's bounds."""
+    policy = policy or InstallPolicy()
+    address = spec.analysis.prometheus.address if spec.analysis.prometheus else default_address
+    return PrometheusSource(address, policy.reads, policy.prometheus.ca_file)
 
 
 def engine_slots(spec: ServingPolicySpec) -> float:
@@ -53,7 +60,8 @@ def window(source: MetricSource, namespace: str, policy: str, status: dict[str, 
     guard = guarding(status, now)
     roles = ({"candidate": status.get("stableArtifact"), "stable": status.get("rollbackTarget")} if guard else
              {"candidate": status.get("candidateArtifact"), "stable": status.get("stableArtifact")})
-    scope = Scope(namespace, policy, f"{spec.analysis.window_seconds}s", traffic,
+    # Series carry the pods' policy label (children/monitoring.py relabels it), which is the name as a label value.
+    scope = Scope(namespace, label_value(policy), f"{spec.analysis.window_seconds}s", traffic,
                   engines={role: short_digest(ref) for role, ref in roles.items() if ref},
                   batch_slots=spec.serving.batch_budget.max_num_seqs * spec.serving.replicas,
                   engine_slots=engine_slots(spec), window_seconds=spec.analysis.window_seconds)

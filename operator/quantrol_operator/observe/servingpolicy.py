@@ -9,11 +9,12 @@ from datetime import datetime
 from typing import Any
 
 from quantrol_operator.api.kinds import QUANTIZED_MODEL
-from quantrol_operator.children import router
+from quantrol_operator.children import label_value, router
 from quantrol_operator.children.serving import LABEL_POLICY, short_digest
 from quantrol_operator.kube import Kube
 from quantrol_operator.observe import analysis, candidate
 from quantrol_operator.planning.servingpolicy import SpObserved, read_spec
+from quantrol_operator.policy import InstallPolicy
 from quantrol_worker.addresses import Addresses
 
 
@@ -28,33 +29,36 @@ def router_token(kube: Kube, namespace: str, policy: str) -> tuple[str, bool]:
 
 
 def observe(kube: Kube, addresses: Addresses, prometheus_url: str, obj: dict[str, Any],
-            now: datetime) -> tuple[SpObserved, str]:
+            now: datetime, policy: InstallPolicy | None = None) -> tuple[SpObserved, str]:
     """The facts of one pass, and the router admin token (to push configs with, created or not)."""
     meta = obj["metadata"]
-    namespace, policy = meta["namespace"], meta["name"]
-    read = read_spec(obj)
+    namespace, name = meta["namespace"], meta["name"]
+    policy = policy or InstallPolicy()
+    read = read_spec(obj, policy, prometheus_url)
     spec = read.spec
     qm = None
     if spec is not None and spec.candidate.quantized_model_ref is not None:
         qm = kube.get(QUANTIZED_MODEL.api_version, QUANTIZED_MODEL.kind, namespace,
                       spec.candidate.quantized_model_ref.name)
-    deployments = kube.list_owned("apps/v1", "Deployment", namespace, meta["uid"], f"{LABEL_POLICY}={policy}")
+    deployments = kube.list_owned("apps/v1", "Deployment", namespace, meta["uid"],
+                                  f"{LABEL_POLICY}={label_value(name)}")
     status = obj.get("status") or {}
     kernels, failed = None, None
     pinned = status.get("candidateArtifact")
     if pinned and pinned != status.get("stableArtifact"):
-        kernels, failed = candidate.health(kube, addresses, namespace, policy, pinned)
+        kernels, failed = candidate.health(kube, addresses, namespace, name, pinned, policy.reads)
     envelopes = {}
     known = {e.get("artifactShortDigest") for e in status.get("servingEnvelope") or [] if e.get("engineVersion")}
     for ref in {status.get("stableArtifact"), pinned, status.get("rollbackTarget")} - {None}:
         if short_digest(str(ref)) not in known:  # read once per arm: an engine's envelope does not change
-            found = candidate.envelope(kube, addresses, namespace, policy, str(ref))
+            found = candidate.envelope(kube, addresses, namespace, name, str(ref), policy.reads)
             if found is not None:
                 envelopes[found.artifact_short_digest] = found
-    token, create_token = router_token(kube, namespace, policy)
+    token, create_token = router_token(kube, namespace, name)
     window = None
-    if spec is not None and analysis.due(status, spec, now):
-        window = analysis.window(analysis.source_for(spec, prometheus_url), namespace, policy, status, spec, now)
+    if spec is not None and not read.refused and analysis.due(status, spec, now):
+        window = analysis.window(analysis.source_for(spec, prometheus_url, policy), namespace, name, status, spec,
+                                 now)
     observed = SpObserved(obj=obj, spec=read, quantized_model=qm, deployments=deployments, candidate_kernels=kernels,
                           candidate_failed=failed, window=window, router_token=token if create_token else "",
                           envelopes=envelopes, now=now)
