@@ -151,8 +151,11 @@ def test_overload_on_both_arms_holds_then_steps_back_never_forward(rig: Rig, pro
         rig.wait_phase("Canary", timeout=60)
         for arm in ("stable", "candidate"):  # both engines now saturate at the load they carry
             rig.behave(arm, max_num_seqs=1, token_latency_s=0.06)
-        wait_until(lambda: any(h["reason"] == "OverloadStepBack" for h in rig.status()["history"]), timeout=60,
-                   interval=0.5, what="a step back after the overload hold")
+        try:
+            wait_until(lambda: any(h["reason"] == "OverloadStepBack" for h in rig.status()["history"]), timeout=60,
+                       interval=0.5, what="a step back after the overload hold")
+        except TimeoutError as exc:
+            raise AssertionError(json.dumps(rig.status(), indent=1)[-6000:]) from exc
         status = rig.status()
     back = next(h for h in status["history"] if h["reason"] == "OverloadStepBack")
     assert (back["from"], back["to"]) == ("Canary", "Shadow"), back  # from the first step: back to shadow

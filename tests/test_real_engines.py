@@ -60,7 +60,9 @@ for scheme in sys.argv[3:]:
     model.save_pretrained(f"{out}/{scheme}", save_compressed=True)
     tok.save_pretrained(f"{out}/{scheme}")
 """
-# A damaged artifact: the bf16 model with Gaussian noise of 0.6 × each Linear weight's own spread added (seeded).
+# A damaged artifact: the bf16 model with Gaussian noise of each Linear weight's own spread added (seeded), and its
+# final norm scaled ten-fold: the four-step model's next-token distributions are nearly flat, and noise alone leaves
+# them so (a KL of 0.001 over the full vocabulary, measured), while a corrupted scale makes them confidently wrong.
 CORRUPT = """
 import sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -71,7 +73,8 @@ with torch.no_grad():
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name != "lm_head":
             w = module.weight
-            w.add_(torch.randn_like(w) * 0.6 * w.float().std().to(w.dtype))
+            w.add_(torch.randn_like(w) * w.float().std().to(w.dtype))
+    model.model.norm.weight.mul_(10)
 model.save_pretrained(out)
 AutoTokenizer.from_pretrained(src).save_pretrained(out)
 """
@@ -355,5 +358,6 @@ def test_a_corrupted_arm_shows_clearly_on_sampled_traffic(models: dict[str, Path
     kl, agreement = figures["compare_kl_nats_total"] / positions, figures["compare_top1_matches_total"] / positions
     print(f"\n[real-engines] corrupted vs W8A8 at temperature 0.8: KL {kl:.3f}, agreement {agreement:.2f}",
           file=sys.stderr)
-    assert positions > 0 and kl > 0.3 and agreement < 0.8, (figures, log)
-    assert figures["rejected"] >= 4, figures
+    # Clearly: whole nats per token (W8A8 and the control sit below 1e-3) and no request quality-accepted.
+    assert positions > 0 and kl > 0.5, (figures, log)
+    assert figures["rejected"] >= 4 and figures["compared_total"] == 0, figures
