@@ -147,12 +147,16 @@ def test_overload_on_both_arms_holds_then_steps_back_never_forward(rig: Rig, pro
         # Goodput is judged relative to the stable arm: with both arms saturated it says nothing (the mirrored
         # share makes the candidate's a little worse), so this policy leaves it out.
         create_policy(rig, policy_manifest(rig.policy, rig.namespace, prometheus.url, first_dwell=60,
-                                           slos={"goodput": None}, overloadHoldSeconds=6, successStreak=3))
+                                           slos={"goodput": None}, overloadHoldSeconds=6, successStreak=3,
+                                           failureLimit=4))
         rig.wait_phase("Canary", timeout=60)
-        for arm in ("stable", "candidate"):  # both engines now saturate at the load they carry
-            rig.behave(arm, max_num_seqs=1, token_latency_s=0.06)
+        # Both engines now saturate at the load they carry, the stable arm first and deepest: the candidate also
+        # serves the mirrored share, and must not cross a limit the stable arm has not crossed yet (that is a
+        # scheduling problem of the candidate's, which the batch-budget case covers).
+        rig.behave("stable", max_num_seqs=1, token_latency_s=0.1)
+        rig.behave("candidate", max_num_seqs=1, token_latency_s=0.06)
         try:
-            wait_until(lambda: any(h["reason"] == "OverloadStepBack" for h in rig.status()["history"]), timeout=60,
+            wait_until(lambda: any(h["reason"] == "OverloadStepBack" for h in rig.status()["history"]), timeout=90,
                        interval=0.5, what="a step back after the overload hold")
         except TimeoutError as exc:
             raise AssertionError(json.dumps(rig.status(), indent=1)[-6000:]) from exc

@@ -222,5 +222,7 @@ def test_overload_holds_for_the_hold_limit_then_steps_back_and_holds_again() -> 
     # Held from t=0; the window at t=60 steps back; the hold starts again at t=70 and would step back at t=130.
     assert decisions == [Decision.HOLD] * 6 + [Decision.STEP_BACK] + [Decision.HOLD] * 3
     assert c.overloaded_since == T0 + timedelta(seconds=70)
-    _d, c = decide(Verdict.PASS, T0 + timedelta(seconds=100), c, policy)
-    assert c.overloaded_since is None  # a window that is not overloaded ends the hold
+    _d, c = decide(Verdict.FAIL, T0 + timedelta(seconds=100), c, policy)
+    assert c.overloaded_since == T0 + timedelta(seconds=70)  # one failing window amid the overload: still held
+    _d, c = decide(Verdict.PASS, T0 + timedelta(seconds=110), c, policy)
+    assert c.overloaded_since is None  # a passing window ends the hold

@@ -200,8 +200,9 @@ def decide(verdict: Verdict, newest: datetime | None, counters: AnalysisCounters
     if newest is None or (last is not None and newest <= last):
         return Decision.HOLD, counters  # nothing new since the last counted window
     fresh: dict[str, object] = {"newest_sample_time": newest, "consecutive_errors": 0}
-    if verdict is not Verdict.OVERLOAD:
-        fresh["overloaded_since"] = None
+    if verdict is Verdict.PASS:
+        fresh["overloaded_since"] = None  # only a passing window ends an overload hold: a failing or quiet one
+        # amid the overload is not the load going away
     if verdict is Verdict.FAIL:
         c = counted(**fresh, consecutive_failures=counters.consecutive_failures + 1, consecutive_successes=0,
                     consecutive_inconclusive=0)
