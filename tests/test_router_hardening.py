@@ -145,8 +145,8 @@ async def test_a_version_jump_is_refused_and_later_pushes_still_apply(stack: Sta
 def _sample(at: float) -> Any:
     from quantrol_worker.router import compare
 
-    return compare.DiffSample(at=at, endpoint="/v1/completions", slice="other", prompt="p", stable="a",
-                              candidate="b", agreement=0.5, first_divergence=1, quality_delta=None)
+    return compare.DiffSample(at=at, endpoint="/v1/completions", slice="other", traffic="mirror", prompt="p",
+                              stable="a", candidate="b", mean_kl=0.5, agreement=0.5, first_disagreement=1)
 
 
 async def test_diffs_are_dropped_when_the_candidate_leaves_and_after_their_retention(
