@@ -126,10 +126,11 @@ def test_a_regression_in_one_slice_rolls_back_naming_it_while_the_aggregate_pass
         return {"prompt": prompt, "temperature": 0.8 if i % 2 else 0, "stream": True}
 
     rig.behave("candidate", deviation=0.3, deviation_when="marker")
-    with load(rig, rps=24, request=request):
+    with load(rig, rps=40, request=request):
         # Ten comparisons at least: in a window of five, long prompts could be most of them by chance, and the
-        # aggregate would then rightly fail too.
-        create_policy(rig, policy_manifest(rig.policy, rig.namespace, prometheus.url, minSampleCount=10))
+        # aggregate would then rightly fail too. While the slice has fewer, its figures so far hold the window.
+        create_policy(rig, policy_manifest(rig.policy, rig.namespace, prometheus.url, minSampleCount=10,
+                                           inconclusiveLimit=30))
         status = rig.wait_phase("RolledBack", "Promoted", "Paused", timeout=90)
     assert status["phase"] == "RolledBack", status.get("lastAnalysis")
     record = status["rollback"]

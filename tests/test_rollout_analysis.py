@@ -206,6 +206,10 @@ def test_one_failing_slice_fails_the_window_and_a_quiet_slice_never_passes_or_ho
     assert quiet.verdict is Verdict.INCONCLUSIVE and failing.cause is Cause.PRECISION
     assert window_verdict([overall, quiet]) is Verdict.PASS
     assert window_verdict([overall, quiet, failing]) is Verdict.FAIL
+    # Quiet, but beyond the limit so far: the window does not pass on the aggregate while the slice cannot be judged.
+    suspect = judge(Sample("qualityDelta", 0.4, None, 3, None, slice="code"), SloLimit(max=0.1), 20)
+    assert suspect.verdict is Verdict.INCONCLUSIVE and suspect.suspect and "holding" in (suspect.message or "")
+    assert window_verdict([overall, quiet, suspect]) is Verdict.INCONCLUSIVE
     # Status keeps every overall row and the most severe slice rows within its bound.
     rows = [overall, *(quiet.model_copy() for _ in range(70)), failing]
     kept = bounded(rows, 64)

@@ -420,6 +420,9 @@ class MetricResult(StatusModel):
     limit: float | None = None
     verdict: Verdict
     cause: Cause | None = Field(default=None, description="Why this row did not pass.")
+    suspect: bool | None = Field(
+        default=None, description="A slice with too few comparisons to judge whose figure so far breaks the limit: "
+        "it holds the window (never a pass) until it has enough to fail, or clears.")
     message: str | None = None
 
 

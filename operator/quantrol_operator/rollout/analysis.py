@@ -11,7 +11,9 @@ weight proves nothing about the new one), while a failing window always counts (
 Quality is judged over all compared requests and per slice: a slice with enough comparisons that fails fails the
 window even when the aggregate passes (a regression confined to one slice is not averaged away), and the slice is
 named. A slice with too few comparisons is `inconclusive` in its own row, never a pass; it does not hold the window
-on its own (the aggregate, which has enough samples, must still pass), so one quiet slice cannot stall a rollout.
+on its own (the aggregate, which has enough samples, must still pass), so one quiet slice cannot stall a rollout —
+unless its few comparisons so far break the limit: then it holds the window (`suspect`) until it has enough to fail
+or clears, so a damaged slice cannot slip through a promotion for being small.
 
 A window that does not pass names its cause (`Cause`): dependency (nothing to judge: Prometheus or the targets
 failed), overload (both arms break the same limit), precision (a quality SLO failed) or scheduling (the candidate
@@ -83,8 +85,15 @@ def judge(sample: Sample, limit: SloLimit | SloFloor, min_samples: int) -> Metri
     if not _usable(cand):
         return verdict(Verdict.INCONCLUSIVE, None, "no value for the candidate in the window (no series, or NaN)")
     if (sample.candidate_requests or 0) < min_samples:
-        return verdict(Verdict.INCONCLUSIVE, None,
-                       f"{sample.candidate_requests or 0:.0f} candidate requests in the window, {min_samples} needed")
+        few = f"{sample.candidate_requests or 0:.0f} candidate requests in the window, {min_samples} needed"
+        absolute = limit.max if isinstance(limit, SloLimit) else limit.min
+        if sample.slice is not None and cand is not None and absolute is not None and (
+                cand > absolute if isinstance(limit, SloLimit) else cand < absolute):
+            # Too few to fail the slice, and beyond its limit so far: the window must not pass on the aggregate.
+            held = verdict(Verdict.INCONCLUSIVE, absolute, f"{few}; so far beyond {absolute:g}: holding")
+            held.suspect = True
+            return held
+        return verdict(Verdict.INCONCLUSIVE, None, few)
     assert cand is not None
     stable_known = _usable(stab) and (sample.stable_requests or 0) >= min_samples
     upper = isinstance(limit, SloLimit)
@@ -149,8 +158,9 @@ def bounded(judgements: list[MetricResult], limit: int = METRICS_IN_STATUS) -> l
 
 def window_verdict(judgements: list[MetricResult]) -> Verdict:
     """The whole window: the most severe SLO verdict; no SLO at all is inconclusive, never pass. A slice's row
-    counts when it judged (pass, fail); a slice too quiet to judge does not hold the window (module docstring)."""
-    counted = [j for j in judgements if j.slice is None or j.verdict in (Verdict.FAIL, Verdict.ERROR)]
+    counts when it failed; a slice too quiet to judge holds the window only when its few samples break the limit
+    (module docstring)."""
+    counted = [j for j in judgements if j.slice is None or j.verdict in (Verdict.FAIL, Verdict.ERROR) or j.suspect]
     if not counted:
         return Verdict.INCONCLUSIVE
     present = {j.verdict for j in counted}
