@@ -30,6 +30,7 @@ from quantrol_operator.rollout.queries import QueryError, Scope, observe
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+IMAGES = sp_planning.Images("serve:test", "router:test", "tools:test")
 
 
 def spec_fields(root: type[BaseModel]) -> set[tuple[str, str]]:
@@ -143,7 +144,7 @@ def _run_serving_policy(recorded: set[tuple[str, str]]) -> None:
     def one(observed_obj: dict[str, Any], **kw: Any) -> dict[str, Any]:
         result = sp_planning.plan(sp_planning.SpObserved(obj=observed_obj, spec=sp_planning.read_spec(observed_obj),
                                                          quantized_model=qm, candidate_kernels=kernels, now=now,
-                                                         **kw), ("serve:test", "router:test"), {"release": "p"})
+                                                         **kw), IMAGES, {"release": "p"})
         nxt = copy.deepcopy(observed_obj)
         nxt["status"] = result.status
         ready = []

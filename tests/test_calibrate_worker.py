@@ -11,6 +11,7 @@ session in a temp dir (about a minute on 2 cores).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -307,32 +308,55 @@ def test_fp8_dynamic_with_calibrated_kv_cache_scales(tiny: dict[str, Any], tmp_p
     assert ckpt["quantization_config"]["kv_cache_scheme"]["type"] == "float"
 
 
-@pytest.mark.calibrate
-def test_oci_base_model_in_artifact_out_and_corruption_detected(
-    oci_registry: RegistryServer, tiny: dict[str, Any], tmp_path: Path
-) -> None:
-    registry = oci_registry
-    push_base = (
-        "import sys; from pathlib import Path; from quantrol_worker import oci; "
-        "print(oci.push(Path(sys.argv[1]), sys.argv[2], insecure=True, tag='base', annotations={}))"
-    )
-    proc = calib("-c", push_base, tiny["model_dir"], f"{registry.address}/models/tiny-base")
+def _push(registry: RegistryServer, folder: str | Path, repository: str, credentials: Path) -> str:
+    """Publish `folder` with the worker's own push, as a user would publish a base model or a dataset."""
+    code = ("import sys; from pathlib import Path; from quantrol_worker import oci; "
+            "print(oci.push(Path(sys.argv[1]), sys.argv[2], insecure=False, tag='v1', annotations={}, "
+            "credentials=Path(sys.argv[3])))")
+    proc = calib("-c", code, str(folder), f"{registry.address}/{repository}", str(credentials))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    base_ref = proc.stdout.strip().splitlines()[-1]
-    assert "@sha256:" in base_ref
+    ref = proc.stdout.strip().splitlines()[-1]
+    assert "@sha256:" in ref
+    return ref
+
+
+@pytest.mark.calibrate
+def test_private_registry_base_model_and_data_in_artifact_out_and_corruption_detected(
+    secure_registry: RegistryServer, tiny: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registry that refuses anonymous clients (htpasswd over TLS): the base model and the calibration data come
+    from it by digest and the artifact goes to it, all with one docker config; without it nothing is calibrated."""
+    registry = secure_registry
+    assert registry.login is not None
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(registry.login.ca_path))  # the worker's pod trusts the CA
+    credentials = registry.write_docker_config(tmp_path / "docker" / "config.json")
+    base_ref = _push(registry, tiny["model_dir"], "models/tiny-base", credentials)
+    (tmp_path / "dataset").mkdir()
+    (tmp_path / "dataset" / "calibration.jsonl").write_bytes(Path(tiny["calibration_jsonl"]).read_bytes())
+    data_ref = _push(registry, tmp_path / "dataset", "datasets/tiny-calibration", credentials)
+
+    rc, term, _report = run_worker(tmp_path / "anonymous", tiny, artifact={
+        "repository": f"{registry.address}/models/tiny-w8a8"})
+    assert rc == 1 and term["reason"] == "RegistryUnauthorized" and term["stage"] == "publish", term
+    assert registry.address in term["message"] and "401" in term["message"], term
+    assert "nothing was calibrated" in term["message"] and not (tmp_path / "anonymous" / "work" / "checkpoint").exists()
 
     _rc, term, report = run_worker(
         tmp_path,
         tiny,
         baseModel=f"oci://{base_ref}",
-        artifact={"repository": f"{registry.address}/models/tiny-w8a8", "insecure": True},
+        calibration={"uri": f"oci://{data_ref}", "maxSequenceLength": 96, "slices": SLICES},
+        artifact={"repository": f"{registry.address}/models/tiny-w8a8"},
+        registries={"credentialsFile": str(credentials)},
     )
     assert term["phase"] == "Ready", term
     ref = term["artifactRef"]
     assert ref.startswith(f"{registry.address}/models/tiny-w8a8@sha256:") and term["digest"] == ref.split("@")[1]
     assert report["envelope"]["baseModelUri"] == f"oci://{base_ref}"
+    assert report["envelope"]["calibrationDataDigest"], report["envelope"]
 
-    proc = calib("-m", "quantrol_worker.calibrate", "pull", ref, "--out", str(tmp_path / "pulled"), "--insecure")
+    pull = ("-m", "quantrol_worker.calibrate", "pull", ref, "--registry-config", str(credentials))
+    proc = calib(*pull, "--out", str(tmp_path / "pulled"))
     pulled = _last_json(proc.stdout)
     assert pulled["ok"], pulled
     assert {"model.safetensors", "config.json", c.REPORT_FILE} <= set(pulled["files"])
@@ -341,36 +365,17 @@ def test_oci_base_model_in_artifact_out_and_corruption_detected(
     # Corrupt the weights blob inside the registry's storage (same size, one byte flipped).
     manifest = json.loads((tmp_path / "pulled" / "config.json").read_text())  # sanity: the pull wrote real files
     assert manifest["model_type"] == "llama"
-    weights_digest = _layer_digest(registry.url, ref, "model.safetensors")
-    hexdigest = weights_digest.split(":")[1]
+    weights = next(p for p in (tmp_path / "pulled").iterdir() if p.name == "model.safetensors").read_bytes()
+    hexdigest = hashlib.sha256(weights).hexdigest()
     blob = registry.storage_dir / "docker/registry/v2/blobs/sha256" / hexdigest[:2] / hexdigest / "data"
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0xFF
     blob.write_bytes(bytes(data))
-    proc = calib("-m", "quantrol_worker.calibrate", "pull", ref, "--out", str(tmp_path / "again"), "--insecure")
+    proc = calib(*pull, "--out", str(tmp_path / "again"))
     result = _last_json(proc.stdout)
     assert proc.returncode == 1 and not result["ok"], result
     assert result["reason"] == "DigestMismatch" and "model.safetensors" in result["message"], result
     assert not (tmp_path / "again" / "model.safetensors").exists(), "a corrupted blob is never left to be loaded"
-
-
-def _layer_digest(url: str, ref: str, title: str) -> str:
-    import urllib.request
-
-    repo, digest = ref.split("/", 1)[1].split("@")
-    req = urllib.request.Request(
-        f"{url}/v2/{repo}/manifests/{digest}", headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}
-    )
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(req, timeout=10) as response:
-        manifest: dict[str, Any] = json.loads(response.read())
-    return str(
-        next(
-            layer["digest"]
-            for layer in manifest["layers"]
-            if layer.get("annotations", {}).get("org.opencontainers.image.title") == title
-        )
-    )
 
 
 if __name__ == "__main__":  # pragma: no cover
@@ -394,7 +399,8 @@ def test_a_rejected_calibration_still_publishes_its_evidence(
     impossible = {"minTop1Agreement": 1.0, "maxMeanKlDivergence": 0.0}  # no 4-bit model meets these
     rc, term, _report = run_worker(
         tmp_path, tiny, quantization={"scheme": "W4A16", "method": "rtn", "target": "cpu-x86"},
-        qualityGate=impossible, artifact={"repository": f"{registry.address}/models/tiny-w4a16", "insecure": True},
+        qualityGate=impossible, artifact={"repository": f"{registry.address}/models/tiny-w4a16"},
+        registries={"plainHttp": [registry.address]},  # the install policy lists this plain-HTTP registry
     )
     assert rc == 0 and term["phase"] == "Rejected" and term["reason"] == "QualityGateFailed", term
     assert "artifactRef" not in term  # nothing servable was published

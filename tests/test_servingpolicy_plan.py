@@ -13,14 +13,14 @@ import yaml
 from quantrol_operator.api.servingpolicy import KernelReport, SloLimit, Verdict
 from quantrol_operator.children import serving
 from quantrol_operator.kube import merge_patch
-from quantrol_operator.planning.servingpolicy import SpObserved, SpPlan, plan, read_spec
+from quantrol_operator.planning.servingpolicy import Images, SpObserved, SpPlan, plan, read_spec
 from quantrol_operator.rollout.analysis import Sample, TargetHealth
 from quantrol_operator.rollout.queries import Observation
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 CANDIDATE = "oci://registry.example.com/models/llama-w4a16@sha256:" + "c" * 64
-IMAGES = ("serve:test", "router:test")
+IMAGES = Images("serve:test", "router:test", "tools:test")
 
 
 def policy(status: dict[str, Any] | None = None, annotations: dict[str, str] | None = None,
@@ -103,8 +103,8 @@ def test_arm_deployment_carries_the_batch_budget_and_fetches_by_digest() -> None
     pod = candidate["spec"]["template"]["spec"]
     args = pod["containers"][0]["command"]
     assert args[args.index("--max-num-seqs") + 1] == "64" and args[args.index("--max-num-batched-tokens") + 1] == "8192"
-    assert args[args.index("--kv-cache-dtype") + 1] == "fp8"
-    assert pod["initContainers"][0]["command"][:4] == ["quantrol-worker", "fetch", "--ref", CANDIDATE]
+    fetch = next(c for c in pod["initContainers"] if c["name"] == "fetch")
+    assert fetch["command"][:4] == ["quantrol-worker", "fetch", "--ref", CANDIDATE]
     assert candidate["metadata"]["ownerReferences"][0]["uid"] == "uid-sp"
     assert result.status["candidateArtifact"] == CANDIDATE and result.status["candidateShortDigest"] == "c" * 12
 

@@ -107,6 +107,7 @@ class CalibrationReason(StrEnum):
     EMPTY_SLICE = "EmptySlice"
     QUANTIZATION_FAILED = "QuantizationFailed"
     PUBLISH_FAILED = "PublishFailed"
+    REGISTRY_UNAUTHORIZED = "RegistryUnauthorized"  # a registry answered 401/403 (oci.ArtifactReason's word)
     INTERNAL_ERROR = "InternalError"
 
 
@@ -213,7 +214,8 @@ class SliceConfig(ContractModel):
 
 
 class DataConfig(ContractModel):
-    uri: str = Field(description="JSONL with `text` or `messages`, and `slice`: file:// or a path.")
+    uri: str = Field(description="JSONL with `text` or `messages`, and `slice`: file:// or a path, or a digest-pinned "
+                     "oci:// artifact holding one .jsonl file.")
     max_sequence_length: int = Field(default=2048, ge=16, le=1_048_576)
     seed: int = Field(default=0, ge=0)
     slices: list[SliceConfig] = Field(min_length=1, max_length=64)
@@ -227,8 +229,18 @@ class DataConfig(ContractModel):
 
 class ArtifactConfig(ContractModel):
     repository: str = Field(pattern=r"^[a-z0-9.\-]+(:[0-9]+)?/[a-z0-9._\-/]+$", max_length=512)
-    insecure: bool = False
     tag: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+
+
+class RegistryAccess(ContractModel):
+    """How the worker reaches OCI registries, for every pull (base model, calibration data) and the push."""
+
+    credentials_file: str | None = Field(
+        default=None, description="docker config.json with credentials by registry (a mounted dockerconfigjson "
+        "Secret); unset: anonymous.")
+    plain_http: list[str] = Field(
+        default_factory=list, max_length=256, description="Registries (`host` or `host:port`) reached over plain "
+        "HTTP: the install policy's list; every other registry over TLS.")
 
 
 class EvaluationConfig(ContractModel):
@@ -246,6 +258,7 @@ class CalibrationConfig(ContractModel):
     quality_gate: QualityLimits = Field(default_factory=default_quality_gate)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     artifact: ArtifactConfig | None = Field(default=None, description="Where to push; unset: package locally only.")
+    registries: RegistryAccess = Field(default_factory=RegistryAccess)
     work_dir: str = Field(default="/tmp/quantrol-work", description="Scratch space for model, checkpoint, report.")
     termination_message_path: str = TERMINATION_MESSAGE_PATH
     name: str | None = Field(default=None, description="QuantizedModel namespace/name, for annotations.")

@@ -8,9 +8,10 @@ from enum import StrEnum
 from typing import Annotated
 
 from pydantic import Field, StringConstraints
+from pydantic.alias_generators import to_snake
 from pydantic.config import JsonDict
 
-from quantrol_operator.api.base import ApiModel, StatusModel
+from quantrol_operator.api.base import ApiModel, CrossFieldRule, StatusModel
 
 GROUP = "quantrol.io"
 VERSION = "v1alpha1"
@@ -18,18 +19,52 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 # `repo@sha256:<64 hex>`: the only form of artifact reference that is ever served.
 DIGEST_PINNED_PATTERN = r"^[^\s@]+@sha256:[0-9a-f]{64}$"
-# A model location: hf://org/name[@revision], oci://registry/repo[:tag|@sha256:…], pvc://claim/path,
-# s3://bucket/key, file:///abs/path. The schema only checks the scheme; the worker checks the rest.
-MODEL_URI_PATTERN = r"^(hf|oci|pvc|s3|file)://\S+$"
+# Each URI field admits exactly the schemes the code that consumes it serves (a scheme that passes admission and
+# fails later is a bug): the base model hf:// (a mounted cache), oci:// (by digest), pvc://claim/path, file://; the
+# calibration data oci:// (by digest), pvc://claim/path, file://; a served artifact oci:// (by digest) or file://.
+# The pattern checks the scheme; cross-field rules (`uri_rules`) check a digest for oci:// and a claim for pvc://.
+BASE_MODEL_URI_PATTERN = r"^(hf|oci|pvc|file)://\S+$"
+DATA_URI_PATTERN = r"^(oci|pvc|file)://\S+$"
+ARTIFACT_URI_PATTERN = r"^(oci|file)://\S+$"
+# No backslashes: these go into CEL string literals too (the base patterns already exclude whitespace).
+OCI_PINNED_PATTERN = "^oci://[^@ ]+@sha256:[0-9a-f]{64}$"
+PVC_URI_PATTERN = "^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.+$"
 
-ModelUri = Annotated[str, StringConstraints(pattern=MODEL_URI_PATTERN, max_length=1024)]
+BaseModelUri = Annotated[str, StringConstraints(pattern=BASE_MODEL_URI_PATTERN, max_length=1024)]
+DataUri = Annotated[str, StringConstraints(pattern=DATA_URI_PATTERN, max_length=1024)]
+ArtifactUri = Annotated[str, StringConstraints(pattern=ARTIFACT_URI_PATTERN, max_length=1024)]
 DigestPinnedRef = Annotated[str, StringConstraints(pattern=DIGEST_PINNED_PATTERN, max_length=1024)]
 DnsLabel = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]
 K8sQuantity = int | Annotated[str, StringConstraints(pattern=r"^[0-9.]+[a-zA-Z]*$", max_length=64)]
+GPU_RESOURCE = "nvidia.com/gpu"
 
 
 def is_digest_pinned(ref: str) -> bool:
     return re.match(DIGEST_PINNED_PATTERN, ref.removeprefix("oci://")) is not None
+
+
+def uri_rules(field: str, optional: bool = False) -> tuple[CrossFieldRule, ...]:
+    """The cross-field rules of a URI field `field` (camelCase): oci:// pinned by digest, pvc:// naming a claim."""
+    attribute = to_snake(field)
+
+    def value(obj: object) -> str:
+        return str(getattr(obj, attribute) or "")
+
+    guard = f"!has(self.{field}) || " if optional else ""
+    return (
+        CrossFieldRule(
+            cel=f"{guard}!self.{field}.startsWith('oci://') || self.{field}.matches('{OCI_PINNED_PATTERN}')",
+            message=f"{field}: an oci:// reference must be pinned by digest (oci://REPO@sha256:…): a tag can move",
+            check=lambda o: not value(o).startswith("oci://") or re.match(OCI_PINNED_PATTERN, value(o)) is not None,
+            field_path=f".{field}",
+        ),
+        CrossFieldRule(
+            cel=f"{guard}!self.{field}.startsWith('pvc://') || self.{field}.matches('{PVC_URI_PATTERN}')",
+            message=f"{field}: a pvc:// location is pvc://CLAIM/PATH (a PersistentVolumeClaim in this namespace)",
+            check=lambda o: not value(o).startswith("pvc://") or re.match(PVC_URI_PATTERN, value(o)) is not None,
+            field_path=f".{field}",
+        ),
+    )
 
 
 class ConditionStatus(StrEnum):

@@ -5,19 +5,23 @@ from __future__ import annotations
 import itertools
 from datetime import datetime
 from enum import StrEnum
-from typing import ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import Field
+from pydantic import Field, StringConstraints
 
 from quantrol_operator.api.base import ApiModel, CrossFieldRule, StatusModel
 from quantrol_operator.api.common import (
     API_VERSION,
     CONDITIONS_LIST_MAP,
+    GPU_RESOURCE,
+    ArtifactUri,
     Condition,
     DnsLabel,
+    K8sQuantity,
     LocalObjectReference,
-    ModelUri,
     Resources,
+    Toleration,
+    uri_rules,
 )
 from quantrol_worker.contracts import KernelVerdict, Target
 
@@ -94,17 +98,24 @@ class KvCacheDtype(StrEnum):
 
 
 class Baseline(ApiModel):
-    artifact: ModelUri = Field(
+    artifact: ArtifactUri = Field(
         description="The higher-precision artifact: what serves until a promotion, and the last rollback "
-        "target. Pin it by digest (oci://repo@sha256:…) so it cannot move under you."
+        "target: oci://repo@sha256:… (pinned by digest, so it cannot move under you; fetched and verified by each "
+        "pod), or file:///path (local use)."
     )
+    tensor_parallel_size: int | None = Field(
+        default=None, ge=1, le=64, description="The baseline arm's own tensor-parallel size when it differs from the "
+        "candidate's (a bf16 70B needs more GPUs than its 4-bit candidate). Unset: the candidate's.")
+    kv_cache_dtype: KvCacheDtype = Field(
+        default=KvCacheDtype.AUTO, description="The baseline arm's KV cache: `auto` (the model's dtype) keeps the "
+        "rollback target the higher-precision configuration.")
 
 
 class Candidate(ApiModel):
     quantized_model_ref: LocalObjectReference | None = Field(
         default=None, description="A QuantizedModel in this namespace; served only once Ready and qualified."
     )
-    artifact: ModelUri | None = Field(default=None, description="A pinned artifact, oci://repo@sha256:….")
+    artifact: ArtifactUri | None = Field(default=None, description="A pinned artifact, oci://repo@sha256:….")
 
     cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
         CrossFieldRule(
@@ -112,6 +123,7 @@ class Candidate(ApiModel):
             message="set exactly one of quantizedModelRef and artifact",
             check=lambda c: (c.quantized_model_ref is None) != (c.artifact is None),
         ),
+        *uri_rules("artifact", optional=True),
     )
 
 
@@ -139,18 +151,118 @@ class Admission(ApiModel):
     max_queue_wait_seconds: float = Field(default=5.0, gt=0, le=600)
 
 
+class StorageMedium(StrEnum):
+    EMPTY_DIR = "EmptyDir"  # the node's disk: sized by an ephemeral-storage request and a sizeLimit
+    EPHEMERAL_VOLUME = "EphemeralVolume"  # a PersistentVolumeClaim per pod from a storage class, gone with the pod
+
+
+class ModelStorage(ApiModel):
+    """Where each engine pod keeps the artifact's files (≈ 140 GB for a bf16 70B: per replica, per arm)."""
+
+    medium: StorageMedium = Field(default=StorageMedium.EMPTY_DIR)
+    size: K8sQuantity | None = Field(
+        default=None, description="Volume size per pod. Unset: the artifact's size (known from its QuantizedModel's "
+        "manifest) plus 10% and 1Gi; an arm whose size is unknown (a pinned baseline) gets no bound, and its status "
+        "says so. The fetch step refuses early when the artifact does not fit.")
+    storage_class_name: DnsLabel | None = Field(
+        default=None, description="EphemeralVolume: the class of each pod's claim (unset: the cluster's default).")
+
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
+        CrossFieldRule(
+            cel="self.medium != 'EphemeralVolume' || has(self.size)",
+            message="an EphemeralVolume needs a size: each pod's claim is created at that size",
+            check=lambda s: s.medium is not StorageMedium.EPHEMERAL_VOLUME or s.size is not None,
+            field_path=".size",
+        ),
+        CrossFieldRule(
+            cel="self.medium == 'EphemeralVolume' || !has(self.storageClassName)",
+            message="storageClassName applies only to medium EphemeralVolume",
+            check=lambda s: s.medium is StorageMedium.EPHEMERAL_VOLUME or s.storage_class_name is None,
+            field_path=".storageClassName",
+        ),
+    )
+
+
+# vLLM flags Quantrol itself sets from the spec (or per arm): an engineArgs entry may not set them again.
+OWNED_ENGINE_FLAGS = ("--model", "--served-model-name", "--host", "--port", "--max-num-seqs",
+                      "--max-num-batched-tokens", "--max-model-len", "--kv-cache-dtype", "--tensor-parallel-size",
+                      "-tp")
+EngineArg = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^\S+$")]
+
+
+def _no_owned_flags(t: ServingTemplate) -> bool:
+    return not any(a.split("=", 1)[0] in OWNED_ENGINE_FLAGS for a in t.engine_args)
+
+
+def _gpus_match_tensor_parallel(t: ServingTemplate) -> bool:
+    limit = t.resources.limits.get(GPU_RESOURCE) if t.resources else None
+    return t.tensor_parallel_size is None or limit is None or str(limit) == str(t.tensor_parallel_size)
+
+
 class ServingTemplate(ApiModel):
-    image: str | None = Field(default=None, description="vLLM serving image; the operator's default when unset.")
+    image: str | None = Field(
+        default=None, description="The engine image: any vLLM OpenAI-server image (stock vllm/vllm-openai works; "
+        "Quantrol's launcher and fetch step come from its own tools image). The operator's default when unset.")
     replicas: int = Field(default=1, ge=1, le=1000, description="Engine replicas per arm.")
-    resources: Resources | None = None
+    resources: Resources | None = Field(
+        default=None, description="Each engine container's requests and limits. nvidia.com/gpu is set per arm to its "
+        "tensor-parallel size on cuda targets; a GPU limit given here must equal tensorParallelSize.")
     max_model_len: int | None = Field(default=None, ge=16, le=10_000_000)
     batch_budget: BatchBudget = Field(default_factory=BatchBudget)
     admission: Admission = Field(default_factory=Admission)
-    kv_cache_dtype: KvCacheDtype = Field(default=KvCacheDtype.AUTO)
+    kv_cache_dtype: KvCacheDtype | None = Field(
+        default=None, description="The candidate arm's KV cache. Unset: from its QuantizedModel (fp8 with the "
+        "calibrated scales when kvCacheScheme is fp8), else auto. The baseline arm has its own "
+        "(baseline.kvCacheDtype).")
     target: Target = Field(
         default=Target.CUDA_SM90, description="Hardware the arms run on: decides which kernels the launcher expects."
     )
+    tensor_parallel_size: int | None = Field(
+        default=None, ge=1, le=64, description="GPUs per engine (vLLM's --tensor-parallel-size). Unset: the "
+        "candidate QuantizedModel's quantization.tensorParallelSize, else 1.")
     node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="E.g. nvidia.com/gpu:NoSchedule of a tainted GPU pool.")
+    affinity: dict[str, Any] | None = Field(
+        default=None, description="The pods' affinity, as in a pod spec (nodeAffinity, podAntiAffinity, …).",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    shared_memory_size: K8sQuantity | None = Field(
+        default=None, description="Memory-backed /dev/shm per engine pod (NCCL and vLLM's workers exchange through "
+        "it; it counts against the pod's memory). Unset: 1Gi, plus 2Gi per tensor-parallel rank beyond the first.")
+    max_load_seconds: int = Field(
+        default=1800, ge=60, le=86_400, description="How long an engine may take to load and warm up (weights from "
+        "the volume, CUDA graphs) before the startup probe gives up; liveness starts only after it.")
+    storage: ModelStorage = Field(default_factory=ModelStorage)
+    engine_args: list[EngineArg] = Field(
+        default_factory=list, max_length=32, description="More vLLM flags, e.g. [--gpu-memory-utilization, '0.92']: "
+        "only flags the install policy allows (installPolicy.engineFlags); never one Quantrol sets itself.")
+    image_pull_secrets: list[LocalObjectReference] = Field(
+        default_factory=list, max_length=16, description="Secrets the kubelet pulls the engine, tools and router "
+        "images with.")
+    artifact_credentials_secret_ref: LocalObjectReference | None = Field(
+        default=None, description="A kubernetes.io/dockerconfigjson Secret the arms' fetch step reads artifacts "
+        "with (one Secret may hold several registries). Unset: the candidate QuantizedModel's "
+        "spec.artifact.credentialsSecretRef, if any.")
+
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
+        CrossFieldRule(
+            cel="!has(self.engineArgs) || self.engineArgs.all(a, !(a.split('=')[0] in "
+            f"[{', '.join(repr(f) for f in OWNED_ENGINE_FLAGS)}]))",
+            message="engineArgs may not set a flag Quantrol sets from the spec: "
+            + ", ".join(OWNED_ENGINE_FLAGS),
+            check=_no_owned_flags,
+            field_path=".engineArgs",
+        ),
+        CrossFieldRule(
+            cel=f"!has(self.tensorParallelSize) || !has(self.resources) || !has(self.resources.limits) || "
+            f"!('{GPU_RESOURCE}' in self.resources.limits) || "
+            f"string(self.resources.limits['{GPU_RESOURCE}']) == string(self.tensorParallelSize)",
+            message=f"resources.limits['{GPU_RESOURCE}'] must equal tensorParallelSize: one GPU per tensor-parallel "
+            "rank (or leave the GPU count out and Quantrol sets it per arm)",
+            check=_gpus_match_tensor_parallel,
+            field_path=".tensorParallelSize",
+        ),
+    )
 
 
 class ShadowStage(ApiModel):
@@ -285,6 +397,13 @@ class Slos(ApiModel):
     custom: list[CustomSlo] = Field(default_factory=list, max_length=32)
 
 
+def _baseline_gpus_consistent(spec: ServingPolicySpec) -> bool:
+    serving = spec.serving
+    limit = serving.resources.limits.get(GPU_RESOURCE) if serving.resources else None
+    tp = spec.baseline.tensor_parallel_size
+    return tp is None or limit is None or str(limit) == str(tp)
+
+
 class ServingPolicySpec(ApiModel):
     baseline: Baseline
     candidate: Candidate
@@ -296,6 +415,18 @@ class ServingPolicySpec(ApiModel):
     analysis: Analysis = Field(default_factory=Analysis)
     slos: Slos = Field(default_factory=Slos)
     traffic_provider: TrafficProvider = Field(default=TrafficProvider.ROUTER)
+
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
+        CrossFieldRule(
+            cel=f"!has(self.baseline.tensorParallelSize) || !has(self.serving) || !has(self.serving.resources) || "
+            f"!has(self.serving.resources.limits) || !('{GPU_RESOURCE}' in self.serving.resources.limits) || "
+            f"string(self.serving.resources.limits['{GPU_RESOURCE}']) == string(self.baseline.tensorParallelSize)",
+            message=f"serving.resources.limits['{GPU_RESOURCE}'] applies to every arm, and the baseline's "
+            "tensorParallelSize differs: leave the GPU count out (Quantrol sets one GPU per rank on each arm)",
+            check=_baseline_gpus_consistent,
+            field_path=".baseline.tensorParallelSize",
+        ),
+    )
 
 
 class RollbackReason(StrEnum):
@@ -379,6 +510,22 @@ class RouterState(StatusModel):
     replicas: RouterReplicas | None = None
 
 
+class ArmStatus(StatusModel):
+    """One serving arm as it is built now: its engine flags are what vLLM runs with (the serving-side envelope)."""
+
+    artifact: str
+    short_digest: str
+    role: str = Field(description="Whose settings the arm runs with: baseline or candidate (they stay with the "
+                      "artifact when it is promoted).")
+    replicas: int = 0
+    tensor_parallel_size: int = 1
+    gpus: int = Field(default=0, description="nvidia.com/gpu per engine pod.")
+    kv_cache_dtype: str = "auto"
+    size_bytes: int | None = Field(default=None, description="The artifact's size, when its manifest told it.")
+    storage: str = Field(default="", description="The model volume per pod: medium and size, or why unbounded.")
+    engine_args: list[str] = Field(default_factory=list, max_length=96, description="vLLM's flags, as run.")
+
+
 class HandledAnnotations(StatusModel):
     retry: str | None = None
     rollback: str | None = None
@@ -410,6 +557,9 @@ class ServingPolicyStatus(StatusModel):
     phase_since: datetime | None = None
     paused_from: RolloutPhase | None = Field(default=None, description="The phase a user pause interrupted.")
     candidate_kernels: KernelReport | None = None
+    arms: list[ArmStatus] = Field(default_factory=list, max_length=4,
+                                  description="Each serving arm's effective engine settings (stable, candidate, "
+                                  "and the old stable arm kept warm after a promotion).")
     router: RouterState = Field(default_factory=RouterState)
     last_analysis: AnalysisRun | None = None
     counters: AnalysisCounters = Field(default_factory=AnalysisCounters)

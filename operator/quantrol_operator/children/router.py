@@ -70,6 +70,13 @@ def router_deployment(owner: dict[str, Any], spec: ServingPolicySpec, image: str
         "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
                          {"name": "admin", "mountPath": TOKEN_DIR, "readOnly": True}],
     }
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": [{"name": "config", "configMap": {"name": router_name(policy)}},
+                    {"name": "admin", "secret": {"secretName": admin_secret_name(policy)}}],
+    }
+    if spec.serving.image_pull_secrets:  # the router image defaults to the serving image: same registry, same login
+        pod_spec["imagePullSecrets"] = [s.to_wire() for s in spec.serving.image_pull_secrets]
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -80,11 +87,7 @@ def router_deployment(owner: dict[str, Any], spec: ServingPolicySpec, image: str
             "template": {
                 "metadata": {"labels": {**MANAGED_BY, **selector}, "annotations": {
                     "prometheus.io/scrape": "true", "prometheus.io/port": str(ROUTER_PORT)}},
-                "spec": {
-                    "containers": [container],
-                    "volumes": [{"name": "config", "configMap": {"name": router_name(policy)}},
-                                {"name": "admin", "secret": {"secretName": admin_secret_name(policy)}}],
-                },
+                "spec": pod_spec,
             },
         },
     }

@@ -19,6 +19,7 @@ from quantrol_operator.apply import PodMonitors
 from quantrol_operator.defaults import OperatorDefaults
 from quantrol_operator.delivery import RouterDelivery
 from quantrol_operator.kube import Kube, status_digest
+from quantrol_operator.policy import InstallPolicy
 from quantrol_worker.addresses import Addresses
 
 # Read once at import: the timers' interval is fixed when kopf registers them. Never changed afterwards.
@@ -39,6 +40,7 @@ class Runtime:
     addresses: Addresses
     delivery: RouterDelivery
     pod_monitors: PodMonitors = field(default_factory=PodMonitors)
+    policy: InstallPolicy = field(default_factory=InstallPolicy)  # what this installation lets tenants choose
     # One pass per object at a time, held in the worker thread, not by an asyncio lock: kopf's tasks never wait on
     # each other (an asyncio lock between the watch worker and the timer kept kopf reconciling for seconds after
     # SIGTERM). Weak values: a lock lives only while a pass holds or awaits it.

@@ -16,7 +16,7 @@ from quantrol_operator.planning.quantizedmodel import TERMINAL, plan
 
 
 def _reconcile(rt: Runtime, obj: dict[str, Any]) -> Events:
-    result = plan(observe(rt.kube, obj, datetime.now(UTC)), rt.defaults.worker_image)
+    result = plan(observe(rt.kube, obj, datetime.now(UTC)), rt.defaults.worker_image, rt.policy)
     apply_plan(rt.kube, result)
     rt.kube.patch_status(obj, result.status)
     if result.status.get("phase") in TERMINAL and (obj.get("status") or {}).get("phase") not in TERMINAL:

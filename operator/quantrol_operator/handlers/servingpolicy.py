@@ -14,13 +14,14 @@ from quantrol_operator.api.servingpolicy import ServingPolicyStatus
 from quantrol_operator.apply import apply_plan, orphan_children
 from quantrol_operator.handlers.common import DEFAULTS, Events, Runtime, handle, runtime
 from quantrol_operator.observe import servingpolicy as observe
-from quantrol_operator.planning.servingpolicy import orphaned_on_delete, plan, read_spec
+from quantrol_operator.planning.servingpolicy import Images, orphaned_on_delete, plan, read_spec
 
 
 def _reconcile(rt: Runtime, obj: dict[str, Any]) -> Events:
     meta = obj["metadata"]
     observed, token = observe.observe(rt.kube, rt.addresses, rt.defaults.prometheus_url, obj, datetime.now(UTC))
-    result = plan(observed, (rt.defaults.serving_image, rt.defaults.router_image), rt.pod_monitors.labels)
+    images = Images(rt.defaults.serving_image, rt.defaults.router_image, rt.defaults.tools_image)
+    result = plan(observed, images, rt.pod_monitors.labels, rt.policy)
     apply_plan(rt.kube, result, rt.pod_monitors)
     status = ServingPolicyStatus.model_validate(result.status)
     status.router = rt.delivery.sync(status.router, result.apply, observed.deployments, meta["namespace"],

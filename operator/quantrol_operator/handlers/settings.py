@@ -17,6 +17,7 @@ from quantrol_operator.children import monitoring
 from quantrol_operator.delivery import RouterDelivery
 from quantrol_operator.handlers.common import DEFAULTS, MEMO_KEY, Runtime
 from quantrol_operator.kube import Kube
+from quantrol_operator.policy import InstallPolicy, PolicyError
 from quantrol_worker.addresses import from_environment
 
 # kopf keeps its bookkeeping in annotations under our own prefix, never in `status`: status belongs to the
@@ -31,8 +32,13 @@ METRICS_PORT_ENV = "QUANTROL_METRICS_PORT"
 
 @kopf.on.startup()
 def start_runtime(memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
-    """The operator's runtime, made once: the API client, where pods answer (QUANTROL_ADDRESS_RESOLVER, the
-    cluster's by default), and whether to write PodMonitors (QUANTROL_POD_MONITORS; `auto` asks API discovery)."""
+    """The operator's runtime, made once: the install policy (QUANTROL_INSTALL_POLICY; an invalid one stops the
+    start-up: never a guess), the API client, where pods answer (QUANTROL_ADDRESS_RESOLVER, the cluster's by
+    default), and whether to write PodMonitors (QUANTROL_POD_MONITORS; `auto` asks API discovery)."""
+    try:
+        policy = InstallPolicy.from_environment()
+    except PolicyError as exc:
+        raise kopf.PermanentError(str(exc)) from exc
     kube = Kube.from_environment()
     addresses = from_environment()
     try:
@@ -41,8 +47,9 @@ def start_runtime(memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
         raise kopf.TemporaryError(f"API discovery failed ({exc.status} {exc.reason}); retrying", delay=5) from exc
     monitors = PodMonitors(dict(DEFAULTS.pod_monitor_labels) if enabled else None)
     memo[MEMO_KEY] = Runtime(kube=kube, defaults=DEFAULTS, addresses=addresses,
-                             delivery=RouterDelivery(kube, addresses), pod_monitors=monitors)
+                             delivery=RouterDelivery(kube, addresses), pod_monitors=monitors, policy=policy)
     logger.info("%s: %s", "writing one PodMonitor per ServingPolicy" if enabled else "writing no PodMonitors", why)
+    logger.info("install policy: plain-HTTP registries %s", ", ".join(policy.plain_http_registries) or "none")
 
 
 @kopf.on.startup()

@@ -10,10 +10,11 @@ from typing import Any
 
 from quantrol_operator.api.kinds import QUANTIZED_MODEL
 from quantrol_operator.children import router
-from quantrol_operator.children.serving import LABEL_POLICY
+from quantrol_operator.children.serving import LABEL_ARM, LABEL_POLICY
 from quantrol_operator.kube import Kube
 from quantrol_operator.observe import analysis, candidate
-from quantrol_operator.planning.servingpolicy import SpObserved, read_spec
+from quantrol_operator.observe.credentials import docker_config_problem
+from quantrol_operator.planning.servingpolicy import SpObserved, credentials_secret, read_spec
 from quantrol_worker.addresses import Addresses
 
 
@@ -25,6 +26,12 @@ def router_token(kube: Kube, namespace: str, policy: str) -> tuple[str, bool]:
     data = (secret.get("data") or {}).get(router.TOKEN_KEY)
     string = (secret.get("stringData") or {}).get(router.TOKEN_KEY)
     return (base64.b64decode(data).decode() if data else str(string or "")), False
+
+
+def _arms_ready(deployments: list[dict[str, Any]]) -> bool:
+    arms = [d for d in deployments if LABEL_ARM in (d["metadata"].get("labels") or {})]
+    return bool(arms) and all((d.get("status") or {}).get("readyReplicas", 0) >= d["spec"].get("replicas", 1)
+                              for d in arms)
 
 
 def observe(kube: Kube, addresses: Addresses, prometheus_url: str, obj: dict[str, Any],
@@ -48,7 +55,13 @@ def observe(kube: Kube, addresses: Addresses, prometheus_url: str, obj: dict[str
     window = None
     if spec is not None and analysis.due(status, spec, now):
         window = analysis.window(analysis.source_for(spec, prometheus_url), namespace, policy, status, spec)
+    problem = None
+    secret = credentials_secret(spec, qm) if spec is not None else None
+    if secret is not None and not _arms_ready(deployments):  # only while an arm waits: a ready one has logged in
+        field = ("spec.serving.artifactCredentialsSecretRef" if spec and spec.serving.artifact_credentials_secret_ref
+                 else "the candidate QuantizedModel's spec.artifact.credentialsSecretRef")
+        problem = docker_config_problem(kube, namespace, secret, field)
     observed = SpObserved(obj=obj, spec=read, quantized_model=qm, deployments=deployments, candidate_kernels=kernels,
                           candidate_failed=failed, window=window, router_token=token if create_token else "",
-                          now=now)
+                          now=now, credentials_problem=problem)
     return observed, token

@@ -22,6 +22,7 @@ from quantrol_operator.api.quantizedmodel import (
 from quantrol_operator.children import calibration
 from quantrol_operator.conditions import set_condition
 from quantrol_operator.planning import Event, Plan
+from quantrol_operator.policy import InstallPolicy, registry_host
 from quantrol_operator.validation import field_error
 from quantrol_worker.contracts import (
     CalibrationReason,
@@ -39,6 +40,8 @@ class QmReason(StrEnum):
 
     INVALID_SPEC = "InvalidSpec"
     UNSUPPORTED_SOURCE = "UnsupportedSource"
+    NOT_ALLOWED_BY_POLICY = "NotAllowedByPolicy"  # the spec asks for more than the install policy allows
+    CREDENTIALS_MISSING = "CredentialsMissing"  # the registry credentials Secret is missing or not a docker config
     JOB_CREATED = "JobCreated"
     JOB_RUNNING = "JobRunning"
     IMAGE_PULL_FAILING = "ImagePullFailing"
@@ -55,9 +58,20 @@ class QmObserved:
     jobs: list[dict[str, Any]] = field(default_factory=list)  # Jobs it owns, any generation
     pods: list[dict[str, Any]] = field(default_factory=list)  # pods owned by this generation's Job
     now: datetime = field(default_factory=datetime.now)
+    credentials_problem: str | None = None  # why spec.artifact.credentialsSecretRef cannot be used yet
 
 
-def plan(observed: QmObserved, worker_image: str) -> Plan:
+def _not_allowed(spec: QuantizedModelSpec, policy: InstallPolicy) -> str | None:
+    host = registry_host(spec.artifact.repository)
+    if spec.artifact.insecure and not policy.allows_plain_http(host):
+        listed = ", ".join(policy.plain_http_registries) or "none"
+        return (f"spec.artifact.insecure: the install policy does not allow plain HTTP to {host} "
+                f"(installPolicy.plainHttpRegistries: {listed}); use TLS, or ask the installation to list it")
+    return None
+
+
+def plan(observed: QmObserved, worker_image: str, policy: InstallPolicy | None = None) -> Plan:
+    policy = policy or InstallPolicy()
     obj = observed.obj
     meta = obj["metadata"]
     generation = int(meta.get("generation", 1))
@@ -79,14 +93,22 @@ def plan(observed: QmObserved, worker_image: str) -> Plan:
         errors = "; ".join(f"spec.{e}" for e in map(field_error, exc.errors()))
         current.fail(QmReason.INVALID_SPEC, f"the spec is invalid, fix it and re-apply: {errors}")
         return current.into(result)
+    refused = _not_allowed(spec, policy)
+    if refused:
+        current.fail(QmReason.NOT_ALLOWED_BY_POLICY, refused)
+        return current.into(result)
     try:
-        config = calibration.worker_config(meta["name"], meta["namespace"], generation, spec)
+        config = calibration.worker_config(meta["name"], meta["namespace"], generation, spec, policy)
     except calibration.UnsupportedSource as exc:
         current.fail(QmReason.UNSUPPORTED_SOURCE, str(exc))
         return current.into(result)
 
     name = calibration.job_name(meta["name"], generation)
     job = next((j for j in observed.jobs if j["metadata"]["name"] == name), None)
+    if job is None and observed.credentials_problem:
+        # Waiting, not failed: the Secret may simply be applied after the QuantizedModel (GitOps ordering).
+        current.running(QuantizedModelPhase.PENDING, QmReason.CREDENTIALS_MISSING, observed.credentials_problem)
+        return current.into(result)
     result.apply = [calibration.config_map(obj, config)]
     if job is None:
         result.apply.append(calibration.job(obj, spec, worker_image))
@@ -178,6 +200,9 @@ class _Status:
         phase = QuantizedModelPhase(result.phase.value)
         reason = result.reason.value
         message = result.message or f"Job {job}: {reason}"
+        if result.reason is CalibrationReason.REGISTRY_UNAUTHORIZED:
+            message += ("; the registry credentials come from the Secret spec.artifact.credentialsSecretRef names: "
+                        "it must hold credentials for that registry that may push to the repository")
         self.status.quality = [
             SliceQuality(slice=h.slice, mean_kl_divergence=h.mean_kl, p99_kl_divergence=h.p99_kl,
                          top1_agreement=h.top1, perplexity_ratio=h.ppl_ratio, passed=h.passed,

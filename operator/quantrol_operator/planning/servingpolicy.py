@@ -11,19 +11,21 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 
-from quantrol_operator.api.common import ConditionStatus, is_digest_pinned
+from quantrol_operator.api.common import GPU_RESOURCE, ConditionStatus
 from quantrol_operator.api.servingpolicy import (
     HISTORY_LIMIT,
     NO_JUDGEMENT_ADVICE,
     AnalysisCounters,
     AnalysisRun,
+    ArmStatus,
     DeletionPolicy,
     HandledAnnotations,
     KernelReport,
+    KvCacheDtype,
     RollbackReason,
     RollbackRecord,
     ServingPolicySpec,
@@ -35,8 +37,10 @@ from quantrol_operator.api.servingpolicy import (
 )
 from quantrol_operator.api.servingpolicy import RolloutPhase as P
 from quantrol_operator.children import monitoring, router, serving
+from quantrol_operator.children.serving import ServingContext
 from quantrol_operator.conditions import set_condition
 from quantrol_operator.planning import Event, Plan
+from quantrol_operator.policy import InstallPolicy
 from quantrol_operator.rollout.analysis import decide, judge, no_judgement, window_verdict
 from quantrol_operator.rollout.queries import Observation
 from quantrol_operator.rollout.statemachine import Decision, Facts, TransitionReason, step, weights_for
@@ -64,9 +68,15 @@ def read_spec(obj: Mapping[str, Any]) -> SpecRead:
     except ValidationError as exc:
         errors = "; ".join(f"spec.{e}" for e in map(field_error, exc.errors()))
         return SpecRead(None, f"the spec is invalid, nothing changed: {errors}")
-    if spec.candidate.artifact is not None and not is_digest_pinned(spec.candidate.artifact):
-        return SpecRead(None, "spec.candidate.artifact must be pinned by digest (oci://repo@sha256:…): a tag can move")
     return SpecRead(spec)
+
+
+class Images(NamedTuple):
+    """This installation's default images: the engine, the router, and the tools the arms' init steps run."""
+
+    serving: str
+    router: str
+    tools: str
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,7 @@ class SpObserved:
     window: Observation | None = None  # None: no analysis this pass (not in Shadow/Canary, or not due)
     router_token: str = ""
     now: datetime = field(default_factory=datetime.now)
+    credentials_problem: str | None = None  # why the arms' registry credentials Secret cannot be used yet
 
 
 @dataclass
@@ -94,13 +105,69 @@ def orphaned_on_delete(spec: ServingPolicySpec) -> bool:
     return spec.deletion_policy is DeletionPolicy.ORPHAN
 
 
-def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapping[str, str] | None = None) -> SpPlan:
-    """`images`: (serving image, router image) defaults of this installation. `pod_monitor_labels`: None where this
-    installation writes no PodMonitor (QUANTROL_POD_MONITORS), else the extra labels its PodMonitors carry."""
+def credentials_secret(spec: ServingPolicySpec, quantized_model: Mapping[str, Any] | None) -> str | None:
+    """The Secret the arms' fetch step logs in with: the spec's, else the candidate QuantizedModel's push Secret."""
+    if spec.serving.artifact_credentials_secret_ref is not None:
+        return spec.serving.artifact_credentials_secret_ref.name
+    ref = ((quantized_model or {}).get("spec") or {}).get("artifact", {}).get("credentialsSecretRef") or {}
+    return str(ref["name"]) if isinstance(ref, dict) and ref.get("name") else None
+
+
+def _quantization(quantized_model: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return ((quantized_model or {}).get("spec") or {}).get("quantization") or {}
+
+
+def arm_engine(spec: ServingPolicySpec, quantized_model: Mapping[str, Any] | None, ref: str,
+               known: ArmStatus | None = None) -> serving.ArmEngine:
+    """The engine settings of the arm that serves `ref`. The baseline artifact runs the baseline's (its own
+    tensor-parallel size if it says so, else the candidate's; its own KV cache, `auto` by default); every other
+    artifact the candidate's: the spec's, else its QuantizedModel's (tensorParallelSize; an fp8 KV cache when its
+    scales were calibrated; the size its manifest gave), else what status recorded when its arm was made (a
+    promoted artifact keeps its flags after its QuantizedModel moved on)."""
+    quantization = _quantization(quantized_model)
+    qm_status = (quantized_model or {}).get("status") or {}
+    published = (qm_status.get("artifact") or {}).get("ref")
+    own = published is not None and f"oci://{published}" == ref
+    common = spec.serving.tensor_parallel_size or int(quantization.get("tensorParallelSize") or 1)
+    if ref == spec.baseline.artifact:
+        return serving.ArmEngine(ref, "baseline", spec.baseline.tensor_parallel_size or common,
+                                 spec.baseline.kv_cache_dtype)
+    if own:
+        kv = KvCacheDtype.FP8 if quantization.get("kvCacheScheme") == "fp8" else KvCacheDtype.AUTO
+        tp, size = common, qm_status.get("artifact", {}).get("sizeBytes")
+    elif known is not None:
+        kv, tp, size = KvCacheDtype(known.kv_cache_dtype), known.tensor_parallel_size, known.size_bytes
+    else:
+        kv, tp, size = KvCacheDtype.AUTO, common, None
+    return serving.ArmEngine(ref, "candidate", spec.serving.tensor_parallel_size or tp,
+                             spec.serving.kv_cache_dtype or kv, size)
+
+
+def _refused_by_install(spec: ServingPolicySpec, policy: InstallPolicy, engines: list[serving.ArmEngine]) -> str:
+    """Why this spec asks for more than the installation allows, or than its GPUs can hold ('' when it does not)."""
+    refused = policy.refused_engine_args(list(spec.serving.engine_args))
+    if refused:
+        where = ", ".join(f"spec.serving.engineArgs[{i}] ({flag})" for i, flag in refused)
+        return (f"{where}: not allowed by the install policy (installPolicy.engineFlags: "
+                f"{', '.join(policy.engine_flags)})")
+    limit = spec.serving.resources.limits.get(GPU_RESOURCE) if spec.serving.resources else None
+    for engine in engines:
+        if limit is not None and serving.gpus(spec, engine) and str(limit) != str(engine.tensor_parallel_size):
+            return (f"spec.serving.resources.limits['{GPU_RESOURCE}'] is {limit}, but the {engine.role} arm's "
+                    f"tensor-parallel size is {engine.tensor_parallel_size} (one GPU per rank): set "
+                    "spec.serving.tensorParallelSize, or leave the GPU count out")
+    return ""
+
+
+def plan(observed: SpObserved, images: Images, pod_monitor_labels: Mapping[str, str] | None = None,
+         policy: InstallPolicy | None = None) -> SpPlan:
+    """`images`: this installation's default images. `pod_monitor_labels`: None where this installation writes no
+    PodMonitor (QUANTROL_POD_MONITORS), else the extra labels its PodMonitors carry. `policy`: what this
+    installation lets tenants choose."""
     obj = observed.obj
     now = observed.now.replace(microsecond=0)  # the API server keeps times to the second: re-reads compare equal
     meta = obj["metadata"]
-    policy, generation = meta["name"], int(meta.get("generation", 1))
+    policy_name, generation = meta["name"], int(meta.get("generation", 1))
     before = ServingPolicyStatus.model_validate({k: v for k, v in (obj.get("status") or {}).items() if v is not None})
     status = before.model_copy(deep=True)
     status.observed_generation = generation
@@ -109,7 +176,8 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
     if spec is None:
         # Nothing is deleted or re-weighted: whatever serves keeps serving until the spec is fixed.
         return _invalid(result, status, before, now, generation, observed.spec.error)
-
+    arms = _ArmBuilder(obj, spec, observed.quantized_model, before.arms, ServingContext(
+        images.serving, images.tools, policy or InstallPolicy(), credentials_secret(spec, observed.quantized_model)))
     stable = status.stable_artifact or spec.baseline.artifact
     status.stable_artifact = stable
     phase, index = status.phase, status.step
@@ -121,6 +189,9 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
             message = f"candidate changed before it took traffic: now {serving.short_digest(desired)}"
             result.events.append(Event("Normal", TransitionReason.NEW_CANDIDATE.value, message))
         pinned = desired
+    not_allowed = _refused_by_install(spec, arms.context.policy, [arms.engine(r) for r in (stable, pinned) if r])
+    if not_allowed:
+        return _invalid(result, status, before, now, generation, f"nothing changed: {not_allowed}")
     annotations = meta.get("annotations") or {}
     retry, rollback = annotations.get(ANNOTATION_RETRY), annotations.get(ANNOTATION_ROLLBACK)
     decision, counters = _analyse(result, status, observed, spec, phase, now)
@@ -130,8 +201,8 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
         now=now, phase_since=status.phase_since or now, steps=tuple(s.weight for s in spec.rollout.canary_steps),
         shadow_seconds=spec.rollout.shadow.duration_seconds,
         dwell_seconds=tuple(s.min_dwell_seconds for s in spec.rollout.canary_steps),
-        candidate_pinned=pinned is not None, stable_ready=_arm_ready(observed.deployments, policy, stable),
-        candidate_ready=_arm_ready(observed.deployments, policy, pinned),
+        candidate_pinned=pinned is not None, stable_ready=_arm_ready(observed.deployments, policy_name, stable),
+        candidate_ready=_arm_ready(observed.deployments, policy_name, pinned),
         candidate_failed=observed.candidate_failed is not None,
         kernel=refused or (observed.candidate_kernels.verdict if observed.candidate_kernels else KernelVerdict.UNKNOWN),
         enforce_kernels=spec.kernel_policy.value == "enforce", decision=decision,
@@ -168,13 +239,49 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
     if pinned is None and phase is P.PENDING:
         status.message = f"waiting for a candidate: {why_not}"
     weights = weights_for(phase, index, facts.steps, spec.rollout.shadow.mirror_fraction, held=before.weights)
-    _children(result, obj, spec, images, stable, pinned, phase, status, weights, now, observed.router_token)
+    _children(result, arms, images.router, stable, pinned, phase, status, weights, now, observed.router_token)
+    status.arms = arms.built
     if pod_monitor_labels is not None:
         result.apply.append(monitoring.pod_monitor(obj, spec, pod_monitor_labels))
     _withdraw_stale_arms(result, observed.deployments)
     _status_fields(status, phase, index, stable, pinned, weights, facts, before, now, generation)
+    _explain_credentials(status, observed.credentials_problem, now, generation)
     result.status = status.to_wire()
     return result
+
+
+class _ArmBuilder:
+    """Builds the arms of one pass (each with its artifact's engine settings) and records each as status shows it."""
+
+    def __init__(self, obj: dict[str, Any], spec: ServingPolicySpec, quantized_model: Mapping[str, Any] | None,
+                 known: list[ArmStatus], context: ServingContext) -> None:
+        self.obj, self.spec, self.quantized_model, self.context = obj, spec, quantized_model, context
+        self.known = {a.artifact: a for a in known}
+        self.built: list[ArmStatus] = []
+
+    def engine(self, ref: str) -> serving.ArmEngine:
+        return arm_engine(self.spec, self.quantized_model, ref, self.known.get(ref))
+
+    def deployment(self, ref: str, replicas: int) -> dict[str, Any]:
+        engine, spec = self.engine(ref), self.spec
+        self.built.append(ArmStatus(
+            artifact=ref, short_digest=serving.short_digest(ref), role=engine.role, replicas=replicas,
+            tensor_parallel_size=engine.tensor_parallel_size, gpus=serving.gpus(spec, engine),
+            kv_cache_dtype=engine.kv_cache_dtype.value, size_bytes=engine.size_bytes,
+            storage=serving.storage_summary(spec, engine),
+            engine_args=serving.engine_args(self.obj["metadata"]["name"], spec, engine)))
+        return serving.arm_deployment(self.obj, spec, engine, self.context, replicas)
+
+
+def _explain_credentials(status: ServingPolicyStatus, problem: str | None, now: datetime, generation: int) -> None:
+    """An arm whose fetch step cannot log in says why in its readiness condition (its pods wait on the Secret)."""
+    if not problem:
+        return
+    for condition in ("StableReady", "CandidateReady"):
+        current = next((c for c in status.conditions if c.type == condition), None)
+        if current is not None and current.status is ConditionStatus.FALSE:
+            status.conditions = set_condition(status.conditions, condition, False, "CredentialsMissing",
+                                              f"{current.message}: {problem}", now=now, generation=generation)
 
 
 def _analyse(result: SpPlan, status: ServingPolicyStatus, observed: SpObserved, spec: ServingPolicySpec, phase: P,
@@ -277,25 +384,23 @@ def _rollback_record(reason: RollbackReason, analysis: AnalysisRun | None, obser
     return record
 
 
-def _children(result: SpPlan, obj: dict[str, Any], spec: ServingPolicySpec, images: tuple[str, str], stable: str,
-              candidate: str | None, phase: P, status: ServingPolicyStatus, weights: Weights, now: datetime,
-              token: str) -> None:
+def _children(result: SpPlan, arms: _ArmBuilder, router_image: str, stable: str, candidate: str | None, phase: P,
+              status: ServingPolicyStatus, weights: Weights, now: datetime, token: str) -> None:
+    obj, spec = arms.obj, arms.spec
     meta = obj["metadata"]
     policy, namespace = meta["name"], meta["namespace"]
-    serving_image, router_image = images
     replicas = spec.serving.replicas
-    result.apply.append(serving.arm_deployment(obj, spec, stable, serving_image, replicas))
+    result.apply.append(arms.deployment(stable, replicas))
     result.apply.append(serving.arm_service(obj, stable))
     candidate_live = candidate is not None and candidate != stable and phase in CANDIDATE_PHASES
     if candidate is not None and candidate != stable:
         # A rolled-back candidate is scaled to zero, not deleted: its Deployment stays as evidence.
-        result.apply.append(serving.arm_deployment(obj, spec, candidate, serving_image,
-                                                   replicas if candidate_live else 0))
+        result.apply.append(arms.deployment(candidate, replicas if candidate_live else 0))
         result.apply.append(serving.arm_service(obj, candidate))
     target = status.rollback_target
     if target and target not in (stable, candidate):
         grace_over = now - (status.phase_since or now) >= timedelta(seconds=spec.rollout.promotion_grace_seconds)
-        result.apply.append(serving.arm_deployment(obj, spec, target, serving_image, 0 if grace_over else replicas))
+        result.apply.append(arms.deployment(target, 0 if grace_over else replicas))
     if spec.traffic_provider is not TrafficProvider.ROUTER:
         return  # the only provider today; another would split traffic without Quantrol's router
     config = router.router_config(policy, namespace, spec, stable, candidate if candidate_live else None,
