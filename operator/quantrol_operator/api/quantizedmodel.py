@@ -64,7 +64,7 @@ class HuggingFaceCache(ApiModel):
 
     cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
         CrossFieldRule(
-            cel="!has(self.subPath) || !self.subPath.split('/').exists(p, p == '..' || p == '.')",
+            cel="!has(self.subPath) || !self.subPath.matches('(^|/)[.][.]?(/|$)')",
             message="subPath is a folder inside the claim: no `.` or `..` parts",
             check=lambda c: not {".", ".."} & set(c.sub_path.split("/")),
             field_path=".subPath",

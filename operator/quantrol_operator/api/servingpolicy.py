@@ -110,6 +110,8 @@ class Baseline(ApiModel):
         default=KvCacheDtype.AUTO, description="The baseline arm's KV cache: `auto` (the model's dtype) keeps the "
         "rollback target the higher-precision configuration.")
 
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = uri_rules("artifact")
+
 
 class Candidate(ApiModel):
     quantized_model_ref: LocalObjectReference | None = Field(
@@ -246,8 +248,8 @@ class ServingTemplate(ApiModel):
 
     cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
         CrossFieldRule(
-            cel="!has(self.engineArgs) || self.engineArgs.all(a, !(a.split('=')[0] in "
-            f"[{', '.join(repr(f) for f in OWNED_ENGINE_FLAGS)}]))",
+            cel="!has(self.engineArgs) || self.engineArgs.all(a, "
+            f"!a.matches('^({'|'.join(OWNED_ENGINE_FLAGS)})(=.*)?$'))",
             message="engineArgs may not set a flag Quantrol sets from the spec: "
             + ", ".join(OWNED_ENGINE_FLAGS),
             check=_no_owned_flags,
