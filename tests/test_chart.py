@@ -58,29 +58,31 @@ MONITORING_ON = {
 COMBOS: dict[str, tuple[dict[str, Any], dict[str, int]]] = {
     "cluster-wide": (
         {},
-        {"ServiceAccount": 1, "ClusterRole": 1, "ClusterRoleBinding": 1, "Deployment": 1, "Service": 1},
+        {"ServiceAccount": 1, "ClusterRole": 1, "ClusterRoleBinding": 1, "Deployment": 1, "Service": 1,
+         "ConfigMap": 1},
     ),
     "cluster-wide+monitoring": (
         {"monitoring": MONITORING_ON},
         {"ServiceAccount": 1, "ClusterRole": 1, "ClusterRoleBinding": 1, "Deployment": 1, "Service": 1,
-         "ServiceMonitor": 1, "PrometheusRule": 1, "ConfigMap": 1},
+         "ServiceMonitor": 1, "PrometheusRule": 1, "ConfigMap": 2},
     ),
     "namespaced": (
         {"watch": {"allNamespaces": False, "namespaces": ["team-a", "team-b"]}},
         {"ServiceAccount": 1, "Role": 2, "RoleBinding": 2, "ClusterRole": 1, "ClusterRoleBinding": 1,
-         "Deployment": 1, "Service": 1},
+         "Deployment": 1, "Service": 1, "ConfigMap": 1},
     ),
     "namespaced+monitoring, no cluster-scoped rights": (
         {"watch": {"allNamespaces": False}, "rbac": {"clusterDiscovery": False}, "monitoring": MONITORING_ON,
          "metrics": {"port": 9100, "service": {"enabled": True}}},
         {"ServiceAccount": 1, "Role": 1, "RoleBinding": 1, "Deployment": 1, "Service": 1,
-         "ServiceMonitor": 1, "PrometheusRule": 1, "ConfigMap": 1},
+         "ServiceMonitor": 1, "PrometheusRule": 1, "ConfigMap": 2},
     ),
     "bring your own RBAC and account": (
         {"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "platform-quantrol"},
          "metrics": {"port": 9090, "service": {"enabled": False}},
-         "image": {"repository": "registry.example.com/quantrol-operator", "digest": "sha256:" + "a" * 64}},
-        {"Deployment": 1},
+         "image": {"repository": "registry.example.com/quantrol-operator", "digest": "sha256:" + "a" * 64},
+         "installPolicy": {"plainHttpRegistries": ["registry.ci.svc"], "engineFlags": ["--enforce-eager"]}},
+        {"Deployment": 1, "ConfigMap": 1},
     ),
 }
 # Kinds the Prometheus Operator defines: no schema in kubernetes-validate, checked by shape below.
@@ -188,6 +190,10 @@ BAD_VALUES: dict[str, dict[str, Any]] = {
     "pod monitors neither auto, true nor false": {"monitoring": {"podMonitors": {"enabled": "yes"}}},
     "pod monitor label value with a comma": {"monitoring": {"podMonitors": {"labels": {"release": "a,b"}}}},
     "pod monitor label key with an equals sign": {"monitoring": {"podMonitors": {"labels": {"a=b": "c"}}}},
+    "plain-http registry as a URL": {"installPolicy": {"plainHttpRegistries": ["http://registry.ci.svc"]}},
+    "plain-http registry with a path": {"installPolicy": {"plainHttpRegistries": ["registry.ci.svc/models"]}},
+    "engine flag without dashes": {"installPolicy": {"engineFlags": ["trust-remote-code"]}},
+    "typo in the install policy": {"installPolicy": {"plainHTTPRegistries": []}},
 }
 
 
@@ -265,6 +271,39 @@ def test_operator_defaults_reach_the_operator_only_when_set(chart: helm.Chart) -
     assert given["QUANTROL_WORKER_IMAGE"] == "r.example/worker@sha256:" + "1" * 64
     assert given["QUANTROL_SERVING_IMAGE"] == given["QUANTROL_ROUTER_IMAGE"] == "r.example/serve:1"
     assert given["QUANTROL_PROMETHEUS_URL"] == "http://prometheus.monitoring:9090"
+
+
+def test_the_install_policy_reaches_the_operator_as_it_reads_it(chart: helm.Chart) -> None:
+    """The rendered ConfigMap, mounted where QUANTROL_INSTALL_POLICY points, parsed by the operator's own reader;
+    a changed policy changes the pod template, so the operator restarts and reads it."""
+    from quantrol_operator.policy import DEFAULT_ENGINE_FLAGS, InstallPolicy
+
+    def read(values: dict[str, Any]) -> tuple[InstallPolicy, str]:
+        docs = render(chart, values)
+        pod, container = operator_container(docs)
+        path = Path(next(e["value"] for e in container["env"] if e["name"] == "QUANTROL_INSTALL_POLICY"))
+        mount = next(m for m in container["volumeMounts"] if Path(m["mountPath"]) == path.parent)
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        (config_map,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"] == volume["configMap"]["name"]]
+        policy = InstallPolicy.from_mapping(json.loads(config_map["data"][path.name]))
+        (deployment,) = by_kind(docs, "Deployment")
+        return policy, deployment["spec"]["template"]["metadata"]["annotations"]["checksum/install-policy"]
+
+    default, default_sum = read({})
+    assert default == InstallPolicy() and default.engine_flags == DEFAULT_ENGINE_FLAGS
+    given, given_sum = read({"installPolicy": {"plainHttpRegistries": ["registry.ci.svc", "10.0.0.5:5000"],
+                                               "engineFlags": ["--enforce-eager"]}})
+    assert given.plain_http_registries == ("registry.ci.svc", "10.0.0.5:5000")
+    assert given.engine_flags == ("--enforce-eager",) and given_sum != default_sum
+
+
+def test_the_tools_image_is_the_operator_image_unless_given(chart: helm.Chart) -> None:
+    def tools(values: dict[str, Any]) -> str:
+        _, container = operator_container(render(chart, values))
+        return str(next(e["value"] for e in container["env"] if e["name"] == "QUANTROL_TOOLS_IMAGE"))
+
+    assert tools({}) == operator_container(render(chart, {}))[1]["image"]
+    assert tools({"workerImages": {"tools": "r.example/tools:1"}}) == "r.example/tools:1"
 
 
 def test_cluster_mode_grants_exactly_the_rules_file(chart: helm.Chart) -> None:
