@@ -3,7 +3,8 @@ cluster and no GPU. The README's first command (`bash .ci/demo`) runs it after t
 
 What runs (nothing is faked for the story; ARCHITECTURE.md says what each local part stands for):
 
-1. The local stack: the Kubernetes API emulation, Prometheus, an OCI registry, the local workload runner (the
+1. The local stack: the Kubernetes API emulation, Prometheus, a private OCI registry (htpasswd over TLS: every
+   push, pull and fetch logs in with the docker-config Secret the demo creates), the local workload runner (the
    kubelet stand-in that runs the operator's Jobs and Deployments as processes) and the operator (`kopf run`).
 2. A tiny Llama-architecture model and tokenizer, trained briefly on local text (cached), with calibration data in
    two slices (prose, code). The bf16 checkpoint is pushed to the registry and pinned by digest: the baseline.
@@ -28,6 +29,7 @@ stack's logs stay under OUTPUT/stack. Caches (the tiny model, vLLM's and torch i
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -69,6 +71,8 @@ POLICY = "tiny"
 WORKER_IMAGE = "quantrol/worker:demo"  # -> the calibrate environment
 SERVING_IMAGE = "quantrol/vllm-cpu:demo"  # -> the serve environment (vLLM's CPU build), counted against the cap
 ROUTER_IMAGE = "quantrol/router:demo"  # -> this (dev) environment: the router is not an engine
+TOOLS_IMAGE = "quantrol/operator:demo"  # -> this (dev) environment: the arms' fetch and launcher delivery
+CREDENTIALS_SECRET = "registry-credentials"  # the docker-config Secret every pod reaches the registry with
 CANDIDATES = (("tiny-w8a8", "W8A8"), ("tiny-fp8-dynamic", "FP8_DYNAMIC"), ("tiny-w8a16", "W8A16"))
 LATENCY_SLOS = ("ttftP99", "interTokenLatencyP99")
 PAUSED = "quantrol.io/paused"  # held while the demo warms a new candidate engine up (see hold_and_warm)
@@ -158,19 +162,16 @@ def build_tiny_model(calibrate_python: Path, cache: Path) -> dict[str, Any]:
 
 
 def serving_image_bin(serve_python: Path, cache: Path) -> Path:
-    """The serving image's entrypoint on this machine: the serve environment's quantrol-worker, with vLLM's CPU
-    build in eager mode (`--enforce-eager`, as a CPU image would bake in; the ServingPolicy has no engine-flags
-    field). Everything else is the serve environment's own."""
+    """The serving image's `python3` on this machine: the serve environment's (vLLM's CPU build), and nothing of
+    Quantrol's on its PATH, as in a stock vLLM image; the engine container runs the launcher the `launcher` init
+    step copied into its pod. A script, not a link: a venv's python is only itself when run by its own path."""
     bin_dir = cache / "images" / "vllm-cpu" / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
-    worker = serve_python.parent / "quantrol-worker"
-    script = bin_dir / "quantrol-worker"
-    script.write_text(
-        "#!/bin/sh\n# quantrol demo: the local stand-in of the CPU serving image's entrypoint\n"
-        f'if [ "$1" = serve ]; then exec "{worker}" "$@" --enforce-eager; fi\n'
-        f'exec "{worker}" "$@"\n'
-    )
-    script.chmod(0o755)
+    for name in ("python3", "python"):
+        script = bin_dir / name
+        script.write_text(f'#!/bin/sh\n# quantrol demo: the CPU engine image\'s {name}\nexec "{serve_python}" "$@"\n')
+        script.chmod(0o755)
+    (bin_dir / "quantrol-worker").unlink(missing_ok=True)  # an earlier design's wrapper, not in this image
     return bin_dir
 
 
@@ -201,16 +202,24 @@ def image_map(calibrate_python: Path, serve_python: Path, cache: Path, short_tmp
                  env={**_worker_env(), "VLLM_CACHE_ROOT": str(cache / "vllm"), "VLLM_CPU_KVCACHE_SPACE": "1",
                       "TMPDIR": str(short_tmp), "TORCHINDUCTOR_CACHE_DIR": str(cache / "torchinductor")}),
         ImageEnv("quantrol/router*", Path(sys.executable).parent, env=_worker_env()),
+        ImageEnv("quantrol/operator*", Path(sys.executable).parent, env=_worker_env()),
     ]
 
 
-def push_baseline(registry: str, model_dir: Path) -> str:
+def push_baseline(registry: str, model_dir: Path, credentials: Path) -> str:
     """Publish the bf16 checkpoint as the baseline artifact; returns `oci://…@sha256:…`."""
     from quantrol_worker.oci import push
 
-    ref = push(model_dir, f"{registry}/models/tiny-bf16", insecure=True, tag="bf16",
-               annotations={"org.opencontainers.image.title": "tiny-llama bf16 baseline"})
+    ref = push(model_dir, f"{registry}/models/tiny-bf16", insecure=False, tag="bf16",
+               annotations={"org.opencontainers.image.title": "tiny-llama bf16 baseline"}, credentials=credentials)
     return f"oci://{ref}"
+
+
+def credentials_secret(docker_config: Path) -> dict[str, Any]:
+    """What `kubectl create secret docker-registry registry-credentials --docker-server=… …` makes."""
+    encoded = base64.b64encode(docker_config.read_bytes()).decode()
+    return {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockerconfigjson",
+            "metadata": {"name": CREDENTIALS_SECRET, "namespace": NAMESPACE}, "data": {".dockerconfigjson": encoded}}
 
 
 # --- the YAML a user would apply ------------------------------------------------------------------------------
@@ -228,7 +237,8 @@ def quantized_model(name: str, scheme: str, info: dict[str, Any], registry: str)
                                        {"name": "code", "samples": 8, "evalSamples": 12}]},
             "qualityGate": {"maxMeanKlDivergence": 0.05, "minTop1Agreement": 0.85, "maxPerplexityIncrease": 0.1},
             "job": {"gpus": 0, "activeDeadlineSeconds": 900},
-            "artifact": {"repository": f"{registry}/models/{name}", "insecure": True},
+            "artifact": {"repository": f"{registry}/models/{name}",
+                         "credentialsSecretRef": {"name": CREDENTIALS_SECRET}},
         },
     }
 
@@ -242,7 +252,9 @@ def serving_policy(baseline: str, candidate: str, settings: DemoSettings, promet
             "baseline": {"artifact": baseline},
             "candidate": {"quantizedModelRef": {"name": candidate}},
             "kernelPolicy": settings.kernel_policy,
-            "serving": {"replicas": 1, "target": "cpu-x86", "maxModelLen": 256,
+            # vLLM's CPU build runs eagerly (no graph compilation on 2 cores); the fetch steps log in to the registry
+            # with the candidate QuantizedModel's Secret (serving.artifactCredentialsSecretRef's default).
+            "serving": {"replicas": 1, "target": "cpu-x86", "maxModelLen": 256, "engineArgs": ["--enforce-eager"],
                         "batchBudget": {"maxNumSeqs": 4, "maxNumBatchedTokens": 512},
                         "admission": {"maxInFlight": 16, "maxQueue": 32, "maxQueueWaitSeconds": 30}},
             "routerReplicas": 1,
@@ -760,12 +772,15 @@ def run_story(settings: DemoSettings) -> dict[str, Any]:
     images = image_map(calibrate_python, serve_python, settings.cache_dir, short_tmp)
     stack = LocalStack(workdir, progress=say, image_map=images,
                        operator_env={"QUANTROL_WORKER_IMAGE": WORKER_IMAGE, "QUANTROL_SERVING_IMAGE": SERVING_IMAGE,
-                                     "QUANTROL_ROUTER_IMAGE": ROUTER_IMAGE, "QUANTROL_POLL_SECONDS": "1",
+                                     "QUANTROL_ROUTER_IMAGE": ROUTER_IMAGE, "QUANTROL_TOOLS_IMAGE": TOOLS_IMAGE,
+                                     "QUANTROL_POLL_SECONDS": "1",
                                      "QUANTROL_METRICS_PORT": str(metrics_port)})
     with _running(lambda: shutil.rmtree(short_tmp, ignore_errors=True)), stack:
         assert stack.registry and stack.prometheus and stack.runner and stack.kubeconfig
         registry = stack.registry.address
-        baseline = push_baseline(registry, Path(info["model_dir"]))
+        os.environ.update(stack.registry.client_env())  # this process is the user's machine: it trusts the CA
+        docker_config = stack.registry.write_docker_config(workdir / "docker-config.json")
+        baseline = push_baseline(registry, Path(info["model_dir"]), docker_config)
         say(f"baseline published by digest: {baseline}")
         api = Api(Kube.from_kubeconfig(str(stack.kubeconfig)))
         pod_logs = PodLogs(stack.runner.state_dir / "pods")
@@ -777,6 +792,9 @@ def run_story(settings: DemoSettings) -> dict[str, Any]:
         with _running(pod_logs.stop.set, load.close, recorder.stop.set, lambda: recorder.dump(output / "timeline.json"),
                       api.close):
             api.ensure_namespace(NAMESPACE)
+            api.kube.create(credentials_secret(docker_config))
+            say(f"Secret {CREDENTIALS_SECRET}: the private registry's login, as kubectl create secret "
+                "docker-registry makes it (calibration pushes and the arms' fetch use it; nothing else sees it)")
             qms = [quantized_model(name, scheme, info, registry) for name, scheme in CANDIDATES]
             for qm in qms:
                 print_yaml(qm)

@@ -150,6 +150,11 @@ class RegistryServer:
             raise ValueError("this registry takes anonymous pushes: it has no login")
         return self.login.docker_config(self.address)
 
+    def client_env(self) -> dict[str, str]:
+        """What a client process needs to trust this registry's TLS certificate (requests, under oras, reads it); a
+        pod on a cluster would have the CA in its image or a mounted bundle (e2e/images/trust.Dockerfile)."""
+        return {"REQUESTS_CA_BUNDLE": str(self.login.ca_path)} if self.login else {}
+
     def write_docker_config(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.docker_config))
@@ -181,7 +186,8 @@ class RegistryServer:
         def ready_or_dead() -> bool:
             # A dead process ends the wait at once; ensure_alive() below then raises with its log.
             # A secure registry answers /v2/ with 401 until a client logs in: that is ready too.
-            return not process.alive() or _v2_status(self.url, self.login and self.login.ca_path) in (200, 401)
+            ca = self.login.ca_path if self.login else None
+            return not process.alive() or _v2_status(self.url, ca) in (200, 401)
 
         try:
             wait_until(ready_or_dead, timeout=self.ready_timeout, what=f"registry ready on {self.url}/v2/")
