@@ -374,7 +374,8 @@ def test_chart_crds_are_the_generated_crds() -> None:
 
 
 def test_dashboard_configmap_holds_the_dashboard_verbatim(chart: helm.Chart) -> None:
-    (configmap,) = by_kind(render(chart, {"monitoring": MONITORING_ON}), "ConfigMap")
+    (configmap,) = [c for c in by_kind(render(chart, {"monitoring": MONITORING_ON}), "ConfigMap")
+                    if c["metadata"]["name"].endswith("-dashboard")]
     assert json.loads(configmap["data"]["quantrol.json"]) == json.loads(DASHBOARD.read_text())
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
 
