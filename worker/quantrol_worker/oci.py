@@ -409,13 +409,15 @@ def _manifest(registry: Registry, ref: OciRef, digest: str) -> dict[str, Any]:
 
 
 def pull(reference: str, dest: Path, *, insecure: bool, credentials: Path | None = None,
-         max_bytes: int | None = None) -> tuple[str, list[Layer]]:
-    """Bring `oci://REPO@sha256:…` into `dest`, verified; returns the pinned reference and its layers. Refused before
-    any download when the files would not fit (`check_fits`)."""
+         max_bytes: int | None = None, titles: frozenset[str] | None = None) -> tuple[str, list[Layer]]:
+    """Bring `oci://REPO@sha256:…` into `dest`, verified; returns the pinned reference and the layers brought.
+    `titles`: only the files of these names (a reader of the report or the evaluation prompts needs no weights);
+    a name the artifact does not hold is simply not brought, the caller decides what its absence means. Refused
+    before any download when the files would not fit (`check_fits`)."""
     ref = OciRef.parse(reference)
     digest = pinned_digest(ref)
     registry = Registry(ref.host, insecure=insecure, credentials=credentials)
-    layers = layers_of(_manifest(registry, ref, digest))
+    layers = [layer for layer in layers_of(_manifest(registry, ref, digest)) if titles is None or layer.title in titles]
     check_fits(layers, dest, max_bytes)
 
     def download(layer: Layer, path: Path) -> None:
@@ -431,6 +433,8 @@ def pull(reference: str, dest: Path, *, insecure: bool, credentials: Path | None
 def media_type_of(path: Path) -> str:
     # Imported here, not at the top: pydantic would make every `quantrol-worker` parse pay for a push-only need.
     from quantrol_worker.contracts import (
+        EVALUATION_PROMPTS_FILE,
+        EVALUATION_PROMPTS_MEDIA_TYPE,
         FILE_MEDIA_TYPE,
         JSON_FILE_MEDIA_TYPE,
         REPORT_FILE,
@@ -440,6 +444,8 @@ def media_type_of(path: Path) -> str:
 
     if path.name == REPORT_FILE:
         return REPORT_MEDIA_TYPE
+    if path.name == EVALUATION_PROMPTS_FILE:
+        return EVALUATION_PROMPTS_MEDIA_TYPE
     if path.suffix == ".safetensors":
         return SAFETENSORS_MEDIA_TYPE
     if path.suffix == ".json":
