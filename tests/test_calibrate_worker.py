@@ -208,6 +208,38 @@ def test_config_refuses_what_admission_refuses() -> None:
 
 
 @pytest.mark.calibrate
+def test_hf_models_come_from_the_mounted_cache_offline_as_the_job_sets_it(tmp_path: Path) -> None:
+    """The Job mounts spec.baseModel.huggingFaceCache and sets HF_HUB_CACHE and HF_HUB_OFFLINE
+    (children/calibration.py); the worker then finds the pinned revision there, and refuses without offline mode."""
+    from quantrol_operator.api.quantizedmodel import QuantizedModelSpec
+    from quantrol_operator.children.calibration import job as calibration_job
+
+    sample = yaml.safe_load((REPO / "e2e/samples/quantizedmodel-llama-8b-w4a16.yaml").read_text())
+    owner = {**sample, "metadata": {**sample["metadata"], "uid": "u", "generation": 1}}
+    container = calibration_job(owner, QuantizedModelSpec.model_validate(sample["spec"]), "w")["spec"]["template"][
+        "spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "hf-cache")
+    uri = sample["spec"]["baseModel"]["uri"]
+    repo, revision = uri.removeprefix("hf://").split("@")
+    claim = tmp_path / "claim"  # the claim's contents: a hub cache under subPath `hub`
+    snapshot = claim / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    local = {k: v.replace(mount, str(claim)) for k, v in env.items()}  # the mount, as the local runner maps it
+    code = ("import sys; from pathlib import Path; from quantrol_worker.calibrate.sources import resolve_model; "
+            "from quantrol_worker.calibrate import WorkerError\n"
+            "try: print(resolve_model(sys.argv[1], Path(sys.argv[2])))\n"
+            "except WorkerError as e: print('refused', e.reason.value, e.message)")
+    found = subprocess.run([CALIBRATE_PYTHON or "", "-c", code, uri, str(tmp_path)], capture_output=True, text=True,
+                           env={**_env(), **local}, timeout=120, check=False)
+    assert found.stdout.strip() == str(snapshot), found.stderr[-2000:]
+    online = subprocess.run([CALIBRATE_PYTHON or "", "-c", code, uri, str(tmp_path)], capture_output=True, text=True,
+                            env={**_env(), **local, "HF_HUB_OFFLINE": "0"}, timeout=120, check=False)
+    assert online.stdout.startswith("refused BaseModelUnavailable") and "huggingFaceCache" in online.stdout
+
+
+@pytest.mark.calibrate
 def test_tiny_model_really_learnt(tiny: dict[str, Any]) -> None:
     for name, m in tiny["slices"].items():
         # A model that learnt nothing sits at (or above) the unigram perplexity.
