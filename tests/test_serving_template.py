@@ -237,3 +237,15 @@ def test_a_promoted_candidate_keeps_its_flags_after_its_quantized_model_moves_on
     engine = container(pod(again, CANDIDATE), "engine")
     assert flag(engine["command"], "--tensor-parallel-size") == "4" and flag(engine["command"], "--kv-cache-dtype") == \
         "fp8"
+
+
+def test_a_stable_arm_the_registry_refused_says_why_in_its_condition() -> None:
+    obj = policy_70b()
+    refused = ('{"phase":"Failed","reason":"RegistryUnauthorized","message":"manifest …: registry.example.com '
+               'answered HTTP 401 Unauthorized: it refused the credentials given for registry.example.com"}')
+    observed = SpObserved(obj=obj, spec=read_spec(obj), quantized_model=quantized_model(), now=T0,
+                          stable_failed=refused)
+    status = plan(observed, IMAGES).status
+    stable = next(c for c in status["conditions"] if c["type"] == "StableReady")
+    assert stable["status"] == "False" and stable["reason"] == "FetchFailed"
+    assert "RegistryUnauthorized" in stable["message"] and "401" in stable["message"]

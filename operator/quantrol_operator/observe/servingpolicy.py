@@ -10,7 +10,7 @@ from typing import Any
 
 from quantrol_operator.api.kinds import QUANTIZED_MODEL
 from quantrol_operator.children import router
-from quantrol_operator.children.serving import LABEL_ARM, LABEL_POLICY
+from quantrol_operator.children.serving import LABEL_ARM, LABEL_POLICY, arm_name
 from quantrol_operator.kube import Kube
 from quantrol_operator.observe import analysis, candidate
 from quantrol_operator.observe.credentials import docker_config_problem
@@ -55,6 +55,10 @@ def observe(kube: Kube, addresses: Addresses, prometheus_url: str, obj: dict[str
     window = None
     if spec is not None and analysis.due(status, spec, now):
         window = analysis.window(analysis.source_for(spec, prometheus_url), namespace, policy, status, spec)
+    stable = status.get("stableArtifact") or (spec.baseline.artifact if spec else None)
+    stable_failed = None
+    if stable and not _arms_ready([d for d in deployments if d["metadata"]["name"] == arm_name(policy, stable)]):
+        stable_failed = candidate.fetch_failure(kube, namespace, policy, stable)
     problem = None
     secret = credentials_secret(spec, qm) if spec is not None else None
     if secret is not None and not _arms_ready(deployments):  # only while an arm waits: a ready one has logged in
@@ -63,5 +67,5 @@ def observe(kube: Kube, addresses: Addresses, prometheus_url: str, obj: dict[str
         problem = docker_config_problem(kube, namespace, secret, field)
     observed = SpObserved(obj=obj, spec=read, quantized_model=qm, deployments=deployments, candidate_kernels=kernels,
                           candidate_failed=failed, window=window, router_token=token if create_token else "",
-                          now=now, credentials_problem=problem)
+                          now=now, credentials_problem=problem, stable_failed=stable_failed)
     return observed, token

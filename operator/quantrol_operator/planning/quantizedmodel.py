@@ -130,7 +130,8 @@ def _follow_job(current: _Status, job: dict[str, Any], pods: list[dict[str, Any]
         if waiting in ("ErrImagePull", "ImagePullBackOff", "InvalidImageName"):
             current.running(
                 QuantizedModelPhase.PENDING, QmReason.IMAGE_PULL_FAILING,
-                f"Job {name}: the worker image cannot be pulled ({waiting}); check spec.job.image and pull secrets",
+                f"Job {name}: the worker image cannot be pulled ({waiting}); check spec.job.image and "
+                "spec.job.imagePullSecrets",
             )
         elif job_status.get("active") or _phase_of(pods) == "Running":
             current.running(QuantizedModelPhase.CALIBRATING, QmReason.JOB_RUNNING, f"Job {name} is calibrating")

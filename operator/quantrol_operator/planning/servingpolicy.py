@@ -91,6 +91,7 @@ class SpObserved:
     router_token: str = ""
     now: datetime = field(default_factory=datetime.now)
     credentials_problem: str | None = None  # why the arms' registry credentials Secret cannot be used yet
+    stable_failed: str | None = None  # why the stable arm's fetch step refused to start it
 
 
 @dataclass
@@ -246,6 +247,7 @@ def plan(observed: SpObserved, images: Images, pod_monitor_labels: Mapping[str, 
     _withdraw_stale_arms(result, observed.deployments)
     _status_fields(status, phase, index, stable, pinned, weights, facts, before, now, generation)
     _explain_credentials(status, observed.credentials_problem, now, generation)
+    _explain_stable_fetch(status, observed.stable_failed, facts.stable_ready, now, generation)
     result.status = status.to_wire()
     return result
 
@@ -271,6 +273,17 @@ class _ArmBuilder:
             storage=serving.storage_summary(spec, engine),
             engine_args=serving.engine_args(self.obj["metadata"]["name"], spec, engine)))
         return serving.arm_deployment(self.obj, spec, engine, self.context, replicas)
+
+
+def _explain_stable_fetch(status: ServingPolicyStatus, failed: str | None, ready: bool, now: datetime,
+                          generation: int) -> None:
+    """A stable arm whose fetch step refused (a 401 from the registry, a digest mismatch, a volume too small) says
+    so in StableReady: it never starts, and nothing else would tell why."""
+    if failed and not ready:
+        current = next(c for c in status.conditions if c.type == "StableReady")
+        status.conditions = set_condition(status.conditions, "StableReady", False, "FetchFailed",
+                                          f"{current.message}: the artifact fetch refused to start it: {failed}",
+                                          now=now, generation=generation)
 
 
 def _explain_credentials(status: ServingPolicyStatus, problem: str | None, now: datetime, generation: int) -> None:
