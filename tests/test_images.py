@@ -39,7 +39,7 @@ class ImageFacts:
     source: str
     programs: frozenset[str]
     packages: frozenset[str]  # importable top-level packages that matter here
-    python_modules: frozenset[str] = field(default_factory=frozenset)  # `-m` targets known to run
+    path_dirs: frozenset[str] = field(default_factory=frozenset)  # the image's ENV PATH entries it installed into
 
 
 # vllm/vllm-openai (docker/Dockerfile upstream, target vllm-openai): vLLM installed into the image's Python, which is
@@ -72,7 +72,9 @@ def dockerfile_facts(path: Path) -> ImageFacts:
     if inherited is not None:
         programs |= inherited.programs
         packages |= inherited.packages
-    return ImageFacts(str(path.relative_to(ROOT)), frozenset(programs), frozenset(packages))
+    path_dirs = {d for line in re.findall(r"^ENV\s+PATH=(\S+)", text, flags=re.MULTILINE)
+                 for d in line.split(":") if d.startswith("/") and "$" not in d}
+    return ImageFacts(str(path.relative_to(ROOT)), frozenset(programs), frozenset(packages), frozenset(path_dirs))
 
 
 def image_facts(image: str) -> ImageFacts:
@@ -131,6 +133,10 @@ def check_container(container: dict[str, Any], pod: dict[str, Any]) -> list[str]
     facts = image_facts(container["image"])
     command = [*(container.get("command") or []), *(container.get("args") or [])]
     name, problems = container["name"], []
+    for mount in container.get("volumeMounts") or []:  # a volume hides what the image keeps under its path
+        hidden = [d for d in facts.path_dirs if d == mount["mountPath"] or d.startswith(mount["mountPath"] + "/")]
+        if hidden:
+            problems.append(f"{name}: volume {mount['name']} at {mount['mountPath']} hides {hidden} of its image")
     if not command or command[0] not in facts.programs:
         problems.append(f"{name}: {command[:1]} is not in {container['image']} ({facts.source})")
         return problems
@@ -186,4 +192,7 @@ def test_the_check_catches_a_command_an_image_lacks() -> None:
     assert any("nor delivered" in p for p in check_container(engine, unfilled))
     stray = {**engine, "command": [*engine["command"], "--download-dir", "/root/.cache"]}
     assert any("/root/.cache" in p for p in check_container(stray, pod))
+    fetch = next(c for c in pod["initContainers"] if c["name"] == "fetch")
+    shadowed = {**fetch, "volumeMounts": [*fetch["volumeMounts"], {"name": "quantrol", "mountPath": "/opt/quantrol"}]}
+    assert any("hides" in p for p in check_container(shadowed, pod))  # the operator image's Python lives there
     assert calibration.CONFIG_DIR.startswith("/")  # the Job's config path is checked the same way

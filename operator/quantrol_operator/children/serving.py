@@ -35,7 +35,9 @@ LAUNCHER_PORT = 9400  # the launcher's status port: /metrics (quantrol_engine_ke
 ENGINE_PORT_NAME = "http"  # vLLM's OpenAI server, /metrics included
 LAUNCHER_PORT_NAME = "launcher"
 MODEL_DIR = "/models/artifact"
-LAUNCHER_DIR = "/opt/quantrol"  # the launcher's package, copied by the `launcher` init container
+# The launcher's package, copied by the `launcher` init container: a folder of its own, since a mount there hides
+# whatever the engine image keeps at that path (Quantrol's own images keep their Python in /opt/quantrol).
+LAUNCHER_DIR = "/opt/quantrol-launcher"
 SHM_DIR = "/dev/shm"
 LABEL_POLICY = "quantrol.io/servingpolicy"
 LABEL_ARM = "quantrol.io/arm"
