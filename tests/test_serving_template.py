@@ -102,7 +102,7 @@ def test_the_baseline_arm_may_differ_and_keeps_the_higher_precision_configuratio
     assert base["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert flag(base["command"], "--kv-cache-dtype") is None  # the bf16 baseline's own: auto
     assert flag(cand["command"], "--kv-cache-dtype") == "fp8"  # the candidate's calibrated fp8 scales
-    arms = {a["role"]: a for a in result.status["arms"]}
+    arms = {a["settings"]: a for a in result.status["arms"]}
     assert arms["baseline"]["tensorParallelSize"] == 8 and arms["baseline"]["kvCacheDtype"] == "auto"
     assert arms["candidate"]["kvCacheDtype"] == "fp8" and arms["candidate"]["gpus"] == 4
     assert arms["candidate"]["engineArgs"] == cand["command"][cand["command"].index("--") + 1:]
@@ -140,7 +140,7 @@ def test_an_empty_dir_is_sized_from_the_artifact_manifest_and_an_unknown_size_sa
     assert next(v for v in cand["volumes"] if v["name"] == "model")["emptyDir"] == {"sizeLimit": f"{wanted}Mi"}
     assert container(cand, "engine")["resources"]["requests"]["ephemeral-storage"] == f"{wanted}Mi"
     assert container(pod(result, BASELINE), "engine")["resources"]["requests"].get("ephemeral-storage") is None
-    arms = {a["role"]: a for a in result.status["arms"]}
+    arms = {a["settings"]: a for a in result.status["arms"]}
     assert "unbounded" in arms["baseline"]["storage"] and "spec.serving.storage.size" in arms["baseline"]["storage"]
 
 
@@ -249,3 +249,15 @@ def test_a_stable_arm_the_registry_refused_says_why_in_its_condition() -> None:
     stable = next(c for c in status["conditions"] if c["type"] == "StableReady")
     assert stable["status"] == "False" and stable["reason"] == "FetchFailed"
     assert "RegistryUnauthorized" in stable["message"] and "401" in stable["message"]
+
+
+def test_quantrol_status_shows_each_arm_and_why_one_cannot_start() -> None:
+    from quantrol_operator.cli.statusview import render_servingpolicy
+
+    obj = policy_70b()
+    observed = SpObserved(obj=obj, spec=read_spec(obj), quantized_model=quantized_model(), now=T0,
+                          stable_failed='{"reason":"InsufficientStorage","message":"needs 150 GB"}')
+    text = render_servingpolicy({**obj, "status": plan(observed, IMAGES).status})
+    assert "arm aaaaaaaaaaaa (baseline settings, 2 replicas): tensor parallel 8, 8 GPU, KV cache auto" in text
+    assert "arm cccccccccccc (candidate settings, 2 replicas): tensor parallel 4, 4 GPU, KV cache fp8" in text
+    assert "StableReady: FetchFailed" in text and "InsufficientStorage" in text

@@ -517,8 +517,9 @@ class ArmStatus(StatusModel):
 
     artifact: str
     short_digest: str
-    role: str = Field(description="Whose settings the arm runs with: baseline or candidate (they stay with the "
-                      "artifact when it is promoted).")
+    settings: str = Field(description="Whose engine settings the arm runs with: baseline or candidate (they stay "
+                          "with the artifact when it is promoted, so a stable arm may run the candidate's; its role is "
+                          "stableArtifact/candidateArtifact's business).")
     replicas: int = 0
     tensor_parallel_size: int = 1
     gpus: int = Field(default=0, description="nvidia.com/gpu per engine pod.")

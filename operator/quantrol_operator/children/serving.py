@@ -53,7 +53,7 @@ class ArmEngine:
     artifact's size when a manifest told it (a QuantizedModel's status)."""
 
     ref: str
-    role: str  # "baseline" or "candidate"
+    settings: str  # "baseline" or "candidate": whose settings, not the role (stable, candidate) it holds today
     tensor_parallel_size: int = 1
     kv_cache_dtype: KvCacheDtype = KvCacheDtype.AUTO
     size_bytes: int | None = None
@@ -264,7 +264,7 @@ def arm_deployment(owner: dict[str, Any], spec: ServingPolicySpec, arm: ArmEngin
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {"name": arm_name(policy, arm.ref), "namespace": meta["namespace"], "labels": labels,
-                     "annotations": {"quantrol.io/artifact": arm.ref, "quantrol.io/arm-role": arm.role},
+                     "annotations": {"quantrol.io/artifact": arm.ref, "quantrol.io/arm-settings": arm.settings},
                      "ownerReferences": [owner_reference(owner)]},
         "spec": {
             "replicas": replicas,

@@ -38,6 +38,14 @@ def render_servingpolicy(obj: dict[str, Any]) -> str:
         for m in analysis.get("metrics", []):
             lines.append(f"    {m.get('slo', ''):<22} {_fmt(m.get('value')):>10} {_fmt(m.get('stableValue')):>10} "
                          f"{_fmt(m.get('limit')):>10}  {m.get('verdict')}")
+    for arm in status.get("arms") or []:
+        lines.append(f"  arm {arm.get('shortDigest')} ({arm.get('settings')} settings, {arm.get('replicas')} "
+                     f"replicas): tensor parallel {arm.get('tensorParallelSize')}, {arm.get('gpus')} GPU, KV cache "
+                     f"{arm.get('kvCacheDtype')}, storage {arm.get('storage')}")
+    for c in status.get("conditions") or []:
+        if c.get("type") in ("StableReady", "CandidateReady") and c.get("status") == "False" and \
+                c.get("reason") not in ("ArmNotReady",):
+            lines.append(f"  {c.get('type')}: {c.get('reason')} — {c.get('message', '')}")
     paused = next((c for c in status.get("conditions") or [] if c.get("type") == "Paused"), None)
     if paused and paused.get("status") == "True":
         lines.append(f"  PAUSED: {paused.get('reason')} — {paused.get('message', '')}")

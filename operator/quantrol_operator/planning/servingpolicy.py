@@ -154,7 +154,7 @@ def _refused_by_install(spec: ServingPolicySpec, policy: InstallPolicy, engines:
     limit = spec.serving.resources.limits.get(GPU_RESOURCE) if spec.serving.resources else None
     for engine in engines:
         if limit is not None and serving.gpus(spec, engine) and str(limit) != str(engine.tensor_parallel_size):
-            return (f"spec.serving.resources.limits['{GPU_RESOURCE}'] is {limit}, but the {engine.role} arm's "
+            return (f"spec.serving.resources.limits['{GPU_RESOURCE}'] is {limit}, but the {engine.settings} arm's "
                     f"tensor-parallel size is {engine.tensor_parallel_size} (one GPU per rank): set "
                     "spec.serving.tensorParallelSize, or leave the GPU count out")
     return ""
@@ -267,7 +267,7 @@ class _ArmBuilder:
     def deployment(self, ref: str, replicas: int) -> dict[str, Any]:
         engine, spec = self.engine(ref), self.spec
         self.built.append(ArmStatus(
-            artifact=ref, short_digest=serving.short_digest(ref), role=engine.role, replicas=replicas,
+            artifact=ref, short_digest=serving.short_digest(ref), settings=engine.settings, replicas=replicas,
             tensor_parallel_size=engine.tensor_parallel_size, gpus=serving.gpus(spec, engine),
             kv_cache_dtype=engine.kv_cache_dtype.value, size_bytes=engine.size_bytes,
             storage=serving.storage_summary(spec, engine),
