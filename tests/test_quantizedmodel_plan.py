@@ -295,6 +295,14 @@ def test_termination_message_fits_in_4kb_even_with_many_slices() -> None:
     assert len(text.encode()) <= 4096 and json.loads(text)["phase"] == "Rejected"
 
 
+def test_a_name_too_long_for_its_children_fails_naming_the_field() -> None:
+    obj = qm()
+    obj["metadata"]["name"] = "m" * 60
+    result = plan(QmObserved(obj=obj, now=NOW), IMAGE)
+    assert result.apply == [] and result.status["phase"] == "Failed"
+    assert result.status["message"].startswith("metadata.name must be a DNS-1035 label")
+
+
 # --- credentials and the install policy ---
 
 
@@ -326,8 +334,9 @@ def test_plain_http_is_only_what_the_install_policy_allows() -> None:
     obj = qm(artifact={"repository": "registry.ci.svc:5000/models/x", "insecure": True})
     refused = plan(QmObserved(obj, now=NOW), IMAGE)
     ready = next(c for c in refused.status["conditions"] if c["type"] == "Ready")
-    assert refused.apply == [] and ready["reason"] == "NotAllowedByPolicy"
+    assert refused.apply == [] and ready["reason"] == "RefusedByInstallPolicy"
     assert "spec.artifact.insecure" in ready["message"] and "registry.ci.svc:5000" in ready["message"]
-    allowed = plan(QmObserved(obj, now=NOW), IMAGE, InstallPolicy(plain_http_registries=("registry.ci.svc",)))
+    listed = InstallPolicy.model_validate({"registries": {"plainHttp": ["registry.ci.svc"]}})
+    allowed = plan(QmObserved(obj, now=NOW), IMAGE, listed)
     config = CalibrationConfig.model_validate_json(allowed.apply[0]["data"][calibration.CONFIG_FILE])
     assert config.registries.plain_http == ["registry.ci.svc"]

@@ -60,7 +60,9 @@ def quantized_model(tp: int = 4, kv: str = "fp8", size: int = 38 * GIB, secret: 
 
 
 def run(obj: dict[str, Any], qm: dict[str, Any] | None = None, install: InstallPolicy | None = None) -> SpPlan:
-    observed = SpObserved(obj=obj, spec=read_spec(obj), quantized_model=qm or quantized_model(), now=T0)
+    """One pass under `install` (the operator's built-in policy when None), its refusals read as the observer does."""
+    install = install or InstallPolicy()
+    observed = SpObserved(obj=obj, spec=read_spec(obj, install), quantized_model=qm or quantized_model(), now=T0)
     return plan(observed, IMAGES, None, install)
 
 
@@ -128,7 +130,7 @@ def test_model_storage_is_a_claim_per_pod_and_the_fetch_refuses_what_cannot_fit(
     spec = pod(run(policy_70b()), BASELINE)
     model = next(v for v in spec["volumes"] if v["name"] == "model")
     claim = model["ephemeral"]["volumeClaimTemplate"]["spec"]
-    assert claim["resources"]["requests"]["storage"] == "307200Mi" and claim["storageClassName"] == "fast-nvme"
+    assert claim["resources"]["requests"]["storage"] == "300Gi" and claim["storageClassName"] == "fast-nvme"
     fetch = container(spec, "fetch")["command"]
     assert flag(fetch, "--max-bytes") == str(300 * GIB)
 
@@ -182,15 +184,16 @@ def test_plain_http_fetch_only_for_registries_the_install_policy_lists() -> None
     obj = policy_70b()
     obj["spec"]["baseline"]["artifact"] = local
     refused = container(pod(run(obj), local), "fetch")["command"]
-    allowed = container(pod(run(obj, install=InstallPolicy(plain_http_registries=("registry.ci.svc",))), local),
-                        "fetch")["command"]
+    listed = InstallPolicy.model_validate({"registries": {"plainHttp": ["registry.ci.svc"]}})
+    allowed = container(pod(run(obj, install=listed), local), "fetch")["command"]
     assert "--insecure" not in refused and "--insecure" in allowed
 
 
 def test_engine_flags_beyond_the_install_policy_change_nothing_and_name_the_entry() -> None:
     result = run(policy_70b(engineArgs=["--enforce-eager", "--trust-remote-code"]))
-    assert result.apply == [] and "spec.serving.engineArgs[1] (--trust-remote-code)" in result.status["message"]
-    wider = InstallPolicy(engine_flags=("--enforce-eager", "--trust-remote-code"))
+    assert result.apply == [] and "spec.serving.engineArgs[1]: vLLM flag --trust-remote-code" in \
+        result.status["message"]
+    wider = InstallPolicy.model_validate({"workloads": {"engineFlags": ["--enforce-eager", "--trust-remote-code"]}})
     assert run(policy_70b(engineArgs=["--enforce-eager", "--trust-remote-code"]), install=wider).apply
 
 

@@ -66,12 +66,3 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- join "," $pairs -}}
 {{- end -}}
-
-{{/* The install policy as the operator reads it: JSON, camelCase keys as in values, unset rules left out. */}}
-{{- define "quantrol.installPolicy" -}}
-{{- $policy := dict "plainHttpRegistries" (.Values.installPolicy.plainHttpRegistries | default list) -}}
-{{- with .Values.installPolicy.engineFlags -}}
-{{- $_ := set $policy "engineFlags" . -}}
-{{- end -}}
-{{- $policy | toJson -}}
-{{- end -}}

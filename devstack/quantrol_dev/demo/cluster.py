@@ -68,7 +68,8 @@ DEFAULT_REGISTRY = "registry.quantrol-infra.svc:5000"  # e2e/kind-up.sh: TLS, CA
 DEFAULT_PROMETHEUS = "http://prometheus.quantrol-infra.svc:9090"
 OPERATOR_SELECTOR = "app.kubernetes.io/name=quantrol,app.kubernetes.io/component=operator"  # the chart's labels
 CRD_NAMES = tuple(f"{k.plural}.{k.group}" for k in KINDS)
-HELM_INSTALL = "helm install quantrol charts/quantrol -n quantrol-system --create-namespace"
+HELM_INSTALL = ("helm install quantrol charts/quantrol -n quantrol-system --create-namespace "
+                "--set 'watch.namespaces={quantrol-demo}'")
 MODEL_CLAIM = "tiny-model"
 DEMO_LABELS = {"app.kubernetes.io/part-of": "quantrol-demo"}
 LOAD_NAME = f"{POLICY}-load"
@@ -82,7 +83,7 @@ class ClusterTarget:
 
     registry: str = DEFAULT_REGISTRY
     prometheus_url: str = DEFAULT_PROMETHEUS
-    # Plain HTTP: the chart's installPolicy.plainHttpRegistries must list the registry (push and fetch alike).
+    # Plain HTTP: the chart's installPolicy.registries.plainHttp must list the registry (push and fetch alike).
     insecure_registry: bool = False
     storage_class: str | None = None  # for the tiny-model claim; None: the cluster's default StorageClass
 

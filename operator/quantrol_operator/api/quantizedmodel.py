@@ -12,11 +12,13 @@ from quantrol_operator.api.common import (
     API_VERSION,
     CONDITIONS_LIST_MAP,
     GPU_RESOURCE,
+    NAME_RULE,
     BaseModelUri,
     Condition,
     DataUri,
     DigestPinnedRef,
     DnsLabel,
+    ImageRef,
     LocalObjectReference,
     Resources,
     Toleration,
@@ -75,8 +77,8 @@ class HuggingFaceCache(ApiModel):
 
 class BaseModelSource(ApiModel):
     uri: BaseModelUri = Field(
-        description="Higher-precision model: hf://org/name@revision (from huggingFaceCache, offline), "
-        "oci://registry/repo@sha256:… (verified), pvc://claim/path, or file:///path (local use)."
+        description="Higher-precision model: hf://org/name@revision (the revision is required; read offline from "
+        "huggingFaceCache), oci://registry/repo@sha256:… (verified), pvc://claim/path, or file:///path (local use)."
     )
     hugging_face_cache: HuggingFaceCache | None = Field(
         default=None, description="Where an hf:// model is read from: required for hf://, refused otherwise.")
@@ -209,7 +211,8 @@ def _gpus_in_one_place(job: CalibrationJob) -> bool:
 
 
 class CalibrationJob(ApiModel):
-    image: str | None = Field(default=None, description="Worker image; the operator's default when unset.")
+    image: ImageRef | None = Field(default=None, description="Worker image; the operator's default when unset "
+                                   "(the install policy may restrict which images a tenant may name).")
     gpus: int | None = Field(
         default=None, ge=0, le=64, description="nvidia.com/gpu of the Job's pod (requests and limits). Unset: "
         "resources.limits['nvidia.com/gpu'] if given, else 1. Set both only to the same number.")
@@ -298,3 +301,5 @@ class QuantizedModel(ApiModel):
     metadata: dict[str, object] = Field(default_factory=dict)
     spec: QuantizedModelSpec
     status: QuantizedModelStatus | None = None
+
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (NAME_RULE,)

@@ -7,23 +7,24 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar
 
-from pydantic import Field, StringConstraints
+from pydantic import Field, StringConstraints, field_validator
 
 from quantrol_operator.api.base import ApiModel, CrossFieldRule, StatusModel
 from quantrol_operator.api.common import (
     API_VERSION,
     CONDITIONS_LIST_MAP,
     GPU_RESOURCE,
-    ArtifactUri,
+    NAME_RULE,
     Condition,
     DnsLabel,
+    ImageRef,
     K8sQuantity,
     LocalObjectReference,
+    PinnedArtifact,
     Resources,
     Toleration,
-    uri_rules,
 )
-from quantrol_worker.contracts import KernelVerdict, Target
+from quantrol_worker.contracts import KernelVerdict, RedactPattern, Target, check_patterns
 
 KIND = "ServingPolicy"
 PLURAL = "servingpolicies"
@@ -98,10 +99,9 @@ class KvCacheDtype(StrEnum):
 
 
 class Baseline(ApiModel):
-    artifact: ArtifactUri = Field(
+    artifact: PinnedArtifact = Field(
         description="The higher-precision artifact: what serves until a promotion, and the last rollback "
-        "target: oci://repo@sha256:… (pinned by digest, so it cannot move under you; fetched and verified by each "
-        "pod), or file:///path (local use)."
+        "target, pinned by digest (oci://repo@sha256:…) so it cannot move under you; each pod fetches and verifies it."
     )
     tensor_parallel_size: int | None = Field(
         default=None, ge=1, le=64, description="The baseline arm's own tensor-parallel size when it differs from the "
@@ -110,14 +110,13 @@ class Baseline(ApiModel):
         default=KvCacheDtype.AUTO, description="The baseline arm's KV cache: `auto` (the model's dtype) keeps the "
         "rollback target the higher-precision configuration.")
 
-    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = uri_rules("artifact")
-
 
 class Candidate(ApiModel):
     quantized_model_ref: LocalObjectReference | None = Field(
         default=None, description="A QuantizedModel in this namespace; served only once Ready and qualified."
     )
-    artifact: ArtifactUri | None = Field(default=None, description="A pinned artifact, oci://repo@sha256:….")
+    artifact: PinnedArtifact | None = Field(
+        default=None, description="An artifact pinned by digest, oci://repo@sha256:… (a tag can move).")
 
     cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
         CrossFieldRule(
@@ -125,7 +124,6 @@ class Candidate(ApiModel):
             message="set exactly one of quantizedModelRef and artifact",
             check=lambda c: (c.quantized_model_ref is None) != (c.artifact is None),
         ),
-        *uri_rules("artifact", optional=True),
     )
 
 
@@ -202,9 +200,10 @@ def _gpus_match_tensor_parallel(t: ServingTemplate) -> bool:
 
 
 class ServingTemplate(ApiModel):
-    image: str | None = Field(
+    image: ImageRef | None = Field(
         default=None, description="The engine image: any vLLM OpenAI-server image (stock vllm/vllm-openai works; "
-        "Quantrol's launcher and fetch step come from its own tools image). The operator's default when unset.")
+        "Quantrol's launcher and fetch step come from its own tools image). The operator's default when unset "
+        "(the install policy may restrict which images a tenant may name).")
     replicas: int = Field(default=1, ge=1, le=1000, description="Engine replicas per arm.")
     resources: Resources | None = Field(
         default=None, description="Each engine container's requests and limits. nvidia.com/gpu is set per arm to its "
@@ -267,9 +266,29 @@ class ServingTemplate(ApiModel):
     )
 
 
+class ShadowDiffs(ApiModel):
+    """Samples of prompts where the candidate's answer differed from the stable arm's, for a human to read side by
+    side on the router's admin port (with its token). Prompts are user data: off by default."""
+
+    enabled: bool = Field(default=False)
+    max_samples: int = Field(default=50, ge=1, le=1000, description="The newest this many differing pairs are kept.")
+    max_chars: int = Field(default=2000, ge=16, le=8192, description="Each text is cut to this many characters.")
+    retention_seconds: int = Field(default=3600, ge=60, le=604_800, description="Older samples are dropped; all "
+                                   "are dropped when the candidate leaves.")
+    redact_patterns: list[RedactPattern] = Field(
+        default_factory=list, max_length=16, description="Regular expressions (Python `re`) redacted besides the "
+        "defaults (e-mail addresses, phone numbers, card numbers, keys, tokens, IP addresses).")
+
+    @field_validator("redact_patterns")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        return check_patterns(patterns)
+
+
 class ShadowStage(ApiModel):
     duration_seconds: int = Field(default=300, ge=0, le=604_800)
     mirror_fraction: float = Field(default=0.1, ge=0, le=1, description="Fraction of stable traffic mirrored.")
+    diffs: ShadowDiffs = Field(default_factory=ShadowDiffs)
 
 
 class CanaryStep(ApiModel):
@@ -293,9 +312,11 @@ class Rollout(ApiModel):
 
     cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
         CrossFieldRule(
-            # isSorted() is in Kubernetes' CEL list library (1.27+); exists_one makes it strict.
-            cel="self.canarySteps.map(s, s.weight).isSorted() && "
-            "self.canarySteps.all(a, self.canarySteps.exists_one(b, b.weight == a.weight))",
+            # isSorted() is in Kubernetes' CEL list library (1.27+); exists_one makes it strict. Guarded with has():
+            # the CRD cannot default a list, so `rollout: {shadow: …}` reaches the API server without canarySteps,
+            # and a rule reading an absent field fails there ("no such key") while the models fill the default.
+            cel="!has(self.canarySteps) || (self.canarySteps.map(s, s.weight).isSorted() && "
+            "self.canarySteps.all(a, self.canarySteps.exists_one(b, b.weight == a.weight)))",
             message="canarySteps weights must be strictly increasing",
             check=_weights_strictly_increasing,
             field_path=".canarySteps",
@@ -577,3 +598,5 @@ class ServingPolicy(ApiModel):
     metadata: dict[str, object] = Field(default_factory=dict)
     spec: ServingPolicySpec
     status: ServingPolicyStatus | None = None
+
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (NAME_RULE,)

@@ -24,8 +24,16 @@ from kubernetes.utils.quantity import parse_quantity
 
 from quantrol_operator.api.common import GPU_RESOURCE
 from quantrol_operator.api.servingpolicy import KvCacheDtype, ServingPolicySpec, StorageMedium
-from quantrol_operator.children import MANAGED_BY, child_name, owner_reference
-from quantrol_operator.children.calibration import REGISTRY_DIR, quantities, registry_credentials_volume
+from quantrol_operator.children import (
+    MANAGED_BY,
+    canonical_quantity,
+    child_name,
+    label_value,
+    owner_reference,
+    quantities,
+    restricted,
+)
+from quantrol_operator.children.calibration import REGISTRY_DIR, registry_credentials_volume
 from quantrol_operator.policy import InstallPolicy, registry_host
 from quantrol_worker.contracts import Target
 
@@ -82,7 +90,7 @@ def arm_name(policy: str, ref: str) -> str:
 
 
 def arm_selector(policy: str, ref: str) -> dict[str, str]:
-    return {LABEL_POLICY: policy, LABEL_ARM: short_digest(ref)}
+    return {LABEL_POLICY: label_value(policy), LABEL_ARM: short_digest(ref)}
 
 
 def engine_args(policy: str, spec: ServingPolicySpec, arm: ArmEngine) -> list[str]:
@@ -133,12 +141,14 @@ def storage_summary(spec: ServingPolicySpec, arm: ArmEngine) -> str:
 def shared_memory(spec: ServingPolicySpec, arm: ArmEngine) -> str:
     """/dev/shm per pod: NCCL's shared-memory transport and vLLM's worker queues grow with the ranks."""
     if spec.serving.shared_memory_size is not None:
-        return str(spec.serving.shared_memory_size)
-    return f"{1 + 2 * (arm.tensor_parallel_size - 1)}Gi"
+        return canonical_quantity(spec.serving.shared_memory_size)
+    return canonical_quantity(f"{1 + 2 * (arm.tensor_parallel_size - 1)}Gi")
 
 
 def _mebibytes(size: int) -> str:
-    return f"{math.ceil(size / (1 << 20))}Mi"
+    """Whole MiB, rounded up, in the API server's canonical form (`307200Mi` is stored as `300Gi`): a re-read compares
+    equal, so a steady state writes nothing."""
+    return canonical_quantity(f"{math.ceil(size / (1 << 20))}Mi")
 
 
 def fetch_args(ref: str, context: ServingContext, max_bytes: int | None = None) -> list[str]:
@@ -273,7 +283,7 @@ def arm_deployment(owner: dict[str, Any], spec: ServingPolicySpec, arm: ArmEngin
                 "metadata": {"labels": labels, "annotations": {
                     "prometheus.io/scrape": "true", "prometheus.io/port": str(ENGINE_PORT),
                     "quantrol.io/artifact": arm.ref}},
-                "spec": _pod_spec(policy, spec, arm, context, labels),
+                "spec": restricted(_pod_spec(policy, spec, arm, context, labels)),
             },
         },
     }

@@ -1,5 +1,6 @@
 """Everything a ServingPolicy pass needs from the world, read once: its spec (validated once), its QuantizedModel,
-its Deployments, the candidate's health and kernels, the router admin token, and the analysis window when due."""
+its Deployments, the candidate's health and kernels, the router admin token, the analysis window when due, and while
+an arm is not ready, why: its fetch step's refusal, or the registry credentials Secret it waits for."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from datetime import datetime
 from typing import Any
 
 from quantrol_operator.api.kinds import QUANTIZED_MODEL
-from quantrol_operator.children import router
+from quantrol_operator.children import label_value, router
 from quantrol_operator.children.serving import LABEL_ARM, LABEL_POLICY, arm_name
 from quantrol_operator.kube import Kube
 from quantrol_operator.observe import analysis, candidate
 from quantrol_operator.observe.credentials import docker_config_problem
 from quantrol_operator.planning.servingpolicy import SpObserved, credentials_secret, read_spec
+from quantrol_operator.policy import InstallPolicy
 from quantrol_worker.addresses import Addresses
 
 
@@ -34,37 +36,46 @@ def _arms_ready(deployments: list[dict[str, Any]]) -> bool:
                               for d in arms)
 
 
+def _why_arms_wait(kube: Kube, namespace: str, name: str, status: dict[str, Any], deployments: list[dict[str, Any]],
+                   spec: Any, qm: dict[str, Any] | None) -> tuple[str | None, str | None]:
+    """(why the stable arm's fetch refused, why the registry credentials Secret cannot be used): read only while an
+    arm is not ready, and the Secret only by name (never its data into status)."""
+    stable = status.get("stableArtifact") or (spec.baseline.artifact if spec else None)
+    stable_failed = None
+    if stable and not _arms_ready([d for d in deployments if d["metadata"]["name"] == arm_name(name, stable)]):
+        stable_failed = candidate.fetch_failure(kube, namespace, name, stable)
+    secret = credentials_secret(spec, qm) if spec is not None else None
+    if secret is None or _arms_ready(deployments):
+        return stable_failed, None
+    field = ("spec.serving.artifactCredentialsSecretRef" if spec.serving.artifact_credentials_secret_ref
+             else "the candidate QuantizedModel's spec.artifact.credentialsSecretRef")
+    return stable_failed, docker_config_problem(kube, namespace, secret, field)
+
+
 def observe(kube: Kube, addresses: Addresses, prometheus_url: str, obj: dict[str, Any],
-            now: datetime) -> tuple[SpObserved, str]:
+            now: datetime, policy: InstallPolicy | None = None) -> tuple[SpObserved, str]:
     """The facts of one pass, and the router admin token (to push configs with, created or not)."""
     meta = obj["metadata"]
-    namespace, policy = meta["namespace"], meta["name"]
-    read = read_spec(obj)
+    namespace, name = meta["namespace"], meta["name"]
+    policy = policy or InstallPolicy()
+    read = read_spec(obj, policy, prometheus_url)
     spec = read.spec
     qm = None
     if spec is not None and spec.candidate.quantized_model_ref is not None:
         qm = kube.get(QUANTIZED_MODEL.api_version, QUANTIZED_MODEL.kind, namespace,
                       spec.candidate.quantized_model_ref.name)
-    deployments = kube.list_owned("apps/v1", "Deployment", namespace, meta["uid"], f"{LABEL_POLICY}={policy}")
+    deployments = kube.list_owned("apps/v1", "Deployment", namespace, meta["uid"],
+                                  f"{LABEL_POLICY}={label_value(name)}")
     status = obj.get("status") or {}
     kernels, failed = None, None
     pinned = status.get("candidateArtifact")
     if pinned and pinned != status.get("stableArtifact"):
-        kernels, failed = candidate.health(kube, addresses, namespace, policy, pinned)
-    token, create_token = router_token(kube, namespace, policy)
+        kernels, failed = candidate.health(kube, addresses, namespace, name, pinned, policy.reads)
+    token, create_token = router_token(kube, namespace, name)
     window = None
-    if spec is not None and analysis.due(status, spec, now):
-        window = analysis.window(analysis.source_for(spec, prometheus_url), namespace, policy, status, spec)
-    stable = status.get("stableArtifact") or (spec.baseline.artifact if spec else None)
-    stable_failed = None
-    if stable and not _arms_ready([d for d in deployments if d["metadata"]["name"] == arm_name(policy, stable)]):
-        stable_failed = candidate.fetch_failure(kube, namespace, policy, stable)
-    problem = None
-    secret = credentials_secret(spec, qm) if spec is not None else None
-    if secret is not None and not _arms_ready(deployments):  # only while an arm waits: a ready one has logged in
-        field = ("spec.serving.artifactCredentialsSecretRef" if spec and spec.serving.artifact_credentials_secret_ref
-                 else "the candidate QuantizedModel's spec.artifact.credentialsSecretRef")
-        problem = docker_config_problem(kube, namespace, secret, field)
+    if spec is not None and not read.refused and analysis.due(status, spec, now):
+        window = analysis.window(analysis.source_for(spec, prometheus_url, policy), namespace, name, status, spec)
+    stable_failed, problem = _why_arms_wait(kube, namespace, name, status, deployments, spec, qm)
     observed = SpObserved(obj=obj, spec=read, quantized_model=qm, deployments=deployments, candidate_kernels=kernels,
                           candidate_failed=failed, window=window, router_token=token if create_token else "",
                           now=now, credentials_problem=problem, stable_failed=stable_failed)

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from quantrol_operator.api.common import NAME_RULE, name_fits_children
 from quantrol_operator.api.quantizedmodel import (
     Artifact,
     QuantizedModelPhase,
@@ -22,7 +23,7 @@ from quantrol_operator.api.quantizedmodel import (
 from quantrol_operator.children import calibration
 from quantrol_operator.conditions import set_condition
 from quantrol_operator.planning import Event, Plan
-from quantrol_operator.policy import InstallPolicy, registry_host
+from quantrol_operator.policy import InstallPolicy, Refusal, pod_refusals, registry_host
 from quantrol_operator.validation import field_error
 from quantrol_worker.contracts import (
     CalibrationReason,
@@ -39,8 +40,8 @@ class QmReason(StrEnum):
     """Condition reasons the operator itself decides (the worker's come from `contracts.CalibrationReason`)."""
 
     INVALID_SPEC = "InvalidSpec"
+    REFUSED_BY_INSTALL_POLICY = "RefusedByInstallPolicy"  # an image, ServiceAccount or scheduling override
     UNSUPPORTED_SOURCE = "UnsupportedSource"
-    NOT_ALLOWED_BY_POLICY = "NotAllowedByPolicy"  # the spec asks for more than the install policy allows
     CREDENTIALS_MISSING = "CredentialsMissing"  # the registry credentials Secret is missing or not a docker config
     JOB_CREATED = "JobCreated"
     JOB_RUNNING = "JobRunning"
@@ -61,13 +62,17 @@ class QmObserved:
     credentials_problem: str | None = None  # why spec.artifact.credentialsSecretRef cannot be used yet
 
 
-def _not_allowed(spec: QuantizedModelSpec, policy: InstallPolicy) -> str | None:
+def _refusals(spec: QuantizedModelSpec, policy: InstallPolicy) -> list[Refusal]:
+    """What of the spec the install policy does not allow: the Job's pod overrides, and plain HTTP to a registry the
+    policy does not list."""
+    out = pod_refusals("spec.job", spec.job, policy.workloads)
     host = registry_host(spec.artifact.repository)
     if spec.artifact.insecure and not policy.allows_plain_http(host):
-        listed = ", ".join(policy.plain_http_registries) or "none"
-        return (f"spec.artifact.insecure: the install policy does not allow plain HTTP to {host} "
-                f"(installPolicy.plainHttpRegistries: {listed}); use TLS, or ask the installation to list it")
-    return None
+        listed = ", ".join(policy.registries.plain_http) or "none"
+        out.append(Refusal("spec.artifact.insecure", f"the install policy does not allow plain HTTP to {host} "
+                           f"(installPolicy.registries.plainHttp: {listed}); use TLS, or ask the installation to "
+                           "list it"))
+    return out
 
 
 def plan(observed: QmObserved, worker_image: str, policy: InstallPolicy | None = None) -> Plan:
@@ -87,15 +92,19 @@ def plan(observed: QmObserved, worker_image: str, policy: InstallPolicy | None =
         result.status = current.before.to_wire()
         return result
 
+    if not name_fits_children(meta):  # created before the CRD carried the rule
+        current.fail(QmReason.INVALID_SPEC, f"{NAME_RULE.message}; nothing was created (recreate it under such a name)")
+        return current.into(result)
     try:
         spec = QuantizedModelSpec.model_validate(obj.get("spec") or {})
     except ValidationError as exc:
         errors = "; ".join(f"spec.{e}" for e in map(field_error, exc.errors()))
         current.fail(QmReason.INVALID_SPEC, f"the spec is invalid, fix it and re-apply: {errors}")
         return current.into(result)
-    refused = _not_allowed(spec, policy)
-    if refused:
-        current.fail(QmReason.NOT_ALLOWED_BY_POLICY, refused)
+    refused = _refusals(spec, policy)
+    if refused:  # nothing is created: the Job would run what the install does not allow
+        current.fail(QmReason.REFUSED_BY_INSTALL_POLICY,
+                     "refused by the install policy, nothing created: " + "; ".join(map(str, refused)))
         return current.into(result)
     try:
         config = calibration.worker_config(meta["name"], meta["namespace"], generation, spec, policy)
