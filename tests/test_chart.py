@@ -741,7 +741,7 @@ def test_network_policies_select_the_pods_quantrol_builds(chart: helm.Chart) -> 
     assert {ns for ns, _ in policies} == {"team-a", "team-b"}
     built = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in children()
              if d["kind"] == "Deployment"}
-    (arm_labels,) = [labels for labels in built.values() if "quantrol.io/arm" in labels]
+    arm_labels = next(labels for labels in built.values() if "quantrol.io/arm" in labels)
     (router_labels,) = [labels for labels in built.values() if labels.get(router.LABEL_COMPONENT) == "router"]
     arms, routers = policies[("team-a", "arms")]["spec"], policies[("team-a", "routers")]["spec"]
 
