@@ -92,10 +92,25 @@ def run_worker(tmp: Path, tiny: dict[str, Any], **overrides: Any) -> tuple[int, 
     return proc.returncode, json.loads(message), report
 
 
+SECRET = "jane.doe@example.com"  # planted in every prose line: it must never leave the calibration Job
+
+
+def with_secret(jsonl: str, out: Path) -> str:
+    """The tiny model's calibration data with an e-mail address in every prose line."""
+    lines = [json.loads(line) for line in Path(jsonl).read_text().splitlines() if line.strip()]
+    for line in lines:
+        if line["slice"] == "prose":
+            line["text"] = f"Write to {SECRET} about this. " + line["text"]
+    out.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return str(out)
+
+
 @pytest.fixture(scope="session")
 def w8a8(tiny: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("w8a8")
-    rc, term, report = run_worker(tmp, tiny)
+    data = with_secret(tiny["calibration_jsonl"], tmp / "calibration.jsonl")
+    rc, term, report = run_worker(
+        tmp, tiny, calibration={"uri": data, "maxSequenceLength": 96, "slices": SLICES})
     assert rc == 0, term
     return {"dir": tmp, "term": term, "report": report, "checkpoint": tmp / "work" / "checkpoint"}
 
@@ -139,6 +154,42 @@ def test_termination_message_fits_4k_whatever_the_input() -> None:
     assert back.quality, "some slices survive the cut"
 
 
+def test_one_redaction_vocabulary_and_bounded_prompts_file(tmp_path: Path) -> None:
+    """The router's diff samples and the artifact's prompts redact with the same default patterns; a pattern that
+    does not compile is refused naming it; a prompts file over the limit is refused before it is parsed."""
+    from quantrol_worker.router.config import DiffsConfig
+
+    defaults = list(c.DEFAULT_REDACT_PATTERNS)
+    assert DiffsConfig().redact_patterns == defaults == c.EvaluationPromptsPolicy().redact_patterns
+    with pytest.raises(ValueError, match=r"redact pattern '\(unclosed' does not compile"):
+        c.EvaluationPromptsPolicy(redact_patterns=["(unclosed"])
+    import re
+
+    text, n = c.redact("mail jane@example.com, card 4111 1111 1111 1111", [re.compile(p) for p in defaults])
+    assert n == 2 and "jane" not in text and "4111" not in text
+    path = tmp_path / c.EVALUATION_PROMPTS_FILE
+    path.write_text(c.EvaluationPrompts(slices=[c.SlicePrompts(slice="a")]).model_dump_json(by_alias=True))
+    assert c.EvaluationPrompts.read(path).for_slice("a") is not None
+    with pytest.raises(ValueError, match="over the 16-byte limit"):
+        c.EvaluationPrompts.read(path, max_bytes=16)
+
+
+def test_golden_score_is_zero_for_the_same_distribution_and_grows_with_damage() -> None:
+    from quantrol_worker.golden import CandidatePosition, GoldenTally
+
+    golden = c.GoldenLogprobs(target_logprobs=[-0.5, -1.0], top_ids=[[1, 2], [3, 4]],
+                              top_logprobs=[[-0.5, -1.2], [-0.3, -1.0]])
+    same = GoldenTally()
+    same.add(golden, [CandidatePosition({1: -0.5, 2: -1.2}, -0.5), CandidatePosition({3: -0.3, 4: -1.0}, -1.0)])
+    figures = same.figures("s")
+    assert figures.mean_kl_divergence == 0 and figures.top1_agreement == 1 and figures.perplexity_ratio == 1
+    worse = GoldenTally()
+    worse.add(golden, [CandidatePosition({2: -0.2, 7: -2.0}, -2.0), CandidatePosition({3: -0.9, 4: -0.6}, -1.5)])
+    figures = worse.figures("s")
+    assert (figures.mean_kl_divergence or 0) > 0.3 and figures.top1_agreement == 0
+    assert (figures.perplexity_ratio or 0) > 2
+
+
 def test_config_refuses_what_admission_refuses() -> None:
     base = {"baseModel": "file:///m", "calibration": {"uri": "/d.jsonl", "slices": [{"name": "a"}]}}
     with pytest.raises(ValueError, match="does not fit scheme"):
@@ -180,6 +231,40 @@ def test_w8a8_is_ready_with_a_full_report(w8a8: dict[str, Any]) -> None:
     ckpt = json.loads((w8a8["checkpoint"] / "config.json").read_text())
     assert ckpt["quantization_config"]["quant_method"] == "compressed-tensors"
     assert ckpt["quantization_config"]["ignore"] == ["lm_head"]
+
+
+@pytest.mark.calibrate
+def test_the_artifact_carries_its_evaluation_prompts_redacted(w8a8: dict[str, Any]) -> None:
+    """Issue 17 item 2 (worker side): per slice, the held-out prompts the gate was measured on, redacted, with the
+    baseline's golden log-probabilities and the candidate's reference figures on exactly those prompts."""
+    term, report = w8a8["term"], w8a8["report"]
+    path = w8a8["checkpoint"] / c.EVALUATION_PROMPTS_FILE
+    summary = report["evaluationPrompts"]
+    assert summary["published"] and summary["file"] == c.EVALUATION_PROMPTS_FILE
+    from quantrol_worker.oci import sha256_file
+
+    assert summary["digest"] == sha256_file(path)
+    prompts = c.EvaluationPrompts.read(path)
+    quality = by_slice(report["quality"])
+    assert {s.slice for s in prompts.slices} == {"prose", "code"}
+    assert summary["prompts"] == {s.slice: len(s.prompts) for s in prompts.slices}
+    assert term["evaluationPrompts"] == sum(summary["prompts"].values())
+    for shipped in prompts.slices:
+        assert len(shipped.prompts) == quality[shipped.slice]["samples"], "every held-out prompt is shipped"
+        for prompt in shipped.prompts:
+            assert prompt.baseline is not None
+            assert len(prompt.baseline.target_logprobs) == len(prompt.token_ids) - 1
+            assert all(len(top) == prompts.top_k for top in prompt.baseline.top_ids)
+        ref = shipped.reference
+        assert ref is not None and ref.tokens and ref.top1_agreement is not None
+        # The reference is the gate's own measurement, on the same prompts (top-k KL is a lower bound of the full).
+        assert abs(ref.top1_agreement - quality[shipped.slice]["top1Agreement"]) < 0.05, (ref, quality)
+        assert abs((ref.perplexity_ratio or 0) - quality[shipped.slice]["perplexityRatio"]) < 0.02, (ref, quality)
+    prose = prompts.for_slice("prose")
+    assert prose is not None and all(p.redactions >= 1 and c.REDACTED in p.text for p in prose.prompts)
+    assert summary["redactedPrompts"] >= len(prose.prompts) and summary["redactPatterns"] == 3
+    everything = path.read_text() + json.dumps(report)
+    assert SECRET not in everything and "jane.doe" not in everything, "the planted address left the Job"
 
 
 @pytest.mark.calibrate
@@ -335,8 +420,17 @@ def test_oci_base_model_in_artifact_out_and_corruption_detected(
     proc = calib("-m", "quantrol_worker.calibrate", "pull", ref, "--out", str(tmp_path / "pulled"), "--insecure")
     pulled = _last_json(proc.stdout)
     assert pulled["ok"], pulled
-    assert {"model.safetensors", "config.json", c.REPORT_FILE} <= set(pulled["files"])
+    assert {"model.safetensors", "config.json", c.REPORT_FILE, c.EVALUATION_PROMPTS_FILE} <= set(pulled["files"])
     assert json.loads((tmp_path / "pulled" / c.REPORT_FILE).read_text())["phase"] == "Ready"
+    # A reader of the prompts (qualification, the router's probes) brings that one file, verified, and no weights.
+    only = (
+        "import sys; from pathlib import Path; from quantrol_worker import oci, contracts as c; "
+        "oci.pull(sys.argv[1], Path(sys.argv[2]), insecure=True, titles=frozenset({c.EVALUATION_PROMPTS_FILE})); "
+        "print(len(c.EvaluationPrompts.read(Path(sys.argv[2]) / c.EVALUATION_PROMPTS_FILE).slices))"
+    )
+    proc = calib("-c", only, ref, str(tmp_path / "prompts-only"))
+    assert proc.returncode == 0 and proc.stdout.strip() == "2", proc.stderr[-2000:]
+    assert {p.name for p in (tmp_path / "prompts-only").iterdir()} == {c.EVALUATION_PROMPTS_FILE}
 
     # Corrupt the weights blob inside the registry's storage (same size, one byte flipped).
     manifest = json.loads((tmp_path / "pulled" / "config.json").read_text())  # sanity: the pull wrote real files

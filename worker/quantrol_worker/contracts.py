@@ -10,10 +10,12 @@ Wire format: camelCase keys (like every Kubernetes object), snake_case attribute
 from __future__ import annotations
 
 import json
+import re
 from enum import StrEnum
-from typing import Any, Self
+from pathlib import Path
+from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 REPORT_FILE = "quantrol-report.json"
@@ -29,6 +31,45 @@ REPORT_MEDIA_TYPE = "application/vnd.quantrol.report.v1+json"
 SAFETENSORS_MEDIA_TYPE = "application/vnd.quantrol.model.safetensors"
 JSON_FILE_MEDIA_TYPE = "application/vnd.quantrol.model.file.v1+json"
 FILE_MEDIA_TYPE = "application/vnd.quantrol.model.file.v1"
+EVALUATION_PROMPTS_MEDIA_TYPE = "application/vnd.quantrol.evaluation-prompts.v1+json"
+
+# The held-out prompts of every slice, shipped beside the weights (see EvaluationPrompts).
+EVALUATION_PROMPTS_FILE = "quantrol-evaluation-prompts.json"
+EVALUATION_PROMPTS_VERSION = "quantrol.io/evaluation-prompts/v1alpha1"
+# A reader refuses a larger file before parsing it: the artifact may come from a registry a tenant controls.
+EVALUATION_PROMPTS_MAX_BYTES = 32 * 1024 * 1024
+# How many of the baseline's most likely next tokens the golden record keeps per position. vLLM returns at most
+# `--max-logprobs` (default 20) per position, so a serving engine can always be scored the same way.
+GOLDEN_TOP_K = 8
+
+# Prompts are user data. Matches of these are replaced by REDACTED wherever Quantrol keeps or ships a prompt (the
+# router's diff samples, the artifact's evaluation prompts, the report's sample generations).
+REDACTED = "[REDACTED]"
+DEFAULT_REDACT_PATTERNS: tuple[str, ...] = (
+    r"[\w.+-]+@[\w-]+\.[\w.-]+",  # e-mail addresses
+    r"\b(?:\d[ -]?){13,19}\b",  # card-like digit runs
+    r"(?i)\b(?:bearer|api[_-]?key|token|password)\b\s*[:=]?\s*\S+",  # credentials pasted into prompts
+)
+RedactPattern = Annotated[str, StringConstraints(min_length=1, max_length=512)]
+
+
+def check_patterns(patterns: list[str]) -> list[str]:
+    """Every pattern must compile (as Python's `re`); the message names the one that does not."""
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"redact pattern {pattern!r} does not compile: {exc}") from exc
+    return patterns
+
+
+def redact(text: str, patterns: list[re.Pattern[str]]) -> tuple[str, int]:
+    """`text` with every match of `patterns` replaced by REDACTED, and how many matches there were."""
+    total = 0
+    for pattern in patterns:
+        text, n = pattern.subn(REDACTED, text)
+        total += n
+    return text, total
 
 
 # --- enums shared with the operator's API (same values; the operator should import these) ---
@@ -231,10 +272,35 @@ class ArtifactConfig(ContractModel):
     tag: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 
 
+class EvaluationPromptsPolicy(ContractModel):
+    """Whether the held-out prompts each slice was evaluated on travel in the artifact, and how they are cut and
+    redacted first. Serving reads them: qualification replays them to score the serving engine against the
+    baseline (the golden-output check), and the router replays them as quality probes."""
+
+    publish: bool = Field(
+        default=True, description="Ship the held-out prompts (redacted) and the baseline's golden log-probabilities "
+        "in the artifact. false: nothing of the calibration data leaves the Job; serving then has no golden-output "
+        "check and no probes from the artifact (status says so)."
+    )
+    max_per_slice: int = Field(default=32, ge=1, le=1024, description="At most this many prompts per slice.")
+    max_tokens: int = Field(default=256, ge=8, le=32_768, description="Each prompt is cut to this many tokens.")
+    redact_patterns: list[RedactPattern] = Field(
+        default_factory=lambda: list(DEFAULT_REDACT_PATTERNS), max_length=32,
+        description="Regular expressions (Python `re`) whose matches are replaced by [REDACTED] before a prompt "
+        "is shipped; the golden figures are measured on the redacted text.",
+    )
+
+    @field_validator("redact_patterns")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        return check_patterns(patterns)
+
+
 class EvaluationConfig(ContractModel):
     sample_generations: int = Field(default=2, ge=0, le=16, description="Side-by-side generations per slice.")
     max_new_tokens: int = Field(default=24, ge=1, le=512)
     prompt_tokens: int = Field(default=24, ge=1, le=4096)
+    prompts: EvaluationPromptsPolicy = Field(default_factory=EvaluationPromptsPolicy)
 
 
 class CalibrationConfig(ContractModel):
@@ -329,6 +395,19 @@ class ExperimentEnvelope(ReportModel):
     tool_versions: dict[str, str] = Field(default_factory=dict)
 
 
+class EvaluationPromptsSummary(ReportModel):
+    """The report's word on the evaluation prompts: whether the artifact carries them, where, and what was done
+    to them before they left the calibration Job."""
+
+    published: bool
+    file: str | None = Field(default=None, description="The artifact's file holding them (EvaluationPrompts).")
+    digest: str | None = Field(default=None, description="sha256 of that file (its layer digest in the artifact).")
+    prompts: dict[str, int] = Field(default_factory=dict, description="Prompts shipped per slice.")
+    redacted_prompts: int = Field(default=0, ge=0, description="Prompts in which at least one match was redacted.")
+    redact_patterns: int = Field(default=0, ge=0, description="How many redaction patterns were applied.")
+    message: str = ""
+
+
 class CalibrationReport(ReportModel):
     """quantrol-report.json: the evidence a human or the operator reads."""
 
@@ -347,10 +426,69 @@ class CalibrationReport(ReportModel):
     scale_stats: list[LayerScaleStats] = Field(default_factory=list)
     kernel_check: KernelPrecheck | None = None
     samples: list[SampleGeneration] = Field(default_factory=list)
+    evaluation_prompts: EvaluationPromptsSummary | None = None
     envelope: ExperimentEnvelope = Field(default_factory=ExperimentEnvelope)
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage.")
     checkpoint_bytes: int | None = None
     baseline_bf16_bytes: int | None = Field(default=None, description="Size of the same weights in bf16.")
+
+
+# --- output: the evaluation prompts (EVALUATION_PROMPTS_FILE in the artifact) ---
+
+
+class GoldenLogprobs(ReportModel):
+    """The baseline's next-token distribution at every position of one prompt, as calibration computed it:
+    position i predicts token i+1. Rounded to 5 significant digits (the file stays small; the figures built on
+    it are means over thousands of positions)."""
+
+    target_logprobs: list[float] = Field(description="log p(token[i+1] | token[..i]) of the baseline.")
+    top_ids: list[list[int]] = Field(description="Per position, the baseline's GOLDEN_TOP_K most likely token ids.")
+    top_logprobs: list[list[float]] = Field(description="Their log-probabilities, in the same order.")
+
+    @model_validator(mode="after")
+    def _aligned(self) -> Self:
+        if not len(self.target_logprobs) == len(self.top_ids) == len(self.top_logprobs):
+            raise ValueError("targetLogprobs, topIds and topLogprobs must have one entry per position")
+        if any(len(a) != len(b) for a, b in zip(self.top_ids, self.top_logprobs, strict=True)):
+            raise ValueError("topIds and topLogprobs must have the same length at every position")
+        return self
+
+
+class EvaluationPrompt(ReportModel):
+    text: str = Field(description="The prompt as shipped: cut to maxTokens, then redacted.")
+    token_ids: list[int] = Field(description="`text` tokenized by the artifact's tokenizer (what was scored).")
+    redactions: int = Field(default=0, ge=0, description="Matches replaced by [REDACTED] in this prompt.")
+    baseline: GoldenLogprobs | None = Field(default=None, description="The baseline's golden log-probabilities.")
+
+
+class SlicePrompts(ReportModel):
+    slice: str
+    prompts: list[EvaluationPrompt] = Field(default_factory=list)
+    reference: SliceQuality | None = Field(
+        default=None, description="The candidate checkpoint scored against `baseline` on exactly these prompts "
+        "(quantrol_worker.golden.score): what a serving engine of this artifact must reproduce.")
+
+
+class EvaluationPrompts(ReportModel):
+    """Per slice, the held-out prompts calibration evaluated the artifact on, redacted, with the baseline's golden
+    log-probabilities and the candidate's reference figures on them. Shipped as EVALUATION_PROMPTS_FILE."""
+
+    version: str = EVALUATION_PROMPTS_VERSION
+    top_k: int = GOLDEN_TOP_K
+    tokenizer_digest: str | None = None
+    redact_patterns: int = Field(default=0, ge=0, description="How many redaction patterns were applied.")
+    slices: list[SlicePrompts] = Field(default_factory=list, max_length=64)
+
+    def for_slice(self, name: str) -> SlicePrompts | None:
+        return next((s for s in self.slices if s.slice == name), None)
+
+    @classmethod
+    def read(cls, path: Path, max_bytes: int = EVALUATION_PROMPTS_MAX_BYTES) -> EvaluationPrompts:
+        """Parse the file, refusing one over `max_bytes` before reading it (ValueError names the size)."""
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise ValueError(f"{path.name} is {size} bytes, over the {max_bytes}-byte limit")
+        return cls.model_validate_json(path.read_bytes())
 
 
 # --- output: the termination message ---
@@ -398,6 +536,8 @@ class TerminationResult(ReportModel):
     quality: list[SliceHeadline] = Field(default_factory=list)
     base_model_digest: str | None = None
     calibration_data_digest: str | None = None
+    evaluation_prompts: int | None = Field(
+        default=None, description="Prompts the artifact carries in EVALUATION_PROMPTS_FILE; unset or 0: none.")
 
     def to_message(self, limit: int = TERMINATION_MESSAGE_LIMIT) -> str:
         """Compact JSON within `limit` bytes: the message is cut first, then trailing slices are dropped."""

@@ -236,12 +236,16 @@ def fetch_manifest(ref: OciRef, *, insecure: bool) -> dict[str, Any]:
     return manifest
 
 
-def pull(reference: str, dest: Path, *, insecure: bool) -> tuple[str, list[Layer]]:
-    """Bring `oci://REPO@sha256:…` into `dest`, verified; returns the pinned reference and its layers."""
+def pull(
+    reference: str, dest: Path, *, insecure: bool, titles: frozenset[str] | None = None
+) -> tuple[str, list[Layer]]:
+    """Bring `oci://REPO@sha256:…` into `dest`, verified; returns the pinned reference and the layers brought.
+    `titles`: only the files of these names (a reader of the report or the evaluation prompts needs no weights);
+    a name the artifact does not hold is simply not brought, the caller decides what its absence means."""
     ref = OciRef.parse(reference)
     manifest = fetch_manifest(ref, insecure=insecure)
     assert ref.digest is not None  # fetch_manifest refuses tag-only references
-    layers = layers_of(manifest)
+    layers = [layer for layer in layers_of(manifest) if titles is None or layer.title in titles]
     client = _client(ref.host, insecure)
 
     def download(layer: Layer, path: Path) -> None:
@@ -258,6 +262,8 @@ def pull(reference: str, dest: Path, *, insecure: bool) -> tuple[str, list[Layer
 def media_type_of(path: Path) -> str:
     # Imported here, not at the top: pydantic would make every `quantrol-worker` parse pay for a push-only need.
     from quantrol_worker.contracts import (
+        EVALUATION_PROMPTS_FILE,
+        EVALUATION_PROMPTS_MEDIA_TYPE,
         FILE_MEDIA_TYPE,
         JSON_FILE_MEDIA_TYPE,
         REPORT_FILE,
@@ -267,6 +273,8 @@ def media_type_of(path: Path) -> str:
 
     if path.name == REPORT_FILE:
         return REPORT_MEDIA_TYPE
+    if path.name == EVALUATION_PROMPTS_FILE:
+        return EVALUATION_PROMPTS_MEDIA_TYPE
     if path.suffix == ".safetensors":
         return SAFETENSORS_MEDIA_TYPE
     if path.suffix == ".json":

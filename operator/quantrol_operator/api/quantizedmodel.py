@@ -26,6 +26,7 @@ from quantrol_operator.api.common import (
 from quantrol_worker.contracts import (  # the gate's limits too: the worker applies exactly what the spec says
     METHODS_BY_SCHEME,
     WEIGHT_ONLY_INT_SCHEMES,
+    EvaluationPromptsPolicy,
     ExperimentEnvelope,
     KvCacheScheme,
     Method,
@@ -141,6 +142,11 @@ class CalibrationData(ApiModel):
     max_sequence_length: int = Field(default=2048, ge=16, le=1_048_576)
     seed: int = Field(default=0, ge=0)
     slices: list[Slice] = Field(min_length=1, max_length=64)
+    evaluation_prompts: EvaluationPromptsPolicy = Field(
+        default_factory=EvaluationPromptsPolicy,
+        description="The held-out prompts per slice, redacted, shipped in the artifact for serving's golden-output "
+        "check and quality probes (they are this calibration data: publish false keeps them in the Job).",
+    )
 
     cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
         CrossFieldRule(

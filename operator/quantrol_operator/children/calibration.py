@@ -12,6 +12,7 @@ from quantrol_worker.contracts import (
     ArtifactConfig,
     CalibrationConfig,
     DataConfig,
+    EvaluationConfig,
     QuantizationConfig,
     SliceConfig,
 )
@@ -107,6 +108,7 @@ def worker_config(name: str, namespace: str, generation: int, spec: QuantizedMod
             ],
         ),
         quality_gate=spec.quality_gate,
+        evaluation=EvaluationConfig(prompts=data.evaluation_prompts),
         artifact=ArtifactConfig(
             repository=spec.artifact.repository, insecure=spec.artifact.insecure, tag=f"{name}-g{generation}"[:128]
         ),

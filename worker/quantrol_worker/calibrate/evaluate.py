@@ -12,7 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from quantrol_worker.calibrate.data import SliceData
-from quantrol_worker.contracts import QualityLimits, SampleGeneration, SliceQuality
+from quantrol_worker.contracts import (
+    GOLDEN_TOP_K,
+    EvaluationPrompt,
+    EvaluationPromptsPolicy,
+    GoldenLogprobs,
+    QualityLimits,
+    SampleGeneration,
+    SlicePrompts,
+    SliceQuality,
+    redact,
+)
+from quantrol_worker.golden import CandidatePosition, GoldenTally
 
 
 def load_model(path: Path) -> Any:
@@ -120,3 +131,52 @@ def sample_generations(
             )
         )
     return out
+
+
+def _r(value: float) -> float:
+    return float(f"{value:.5g}")
+
+
+def golden_logprobs(log_probs: Any, ids: list[int], k: int = GOLDEN_TOP_K) -> GoldenLogprobs:
+    """The baseline's record for one prompt: per position, its top-k and its log-probability of the next token."""
+    import torch
+
+    rows = log_probs[:-1]
+    target = rows.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    top = torch.topk(rows, k, dim=-1)
+    return GoldenLogprobs(
+        target_logprobs=[_r(v) for v in target.tolist()],
+        top_ids=top.indices.tolist(),
+        top_logprobs=[[_r(v) for v in row] for row in top.values.tolist()],
+    )
+
+
+def candidate_positions(log_probs: Any, ids: list[int], k: int = GOLDEN_TOP_K) -> list[CandidatePosition]:
+    """The candidate at each position as a serving engine would report it: top-k plus the actual token."""
+    record = golden_logprobs(log_probs, ids, k)
+    return [
+        CandidatePosition(dict(zip(i, lp, strict=True)), t)
+        for i, lp, t in zip(record.top_ids, record.top_logprobs, record.target_logprobs, strict=True)
+    ]
+
+
+def evaluation_prompts(
+    baseline: Any, candidate: Any, tokenizer: Any, data: SliceData, policy: EvaluationPromptsPolicy, max_tokens: int
+) -> SlicePrompts:
+    """The slice's held-out prompts as shipped (redacted, then cut to `max_tokens`), each with the baseline's golden
+    record, and the candidate's reference figures on exactly these prompts (quantrol_worker.golden)."""
+    import re
+
+    patterns = [re.compile(p) for p in policy.redact_patterns]
+    tally = GoldenTally()
+    prompts: list[EvaluationPrompt] = []
+    for text in data.eval_texts[: policy.max_per_slice]:
+        clean, redactions = redact(text, patterns)
+        ids = list(tokenizer(clean, truncation=True, max_length=max_tokens)["input_ids"])
+        if len(ids) < 2:
+            continue
+        golden = golden_logprobs(_log_probs(baseline, ids), ids)
+        tally.add(golden, candidate_positions(_log_probs(candidate, ids), ids))
+        shipped = tokenizer.decode(ids, skip_special_tokens=True)
+        prompts.append(EvaluationPrompt(text=shipped, token_ids=ids, redactions=redactions, baseline=golden))
+    return SlicePrompts(slice=data.name, prompts=prompts, reference=tally.figures(data.name))

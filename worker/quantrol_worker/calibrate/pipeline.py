@@ -21,17 +21,23 @@ from quantrol_worker.calibrate.data import SliceData, load_slices
 from quantrol_worker.calibrate.progress import Progress
 from quantrol_worker.calibrate.sources import TOKENIZER_FILES, directory_digest, pull, resolve_model
 from quantrol_worker.contracts import (
+    EVALUATION_PROMPTS_FILE,
+    EVALUATION_PROMPTS_MAX_BYTES,
     REPORT_FILE,
     CalibrationConfig,
     CalibrationReason,
     CalibrationReport,
+    EvaluationPrompts,
+    EvaluationPromptsSummary,
     ExperimentEnvelope,
     KvCacheScheme,
     SliceHeadline,
+    SlicePrompts,
     SliceQuality,
     Stage,
     TerminationResult,
     WorkerPhase,
+    redact,
 )
 from quantrol_worker.kernels import LinearShape, precheck
 
@@ -117,6 +123,7 @@ class Run:
     checkpoint: Path | None = None
     slices: list[SliceData] = field(default_factory=list)
     envelope: ExperimentEnvelope = field(default_factory=ExperimentEnvelope)
+    prompts: list[SlicePrompts] = field(default_factory=list)  # what EVALUATION_PROMPTS_FILE will carry
 
     @property
     def work(self) -> Path:
@@ -184,7 +191,15 @@ def quantize(run: Run, tokenizer: Any) -> Path:
 
 
 def evaluate_checkpoint(run: Run, checkpoint: Path, tokenizer: Any) -> tuple[list[SliceQuality], list[Any]]:
-    from quantrol_worker.calibrate.evaluate import apply_gate, load_model, measure_slice, sample_generations
+    """Quality per slice against the baseline, the side-by-side samples (redacted), and, unless the policy keeps
+    them in the Job, each slice's evaluation prompts with their golden record (`run.prompts`)."""
+    from quantrol_worker.calibrate.evaluate import (
+        apply_gate,
+        evaluation_prompts,
+        load_model,
+        measure_slice,
+        sample_generations,
+    )
 
     assert run.base_dir is not None
     baseline = load_model(run.base_dir)
@@ -192,15 +207,50 @@ def evaluate_checkpoint(run: Run, checkpoint: Path, tokenizer: Any) -> tuple[lis
     quality = []
     samples = []
     ev = run.config.evaluation
+    policy = ev.prompts
+    patterns = [re.compile(p) for p in policy.redact_patterns]
+    max_tokens = min(policy.max_tokens, run.config.calibration.max_sequence_length)
     for data in run.slices:
         q = measure_slice(baseline, candidate, data, run.progress)
         quality.append(apply_gate(q, run.config.gate_for(data.name)))
-        samples.extend(
-            sample_generations(
-                baseline, candidate, tokenizer, data, ev.sample_generations, ev.prompt_tokens, ev.max_new_tokens
-            )
+        generated = sample_generations(
+            baseline, candidate, tokenizer, data, ev.sample_generations, ev.prompt_tokens, ev.max_new_tokens
         )
+        samples.extend(
+            g.model_copy(update={k: redact(getattr(g, k), patterns)[0] for k in ("prompt", "baseline", "candidate")})
+            for g in generated
+        )
+        if policy.publish:
+            run.prompts.append(evaluation_prompts(baseline, candidate, tokenizer, data, policy, max_tokens))
     return quality, samples
+
+
+def write_evaluation_prompts(run: Run, package: Path) -> EvaluationPromptsSummary:
+    """EVALUATION_PROMPTS_FILE into the package, or the reason it is not there (the report says which)."""
+    policy = run.config.evaluation.prompts
+    if not policy.publish:
+        return EvaluationPromptsSummary(
+            published=False, message="evaluation.prompts.publish is false: the prompts stayed in the Job")
+    document = EvaluationPrompts(
+        tokenizer_digest=run.envelope.tokenizer_digest, redact_patterns=len(policy.redact_patterns), slices=run.prompts
+    )
+    text = document.model_dump_json(by_alias=True, exclude_none=True)
+    if len(text.encode()) > EVALUATION_PROMPTS_MAX_BYTES:
+        return EvaluationPromptsSummary(
+            published=False, message=f"the prompts take {len(text.encode())} bytes, over the "
+            f"{EVALUATION_PROMPTS_MAX_BYTES}-byte limit: lower evaluation prompts maxPerSlice or maxTokens")
+    path = package / EVALUATION_PROMPTS_FILE
+    path.write_text(text)
+    return EvaluationPromptsSummary(
+        published=True,
+        file=EVALUATION_PROMPTS_FILE,
+        digest=oci.sha256_file(path),
+        prompts={s.slice: len(s.prompts) for s in run.prompts},
+        redacted_prompts=sum(1 for s in run.prompts for p in s.prompts if p.redactions),
+        redact_patterns=len(policy.redact_patterns),
+        message=f"{sum(len(s.prompts) for s in run.prompts)} held-out prompts in {len(run.prompts)} slices, "
+        f"redacted with {len(policy.redact_patterns)} patterns",
+    )
 
 
 def _prepare(run: Run) -> tuple[Any, list[str], list[str]]:
@@ -300,6 +350,9 @@ def _package_and_publish(run: Run, result: TerminationResult) -> None:
     ready = report.phase is WorkerPhase.READY and run.checkpoint is not None
     package = run.checkpoint if ready and run.checkpoint is not None else run.work / "report-only"
     package.mkdir(parents=True, exist_ok=True)
+    if ready:
+        report.evaluation_prompts = write_evaluation_prompts(run, package)
+        result.evaluation_prompts = sum(report.evaluation_prompts.prompts.values())
     (package / REPORT_FILE).write_text(report.model_dump_json(by_alias=True, exclude_none=True, indent=2) + "\n")
     result.size_bytes = _dir_bytes(package) if ready else None
     if cfg.artifact is None:

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-REDACTED = "[REDACTED]"
+from quantrol_worker.contracts import REDACTED as REDACTED  # re-exported: readers of diff samples test for it
+from quantrol_worker.contracts import redact as redact_all
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,7 @@ def compile_patterns(patterns: Sequence[str]) -> list[re.Pattern[str]]:
 def redact(text: str, patterns: Sequence[re.Pattern[str]], max_chars: int) -> str:
     """Replace every match with [REDACTED], then cut to max_chars (redacting first, so a cut cannot leave half a
     secret that no longer matches)."""
-    for pattern in patterns:
-        text = pattern.sub(REDACTED, text)
+    text, _ = redact_all(text, list(patterns))
     return text if len(text) <= max_chars else text[:max_chars] + "…"
 
 

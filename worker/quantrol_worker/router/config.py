@@ -20,6 +20,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from quantrol_worker.contracts import DEFAULT_REDACT_PATTERNS, check_patterns
+
 ArmName = Literal["stable", "candidate"]
 ARMS: tuple[ArmName, ...] = ("stable", "candidate")
 
@@ -85,23 +87,14 @@ class DiffsConfig(_Strict):
     capacity: int = Field(default=50, ge=1, le=10_000)
     max_chars: int = Field(default=2000, ge=16, description="Each text is cut to this many characters")
     redact_patterns: list[str] = Field(
-        default_factory=lambda: [
-            r"[\w.+-]+@[\w-]+\.[\w.-]+",  # e-mail addresses
-            r"\b(?:\d[ -]?){13,19}\b",  # card-like digit runs
-            r"(?i)\b(?:bearer|api[_-]?key|token|password)\b\s*[:=]?\s*\S+",  # credentials pasted into prompts
-        ],
+        default_factory=lambda: list(DEFAULT_REDACT_PATTERNS),
         description="Regular expressions whose matches are replaced by [REDACTED] before a sample is stored",
     )
 
     @field_validator("redact_patterns")
     @classmethod
     def _compiles(cls, patterns: list[str]) -> list[str]:
-        for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"redact pattern {pattern!r} does not compile: {exc}") from exc
-        return patterns
+        return check_patterns(patterns)
 
 
 class SliceRule(_Strict):
