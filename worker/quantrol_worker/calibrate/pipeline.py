@@ -31,6 +31,7 @@ from quantrol_worker.contracts import (
     EvaluationPromptsSummary,
     ExperimentEnvelope,
     KvCacheScheme,
+    SampleGeneration,
     SliceHeadline,
     SlicePrompts,
     SliceQuality,
@@ -190,7 +191,9 @@ def quantize(run: Run, tokenizer: Any) -> Path:
     return out
 
 
-def evaluate_checkpoint(run: Run, checkpoint: Path, tokenizer: Any) -> tuple[list[SliceQuality], list[Any]]:
+def evaluate_checkpoint(
+    run: Run, checkpoint: Path, tokenizer: Any
+) -> tuple[list[SliceQuality], list[SampleGeneration]]:
     """Quality per slice against the baseline, the side-by-side samples (redacted), and, unless the policy keeps
     them in the Job, each slice's evaluation prompts with their golden record (`run.prompts`)."""
     from quantrol_worker.calibrate.evaluate import (
@@ -205,7 +208,7 @@ def evaluate_checkpoint(run: Run, checkpoint: Path, tokenizer: Any) -> tuple[lis
     baseline = load_model(run.base_dir)
     candidate = load_model(checkpoint)
     quality = []
-    samples = []
+    samples: list[SampleGeneration] = []
     ev = run.config.evaluation
     policy = ev.prompts
     patterns = [re.compile(p) for p in policy.redact_patterns]
