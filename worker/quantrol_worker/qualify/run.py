@@ -58,7 +58,7 @@ class Materials:
 
 
 @dataclass
-class Qualification:
+class QualificationRun:
     config: QualificationConfig
     work: Path
     report: QualificationReport = field(default_factory=lambda: QualificationReport(
@@ -89,7 +89,7 @@ def materials(config: QualificationConfig, work: Path) -> Materials:
                      "spec.qualification.probePrompts is unset (built-in prompts drove the load)")
 
 
-def golden(q: Qualification, found: Materials) -> None:
+def golden(q: QualificationRun, found: Materials) -> None:
     q.report.golden_source = found.source if found.prompts is not None else (
         f"{found.source}; no golden record: the golden-output check did not run")
     candidate = q.arm(ArmRole.CANDIDATE)
@@ -103,7 +103,7 @@ def golden(q: Qualification, found: Materials) -> None:
                       "calibration's quality on slice " + "; ".join(f"{g.slice} ({', '.join(g.failed)})" for g in bad))
 
 
-def _run(q: Qualification, found: Materials, url: str, rate: float | None, seconds: float,
+def _run(q: QualificationRun, found: Materials, url: str, rate: float | None, seconds: float,
          max_requests: int | None = None) -> regimes.LoadRun:
     before = admission.queue_wait_buckets(url)
     run = load.run(url, found.tokenizer, found.load_prompts, q.config.output_tokens, q.work, rate=rate,
@@ -112,7 +112,7 @@ def _run(q: Qualification, found: Materials, url: str, rate: float | None, secon
     return regimes.LoadRun(run.requests, run.seconds, run.rate_rps, admission.p99_between(before, after))
 
 
-def measure_arm(q: Qualification, found: Materials, arm: QualifyArm) -> ArmQualification:
+def measure_arm(q: QualificationRun, found: Materials, arm: QualifyArm) -> ArmQualification:
     """The three regimes on one arm; a candidate whose floor fails its SLO is refused at once."""
     c, limits = q.config, q.config.limits
     result = ArmQualification(arm=arm.arm, artifact=arm.artifact)
@@ -132,7 +132,7 @@ def measure_arm(q: Qualification, found: Materials, arm: QualifyArm) -> ArmQuali
     return result
 
 
-def sweep(q: Qualification, found: Materials, url: str, arm: QualifyArm, start: float) -> RegimeFigures:
+def sweep(q: QualificationRun, found: Materials, url: str, arm: QualifyArm, start: float) -> RegimeFigures:
     """Regime (ii): the rate ladder (regimes.next_rate); the highest passing rate, else the lowest that failed."""
     limits = q.config.limits
     passed: list[float] = []
@@ -149,7 +149,7 @@ def sweep(q: Qualification, found: Materials, url: str, arm: QualifyArm, start: 
     return runs[max(passed)] if passed else runs[min(failed)]
 
 
-def overload(q: Qualification, found: Materials, url: str, arm: QualifyArm, sustainable: RegimeFigures | None,
+def overload(q: QualificationRun, found: Materials, url: str, arm: QualifyArm, sustainable: RegimeFigures | None,
              start: float, floor: RegimeFigures) -> RegimeFigures:
     """Regime (iii): factor × the sustainable rate for a bounded time, then one at a time until floor latency."""
     r, limits = q.config.regimes, q.config.limits
@@ -163,7 +163,7 @@ def overload(q: Qualification, found: Materials, url: str, arm: QualifyArm, sust
     return fig.model_copy(update={"recovery_seconds": recovered, "passed": not failed, "failed": failed})
 
 
-def verdict(q: Qualification) -> None:
+def verdict(q: QualificationRun) -> None:
     """The goodput ratio at each arm's sustainable rate against the policy's; a rate that was not sustainable
     counts as no goodput."""
     def goodput(role: ArmRole) -> RegimeFigures | None:
@@ -181,7 +181,7 @@ def verdict(q: Qualification) -> None:
 def qualify(config: QualificationConfig) -> QualificationReport:
     work = Path(config.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    q = Qualification(config, work)
+    q = QualificationRun(config, work)
     try:
         found = materials(config, work)
         golden(q, found)
