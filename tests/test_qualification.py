@@ -1,0 +1,179 @@
+"""`quantrol-worker qualify` for real: GuideLLM (the serve environment's) drives ENGINE STAND-INS (not vLLM; the
+real-engine golden check is in tests/test_real_engines.py) through the Quantrol router the Job starts with the
+policy's admission bounds; the evaluation prompts and the tokenizer come from a real OCI registry by digest.
+
+What is played here: the calibration that would have written the golden record. The stable stand-in's own
+`prompt_logprobs` are recorded as the baseline's golden log-probabilities (a stand-in has no weights to calibrate),
+so a candidate stand-in that answers like it reproduces the reference, and one with `deviation` does not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from quantrol_dev.localstack.procs import free_port
+from quantrol_dev.localstack.registry import RegistryServer
+from quantrol_dev.standin import VOCAB, tokenize
+from quantrol_worker import contracts as c
+from quantrol_worker import oci
+from quantrol_worker.golden import GoldenTally
+from quantrol_worker.qualify import golden_check
+
+SERVE_PYTHON = os.environ.get("QUANTROL_SERVE_PYTHON")
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "tiny"
+# A word-level tokenizer over the stand-in's vocabulary: GuideLLM counts prompt tokens with it (offline, local).
+MAKE_TOKENIZER = r"""
+import sys
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+words = sys.argv[2].split()
+vocab = {w: i for i, w in enumerate(["[UNK]", "[EOS]", *words])}
+tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+tok.pre_tokenizer = pre_tokenizers.Whitespace()
+PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]").save_pretrained(sys.argv[1])
+"""
+
+
+def _standin(**behaviour: float) -> Iterator[str]:
+    port = free_port()
+    args = [sys.executable, "-m", "quantrol_dev.standin", "--port", str(port), "--model", MODEL]
+    for key, value in behaviour.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith("READY")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def stable() -> Iterator[str]:
+    yield from _standin(token_latency=0.01)
+
+
+@pytest.fixture(scope="module")
+def artifact(stable: str, oci_registry: RegistryServer, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An artifact holding a tokenizer and evaluation prompts whose golden record is the stable stand-in's."""
+    if not SERVE_PYTHON:
+        pytest.skip("QUANTROL_SERVE_PYTHON is unset: GuideLLM lives in the serve environment (.ci/setup makes it)")
+    folder = tmp_path_factory.mktemp("artifact")
+    proc = subprocess.run([SERVE_PYTHON, "-c", MAKE_TOKENIZER, str(folder), " ".join(VOCAB)], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    slices = []
+    for name, offset in (("prose", 0), ("code", 200)):
+        prompts, tally = [], GoldenTally()
+        for i in range(4):
+            text = " ".join(VOCAB[(offset + 7 * i + j) % 256] for j in range(24))
+            ids = tokenize(text)
+            answer = golden_check.post_json(f"{stable}/v1/completions", {
+                "model": MODEL, "prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": c.GOLDEN_TOP_K})
+            positions = golden_check.engine_positions(answer, ids, c.GOLDEN_TOP_K)
+            ranked = [sorted(p.top.items(), key=lambda kv: -kv[1]) for p in positions]
+            golden = c.GoldenLogprobs(target_logprobs=[p.target_logprob for p in positions],
+                                      top_ids=[[t for t, _ in r] for r in ranked],
+                                      top_logprobs=[[lp for _, lp in r] for r in ranked])
+            tally.add(golden, positions)
+            prompts.append(c.EvaluationPrompt(text=text, token_ids=ids, baseline=golden))
+        slices.append(c.SlicePrompts(slice=name, prompts=prompts, reference=tally.figures(name)))
+    doc = c.EvaluationPrompts(slices=slices)
+    (folder / c.EVALUATION_PROMPTS_FILE).write_text(doc.model_dump_json(by_alias=True, exclude_none=True))
+    ref = oci.push(folder, f"{oci_registry.address}/tests/qualify", insecure=True, tag=None, annotations={})
+    return f"oci://{ref}"
+
+
+def qualify(tmp_path: Path, artifact: str, arms: dict[str, str], **overrides: Any) -> dict[str, Any]:
+    assert SERVE_PYTHON
+    config: dict[str, Any] = {
+        "model": MODEL,
+        "arms": [{"arm": role, "url": url, "artifact": artifact} for role, url in arms.items()],
+        "promptsArtifact": artifact, "insecure": True, "outputTokens": 8,
+        "regimes": {"floorRequests": 4, "floorMaxSeconds": 10, "sweepRates": 2, "secondsPerRate": 2,
+                    "overloadFactor": 1.5, "overloadSeconds": 2, "recoverySeconds": 5},
+        # Generous: two shared cores carry this test beside others; the refusals below set their own limits.
+        "limits": {"ttftSeconds": 2.0, "itlSeconds": 0.5, "queueWaitSeconds": 1.0},
+        "admission": {"maxInFlight": 4, "maxQueue": 4, "maxQueueWaitSeconds": 0.5},
+        "minGoodputRatio": 0.3,  # two stand-ins of one speed: the ratio's rule has its own unit tests
+        "workDir": str(tmp_path / "work"), "terminationMessagePath": str(tmp_path / "termination-log"),
+        **overrides,
+    }
+    c.QualificationConfig.model_validate(config)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "worker"), "HF_HUB_OFFLINE": "1",
+           "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+    proc = subprocess.run([SERVE_PYTHON, "-m", "quantrol_worker.cli", "qualify", "--config", str(path)],
+                          capture_output=True, text=True, env=env, timeout=300, check=False)
+    message = (tmp_path / "termination-log").read_text() if (tmp_path / "termination-log").exists() else ""
+    assert message, proc.stderr[-4000:]
+    assert len(message.encode()) <= c.TERMINATION_MESSAGE_LIMIT
+    report: dict[str, Any] = json.loads(message)
+    return report
+
+
+@pytest.mark.serve
+def test_a_healthy_candidate_is_qualified_with_every_regime_measured(stable: str, artifact: str,
+                                                                     tmp_path: Path) -> None:
+    candidate = _standin(token_latency=0.01)
+    url = next(candidate)
+    try:
+        report = qualify(tmp_path, artifact, {"candidate": url, "stable": stable})
+    finally:
+        candidate.close()
+    assert report["reason"] == "Qualified", report["message"]
+    assert report["tool"] == "guidellm 0.8.1"
+    assert [g["slice"] for g in report["golden"]] == ["prose", "code"] and all(g["passed"] for g in report["golden"])
+    assert report["goldenSource"] == "artifact"
+    for arm in report["arms"]:
+        regimes = {r["regime"]: r for r in arm["regimes"]}
+        assert set(regimes) == {"floor", "sustainable", "overload"}, arm
+        floor, sustainable, overload = regimes["floor"], regimes["sustainable"], regimes["overload"]
+        assert floor["requests"] == 4 and floor["ttftP50Seconds"] > 0 and floor["itlP99Seconds"] > 0
+        assert sustainable["rateRps"] > 0 and sustainable["goodputTokensPerEngineSecond"] > 0
+        assert "queueWaitP99Seconds" in sustainable and "rejectedFraction" in sustainable
+        assert overload["rateRps"] > sustainable["rateRps"] * 1.4 and overload["recoverySeconds"] is not None
+    assert report["goodputRatio"] > 0 and report["requiredGoodputRatio"] == 0.3
+
+
+@pytest.mark.serve
+def test_a_candidate_over_its_ttft_slo_one_request_at_a_time_is_refused(stable: str, artifact: str,
+                                                                       tmp_path: Path) -> None:
+    candidate = _standin(token_latency=0.01, prefill_latency=1.2)  # fault: every first token 1.2 s, limit 0.5 s
+    url = next(candidate)
+    try:
+        report = qualify(tmp_path, artifact, {"candidate": url, "stable": stable},
+                         limits={"ttftSeconds": 0.5, "itlSeconds": 0.5})
+    finally:
+        candidate.close()
+    assert report["reason"] == "QualificationFailed"
+    assert report["message"].startswith("regime floor") and "ttftP99" in report["message"], report["message"]
+    (arm,) = report["arms"]
+    assert arm["arm"] == "candidate" and [r["regime"] for r in arm["regimes"]] == ["floor"], "nothing after the floor"
+    assert arm["regimes"][0]["ttftP99Seconds"] > 1.0
+
+
+@pytest.mark.serve
+def test_a_candidate_that_computes_something_else_is_refused_by_the_golden_check(stable: str, artifact: str,
+                                                                                  tmp_path: Path) -> None:
+    candidate = _standin(token_latency=0.01, deviation=0.5)  # fault: its greedy token differs at half the positions
+    url = next(candidate)
+    try:
+        report = qualify(tmp_path, artifact, {"candidate": url, "stable": stable})
+    finally:
+        candidate.close()
+    assert report["reason"] == "GoldenOutputMismatch", report["message"]
+    assert "slice prose" in report["message"] and "top1" in report["message"]
+    assert report["arms"] == [], "no load before the golden check passed"
+    golden = {g["slice"]: g for g in report["golden"]}
+    assert golden["prose"]["top1"] < golden["prose"]["referenceTop1"] - 0.2 and not golden["code"]["passed"]
