@@ -43,6 +43,9 @@ FALLBACK_PROMPTS = (
 )
 
 
+RECOVERY_REQUESTS = 5
+
+
 class Refused(Exception):
     def __init__(self, reason: QualificationReason, message: str) -> None:
         super().__init__(message)
@@ -156,8 +159,9 @@ def overload(q: QualificationRun, found: Materials, url: str, arm: QualifyArm, s
     rate = round(r.overload_factor * ((sustainable.rate_rps if sustainable else None) or start), 3)
     run = _run(q, found, url, rate, r.overload_seconds)
     fig = regimes.figures(Regime.OVERLOAD, run, limits, arm.replicas)
+    # A few requests one at a time: the first back at floor latency ends the question (bounded by recoverySeconds).
     after = load.run(url, found.tokenizer, found.load_prompts, q.config.output_tokens, q.work, rate=None,
-                     seconds=r.recovery_seconds, max_requests=10_000)
+                     seconds=r.recovery_seconds, max_requests=RECOVERY_REQUESTS)
     recovered = regimes.recovery_seconds(after.requests, floor.ttft_p50_seconds)
     failed = [] if recovered is not None else [f"recovery: not back to floor latency within {r.recovery_seconds} s"]
     return fig.model_copy(update={"recovery_seconds": recovered, "passed": not failed, "failed": failed})
