@@ -647,7 +647,9 @@ class GoldenTolerance(ContractModel):
 class QualificationConfig(ContractModel):
     model: str = Field(max_length=253, description="The served model name both arms answer to.")
     arms: list[QualifyArm] = Field(min_length=1, max_length=2)
-    prompts_artifact: str | None = Field(default=None, description="The candidate artifact: prompts and tokenizer.")
+    prompts_artifact: str | None = Field(
+        default=None, description="The candidate artifact (oci://…@sha256:…): its prompts and tokenizer, pulled and "
+        "verified; file:///folder reads a local model folder as it is (local use: the bench).")
     insecure: bool = False
     probe_prompts_file: str | None = Field(default=None, description="JSONL {slice, text}: the probe ConfigMap.")
     output_tokens: int = Field(default=32, ge=1, le=4096)

@@ -75,7 +75,9 @@ def materials(config: QualificationConfig, work: Path) -> Materials:
     """The tokenizer and the evaluation prompts from the candidate artifact (those files only, verified), or the
     probe ConfigMap's prompts, or a few built-in ones (said in the report)."""
     dest = work / "artifact"
-    if config.prompts_artifact:
+    if config.prompts_artifact and config.prompts_artifact.startswith("file://"):
+        dest = Path(config.prompts_artifact.removeprefix("file://"))  # a local model folder (the bench), as is
+    elif config.prompts_artifact:
         titles = frozenset({EVALUATION_PROMPTS_FILE, "config.json", *TOKENIZER_FILES})
         oci.pull(config.prompts_artifact, dest, insecure=config.insecure, titles=titles)
     prompts = None
