@@ -174,6 +174,29 @@ def test_a_candidate_that_computes_something_else_is_refused_by_the_golden_check
         candidate.close()
     assert report["reason"] == "GoldenOutputMismatch", report["message"]
     assert "slice prose" in report["message"] and "top1" in report["message"]
-    assert report["arms"] == [], "no load before the golden check passed"
+    (arm,) = report["arms"]  # the floor (bounded) comes first; nothing after the golden check refused it
+    assert [r["regime"] for r in arm["regimes"]] == ["floor"] and arm["regimes"][0]["passed"], arm
     golden = {g["slice"]: g for g in report["golden"]}
     assert golden["prose"]["top1"] < golden["prose"]["referenceTop1"] - 0.2 and not golden["code"]["passed"]
+
+
+def test_the_golden_check_is_bounded_and_no_scored_prompt_never_passes() -> None:
+    """Pure: a golden check out of time scores nothing more, and a slice with nothing scored fails (no data never
+    reads as pass). `post` stands for the engine and counts what it was asked."""
+    golden = c.GoldenLogprobs(target_logprobs=[-0.1], top_ids=[[5]], top_logprobs=[[-0.1]])
+    prompts = c.EvaluationPrompts(slices=[
+        c.SlicePrompts(slice=name, reference=c.SliceQuality(slice=name, mean_kl_divergence=0.0, top1_agreement=1.0,
+                                                            perplexity_ratio=1.0),
+                       prompts=[c.EvaluationPrompt(text="a b", token_ids=[1, 5], baseline=golden)] * 3)
+        for name in ("prose", "code")])
+    asked: list[Any] = []
+
+    def post(url: str, body: dict[str, Any]) -> Any:
+        asked.append(body)
+        return {"choices": [{"prompt_logprobs": [None, {"5": {"logprob": -0.1, "rank": 1}}]}]}
+
+    assert all(g.passed for g in golden_check.check("http://engine", MODEL, prompts, c.GoldenTolerance(), post))
+    assert len(asked) == 6 and asked[0]["prompt"] == [1, 5] and asked[0]["temperature"] == 0
+    out_of_time = golden_check.check("http://engine", MODEL, prompts, c.GoldenTolerance(), post, max_seconds=0)
+    assert len(asked) == 6 and [g.passed for g in out_of_time] == [False, False]
+    assert out_of_time[0].failed == ["no reference or no scored tokens"]

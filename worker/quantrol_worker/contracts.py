@@ -657,6 +657,7 @@ class QualificationConfig(ContractModel):
     limits: LatencyLimits = Field(default_factory=LatencyLimits)
     admission: AdmissionBounds = Field(default_factory=AdmissionBounds)
     golden: GoldenTolerance = Field(default_factory=GoldenTolerance)
+    golden_max_seconds: float = Field(default=600, gt=0, le=3600, description="The golden check's time bound.")
     min_goodput_ratio: float = Field(default=1.0, gt=0, le=100)
     work_dir: str = "/tmp/quantrol-qualify"
     termination_message_path: str = TERMINATION_MESSAGE_PATH

@@ -64,6 +64,7 @@ def worker_config(policy: str, namespace: str, spec: ServingPolicySpec, stable: 
         admission=AdmissionBounds(max_in_flight=admission.max_in_flight, max_queue=admission.max_queue,
                                   max_queue_wait_seconds=admission.max_queue_wait_seconds),
         golden=q.golden_tolerance,
+        golden_max_seconds=GOLDEN_SECONDS,
         min_goodput_ratio=q.min_goodput_ratio,
         work_dir=WORK_DIR,
         termination_message_path=TERMINATION_MESSAGE_PATH,

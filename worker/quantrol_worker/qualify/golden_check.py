@@ -10,6 +10,7 @@ reference cannot hurt users, and the figures show it.
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -48,20 +49,25 @@ def engine_positions(answer: Any, ids: list[int], k: int) -> list[CandidatePosit
     return out
 
 
-def score_engine(base_url: str, model: str, prompts: EvaluationPrompts, post: Post = post_json) -> list[SliceQuality]:
-    """The engine's golden figures per slice (quantrol_worker.golden), greedy and teacher-forced on every prompt."""
-    out: list[SliceQuality] = []
-    for shipped in prompts.slices:
-        tally = GoldenTally()
-        for prompt in shipped.prompts:
+def score_engine(base_url: str, model: str, prompts: EvaluationPrompts, post: Post = post_json,
+                 max_seconds: float = 600.0) -> list[SliceQuality]:
+    """The engine's golden figures per slice (quantrol_worker.golden), greedy and teacher-forced on each prompt.
+    Bounded: prompts are taken round-robin over the slices, so a deadline cuts every slice alike."""
+    deadline = time.monotonic() + max_seconds
+    tallies = {s.slice: GoldenTally() for s in prompts.slices}
+    rounds = max((len(s.prompts) for s in prompts.slices), default=0)
+    for i in range(rounds):
+        for shipped in prompts.slices:
+            if i >= len(shipped.prompts) or time.monotonic() > deadline:
+                continue
+            prompt, tally = shipped.prompts[i], tallies[shipped.slice]
             if prompt.baseline is None:
                 continue
             body = {"model": model, "prompt": prompt.token_ids, "max_tokens": 1, "temperature": 0,
                     "prompt_logprobs": prompts.top_k}
             answer = post(f"{base_url.rstrip('/')}/v1/completions", body)
             tally.add(prompt.baseline, engine_positions(answer, prompt.token_ids, prompts.top_k))
-        out.append(tally.figures(shipped.slice))
-    return out
+    return [tallies[s.slice].figures(s.slice) for s in prompts.slices]
 
 
 def compare(engine: SliceQuality, reference: SliceQuality | None, tolerance: GoldenTolerance) -> GoldenSlice:
@@ -87,9 +93,9 @@ def compare(engine: SliceQuality, reference: SliceQuality | None, tolerance: Gol
 
 
 def check(base_url: str, model: str, prompts: EvaluationPrompts, tolerance: GoldenTolerance,
-          post: Post = post_json) -> list[GoldenSlice]:
+          post: Post = post_json, max_seconds: float = 600.0) -> list[GoldenSlice]:
     out = []
-    for engine in score_engine(base_url, model, prompts, post):
+    for engine in score_engine(base_url, model, prompts, post, max_seconds):
         shipped = prompts.for_slice(engine.slice)
         out.append(compare(engine, shipped.reference if shipped else None, tolerance))
     return out

@@ -1,8 +1,9 @@
 """`quantrol-worker qualify --config FILE`: the golden-output check, then each arm in three regimes, then the verdict.
 
-Order, cheapest refusal first: the golden check (the candidate engine alone, a few seconds); the candidate's floor
-(a candidate slower than its SLO one request at a time is refused before anything else is spent); the stable arm's
-regimes; the candidate's sweep and overload; the goodput ratio. Every step is bounded by the config's regimes.
+Order, cheapest bounded refusal first: the candidate's floor (a candidate slower than its SLO one request at a time
+is refused within `floorMaxSeconds`, before anything else is spent: a slow engine would take long over every golden
+prompt); the golden-output check (the candidate engine alone, bounded by `goldenMaxSeconds`); the rest of the
+candidate's regimes; the stable arm's; the goodput ratio. Every step is bounded by the config.
 """
 
 from __future__ import annotations
@@ -95,13 +96,12 @@ def materials(config: QualificationConfig, work: Path) -> Materials:
 
 
 def golden(q: QualificationRun, found: Materials) -> None:
-    q.report.golden_source = found.source if found.prompts is not None else (
-        f"{found.source}; no golden record: the golden-output check did not run")
     candidate = q.arm(ArmRole.CANDIDATE)
     if found.prompts is None or candidate is None:
         return
     url = from_environment().url(candidate.url)
-    q.report.golden = golden_check.check(url, q.config.model, found.prompts, q.config.golden)
+    q.report.golden = golden_check.check(url, q.config.model, found.prompts, q.config.golden,
+                                         max_seconds=q.config.golden_max_seconds)
     bad = [g for g in q.report.golden if not g.passed]
     if bad:
         raise Refused(QualificationReason.GOLDEN_OUTPUT_MISMATCH, "the candidate engine does not reproduce "
@@ -117,20 +117,27 @@ def _run(q: QualificationRun, found: Materials, url: str, rate: float | None, se
     return regimes.LoadRun(run.requests, run.seconds, run.rate_rps, admission.p99_between(before, after))
 
 
+def floor_of(q: QualificationRun, found: Materials, arm: QualifyArm, url: str) -> tuple[RegimeFigures, float]:
+    """Regime (i), and the rate it reached one request at a time (where the ladder starts)."""
+    r, limits = q.config.regimes, q.config.limits
+    run = _run(q, found, url, None, r.floor_max_seconds, r.floor_requests)
+    floor = regimes.judge(regimes.figures(Regime.FLOOR, run, limits, arm.replicas), limits)
+    return floor, max(len([s for s in run.requests if s.ok]) / run.seconds, 0.05)
+
+
 def measure_arm(q: QualificationRun, found: Materials, arm: QualifyArm) -> ArmQualification:
-    """The three regimes on one arm; a candidate whose floor fails its SLO is refused at once."""
-    c, limits = q.config, q.config.limits
+    """The three regimes on one arm; the candidate's floor comes first and refuses it at once when it fails its SLO,
+    and its golden-output check runs right after (the engine is known to answer in time by then)."""
     result = ArmQualification(arm=arm.arm, artifact=arm.artifact)
     q.report.arms.append(result)
-    with admission.router(from_environment().url(arm.url), c.admission, q.work) as url:
-        r = c.regimes
-        floor_run = _run(q, found, url, None, r.floor_max_seconds, r.floor_requests)
-        floor = regimes.judge(regimes.figures(Regime.FLOOR, floor_run, limits, arm.replicas), limits)
+    with admission.router(from_environment().url(arm.url), q.config.admission, q.work) as url:
+        floor, start = floor_of(q, found, arm, url)
         result.regimes.append(floor)
-        if arm.arm is ArmRole.CANDIDATE and not floor.passed:
-            raise Refused(QualificationReason.QUALIFICATION_FAILED,
-                          f"regime floor (one request at a time): {'; '.join(floor.failed)}")
-        start = max(len([s for s in floor_run.requests if s.ok]) / floor_run.seconds, 0.05)
+        if arm.arm is ArmRole.CANDIDATE:
+            if not floor.passed:
+                raise Refused(QualificationReason.QUALIFICATION_FAILED,
+                              f"regime floor (one request at a time): {'; '.join(floor.failed)}")
+            golden(q, found)
         sustainable = sweep(q, found, url, arm, start)
         result.regimes.append(sustainable)
         result.regimes.append(overload(q, found, url, arm, sustainable if sustainable.passed else None, start, floor))
@@ -190,7 +197,8 @@ def qualify(config: QualificationConfig) -> QualificationReport:
     q = QualificationRun(config, work)
     try:
         found = materials(config, work)
-        golden(q, found)
+        q.report.golden_source = found.source if found.prompts is not None else (
+            f"{found.source}; no golden record: the golden-output check did not run")
         for role in (ArmRole.CANDIDATE, ArmRole.STABLE):
             arm = q.arm(role)
             if arm is not None:
