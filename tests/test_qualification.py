@@ -200,3 +200,30 @@ def test_the_golden_check_is_bounded_and_no_scored_prompt_never_passes() -> None
     out_of_time = golden_check.check("http://engine", MODEL, prompts, c.GoldenTolerance(), post, max_seconds=0)
     assert len(asked) == 6 and [g.passed for g in out_of_time] == [False, False]
     assert out_of_time[0].failed == ["no reference or no scored tokens"]
+
+
+def test_regime_figures_and_judgements() -> None:
+    """Pure: goodput counts only requests within both deadlines; each breach is named with its unit; the floor is
+    judged on latency alone; a rate refusing more than 1 % is not sustainable; no first token is a TTFT breach."""
+    from quantrol_worker.qualify import regimes as rg
+
+    limits = c.LatencyLimits(ttft_seconds=1.0, itl_seconds=0.1, queue_wait_seconds=0.5)
+    samples = [rg.RequestSample(start=0, ok=True, ttft=0.5, itl=0.05, output_tokens=10),
+               rg.RequestSample(start=1, ok=True, ttft=2.0, itl=0.05, output_tokens=10),  # late first token
+               rg.RequestSample(start=2, ok=True, ttft=0.5, itl=0.3, output_tokens=10),  # slow tokens
+               rg.RequestSample(start=3, ok=False, rejected=True)]
+    fig = rg.figures(c.Regime.SUSTAINABLE, rg.LoadRun(samples, seconds=5.0, rate_rps=0.8, queue_wait_p99=0.9),
+                     limits, engines=2)
+    assert fig.goodput_tokens_per_engine_second == 1.0 and fig.output_tokens_per_second == 6.0  # 10 / (5 s × 2)
+    assert fig.rejected_fraction == 0.25 and fig.ttft_p99_seconds == 2.0
+    judged = rg.judge(fig, limits, 5.0)
+    assert not judged.passed and judged.failed == ["ttftP99: 2 s > 1 s", "interTokenLatencyP99: 0.3 s > 0.1 s",
+                                                   "queueTimeP99: 0.9 s > 0.5 s", "rejected: 0.25 > 0.01 answered 429"]
+    floor = rg.judge(fig.model_copy(update={"regime": c.Regime.FLOOR}), limits, 5.0)
+    assert [f.split(":")[0] for f in floor.failed] == ["ttftP99", "interTokenLatencyP99"]
+    silent = rg.figures(c.Regime.FLOOR, rg.LoadRun([rg.RequestSample(start=0, ok=False)], seconds=20.0), limits, 1)
+    assert rg.judge(silent, limits, 20.0).failed == ["ttftP99: no first token within the run's 20 s > 1 s"]
+    assert rg.next_rate([], [], 2.0) == 2.0 and rg.next_rate([2.0], [], 2.0) == 4.0
+    assert rg.next_rate([2.0, 4.0], [8.0], 2.0) == 6.0
+    after = [rg.RequestSample(start=0, ok=True, ttft=3.0), rg.RequestSample(start=3.5, ok=True, ttft=0.1)]
+    assert rg.recovery_seconds(after, floor_ttft_p50=0.1) == 3.6 and rg.recovery_seconds(after[:1], 0.1) is None

@@ -84,10 +84,15 @@ def figures(regime: Regime, run: LoadRun, limits: LatencyLimits, engines: int) -
     )
 
 
-def judge(fig: RegimeFigures, limits: LatencyLimits, max_rejected: float = MAX_REJECTED_FRACTION) -> RegimeFigures:
-    """`fig` with `passed` and every breached limit named (`ttftP99: 3.1 s > 2 s`). No completed request fails."""
+def judge(fig: RegimeFigures, limits: LatencyLimits, seconds: float,
+          max_rejected: float = MAX_REJECTED_FRACTION) -> RegimeFigures:
+    """`fig` (of a run bounded by `seconds`) with `passed` and every breached limit named (`ttftP99: 3.1 s > 2 s`).
+    A run without a first token fails: no data never reads as pass."""
     failed: list[str] = []
-    if not fig.requests or fig.ttft_p99_seconds is None:
+    if fig.requests and fig.ttft_p99_seconds is None and limits.ttft_seconds is not None:
+        # Not one first token within the run's time bound: the TTFT is at least that bound, a breach to name.
+        failed.append(f"ttftP99: no first token within the run's {seconds:.3g} s > {limits.ttft_seconds:.3g} s")
+    elif not fig.requests or fig.ttft_p99_seconds is None:
         failed.append("requests: none completed")
     checks: list[tuple[str, float | None, float | None]] = [
         ("ttftP99", fig.ttft_p99_seconds, limits.ttft_seconds),

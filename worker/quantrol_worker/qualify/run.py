@@ -121,7 +121,7 @@ def floor_of(q: QualificationRun, found: Materials, arm: QualifyArm, url: str) -
     """Regime (i), and the rate it reached one request at a time (where the ladder starts)."""
     r, limits = q.config.regimes, q.config.limits
     run = _run(q, found, url, None, r.floor_max_seconds, r.floor_requests)
-    floor = regimes.judge(regimes.figures(Regime.FLOOR, run, limits, arm.replicas), limits)
+    floor = regimes.judge(regimes.figures(Regime.FLOOR, run, limits, arm.replicas), limits, r.floor_max_seconds)
     return floor, max(len([s for s in run.requests if s.ok]) / run.seconds, 0.05)
 
 
@@ -155,7 +155,8 @@ def sweep(q: QualificationRun, found: Materials, url: str, arm: QualifyArm, star
         if rate in runs:
             break
         run = _run(q, found, url, rate, q.config.regimes.seconds_per_rate)
-        runs[rate] = regimes.judge(regimes.figures(Regime.SUSTAINABLE, run, limits, arm.replicas), limits)
+        runs[rate] = regimes.judge(regimes.figures(Regime.SUSTAINABLE, run, limits, arm.replicas), limits,
+                                   q.config.regimes.seconds_per_rate)
         (passed if runs[rate].passed else failed).append(rate)
         log.info("%s: %.3g req/s %s", arm.arm.value, rate, "passed" if runs[rate].passed else runs[rate].failed)
     return runs[max(passed)] if passed else runs[min(failed)]
