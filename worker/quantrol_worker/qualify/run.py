@@ -21,6 +21,7 @@ from quantrol_worker import oci
 from quantrol_worker.addresses import from_environment
 from quantrol_worker.contracts import (
     EVALUATION_PROMPTS_FILE,
+    EVALUATION_PROMPTS_MAX_BYTES,
     TOKENIZER_FILES,
     ArmQualification,
     ArmRole,
@@ -80,7 +81,8 @@ def materials(config: QualificationConfig, work: Path) -> Materials:
         dest = Path(config.prompts_artifact.removeprefix("file://"))  # a local model folder (the bench), as is
     elif config.prompts_artifact:
         titles = frozenset({EVALUATION_PROMPTS_FILE, "config.json", *TOKENIZER_FILES})
-        oci.pull(config.prompts_artifact, dest, insecure=config.insecure, titles=titles)
+        oci.pull(config.prompts_artifact, dest, insecure=config.insecure, titles=titles,
+                 max_layer_bytes=EVALUATION_PROMPTS_MAX_BYTES)  # the artifact's registry may be a tenant's
     prompts = None
     if (dest / EVALUATION_PROMPTS_FILE).is_file():
         prompts = EvaluationPrompts.read(dest / EVALUATION_PROMPTS_FILE)
