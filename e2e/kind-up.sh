@@ -140,6 +140,7 @@ helm --kube-context "$CONTEXT" upgrade --install "$RELEASE" charts/quantrol \
     --set workerImages.serving="$SERVE_IMAGE" \
     --set workerImages.router="$SERVE_IMAGE" \
     --set analysis.prometheusUrl="$PROMETHEUS_URL" \
+    --set watch.allNamespaces=true \
     --wait --timeout 5m
 if [[ "$REUSED" -eq 1 ]]; then
     # Same tag, new bytes: restart the operator so that it runs the image just loaded.

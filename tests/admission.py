@@ -113,14 +113,40 @@ def _walk(schema: dict[str, Any], value: Any, path: list[Any]) -> Iterator[tuple
             yield from _walk(schema["items"], item, [*path, index])
 
 
+def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
+    """Structural defaulting, as the API server does before validation: a property with a `default` is filled in
+    where its parent object exists and it is absent (a parent that is absent stays absent)."""
+    if isinstance(value, dict):
+        out = dict(value)
+        for name, sub in schema.get("properties", {}).items():
+            if name not in out and "default" in sub:
+                out[name] = copy.deepcopy(sub["default"])
+            if name in out:
+                out[name] = apply_defaults(sub, out[name])
+        if isinstance(schema.get("additionalProperties"), dict):
+            for name in out:
+                out[name] = apply_defaults(schema["additionalProperties"], out[name])
+        return out
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [apply_defaults(schema["items"], item) for item in value]
+    return value
+
+
 def _cel_errors(schema: dict[str, Any], obj: dict[str, Any]) -> list[AdmissionError]:
     errors = []
-    for node, value, path in _walk(schema, obj, []):
+    for node, value, path in _walk(schema, apply_defaults(schema, obj), []):
         for validation in node.get("x-kubernetes-validations", []):
-            if not evaluate_cel(validation["rule"], value):
-                errors.append(
-                    AdmissionError(_format(path) + validation.get("fieldPath", ""), validation["message"], "cel")
-                )
+            where = _format(path) + validation.get("fieldPath", "")
+            try:
+                ok = evaluate_cel(validation["rule"], value)
+            except celpy.evaluation.CELEvalError as exc:
+                # The API server refuses the object when a rule cannot be evaluated, e.g. it reads a field
+                # that is absent ("no such key"): a rule on an optional field must guard it with has().
+                errors.append(AdmissionError(where, f"{validation['message']} (rule not evaluable: {exc.args[0]})",
+                                             "cel"))
+                continue
+            if not ok:
+                errors.append(AdmissionError(where, validation["message"], "cel"))
     return errors
 
 

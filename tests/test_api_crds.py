@@ -149,7 +149,55 @@ INVALID = {
     "missing-artifact-repository": (_QM, {"spec.artifact": _DELETE}, "spec.artifact", "schema"),
     "agreement-above-1": (_QM, {"spec.qualityGate.minTop1Agreement": 1.2}, "spec.qualityGate.minTop1Agreement",
                           "schema"),
+    # Names every child can carry (issue 15): a Service name is a DNS-1035 label; children add up to 13 characters.
+    "policy-name-starts-with-a-digit": (_SP, {"metadata.name": "8b-chat"}, "", "cel"),
+    "policy-name-with-a-dot": (_SP, {"metadata.name": "llama-3.1-8b"}, "", "cel"),
+    "model-name-too-long-for-its-children": (_QM, {"metadata.name": "m" * 51}, "", "cel"),
+    "hf-without-revision": (_QM, {"spec.baseModel.uri": "hf://meta-llama/Llama-3.1-8B-Instruct"}, "spec.baseModel.uri",
+                            "schema"),
+    "baseline-by-tag": (_SP, {"spec.baseline.artifact": "oci://registry.example.com/models/llama:bf16"},
+                        "spec.baseline.artifact", "schema"),
+    "baseline-not-oci": (_SP, {"spec.baseline.artifact": "pvc://models/llama"}, "spec.baseline.artifact", "schema"),
+    "candidate-by-tag": (_SP, {"spec.candidate.quantizedModelRef": _DELETE,
+                               "spec.candidate.artifact": "oci://registry.example.com/models/llama:w4"},
+                         "spec.candidate.artifact", "schema"),
+    "empty-serving-image": (_SP, {"spec.serving.image": ""}, "spec.serving.image", "schema"),
+    "empty-job-image": (_QM, {"spec.job.image": ""}, "spec.job.image", "schema"),
 }
+
+
+# Valid objects a real API server must accept as they are: optional parents present with their lists left out.
+VALID = {
+    "shadow-only-rollout": (_SP, {"spec.rollout": {"shadow": {"durationSeconds": 60}}}),
+    "empty-rollout": (_SP, {"spec.rollout": {}}),
+    "empty-batch-budget": (_SP, {"spec.serving.batchBudget": {}}),
+    "longest-name": (_SP, {"metadata.name": "a" * 50}),
+    "oci-base-model-by-tag": (_QM, {"spec.baseModel.uri": "oci://registry.example.com/models/llama:bf16"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VALID))
+def test_valid_input_is_accepted_by_the_server_and_the_models(case: str) -> None:
+    sample, edits = VALID[case]
+    obj = yaml.safe_load((ROOT / "e2e" / "samples" / sample).read_text())
+    for dotted, value in edits.items():
+        _set(obj, dotted, value)
+    assert admit(obj) == []
+    assert validate_object(obj) == []
+
+
+_NAME_RULE = next(v["rule"] for v in open_api_schema(load_crds()["ServingPolicy"])["x-kubernetes-validations"])
+
+
+@given(st.text(alphabet="abcz019-.A_", min_size=1, max_size=70))
+def test_name_rule_cel_and_pydantic_agree(name: str) -> None:
+    obj = yaml.safe_load((ROOT / "e2e" / "samples" / _SP).read_text())
+    obj["metadata"]["name"] = name
+    cel_ok = evaluate_cel(_NAME_RULE, {"metadata": {"name": name}})
+    model_ok = validate_object(obj) == []
+    dns_1035 = len(name) <= 50 and name[0].isalpha() and name[0].islower() and name[-1].isalnum() and all(
+        c.islower() or c.isdigit() or c == "-" for c in name)
+    assert cel_ok == model_ok == dns_1035
 
 
 @pytest.mark.parametrize("case", sorted(INVALID))

@@ -56,31 +56,36 @@ MONITORING_ON = {
 }
 # name -> (values, kinds the chart must render, with counts)
 COMBOS: dict[str, tuple[dict[str, Any], dict[str, int]]] = {
-    "cluster-wide": (
+    "default: the release namespace": (
         {},
+        {"ServiceAccount": 1, "Role": 1, "RoleBinding": 1, "ClusterRole": 1, "ClusterRoleBinding": 1,
+         "Deployment": 1, "Service": 1, "NetworkPolicy": 2},
+    ),
+    "cluster-wide": (
+        {"watch": {"allNamespaces": True}},
         {"ServiceAccount": 1, "ClusterRole": 1, "ClusterRoleBinding": 1, "Deployment": 1, "Service": 1},
     ),
     "cluster-wide+monitoring": (
-        {"monitoring": MONITORING_ON},
+        {"watch": {"allNamespaces": True}, "monitoring": MONITORING_ON},
         {"ServiceAccount": 1, "ClusterRole": 1, "ClusterRoleBinding": 1, "Deployment": 1, "Service": 1,
          "ServiceMonitor": 1, "PrometheusRule": 1, "ConfigMap": 1},
     ),
     "namespaced": (
         {"watch": {"allNamespaces": False, "namespaces": ["team-a", "team-b"]}},
         {"ServiceAccount": 1, "Role": 2, "RoleBinding": 2, "ClusterRole": 1, "ClusterRoleBinding": 1,
-         "Deployment": 1, "Service": 1},
+         "Deployment": 1, "Service": 1, "NetworkPolicy": 4},
     ),
     "namespaced+monitoring, no cluster-scoped rights": (
         {"watch": {"allNamespaces": False}, "rbac": {"clusterDiscovery": False}, "monitoring": MONITORING_ON,
          "metrics": {"port": 9100, "service": {"enabled": True}}},
         {"ServiceAccount": 1, "Role": 1, "RoleBinding": 1, "Deployment": 1, "Service": 1,
-         "ServiceMonitor": 1, "PrometheusRule": 1, "ConfigMap": 1},
+         "ServiceMonitor": 1, "PrometheusRule": 1, "ConfigMap": 1, "NetworkPolicy": 2},
     ),
     "bring your own RBAC and account": (
         {"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "platform-quantrol"},
          "metrics": {"port": 9090, "service": {"enabled": False}},
          "image": {"repository": "registry.example.com/quantrol-operator", "digest": "sha256:" + "a" * 64}},
-        {"Deployment": 1},
+        {"Deployment": 1, "NetworkPolicy": 2},
     ),
 }
 # Kinds the Prometheus Operator defines: no schema in kubernetes-validate, checked by shape below.
@@ -238,7 +243,9 @@ def test_operator_pod_is_locked_down(chart: helm.Chart, combo: str) -> None:
 
 
 def test_operator_args_follow_the_watch_mode(chart: helm.Chart) -> None:
-    _, cluster = operator_container(render(chart, {}))
+    _, default = operator_container(render(chart, {}))
+    assert "--all-namespaces" not in default["args"], "cluster-wide is an explicit value, never the default"
+    _, cluster = operator_container(render(chart, {"watch": {"allNamespaces": True}}))
     assert "--all-namespaces" in cluster["args"] and not any(a.startswith("--namespace") for a in cluster["args"])
     _, named = operator_container(render(chart, COMBOS["namespaced"][0]))
     assert "--all-namespaces" not in named["args"]
@@ -270,11 +277,13 @@ def test_operator_defaults_reach_the_operator_only_when_set(chart: helm.Chart) -
 def test_cluster_mode_grants_exactly_the_rules_file(chart: helm.Chart) -> None:
     rules = rbac_rules()
     # podMonitors.enabled=auto (the default) needs the rights as much as true: the operator decides at start-up.
-    (role,) = by_kind(render(chart, {}), "ClusterRole")
+    cluster = {"watch": {"allNamespaces": True}}
+    (role,) = by_kind(render(chart, cluster), "ClusterRole")
     assert role["rules"] == rules["workload"] + rules["podMonitors"] + rules["clusterDiscovery"]
-    (monitored,) = by_kind(render(chart, {"monitoring": MONITORING_ON}), "ClusterRole")
+    (monitored,) = by_kind(render(chart, {**cluster, "monitoring": MONITORING_ON}), "ClusterRole")
     assert monitored["rules"] == rules["workload"] + rules["podMonitors"] + rules["clusterDiscovery"]
-    (unmonitored,) = by_kind(render(chart, {"monitoring": {"podMonitors": {"enabled": False}}}), "ClusterRole")
+    (unmonitored,) = by_kind(render(chart, {**cluster, "monitoring": {"podMonitors": {"enabled": False}}}),
+                             "ClusterRole")
     assert unmonitored["rules"] == rules["workload"] + rules["clusterDiscovery"]
 
 
@@ -310,7 +319,10 @@ def test_no_wildcards_and_no_secret_enumeration(chart: helm.Chart, combo: str) -
     for role in by_kind(docs, "Role") + by_kind(docs, "ClusterRole"):
         for rule in role["rules"]:
             assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
-            assert "update" not in rule["verbs"], "the operator merge-patches; it never replaces objects"
+            if "update" in rule["verbs"]:
+                # The operator merge-patches and never replaces objects; `update` only on the owners' finalizers
+                # subresource, which OwnerReferencesPermissionEnforcement asks for blockOwnerDeletion.
+                assert all(r.endswith("/finalizers") for r in rule["resources"]), rule
             if "secrets" in rule["resources"]:
                 # No list or watch: the operator reads its own token by name and cannot enumerate others.
                 assert not {"list", "watch"} & set(rule["verbs"])
@@ -663,3 +675,67 @@ def test_readme_embeds_the_shipped_health_checks() -> None:
         indented = "".join("    " + line if line.strip() else line for line in body.splitlines(keepends=True))
         assert indented in readme, f"charts/README.md is out of date with {script}"
 
+
+
+# --- the install policy and the NetworkPolicies (issue 20) --------------------------------------------------------
+
+
+def test_the_install_policy_reaches_the_operator_as_it_reads_it(chart: helm.Chart) -> None:
+    from quantrol_operator.policy import InstallPolicy
+
+    def policy(values: dict[str, Any]) -> InstallPolicy:
+        _, container = operator_container(render(chart, values))
+        env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+        return InstallPolicy.from_env(env)  # the operator's own reader, on the rendered environment
+
+    default = policy({})
+    assert default.prometheus.allowed_addresses == () and default.workloads.service_accounts == ("default",)
+    assert default.workloads.image_prefixes and all(p.endswith(("/", ":")) for p in default.workloads.image_prefixes)
+    assert default.reads.max_bytes == 1 << 20 and default.router.max_body_bytes == 4 << 20
+    custom = policy({"installPolicy": {"workloads": {"tolerations": False},
+                                       "prometheus": {"allowedAddresses": ["https://prom.example.com"]}}})
+    assert custom.workloads.tolerations is False and custom.prometheus.allowed_addresses == ("https://prom.example.com",)
+    with pytest.raises(ValueError):  # a typo stops the operator at start-up, naming the key
+        policy({"installPolicy": {"workloads": {"imagePrefix": ["x"]}}})
+
+
+def test_network_policies_select_the_pods_quantrol_builds(chart: helm.Chart) -> None:
+    """Static: the chart's NetworkPolicies select arm and router pods by the labels the children carry, open the
+    engine port only to routers (and scrapers), and the router's admin port only to the operator's pods."""
+    from quantrol_operator.children import router
+    from quantrol_operator.children.serving import ENGINE_PORT, LAUNCHER_PORT
+    from tests.test_api_admission import children
+
+    docs = render(chart, COMBOS["namespaced"][0])
+    policies = {(p["metadata"]["namespace"], p["metadata"]["name"].rsplit("-", 1)[1]): p
+                for p in by_kind(docs, "NetworkPolicy")}
+    assert {ns for ns, _ in policies} == {"team-a", "team-b"}
+    built = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in children()
+             if d["kind"] == "Deployment"}
+    (arm_labels,) = [labels for labels in built.values() if "quantrol.io/arm" in labels]
+    (router_labels,) = [labels for labels in built.values() if labels.get(router.LABEL_COMPONENT) == "router"]
+    arms, routers = policies[("team-a", "arms")]["spec"], policies[("team-a", "routers")]["spec"]
+
+    def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+        ok = all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
+        for expression in selector.get("matchExpressions") or []:
+            present = expression["key"] in labels
+            ok &= present and labels[expression["key"]] in expression["values"] if expression["operator"] == "In" \
+                else present
+        return ok
+
+    assert selects(arms["podSelector"], arm_labels) and not selects(arms["podSelector"], router_labels)
+    assert selects(routers["podSelector"], router_labels) and not selects(routers["podSelector"], arm_labels)
+    engine, launcher = arms["ingress"]
+    assert engine["ports"] == [{"port": ENGINE_PORT, "protocol": "TCP"}]
+    assert selects(engine["from"][0]["podSelector"], router_labels)
+    assert launcher["ports"] == [{"port": LAUNCHER_PORT, "protocol": "TCP"}]
+    (deployment,) = by_kind(docs, "Deployment")
+    assert selects(launcher["from"][0]["podSelector"], deployment["spec"]["template"]["metadata"]["labels"])
+    public, admin = routers["ingress"]
+    assert public == {"ports": [{"port": router.ROUTER_PORT, "protocol": "TCP"}]}
+    assert admin["ports"] == [{"port": router.ADMIN_PORT, "protocol": "TCP"}] and len(admin["from"]) == 1
+    assert selects(admin["from"][0]["podSelector"], deployment["spec"]["template"]["metadata"]["labels"])
+    # The router Service exposes the inference port only, never the admin port.
+    service = next(c for c in children() if c["kind"] == "Service" and c["metadata"]["name"] == "llama-3-1-8b")
+    assert [p["port"] for p in service["spec"]["ports"]] == [router.ROUTER_PORT]

@@ -51,8 +51,27 @@ def granted(*lists: str) -> set[tuple[str, str, str]]:
 
 
 def used(server: KubeAPIServer) -> set[tuple[str, str, str]]:
+    """What the operator's requests need authorized: the requests themselves, and the checks
+    OwnerReferencesPermissionEnforcement makes on them (the emulation logs those as `implied_by` entries)."""
     return {(e["verb"], e["group"] or "", e["resource"]) for e in server.requests()
             if e["user_agent"].startswith(OPERATOR_AGENTS) and e["resource"]}
+
+
+def test_owner_reference_checks_are_logged_as_a_cluster_would_make_them(private_api: KubeAPIServer) -> None:
+    """The emulation records what OwnerReferencesPermissionEnforcement asks the authorizer: `update` on the owner's
+    finalizers for a new blockOwnerDeletion, `delete` on the object when its ownerReferences change."""
+    api = kubernetes.config.new_client_from_config(config_file=str(private_api.write_kubeconfig()))
+    core, custom = kubernetes.client.CoreV1Api(api), kubernetes.client.CustomObjectsApi(api)
+    core.create_namespace({"metadata": {"name": "gc"}})
+    sp = yaml.safe_load((ROOT / "e2e/samples/servingpolicy-llama-8b.yaml").read_text())
+    sp["metadata"] = {"name": "owner", "namespace": "gc"}
+    uid = custom.create_namespaced_custom_object(GROUP, VERSION, "gc", "servingpolicies", sp)["metadata"]["uid"]
+    ref = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ServingPolicy", "name": "owner", "uid": uid,
+           "controller": True, "blockOwnerDeletion": True}
+    core.create_namespaced_config_map("gc", {"metadata": {"name": "c", "ownerReferences": [ref]}})
+    core.patch_namespaced_config_map("c", "gc", {"metadata": {"ownerReferences": None}})
+    implied = [(e["verb"], e["resource"]) for e in private_api.requests() if e.get("implied_by")]
+    assert implied == [("update", "servingpolicies/finalizers"), ("delete", "configmaps")]
 
 
 def _ready(apps: kubernetes.client.AppsV1Api, namespace: str) -> None:

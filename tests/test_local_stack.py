@@ -110,7 +110,7 @@ def test_stack_from_a_relative_folder_scrapes_its_targets(tmp_path: Path, monkey
     from quantrol_dev.localstack.procs import wait_until
     from quantrol_dev.localstack.prometheus import TargetGroup
     from quantrol_dev.localstack.runner_plan import ImageEnv
-    from quantrol_operator.rollout.queries import PrometheusSource
+    from quantrol_operator.observe.prometheus import PrometheusSource
 
     repo = tmp_path / "repo"
     repo.mkdir()

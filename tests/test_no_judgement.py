@@ -21,7 +21,7 @@ from quantrol_dev.localstack.procs import free_port, wait_until
 from quantrol_dev.localstack.prometheus import PrometheusServer, TargetGroup, prometheus_binary, start_prometheus
 from quantrol_operator.api.servingpolicy import NoJudgement, ServingPolicySpec
 from quantrol_operator.observe import analysis
-from quantrol_operator.rollout.queries import PrometheusSource
+from quantrol_operator.observe.prometheus import PrometheusSource
 from tests.plugins.servers import require_binaries
 from tests.test_servingpolicy_plan import T0, _to_shadow, advance, qm, run
 

@@ -406,6 +406,9 @@ def test_with_the_crd_the_operator_owns_one_pod_monitor_and_keeps_it_steady(clus
         # deletionPolicy Orphan: the arms keep serving without an owner, and keep being scraped.
         cluster.custom.patch_namespaced_custom_object(GROUP, VERSION, cluster.namespace, "servingpolicies", "llama",
                                                       {"spec": {"deletionPolicy": "Orphan"}})
+        # Only an Orphan policy carries the operator's finalizer; delete once it does (charts/README.md).
+        wait_until(lambda: cluster.policies()[0]["metadata"].get("finalizers"), timeout=10,
+                   what="the finalizer of an Orphan policy")
         cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, "servingpolicies", "llama")
         wait_until(lambda: not cluster.policies(), timeout=20, what="the policy to go")
     finally:

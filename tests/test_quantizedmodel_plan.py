@@ -257,3 +257,11 @@ def test_termination_message_fits_in_4kb_even_with_many_slices() -> None:
                                                       failed=["maxMeanKlDivergence"]) for i in range(64)])
     text = result.to_message()
     assert len(text.encode()) <= 4096 and json.loads(text)["phase"] == "Rejected"
+
+
+def test_a_name_too_long_for_its_children_fails_naming_the_field() -> None:
+    obj = qm()
+    obj["metadata"]["name"] = "m" * 60
+    result = plan(QmObserved(obj=obj, now=NOW), IMAGE)
+    assert result.apply == [] and result.status["phase"] == "Failed"
+    assert result.status["message"].startswith("metadata.name must be a DNS-1035 label")

@@ -395,3 +395,14 @@ def test_a_new_candidate_digest_mid_rollout_withdraws_the_current_one() -> None:
     assert result.events[0].reason == "NewCandidate"
     config = json.loads(result.router_config or "{}")
     assert config["arms"]["candidate"]["weight"] == 0 and config["mirror_fraction"] == 0.0
+
+
+def test_a_name_no_service_can_carry_creates_nothing_and_says_why() -> None:
+    """A policy admitted before the CRD carried the name rule: its router Service could not exist on a real server,
+    so nothing is created and status names the field (instead of every pass failing with a 422 on the Service)."""
+    obj = policy()
+    obj["metadata"]["name"] = "llama-3.1-8b"
+    result = run(obj, now=T0)
+    assert result.apply == [] and result.router_config is None
+    assert result.status["message"].startswith("metadata.name must be a DNS-1035 label")
+    assert result.events[0].reason == "InvalidSpec"

@@ -62,6 +62,7 @@ class Rig:
     engines: dict[str, int] = field(default_factory=dict)
     router_port: int = 0  # where the router Service answers: the first router pod (the local runner's choice too)
     router_ports: list[int] = field(default_factory=list)  # one router process per router pod, in pod order
+    admin_ports: list[int] = field(default_factory=list)  # each router process's admin API (its own port)
     routers: list[ManagedProcess] = field(default_factory=list)
     frozen: set[int] = field(default_factory=set)
     operator_metrics_port: int = 0
@@ -114,7 +115,7 @@ class Rig:
 
     def router_config(self, replica: int) -> tuple[int, dict[str, int]]:
         """(applied version, weight per arm) from one router pod's own admin endpoint."""
-        request = urllib.request.Request(f"http://127.0.0.1:{self.router_ports[replica]}/quantrol/config",
+        request = urllib.request.Request(f"http://127.0.0.1:{self.admin_ports[replica]}/quantrol/config",
                                          headers={"Authorization": f"Bearer {TOKEN}"})
         with urllib.request.urlopen(request, timeout=5) as rsp:
             answer = json.loads(rsp.read())
@@ -186,11 +187,12 @@ def open_rig(kubeapi: KubeAPIServer, kubeconfig: Path, namespace: str, prometheu
             "host": "127.0.0.1", "ports": {str(serving.ENGINE_PORT): port,
                                            str(serving.LAUNCHER_PORT): kernels.server_address[1]}}
     rig.router_ports = [free_port() for _ in range(router_replicas)]
+    rig.admin_ports = [free_port() for _ in range(router_replicas)]
     rig.router_port = rig.router_ports[0]
     services[f"{namespace}/{policy}"] = {"host": "127.0.0.1", "ports": {str(router.ROUTER_PORT): rig.router_port}}
-    services["pods"] = {f"{namespace}/{rig.router_pod(i)}": {"host": "127.0.0.1",
-                                                             "ports": {str(router.ROUTER_PORT): port}}
-                        for i, port in enumerate(rig.router_ports)}
+    services["pods"] = {f"{namespace}/{rig.router_pod(i)}": {"host": "127.0.0.1", "ports": {
+        str(router.ROUTER_PORT): port, str(router.ADMIN_PORT): rig.admin_ports[i]}}
+        for i, port in enumerate(rig.router_ports)}
     services_file = tmp_path / "services.json"
     services_file.write_text(json.dumps(services))
     (tmp_path / "token").write_text(TOKEN)
@@ -203,6 +205,7 @@ def open_rig(kubeapi: KubeAPIServer, kubeconfig: Path, namespace: str, prometheu
         rig.routers.append(ManagedProcess(
             f"router-{i}", [sys.executable, "-m", "quantrol_worker.cli", "route", "--config",
                             str(tmp_path / "router.json"), "--host", "127.0.0.1", "--port", str(port),
+                            "--admin-port", str(rig.admin_ports[i]), "--namespace", namespace,
                             "--admin-token-file", str(tmp_path / "token")],
             tmp_path / ("router.log" if i == 0 else f"router-{i}.log"), env={**os.environ, **env}).start())
     processes.extend(rig.routers)

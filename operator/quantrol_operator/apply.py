@@ -10,7 +10,7 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from quantrol_operator.children import monitoring, router
+from quantrol_operator.children import label_value, monitoring, router
 from quantrol_operator.children.serving import LABEL_POLICY
 from quantrol_operator.kube import Kube
 from quantrol_operator.planning import Plan
@@ -62,7 +62,7 @@ def orphan_children(kube: Kube, namespace: str, policy: str, uid: str, pod_monit
     PodMonitor so that nothing garbage-collects them; returns how many objects were released."""
     children = [(api_version, kind, c) for api_version, kind in (("apps/v1", "Deployment"), ("v1", "Service"),
                                                                  ("v1", "ConfigMap"))
-                for c in kube.list_owned(api_version, kind, namespace, uid, f"{LABEL_POLICY}={policy}")]
+                for c in kube.list_owned(api_version, kind, namespace, uid, f"{LABEL_POLICY}={label_value(policy)}")]
     # Secrets are read by name only: the operator holds no right to list them (or read others by enumeration).
     secret = kube.get("v1", "Secret", namespace, router.admin_secret_name(policy))
     if secret is not None:

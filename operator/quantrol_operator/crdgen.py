@@ -174,6 +174,9 @@ def crd_manifest(kind: CrdKind) -> Schema:
             "status": {**status_schema, "description": "Observed state; written only by the operator."},
         },
     }
+    rules = getattr(kind.resource.object_model, "cross_field_rules", ())
+    if rules:  # CEL at the root may read metadata.name (and generateName), nothing else of metadata
+        root["x-kubernetes-validations"] = [rule.as_validation() for rule in rules]
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",

@@ -15,10 +15,10 @@ from typing import Any
 
 from quantrol_operator.api.servingpolicy import RouterState
 from quantrol_operator.children import router
-from quantrol_operator.children.serving import LABEL_POLICY
 from quantrol_operator.kube import Kube
 from quantrol_operator.observe import http
 from quantrol_operator.planning import routers
+from quantrol_operator.policy import ReadBounds
 from quantrol_worker.addresses import Addresses
 
 PUSH_SECONDS = 2.0  # per router pod; pushes run concurrently, so a hung pod delays a pass by about this much
@@ -33,10 +33,10 @@ class _Confirmations:
     refused: dict[str, str] = field(default_factory=dict)  # pod key → why it last refused a push (logged once)
 
 
-def push(url: str, config: bytes, token: str) -> tuple[int | None, str]:
+def push(url: str, config: bytes, token: str, max_bytes: int = http.MAX_BYTES) -> tuple[int | None, str]:
     """POST the router config to one pod's admin endpoint: (the version it says it applied, why it refused)."""
     try:
-        answer = http.request_json(url, config, token, total_seconds=PUSH_SECONDS)
+        answer = http.request_json(url, config, token, total_seconds=PUSH_SECONDS, max_bytes=max_bytes)
     except http.HttpStatusError as exc:  # a wrong token, or two writers disagreeing under one version number
         return None, f"{exc.status} {exc.detail}"
     except (OSError, ValueError):
@@ -49,6 +49,7 @@ def push(url: str, config: bytes, token: str) -> tuple[int | None, str]:
 class RouterDelivery:
     kube: Kube
     addresses: Addresses
+    bounds: ReadBounds = field(default_factory=ReadBounds)
     _policies: dict[tuple[str, str], _Confirmations] = field(default_factory=dict)
 
     def forget(self, namespace: str, policy: str) -> None:
@@ -65,7 +66,7 @@ class RouterDelivery:
         deployment = next((d for d in deployments if d["metadata"]["name"] == router.router_name(policy)), None)
         pods: list[routers.RouterPod] = []
         if deployment is not None:  # else created this pass: no pods yet
-            selector = f"{LABEL_POLICY}={policy},{router.LABEL_COMPONENT}=router"
+            selector = ",".join(f"{k}={v}" for k, v in router.router_selector(policy).items())
             pods = routers.current_pods(self.kube.list_objects("v1", "Pod", namespace, selector), deployment)
         known = self._policies.setdefault((namespace, policy), _Confirmations())
         answers = self._push_all(namespace, routers.to_push(pods, desired, known.confirmed), document, token, known)
@@ -77,13 +78,14 @@ class RouterDelivery:
                   known: _Confirmations) -> dict[str, int | None]:
         """Push to every pod at once, each bounded by PUSH_SECONDS: a hung pod delays the pass, never stalls it.
         Returns pod key → the version it applied (None: no answer); a refusal is logged once per pod and reason."""
-        urls = {p.name: self.addresses.pod_url(p.ip, namespace, p.name, router.ROUTER_PORT, "/quantrol/config")
+        urls = {p.name: self.addresses.pod_url(p.ip, namespace, p.name, router.ADMIN_PORT, "/quantrol/config")
                 for p in pods}
         reachable = [p for p in pods if urls[p.name]]
         if not reachable:
             return {}
         with ThreadPoolExecutor(max_workers=min(len(reachable), 16), thread_name_prefix="router-push") as pool:
-            futures = {p: pool.submit(push, str(urls[p.name]), config.encode(), token) for p in reachable}
+            futures = {p: pool.submit(push, str(urls[p.name]), config.encode(), token, self.bounds.max_bytes)
+                       for p in reachable}
         answers: dict[str, int | None] = {}
         for pod, future in futures.items():
             answers[pod.key], why = future.result()

@@ -1,8 +1,9 @@
 """The one Kubernetes API client of the operator, the `quantrol` CLI and the demo (besides kopf itself).
 
 Children are found by owner reference (label selectors only narrow the list), created when missing,
-merge-patched only on the fields Quantrol owns and only when those differ, so a steady-state pass makes
-zero writes. Status goes through the /status subresource as a JSON merge patch of what changed.
+merge-patched only on the fields Quantrol owns and only when those differ (a three-way merge against the record of
+what it last applied, so removed fields go and others' additions stay), so a steady-state pass makes zero writes.
+Status goes through the /status subresource as a JSON merge patch of what changed.
 """
 
 from __future__ import annotations
@@ -52,16 +53,70 @@ def _collection(api_version: str, kind: str, namespace: str | None) -> str:
     return f"{_group_version_path(api_version)}/namespaces/{namespace}/{plural}"
 
 
-def contains(actual: Any, desired: Any) -> bool:
-    """Whether `actual` already holds everything in `desired` (defaults the server added are ignored)."""
+# The owned part of each child as Quantrol last wrote it: what a later pass removes when the desired object no longer
+# names it (kubectl's client-side apply keeps the same record in kubectl.kubernetes.io/last-applied-configuration).
+LAST_APPLIED = "quantrol.io/last-applied"
+
+
+def _item_key(item: Any) -> Any:
+    """Lists of objects with a `uid` (ownerReferences) or a `name` (containers, env, ports, volumes) merge by it."""
+    if isinstance(item, dict):
+        return ("uid", item["uid"]) if "uid" in item else ("name", item["name"]) if "name" in item else None
+    return None
+
+
+def three_way(live: Any, last: Any, desired: Any) -> Any:
+    """What the object becomes when Quantrol applies `desired`, given what it `last` applied and what is `live`.
+
+    Maps: desired keys are set (recursively), keys Quantrol applied before and no longer wants are removed, every
+    other live key (server defaults, another controller's or a webhook's) is kept. Lists of named objects merge by
+    name: an item someone else added (a sidecar container) stays. Any other value or list is Quantrol's, whole.
+    """
     if isinstance(desired, dict):
-        return isinstance(actual, dict) and all(contains(actual.get(k), v) for k, v in desired.items())
-    if isinstance(desired, list):
-        return (
-            isinstance(actual, list) and len(actual) == len(desired)
-            and all(contains(a, d) for a, d in zip(actual, desired, strict=True))
-        )
-    return bool(actual == desired)
+        out = dict(live) if isinstance(live, dict) else {}
+        before = last if isinstance(last, dict) else {}
+        for key in before.keys() - desired.keys():
+            out.pop(key, None)
+        for key, value in desired.items():
+            out[key] = three_way(out.get(key), before.get(key), value)
+        return out
+    keys = [_item_key(item) for item in desired] if isinstance(desired, list) else []
+    if not keys or None in keys or not isinstance(live, list):
+        return desired
+    live_items = {_item_key(item): item for item in live}
+    last_items = {_item_key(item): item for item in last} if isinstance(last, list) else {}
+    merged = [three_way(live_items.get(k), last_items.get(k), item) for k, item in zip(keys, desired, strict=True)]
+    foreign = [item for item in live if _item_key(item) not in keys and _item_key(item) not in last_items]
+    return merged + foreign
+
+
+def owned(desired: dict[str, Any]) -> dict[str, Any]:
+    """The part of a child Quantrol owns: its labels, annotations and owner references, and everything outside
+    metadata (only the metadata for kinds whose spec is immutable)."""
+    meta = desired["metadata"]
+    owned_meta = {k: v for k, v in meta.items() if k in ("labels", "annotations", "ownerReferences")}
+    if desired["kind"] in _IMMUTABLE_SPEC_KINDS:
+        owned_meta.pop("annotations", None)
+        return {"metadata": owned_meta}
+    body = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind", "status", "metadata")}
+    return {"metadata": owned_meta, **body}
+
+
+def with_record(owned_part: dict[str, Any]) -> dict[str, Any]:
+    """`owned_part` with its own record in the LAST_APPLIED annotation."""
+    record = json.dumps(owned_part, sort_keys=True, separators=(",", ":"))
+    meta = owned_part["metadata"]
+    annotations = {**(meta.get("annotations") or {}), LAST_APPLIED: record}
+    return {**owned_part, "metadata": {**meta, "annotations": annotations}}
+
+
+def last_applied(actual: dict[str, Any]) -> dict[str, Any] | None:
+    text = ((actual.get("metadata") or {}).get("annotations") or {}).get(LAST_APPLIED)
+    try:
+        found = json.loads(text) if text else None
+    except ValueError:
+        return None  # edited by hand into something else: apply as if for the first time
+    return found if isinstance(found, dict) else None
 
 
 def merge_patch(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -185,13 +240,18 @@ class Kube:
         return str(raw.decode(errors="replace"))
 
     def apply(self, desired: dict[str, Any]) -> str:
-        """Create `desired` or merge-patch the fields it names; returns created / patched / unchanged."""
+        """Create `desired`, or bring what Quantrol owns of it to `desired` (three_way: fields it no longer names
+        are removed, what others added stays), with one merge patch, only when something differs; returns
+        created / patched / unchanged. The desired object is in the server's canonical form (quantities), so a
+        steady state compares equal and makes no write."""
         meta = desired["metadata"]
         collection = _collection(desired["apiVersion"], desired["kind"], meta["namespace"])
+        mine = owned(desired)
         actual = self.get(desired["apiVersion"], desired["kind"], meta["namespace"], meta["name"])
         if actual is None:
+            body = {**desired, "metadata": {**meta, **with_record(mine)["metadata"]}}
             try:
-                self._call("POST", collection, body=desired)
+                self._call("POST", collection, body=body)
             except ApiException as exc:
                 if exc.status != 409:  # a concurrent pass created it a moment ago
                     raise
@@ -199,13 +259,13 @@ class Kube:
             return "created"
         if desired["kind"] in _CREATE_ONLY_KINDS:
             return "unchanged"
-        owned = dict(desired)
-        if desired["kind"] in _IMMUTABLE_SPEC_KINDS:
-            owned = {"metadata": {k: v for k, v in meta.items() if k in ("labels", "ownerReferences")}}
-        owned = {k: v for k, v in owned.items() if k not in ("apiVersion", "kind", "status")}
-        if contains(actual, owned):
+        target = three_way(actual, last_applied(actual), with_record(mine))
+        patch = merge_patch({k: actual.get(k) for k in target}, target)
+        if not patch:
             return "unchanged"
-        self._call("PATCH", f"{collection}/{meta['name']}", body=owned, content_type="application/merge-patch+json")
+        # Only on the version this was computed from: a concurrent change is a 409, and the next pass recomputes.
+        patch.setdefault("metadata", {})["resourceVersion"] = actual["metadata"]["resourceVersion"]
+        self._call("PATCH", f"{collection}/{meta['name']}", body=patch, content_type="application/merge-patch+json")
         return "patched"
 
     def delete(self, ref: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from quantrol_operator.api import QuantizedModel, ServingPolicy
-from quantrol_operator.api.common import API_VERSION
+from quantrol_operator.api.common import API_VERSION, BASE_MODEL_URI_PATTERN, IMAGE_PATTERN, PINNED_ARTIFACT_PATTERN
 
 MODELS_BY_KIND: dict[str, type[BaseModel]] = {"QuantizedModel": QuantizedModel, "ServingPolicy": ServingPolicy}
 
@@ -54,8 +54,20 @@ def validate_object(obj: dict[str, Any]) -> list[FieldError]:
     return []
 
 
+# What a pattern means, in the user's words (pydantic would quote the regular expression).
+PATTERN_MEANINGS = {
+    PINNED_ARTIFACT_PATTERN: "must be an OCI artifact pinned by digest, oci://repo@sha256:<64 hex digits> (a tag "
+    "can move under you)",
+    BASE_MODEL_URI_PATTERN: "must be hf://org/name@revision (with a revision: a branch moves), oci://, pvc://, "
+    "s3:// or file://",
+    IMAGE_PATTERN: "must be an image reference without spaces",
+}
+
+
 def field_error(error: ErrorDetails) -> FieldError:
     path = _path(error["loc"])
     # A cross-field rule names the field it is about, as its CEL twin's fieldPath does.
-    field_path = str((error.get("ctx") or {}).get("field_path", ""))
-    return FieldError(path + field_path, error["msg"])
+    ctx = error.get("ctx") or {}
+    field_path = str(ctx.get("field_path", ""))
+    meaning = PATTERN_MEANINGS.get(str(ctx.get("pattern"))) if error["type"] == "string_pattern_mismatch" else None
+    return FieldError(path + field_path, meaning or error["msg"])

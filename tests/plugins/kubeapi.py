@@ -120,6 +120,21 @@ def kube_client(kubeconfig: Path) -> Iterator[kubernetes.client.ApiClient]:
 _namespace_counter = itertools.count(1)
 
 
+RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/warn": "restricted"}
+
+
+@pytest.fixture
+def restricted_namespace(kube_client: kubernetes.client.ApiClient) -> Iterator[str]:
+    """A fresh namespace that enforces Pod Security `restricted`, as a hardened cluster's tenant namespaces do."""
+    name = f"r{next(_namespace_counter)}-{int(time.time() * 1000) % 100000}"
+    core = kubernetes.client.CoreV1Api(kube_client)
+    core.create_namespace({"metadata": {"name": name, "labels": RESTRICTED}})
+    try:
+        yield name
+    finally:
+        core.delete_namespace(name)
+
+
 @pytest.fixture
 def namespace(kube_client: kubernetes.client.ApiClient) -> Iterator[str]:
     """A fresh namespace; deleting it at the end deletes what the test left in it (see tests/README.md)."""

@@ -59,7 +59,13 @@ REDACTED = "[REDACTED]"
 DEFAULT_REDACT_PATTERNS: tuple[str, ...] = (
     r"[\w.+-]+@[\w-]+\.[\w.-]+",  # e-mail addresses
     r"\b(?:\d[ -]?){13,19}\b",  # card-like digit runs
-    r"(?i)\b(?:bearer|api[_-]?key|token|password)\b\s*[:=]?\s*\S+",  # credentials pasted into prompts
+    r"(?i)\b(?:bearer|api[_-]?key|token|password|secret)\b\s*[:=]?\s*\S+",  # credentials pasted into prompts
+    r"\b(?:sk|pk|rk|ghp|gho|xox[abp])[-_][A-Za-z0-9_-]{16,}\b",  # API keys and tokens by their shape
+    r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\b",  # JSON web tokens
+    r"\bAKIA[0-9A-Z]{16}\b",  # AWS access key ids
+    r"(?<![\w.])\+?\d{1,3}[ .-]\(?\d{2,4}\)?[ .-]\d{3,4}[ .-]?\d{3,4}\b",  # phone numbers (with separators)
+    r"\b(?:25[0-5]|2[0-4]\d|1?\d?\d)(?:\.(?:25[0-5]|2[0-4]\d|1?\d?\d)){3}\b",  # IPv4 addresses
+    r"\b(?:[0-9a-fA-F]{1,4}:){3,7}[0-9a-fA-F]{1,4}\b",  # IPv6 addresses
 )
 RedactPattern = Annotated[str, StringConstraints(min_length=1, max_length=512)]
 

@@ -68,7 +68,8 @@ DEFAULT_REGISTRY = "registry.quantrol-infra.svc:5000"  # e2e/kind-up.sh: TLS, CA
 DEFAULT_PROMETHEUS = "http://prometheus.quantrol-infra.svc:9090"
 OPERATOR_SELECTOR = "app.kubernetes.io/name=quantrol,app.kubernetes.io/component=operator"  # the chart's labels
 CRD_NAMES = tuple(f"{k.plural}.{k.group}" for k in KINDS)
-HELM_INSTALL = "helm install quantrol charts/quantrol -n quantrol-system --create-namespace"
+HELM_INSTALL = ("helm install quantrol charts/quantrol -n quantrol-system --create-namespace "
+                "--set 'watch.namespaces={quantrol-demo}'")
 MODEL_CLAIM = "tiny-model"
 DEMO_LABELS = {"app.kubernetes.io/part-of": "quantrol-demo"}
 LOAD_NAME = f"{POLICY}-load"

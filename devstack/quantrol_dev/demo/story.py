@@ -63,8 +63,9 @@ from quantrol_operator.children.router import ROUTER_PORT
 from quantrol_operator.children.serving import ENGINE_PORT, arm_name
 from quantrol_operator.cli.statusview import render_quantizedmodel, render_servingpolicy
 from quantrol_operator.kube import Kube
+from quantrol_operator.observe.prometheus import PrometheusSource
 from quantrol_operator.rollout.analysis import no_judgement
-from quantrol_operator.rollout.queries import PrometheusSource, Scope, target_health
+from quantrol_operator.rollout.queries import Scope, target_health
 
 NAMESPACE = "quantrol-demo"
 POLICY = "tiny"
@@ -307,7 +308,10 @@ class Api:
 
     def ensure_namespace(self, name: str) -> None:
         try:
-            self.kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+            # Pod Security `restricted`, enforced: every pod Quantrol creates must pass it (the emulation refuses
+            # the others as a cluster's admission would).
+            self.kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {
+                "pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/warn": "restricted"}}})
         except ApiException as exc:
             if exc.status != 409:
                 raise

@@ -20,7 +20,10 @@ rules a real API server applies, where they are cheap to mirror:
   and sendInitialEvents; label selectors and field selectors (any dotted path) filter lists and watches;
 - a request log (JSON lines) for counting writes and collecting RBAC (verb, resource) pairs.
 
-What stays missing (no garbage collection, no admission/validation beyond pruning, no defaulting,
+- validation and Pod Security admission of the kinds Quantrol creates (admission.py), quantities stored in canonical
+  form, and the checks OwnerReferencesPermissionEnforcement makes, logged as implied requests.
+
+What stays missing (no garbage collection, no CRD validation beyond pruning, no defaulting, no authorizer,
 no controllers, no server-side apply, no Tables) is listed in tests/README.md.
 """
 
@@ -48,6 +51,8 @@ import yaml
 from kmock._internal import aiobus, parsing, rendering  # parsing: no hook for the path parser; see _parse_path
 from multidict import CIMultiDict
 
+from quantrol_dev.localstack import admission
+
 JSON = dict[str, Any]
 ObjectKey = tuple[kmock.resource, str | None, str]
 Selector = Callable[[JSON], bool]
@@ -72,6 +77,7 @@ SERVER_METADATA: Final = (
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _GENERATE_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # the API server's: no vowels, no look-alikes
+_WARNING: Final = "warning:"  # marks a ready-made Warning text among the pruned paths a write returns
 _SHUTDOWN: Final = object()  # put on every bus to end open watch streams before the server stops
 
 
@@ -328,6 +334,7 @@ class KubeAPIEmulator(kmock.KubernetesEmulator):
     _schemas: dict[kmock.resource, JSON] = attrs.field(factory=dict, init=False)
     _crd_resources: dict[str, set[kmock.resource]] = attrs.field(factory=dict, init=False)
     _streamed: set[int] = attrs.field(factory=set, init=False)
+    _implied: dict[int, list[JSON]] = attrs.field(factory=dict, init=False)
     _closing: bool = attrs.field(default=False, init=False)
     _rv: int = attrs.field(default=0, init=False)
 
@@ -384,11 +391,39 @@ class KubeAPIEmulator(kmock.KubernetesEmulator):
         else:
             if request.id not in self._streamed:
                 self._log(request, response.status)
+                for check in self._implied.get(request.id, []) if response.status < 400 else []:
+                    self._log(request, response.status, implied=check)
             return response
         finally:
             self._streamed.discard(request.id)
+            self._implied.pop(request.id, None)
 
-    def _log(self, request: kmock.Request, status: int) -> None:
+    def _owner_reference_checks(self, res: kmock.resource, old: JSON | None, new: JSON) -> list[JSON]:
+        """The authorization checks OwnerReferencesPermissionEnforcement makes on this write, which this emulation
+        (having no authorizer) records in the request log instead: changing an object's ownerReferences needs
+        `delete` on it (not on create), and a new `blockOwnerDeletion: true` needs `update` on the owner's
+        `finalizers` subresource. https://kubernetes.io/docs/reference/access-authn-authz/admission-controllers/
+        #ownerreferencespermissionenforcement"""
+        refs = (new.get("metadata") or {}).get("ownerReferences") or []
+        before = ((old or {}).get("metadata") or {}).get("ownerReferences") or []
+        if refs == before:
+            return []
+        checks: list[JSON] = []
+        if old is not None:
+            checks.append({"verb": "delete", "group": res.group, "resource": res.plural})
+        blocking_before = {r.get("uid") for r in before if r.get("blockOwnerDeletion")}
+        for ref in refs:
+            if not ref.get("blockOwnerDeletion") or ref.get("uid") in blocking_before:
+                continue
+            group, _, _version = str(ref.get("apiVersion", "")).rpartition("/")
+            plural = next((r.plural for r, info in self.resources.items()
+                           if isinstance(r, kmock.resource) and isinstance(info, kmock.ResourceInfo)
+                           and r.group == group and info.kind == ref.get("kind") and r.plural), None)
+            if plural is not None:
+                checks.append({"verb": "update", "group": group, "resource": f"{plural}/finalizers"})
+        return checks
+
+    def _log(self, request: kmock.Request, status: int, implied: JSON | None = None) -> None:
         if self.request_log is None:
             return
         res = request.resource
@@ -413,6 +448,8 @@ class KubeAPIEmulator(kmock.KubernetesEmulator):
             "status": status,
             "user_agent": _header(request.headers, "User-Agent"),
         }
+        if implied is not None:  # an authorization check the request implies (see _owner_reference_checks)
+            entry.update(implied, implied_by="OwnerReferencesPermissionEnforcement")
         with self.request_log.open("a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
 
@@ -443,9 +480,12 @@ class KubeAPIEmulator(kmock.KubernetesEmulator):
                 obj, pruned = await self._create(
                     res, request.namespace, self._body(request), dry_run=dry_run, strict=strict
                 )
+                self._implied[request.id] = self._owner_reference_checks(res, None, obj)
                 return self._written(obj, pruned, status=201)
             if method in ("PATCH", "PUT") and request.name:
+                before = self._store.get((res, request.namespace, str(request.name)))
                 obj, pruned = await self._update(request, res, dry_run=dry_run, strict=strict)
+                self._implied[request.id] = self._owner_reference_checks(res, before, obj)
                 return self._written(obj, pruned, status=200)
             if method == "DELETE" and request.name:
                 options = self._body(request) if request.body.strip() else {}
@@ -482,7 +522,8 @@ class KubeAPIEmulator(kmock.KubernetesEmulator):
     def _written(obj: JSON, pruned: list[str], *, status: int) -> aiohttp.web.Response:
         headers: CIMultiDict[str] = CIMultiDict()
         for path in pruned:  # what a real server says (fieldValidation=Warn, its default) about pruned fields
-            headers.add("Warning", f'299 - "unknown field \\"{path}\\""')
+            text = path.removeprefix(_WARNING) if path.startswith(_WARNING) else f'unknown field \\"{path}\\"'
+            headers.add("Warning", f'299 - "{text}"')
         return aiohttp.web.json_response(obj, status=status, headers=headers)
 
     # -- reads -------------------------------------------------------------------------------------------------
@@ -618,6 +659,39 @@ class KubeAPIEmulator(kmock.KubernetesEmulator):
             self._trimmed_rv[res] = dropped[-1].rv
         await self._buses[res].put(StoredEvent(self._rv, kind, obj, old))
 
+    def _admit(self, res: kmock.resource, obj: JSON, *, creating: bool) -> list[str]:
+        """Validation and Pod Security admission (admission.py) for the object about to be stored: raises the
+        refusal a cluster gives (422 Invalid, 403 Forbidden), returns its warnings (each `_WARNING`-prefixed)."""
+        if res in (NAMESPACES, CRDS):
+            return []
+        meta = obj.get("metadata") or {}
+        kind, name = str(obj.get("kind")), str(meta.get("name"))
+        if res in self._schemas:  # a custom resource: object meta only (its schema is the CRD's, applied above)
+            problems = admission.name_problems(kind, name) + admission.meta_problems(meta)
+        else:
+            problems = admission.kind_problems(admission.normalize(obj))
+        if problems:
+            raise api_error(422, "Invalid", f'{kind} "{name}" is invalid: ' + "; ".join(problems), name=name,
+                            kind=kind)
+        pod_spec = admission.pod_spec_of(obj)
+        if pod_spec is None or res in self._schemas:
+            return []
+        labels = (self._store.get((NAMESPACES, None, str(meta.get("namespace")))) or {}).get("metadata", {}).get(
+            "labels") or {}
+        warnings = []
+        enforce, warn = labels.get(admission.ENFORCE_LABEL), labels.get(admission.WARN_LABEL)
+        if enforce in admission.LEVELS and kind == "Pod" and creating:  # enforce refuses pods, never templates
+            found = admission.violations(enforce, pod_spec)
+            if found:
+                raise api_error(403, "Forbidden", f'pods "{name}" is forbidden: '
+                                + admission.pod_security_message(enforce, found), name=name, kind="pods")
+        if warn in admission.LEVELS:
+            found = admission.violations(warn, pod_spec)
+            if found:
+                warnings.append(_WARNING + "would " + admission.pod_security_message(warn, found).replace(
+                    "violates", "violate", 1).replace('"', "'"))
+        return warnings
+
     def _prune(self, res: kmock.resource, obj: JSON, *, strict: bool) -> tuple[JSON, list[str]]:
         schema = self._schemas.get(res)
         obj, pruned = prune_object(obj, schema) if schema else (obj, [])
@@ -676,6 +750,7 @@ class KubeAPIEmulator(kmock.KubernetesEmulator):
         if "status" in info.subresources:
             obj.pop("status", None)  # with a status subresource, create ignores status (the API server does)
         obj, pruned = self._prune(res, obj, strict=strict)
+        pruned += self._admit(res, obj, creating=True)
         if res == CRDS:
             obj["status"] = self._crd_status(obj)  # what the apiextensions controllers would write at once
         if res == NAMESPACES:
@@ -712,6 +787,8 @@ class KubeAPIEmulator(kmock.KubernetesEmulator):
             raise api_error(422, "Invalid", "the patched object is not an object")
         new = self._scope_update(info, request.subresource, old, candidate)
         new, pruned = self._prune(res, new, strict=strict)
+        if request.subresource is None:
+            pruned += self._admit(res, new, creating=False)
         subresource_status = "status" in info.subresources
         changed = _content(new, status_is_subresource=subresource_status) != _content(
             old, status_is_subresource=subresource_status

@@ -565,7 +565,15 @@ class LocalRunner:
             main=[ContainerRun(c["name"], str(c.get("image", "")), waiting_reason="PodInitializing")
                   for c in spec.get("containers") or []],
         )
-        created = self._kube.call("POST", api_path("v1", "pods", ns), body)
+        try:
+            created = self._kube.call("POST", api_path("v1", "pods", ns), body)
+        except ApiError as exc:
+            if exc.status not in (403, 422):
+                raise
+            # Refused by admission (Pod Security, validation): a ReplicaSet or Job controller records FailedCreate
+            # and tries again later; so does this one, at its next pass.
+            log.warning("%s %s/%s: FailedCreate: %s", owner["kind"], ns, meta["name"], exc)
+            return
         run.template["metadata"]["uid"] = _meta(created).get("uid", "")
         run.in_api = True
         run.ports = ports

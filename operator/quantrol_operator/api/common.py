@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, StringConstraints
 from pydantic.config import JsonDict
 
-from quantrol_operator.api.base import ApiModel, StatusModel
+from quantrol_operator.api.base import ApiModel, CrossFieldRule, StatusModel
 
 GROUP = "quantrol.io"
 VERSION = "v1alpha1"
@@ -22,14 +23,44 @@ DIGEST_PINNED_PATTERN = r"^[^\s@]+@sha256:[0-9a-f]{64}$"
 # s3://bucket/key, file:///abs/path. The schema only checks the scheme; the worker checks the rest.
 MODEL_URI_PATTERN = r"^(hf|oci|pvc|s3|file)://\S+$"
 
+# hf:// must name a revision: a branch name moves, and what was qualified would not be what is served.
+BASE_MODEL_URI_PATTERN = r"^(hf://[^\s@]+@[^\s@]+|(oci|pvc|s3|file)://\S+)$"
+# What serves (baseline, pinned candidate): an OCI artifact pinned by digest, never a tag.
+PINNED_ARTIFACT_PATTERN = r"^oci://[^\s@]+@sha256:[0-9a-f]{64}$"
+# A container image reference: no whitespace, not empty (an empty image is a pod no kubelet can start).
+IMAGE_PATTERN = r"^[^\s]+$"
+
 ModelUri = Annotated[str, StringConstraints(pattern=MODEL_URI_PATTERN, max_length=1024)]
+BaseModelUri = Annotated[str, StringConstraints(pattern=BASE_MODEL_URI_PATTERN, max_length=1024)]
+PinnedArtifact = Annotated[str, StringConstraints(pattern=PINNED_ARTIFACT_PATTERN, max_length=1024)]
+ImageRef = Annotated[str, StringConstraints(pattern=IMAGE_PATTERN, min_length=1, max_length=512)]
 DigestPinnedRef = Annotated[str, StringConstraints(pattern=DIGEST_PINNED_PATTERN, max_length=1024)]
 DnsLabel = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]
 K8sQuantity = int | Annotated[str, StringConstraints(pattern=r"^[0-9.]+[a-zA-Z]*$", max_length=64)]
 
 
-def is_digest_pinned(ref: str) -> bool:
-    return re.match(DIGEST_PINNED_PATTERN, ref.removeprefix("oci://")) is not None
+# The longest name a QuantizedModel or ServingPolicy may have: its children are `<name>-<suffix>` with suffixes up to
+# 13 characters (`-router-admin`, `-<12 hex digest>`), and those must stay DNS labels (<= 63).
+MAX_NAME_LENGTH = 50
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"  # DNS-1035 label: a Service may carry it
+
+
+def name_fits_children(metadata: Mapping[str, Any]) -> bool:
+    """Whether `metadata.name` can name every child (see NAME_RULE); no name yet (generateName) cannot be judged."""
+    name = metadata.get("name")
+    return not isinstance(name, str) or (len(name) <= MAX_NAME_LENGTH and re.match(NAME_PATTERN, name) is not None)
+
+
+# On both kinds' root: the router Service and the PodMonitor carry the policy's own name, arm Services and Jobs
+# `<name>-<suffix>`, labels the name itself. A real API server accepts `8b-chat` or `llama-3.1-8b` as resource
+# names; neither can name a Service (DNS-1035: https://kubernetes.io/docs/concepts/overview/working-with-objects/
+# names/#rfc-1035-label-names).
+NAME_RULE = CrossFieldRule(
+    cel=f"self.metadata.name.size() <= {MAX_NAME_LENGTH} && self.metadata.name.matches('{NAME_PATTERN}')",
+    message=f"metadata.name must be a DNS-1035 label of at most {MAX_NAME_LENGTH} characters (lowercase letters, "
+    "digits and '-', starting with a letter): it names the Services, Jobs and labels Quantrol creates",
+    check=lambda obj: name_fits_children(obj.metadata),
+)
 
 
 class ConditionStatus(StrEnum):

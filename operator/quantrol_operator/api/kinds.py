@@ -18,6 +18,7 @@ class ResourceKind:
     short_name: str
     spec_model: type[BaseModel]
     status_model: type[BaseModel]
+    object_model: type[BaseModel]  # the whole object: its cross-field rules sit on the CRD's root (metadata.name)
     group: str = GROUP
     version: str = VERSION
     api_version: str = API_VERSION
@@ -29,8 +30,8 @@ class ResourceKind:
 
 
 QUANTIZED_MODEL = ResourceKind(quantizedmodel.KIND, quantizedmodel.PLURAL, "qm", quantizedmodel.QuantizedModelSpec,
-                               quantizedmodel.QuantizedModelStatus)
+                               quantizedmodel.QuantizedModelStatus, quantizedmodel.QuantizedModel)
 SERVING_POLICY = ResourceKind(servingpolicy.KIND, servingpolicy.PLURAL, "sp", servingpolicy.ServingPolicySpec,
-                              servingpolicy.ServingPolicyStatus)
+                              servingpolicy.ServingPolicyStatus, servingpolicy.ServingPolicy)
 KINDS: tuple[ResourceKind, ...] = (QUANTIZED_MODEL, SERVING_POLICY)
 KINDS_BY_NAME: dict[str, ResourceKind] = {name: k for k in KINDS for name in k.names}

@@ -11,9 +11,12 @@ from quantrol_operator.api.base import ApiModel, CrossFieldRule, StatusModel
 from quantrol_operator.api.common import (
     API_VERSION,
     CONDITIONS_LIST_MAP,
+    NAME_RULE,
+    BaseModelUri,
     Condition,
     DigestPinnedRef,
     DnsLabel,
+    ImageRef,
     LocalObjectReference,
     ModelUri,
     Resources,
@@ -52,9 +55,9 @@ class QuantizedModelPhase(StrEnum):
 
 
 class BaseModelSource(ApiModel):
-    uri: ModelUri = Field(
-        description="Higher-precision model: hf://org/name@revision, oci://registry/repo@sha256:…, "
-        "pvc://claim/path, s3://bucket/prefix or file:///path (local use)."
+    uri: BaseModelUri = Field(
+        description="Higher-precision model: hf://org/name@revision (the revision is required), "
+        "oci://registry/repo@sha256:…, pvc://claim/path, s3://bucket/prefix or file:///path (local use)."
     )
 
 
@@ -164,7 +167,8 @@ class CalibrationData(ApiModel):
 
 
 class CalibrationJob(ApiModel):
-    image: str | None = Field(default=None, description="Worker image; the operator's default when unset.")
+    image: ImageRef | None = Field(default=None, description="Worker image; the operator's default when unset "
+                                   "(the install policy may restrict which images a tenant may name).")
     gpus: int = Field(default=1, ge=0, le=64, description="nvidia.com/gpu requested by the Job's pod.")
     resources: Resources | None = None
     node_selector: dict[str, str] = Field(default_factory=dict)
@@ -230,3 +234,5 @@ class QuantizedModel(ApiModel):
     metadata: dict[str, object] = Field(default_factory=dict)
     spec: QuantizedModelSpec
     status: QuantizedModelStatus | None = None
+
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (NAME_RULE,)

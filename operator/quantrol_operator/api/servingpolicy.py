@@ -7,16 +7,18 @@ from datetime import datetime
 from enum import StrEnum
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from quantrol_operator.api.base import ApiModel, CrossFieldRule, StatusModel
 from quantrol_operator.api.common import (
     API_VERSION,
     CONDITIONS_LIST_MAP,
+    NAME_RULE,
     Condition,
     DnsLabel,
+    ImageRef,
     LocalObjectReference,
-    ModelUri,
+    PinnedArtifact,
     Resources,
 )
 from quantrol_operator.api.quantizedmodel import ConfigMapKeyRef
@@ -26,8 +28,10 @@ from quantrol_worker.contracts import (
     GoldenTolerance,
     KernelVerdict,
     QualificationReason,
+    RedactPattern,
     RegimeSettings,
     Target,
+    check_patterns,
 )
 
 KIND = "ServingPolicy"
@@ -104,9 +108,9 @@ class KvCacheDtype(StrEnum):
 
 
 class Baseline(ApiModel):
-    artifact: ModelUri = Field(
+    artifact: PinnedArtifact = Field(
         description="The higher-precision artifact: what serves until a promotion, and the last rollback "
-        "target. Pin it by digest (oci://repo@sha256:…) so it cannot move under you."
+        "target, pinned by digest (oci://repo@sha256:…) so it cannot move under you."
     )
 
 
@@ -114,7 +118,8 @@ class Candidate(ApiModel):
     quantized_model_ref: LocalObjectReference | None = Field(
         default=None, description="A QuantizedModel in this namespace; served only once Ready and qualified."
     )
-    artifact: ModelUri | None = Field(default=None, description="A pinned artifact, oci://repo@sha256:….")
+    artifact: PinnedArtifact | None = Field(
+        default=None, description="An artifact pinned by digest, oci://repo@sha256:… (a tag can move).")
 
     cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
         CrossFieldRule(
@@ -150,7 +155,8 @@ class Admission(ApiModel):
 
 
 class ServingTemplate(ApiModel):
-    image: str | None = Field(default=None, description="vLLM serving image; the operator's default when unset.")
+    image: ImageRef | None = Field(default=None, description="vLLM serving image; the operator's default when unset "
+                                   "(the install policy may restrict which images a tenant may name).")
     replicas: int = Field(default=1, ge=1, le=1000, description="Engine replicas per arm.")
     resources: Resources | None = None
     max_model_len: int | None = Field(default=None, ge=16, le=10_000_000)
@@ -163,9 +169,29 @@ class ServingTemplate(ApiModel):
     node_selector: dict[str, str] = Field(default_factory=dict)
 
 
+class ShadowDiffs(ApiModel):
+    """Samples of prompts where the candidate's answer differed from the stable arm's, for a human to read side by
+    side on the router's admin port (with its token). Prompts are user data: off by default."""
+
+    enabled: bool = Field(default=False)
+    max_samples: int = Field(default=50, ge=1, le=1000, description="The newest this many differing pairs are kept.")
+    max_chars: int = Field(default=2000, ge=16, le=8192, description="Each text is cut to this many characters.")
+    retention_seconds: int = Field(default=3600, ge=60, le=604_800, description="Older samples are dropped; all "
+                                   "are dropped when the candidate leaves.")
+    redact_patterns: list[RedactPattern] = Field(
+        default_factory=list, max_length=16, description="Regular expressions (Python `re`) redacted besides the "
+        "defaults (e-mail addresses, phone numbers, card numbers, keys, tokens, IP addresses).")
+
+    @field_validator("redact_patterns")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        return check_patterns(patterns)
+
+
 class ShadowStage(ApiModel):
     duration_seconds: int = Field(default=300, ge=0, le=604_800)
     mirror_fraction: float = Field(default=0.1, ge=0, le=1, description="Fraction of stable traffic mirrored.")
+    diffs: ShadowDiffs = Field(default_factory=ShadowDiffs)
 
 
 class CanaryStep(ApiModel):
@@ -189,9 +215,11 @@ class Rollout(ApiModel):
 
     cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
         CrossFieldRule(
-            # isSorted() is in Kubernetes' CEL list library (1.27+); exists_one makes it strict.
-            cel="self.canarySteps.map(s, s.weight).isSorted() && "
-            "self.canarySteps.all(a, self.canarySteps.exists_one(b, b.weight == a.weight))",
+            # isSorted() is in Kubernetes' CEL list library (1.27+); exists_one makes it strict. Guarded with has():
+            # the CRD cannot default a list, so `rollout: {shadow: …}` reaches the API server without canarySteps,
+            # and a rule reading an absent field fails there ("no such key") while the models fill the default.
+            cel="!has(self.canarySteps) || (self.canarySteps.map(s, s.weight).isSorted() && "
+            "self.canarySteps.all(a, self.canarySteps.exists_one(b, b.weight == a.weight)))",
             message="canarySteps weights must be strictly increasing",
             check=_weights_strictly_increasing,
             field_path=".canarySteps",
@@ -315,7 +343,9 @@ class Qualification(ApiModel):
     probe_prompts: ConfigMapKeyRef | None = Field(
         default=None, description="JSONL lines {slice, text}: the load's prompts when the candidate artifact "
         "carries no evaluation prompts (a pinned artifact); its golden-output check is then skipped, and said.")
-    image: str | None = Field(default=None, description="The Job's image; the serving image when unset.")
+    image: ImageRef | None = Field(
+        default=None, description="The Job's image; the serving image when unset. The install policy's image "
+        "prefixes apply, as to the serving image.")
 
 
 class ServingPolicySpec(ApiModel):
@@ -490,3 +520,5 @@ class ServingPolicy(ApiModel):
     metadata: dict[str, object] = Field(default_factory=dict)
     spec: ServingPolicySpec
     status: ServingPolicyStatus | None = None
+
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (NAME_RULE,)

@@ -6,7 +6,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from quantrol_operator.api.quantizedmodel import QuantizedModelSpec
-from quantrol_operator.children import MANAGED_BY, child_name, owner_reference
+from quantrol_operator.children import (
+    MANAGED_BY,
+    child_name,
+    label_value,
+    owner_reference,
+    quantities,
+    restricted,
+)
 from quantrol_worker.contracts import (
     TERMINATION_MESSAGE_PATH,
     ArtifactConfig,
@@ -33,11 +40,6 @@ class UnsupportedSource(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
-
-
-def quantities(resources: dict[str, dict[str, int | str]]) -> dict[str, dict[str, str]]:
-    """Quantities as the API server returns them (strings), so a re-read compares equal to what was sent."""
-    return {section: {name: str(value) for name, value in values.items()} for section, values in resources.items()}
 
 
 def job_name(qm_name: str, generation: int) -> str:
@@ -118,7 +120,7 @@ def worker_config(name: str, namespace: str, generation: int, spec: QuantizedMod
 
 
 def _labels(name: str, generation: int) -> dict[str, str]:
-    return {**MANAGED_BY, LABEL_QM: name, LABEL_GENERATION: str(generation)}
+    return {**MANAGED_BY, LABEL_QM: label_value(name), LABEL_GENERATION: str(generation)}
 
 
 def config_map(owner: dict[str, Any], config: CalibrationConfig) -> dict[str, Any]:
@@ -195,6 +197,6 @@ def job(owner: dict[str, Any], spec: QuantizedModelSpec, image: str) -> dict[str
         "spec": {
             "backoffLimit": job_spec.backoff_limit,
             "activeDeadlineSeconds": job_spec.active_deadline_seconds,
-            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+            "template": {"metadata": {"labels": labels}, "spec": restricted(pod_spec)},
         },
     }

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from quantrol_operator.api.servingpolicy import ServingPolicySpec
-from quantrol_operator.children import MANAGED_BY, owner_reference
+from quantrol_operator.children import MANAGED_BY, label_value, owner_reference
 from quantrol_operator.children.router import LABEL_COMPONENT, ROUTER_PORT_NAME
 from quantrol_operator.children.serving import ENGINE_PORT_NAME, LABEL_ARM, LABEL_POLICY, LAUNCHER_PORT_NAME
 
@@ -77,14 +77,15 @@ def pod_monitor(owner: dict[str, Any], spec: ServingPolicySpec,
         "metadata": {
             "name": pod_monitor_name(policy),
             "namespace": meta["namespace"],
-            "labels": {**(extra_labels or {}), **MANAGED_BY, LABEL_POLICY: policy, LABEL_COMPONENT: COMPONENT},
+            "labels": {**(extra_labels or {}), **MANAGED_BY, LABEL_POLICY: label_value(policy),
+                       LABEL_COMPONENT: COMPONENT},
             "ownerReferences": [owner_reference(owner)],
         },
         "spec": {
             # Arm and router pods both carry these two (children/serving.py, children/router.py); the pods of
             # another policy, or anything not made by Quantrol, do not. Pods are found in the PodMonitor's own
             # namespace, which is the policy's.
-            "selector": {"matchLabels": {LABEL_POLICY: policy,
+            "selector": {"matchLabels": {LABEL_POLICY: label_value(policy),
                                          "app.kubernetes.io/managed-by": MANAGED_BY["app.kubernetes.io/managed-by"]}},
             # The engine's vllm:*, the launcher's quantrol_engine_kernel_info, the router's quantrol_router_*.
             "podMetricsEndpoints": [

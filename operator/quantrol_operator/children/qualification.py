@@ -10,8 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from quantrol_operator.api.servingpolicy import ServingPolicySpec
-from quantrol_operator.children import MANAGED_BY, child_name, owner_reference
-from quantrol_operator.children.calibration import quantities
+from quantrol_operator.children import MANAGED_BY, child_name, label_value, owner_reference, quantities, restricted
 from quantrol_operator.children.router import arm_url
 from quantrol_operator.children.serving import LABEL_POLICY, LOOPBACK_REGISTRIES, short_digest
 from quantrol_worker.contracts import (
@@ -80,7 +79,8 @@ def deadline_seconds(config: QualificationConfig) -> int:
 
 def _meta(owner: dict[str, Any], name: str) -> dict[str, Any]:
     return {"name": name, "namespace": owner["metadata"]["namespace"],
-            "labels": {**MANAGED_BY, LABEL_POLICY: owner["metadata"]["name"], LABEL_COMPONENT: COMPONENT},
+            "labels": {**MANAGED_BY, LABEL_POLICY: label_value(owner["metadata"]["name"]),
+                       LABEL_COMPONENT: COMPONENT},
             "ownerReferences": [owner_reference(owner)]}
 
 
@@ -91,8 +91,8 @@ def config_map(owner: dict[str, Any], name: str, config: QualificationConfig) ->
 
 def job(owner: dict[str, Any], name: str, spec: ServingPolicySpec, config: QualificationConfig,
         image: str) -> dict[str, Any]:
-    """Pod Security `restricted`: non-root, no privilege escalation, every capability dropped, the runtime's
-    seccomp profile; HOME and caches on an emptyDir, since the image's own home may not be writable."""
+    """Pod Security `restricted` (children.restricted); HOME and caches on an emptyDir, since the image's own home
+    may not be writable under the restricted user."""
     volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": name}},
                                      {"name": "work", "emptyDir": {}}]
     mounts: list[dict[str, Any]] = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -110,20 +110,16 @@ def job(owner: dict[str, Any], name: str, spec: ServingPolicySpec, config: Quali
         "volumeMounts": mounts,
         "terminationMessagePath": TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
-                            "runAsNonRoot": True, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
     }
     if spec.serving.resources:  # the load generator needs little; the same class as the arms keeps it on-target
         container["resources"] = {k: v for k, v in quantities(spec.serving.resources.to_wire()).items()
                                   if k == "requests"}
-    pod_spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container], "volumes": volumes,
-                                "securityContext": {"runAsNonRoot": True,
-                                                    "seccompProfile": {"type": "RuntimeDefault"}}}
+    pod_spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container], "volumes": volumes}
     if spec.serving.node_selector:
         pod_spec["nodeSelector"] = dict(spec.serving.node_selector)
     meta = _meta(owner, name)
     return {
         "apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
         "spec": {"backoffLimit": 0, "activeDeadlineSeconds": deadline_seconds(config),
-                 "template": {"metadata": {"labels": meta["labels"]}, "spec": pod_spec}},
+                 "template": {"metadata": {"labels": meta["labels"]}, "spec": restricted(pod_spec)}},
     }

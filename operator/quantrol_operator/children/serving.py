@@ -10,8 +10,14 @@ import hashlib
 from typing import Any
 
 from quantrol_operator.api.servingpolicy import KvCacheDtype, ServingPolicySpec
-from quantrol_operator.children import MANAGED_BY, child_name, owner_reference
-from quantrol_operator.children.calibration import quantities
+from quantrol_operator.children import (
+    MANAGED_BY,
+    child_name,
+    label_value,
+    owner_reference,
+    quantities,
+    restricted,
+)
 
 ENGINE_PORT = 8000
 LAUNCHER_PORT = 9400  # the launcher's status port: /metrics (quantrol_engine_kernel_info) and /kernels
@@ -37,7 +43,7 @@ def arm_name(policy: str, ref: str) -> str:
 
 
 def arm_selector(policy: str, ref: str) -> dict[str, str]:
-    return {LABEL_POLICY: policy, LABEL_ARM: short_digest(ref)}
+    return {LABEL_POLICY: label_value(policy), LABEL_ARM: short_digest(ref)}
 
 
 def engine_args(policy: str, spec: ServingPolicySpec) -> list[str]:
@@ -121,7 +127,7 @@ def arm_deployment(owner: dict[str, Any], spec: ServingPolicySpec, ref: str, ima
                 "metadata": {"labels": labels, "annotations": {
                     "prometheus.io/scrape": "true", "prometheus.io/port": str(ENGINE_PORT),
                     "quantrol.io/artifact": ref}},
-                "spec": pod_spec,
+                "spec": restricted(pod_spec),
             },
         },
     }

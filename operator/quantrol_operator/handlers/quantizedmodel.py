@@ -10,13 +10,13 @@ import kopf
 from quantrol_operator import metrics
 from quantrol_operator.api.kinds import QUANTIZED_MODEL as QM
 from quantrol_operator.apply import apply_plan
-from quantrol_operator.handlers.common import DEFAULTS, Events, Runtime, handle, runtime
+from quantrol_operator.handlers.common import Events, Runtime, handle, runtime, track
 from quantrol_operator.observe.quantizedmodel import observe
 from quantrol_operator.planning.quantizedmodel import TERMINAL, plan
 
 
 def _reconcile(rt: Runtime, obj: dict[str, Any]) -> Events:
-    result = plan(observe(rt.kube, obj, datetime.now(UTC)), rt.defaults.worker_image)
+    result = plan(observe(rt.kube, obj, datetime.now(UTC)), rt.defaults.worker_image, rt.policy)
     apply_plan(rt.kube, result)
     rt.kube.patch_status(obj, result.status)
     if result.status.get("phase") in TERMINAL and (obj.get("status") or {}).get("phase") not in TERMINAL:
@@ -33,14 +33,8 @@ def _settled(body: kopf.Body) -> bool:
 @kopf.on.event(QM.group, QM.version, QM.plural)
 async def quantized_model_changed(type: str, body: kopf.Body, logger: kopf.Logger, memo: kopf.Memo,
                                   **_: Any) -> None:
-    if type == "DELETED" or body.meta.get("deletionTimestamp") or _settled(body):
-        return
-    await handle(body, logger, runtime(memo), QM.kind, "event", _reconcile)
-
-
-@kopf.timer(QM.group, QM.version, QM.plural, interval=DEFAULTS.poll_seconds, initial_delay=1)
-async def quantized_model_poll(body: kopf.Body, logger: kopf.Logger, memo: kopf.Memo, **_: Any) -> None:
-    """Follows the Job while it runs (reads only; a write happens only when the plan changes something)."""
-    if body.meta.get("deletionTimestamp") or _settled(body):
-        return
-    await handle(body, logger, runtime(memo), QM.kind, "timer", _reconcile)
+    """Every change: one pass (unless settled); the poller follows the Job while it runs (reads only; a write happens
+    only when the plan changes something). A Ready, Rejected or Failed generation costs nothing."""
+    rt = runtime(memo)
+    if track(rt, type, body, QM.kind, _reconcile, _settled(body)):
+        await handle(body, logger, rt, QM.kind, "event", _reconcile)

@@ -12,15 +12,17 @@ from quantrol_operator import metrics
 from quantrol_operator.api.kinds import SERVING_POLICY as SP
 from quantrol_operator.api.servingpolicy import ServingPolicyStatus
 from quantrol_operator.apply import apply_plan, orphan_children
-from quantrol_operator.handlers.common import DEFAULTS, Events, Runtime, handle, runtime
+from quantrol_operator.handlers.common import FINALIZER, Events, Runtime, handle, runtime, track
 from quantrol_operator.observe import servingpolicy as observe
-from quantrol_operator.planning.servingpolicy import orphaned_on_delete, plan, read_spec
+from quantrol_operator.planning.servingpolicy import orphaned_on_delete, plan, read_spec, settled
 
 
 def _reconcile(rt: Runtime, obj: dict[str, Any]) -> Events:
     meta = obj["metadata"]
-    observed, token = observe.observe(rt.kube, rt.addresses, rt.defaults.prometheus_url, obj, datetime.now(UTC))
-    result = plan(observed, (rt.defaults.serving_image, rt.defaults.router_image), rt.pod_monitors.labels)
+    observed, token = observe.observe(rt.kube, rt.addresses, rt.defaults.prometheus_url, obj, datetime.now(UTC),
+                                      rt.policy)
+    result = plan(observed, (rt.defaults.serving_image, rt.defaults.router_image), rt.pod_monitors.labels,
+                  rt.policy.router.max_body_bytes)
     apply_plan(rt.kube, result, rt.pod_monitors)
     status = ServingPolicyStatus.model_validate(result.status)
     status.router = rt.delivery.sync(status.router, result.apply, observed.deployments, meta["namespace"],
@@ -33,25 +35,33 @@ def _reconcile(rt: Runtime, obj: dict[str, Any]) -> Events:
 @kopf.on.event(SP.group, SP.version, SP.plural)
 async def serving_policy_changed(type: str, body: kopf.Body, logger: kopf.Logger, memo: kopf.Memo,
                                  **_: Any) -> None:
-    if type == "DELETED" or body.meta.get("deletionTimestamp"):
-        return
-    await handle(body, logger, runtime(memo), SP.kind, "event", _reconcile)
+    """Every change: one pass, settled or not (a retry or rollback annotation, a spec edit, must be acted on), and
+    the newest version handed to the poller, which runs the control loop's clock (arms' readiness, kernels, SLO
+    analysis when due) while the policy is not settled."""
+    rt = runtime(memo)
+    # An Orphan policy without its finalizer yet: kopf adds it right after this handler (its test-and-set patch
+    # would lose the race against this pass's writes); the pass runs on the event that write brings.
+    unguarded = _orphaned(body.spec) and FINALIZER not in (body.meta.get("finalizers") or [])
+    if track(rt, type, body, SP.kind, _reconcile, settled(body) or unguarded) or (
+            type != "DELETED" and not body.meta.get("deletionTimestamp") and not unguarded):
+        await handle(body, logger, rt, SP.kind, "event", _reconcile)
 
 
-@kopf.timer(SP.group, SP.version, SP.plural, interval=DEFAULTS.poll_seconds, initial_delay=1)
-async def serving_policy_poll(body: kopf.Body, logger: kopf.Logger, memo: kopf.Memo, **_: Any) -> None:
-    """The control loop's clock: arms' readiness, kernels, and SLO analysis when due (reads; writes on change)."""
-    if body.meta.get("deletionTimestamp"):
-        return
-    await handle(body, logger, runtime(memo), SP.kind, "timer", _reconcile)
+def _orphaned(spec: kopf.Spec, **_: Any) -> bool:
+    return spec.get("deletionPolicy") == "Orphan"
 
 
-@kopf.on.delete(SP.group, SP.version, SP.plural)
+# The finalizer (kopf adds it where a deletion handler's filter matches) only where deletion needs the operator:
+# deletionPolicy Orphan. Every other policy (and every QuantizedModel) goes with its namespace, operator or not.
+@kopf.on.delete(SP.group, SP.version, SP.plural, when=_orphaned)
 def serving_policy_deleted(body: kopf.Body, logger: kopf.Logger, memo: kopf.Memo, **_: Any) -> None:
     """deletionPolicy Orphan: the arms keep serving without an owner (the PodMonitor with them: arms that keep
     serving keep being scraped; `kubectl delete podmonitor` once they go)."""
     rt = runtime(memo)
     namespace, policy, uid = str(body.meta.namespace), str(body.meta.name), str(body.meta.uid)
+    with rt.turn(uid):  # after any pass in flight, and before any later one (which `released` then stops)
+        rt.released.add(uid)
+        rt.tracked.pop(uid, None)
     rt.delivery.forget(namespace, policy)
     spec = read_spec({"spec": dict(body.spec)}).spec
     # An invalid spec still says what its deletionPolicy is: nothing serving is lost on a typo elsewhere.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 from typing import Any
@@ -15,14 +17,14 @@ from quantrol_operator.api.kinds import KINDS
 from quantrol_operator.apply import PodMonitors
 from quantrol_operator.children import monitoring
 from quantrol_operator.delivery import RouterDelivery
-from quantrol_operator.handlers.common import DEFAULTS, MEMO_KEY, Runtime
+from quantrol_operator.handlers.common import DEFAULTS, FINALIZER, MEMO_KEY, Runtime, poll_forever
 from quantrol_operator.kube import Kube
+from quantrol_operator.policy import InstallPolicy
 from quantrol_worker.addresses import from_environment
 
 # kopf keeps its bookkeeping in annotations under our own prefix, never in `status`: status belongs to the
 # models (and the CRD schema prunes undeclared status fields, which would lose kopf's progress).
 ANNOTATION_PREFIX = GROUP
-FINALIZER = f"{GROUP}/finalizer"
 WATCHED_KINDS = tuple(k.kind for k in KINDS)
 # Set by `quantrol-operator` (run.py) from the kopf arguments; kopf does not pass the namespaces to handlers.
 SCOPE_ENV = "QUANTROL_OPERATOR_SCOPE"
@@ -40,13 +42,46 @@ def start_runtime(memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     except ApiException as exc:
         raise kopf.TemporaryError(f"API discovery failed ({exc.status} {exc.reason}); retrying", delay=5) from exc
     monitors = PodMonitors(dict(DEFAULTS.pod_monitor_labels) if enabled else None)
+    policy = InstallPolicy.from_env()  # invalid JSON or values stop the start-up, naming the field
     memo[MEMO_KEY] = Runtime(kube=kube, defaults=DEFAULTS, addresses=addresses,
-                             delivery=RouterDelivery(kube, addresses), pod_monitors=monitors)
+                             delivery=RouterDelivery(kube, addresses, policy.reads), pod_monitors=monitors,
+                             policy=policy)
     logger.info("%s: %s", "writing one PodMonitor per ServingPolicy" if enabled else "writing no PodMonitors", why)
+
+
+POLLER_KEY = "quantrol-poller"
+
+
+@kopf.on.startup()
+async def start_poller(memo: kopf.Memo, **_: Any) -> None:
+    """The control loop's clock (handlers.common.poll_forever), started once the runtime exists."""
+    rt = memo.get(MEMO_KEY)
+    if not isinstance(rt, Runtime):
+        raise kopf.TemporaryError("the runtime is not made yet", delay=1)
+    memo[POLLER_KEY] = asyncio.create_task(poll_forever(rt, DEFAULTS.poll_seconds), name="quantrol-poller")
+
+
+@kopf.on.cleanup()
+async def stop_poller(memo: kopf.Memo, **_: Any) -> None:
+    task = memo.get(POLLER_KEY)
+    if isinstance(task, asyncio.Task):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+class _QuietPasses(logging.Filter):
+    """Drops kopf's "Timer … succeeded." and "Handler … succeeded." lines: one per pass per object at INFO, they
+    bury what happened under what merely ran. Failures, retries and our own Events stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.INFO and str(record.msg).endswith("succeeded."))
 
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) -> None:
+    for handler in logging.getLogger().handlers:  # kopf's objects logger propagates to the root handlers
+        handler.addFilter(_QuietPasses())
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=ANNOTATION_PREFIX, key="last-handled-configuration"

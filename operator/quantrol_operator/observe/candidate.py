@@ -11,6 +11,7 @@ from quantrol_operator.api.servingpolicy import KernelReport
 from quantrol_operator.children import serving
 from quantrol_operator.kube import Kube
 from quantrol_operator.observe import http
+from quantrol_operator.policy import ReadBounds
 from quantrol_worker.addresses import Addresses, service_url
 from quantrol_worker.contracts import KernelVerdict
 
@@ -44,12 +45,14 @@ def kernel_report(raw: dict[str, Any]) -> KernelReport:
         kernels=[str(k)[:256] for k in kernels if k][:32], message=message[:1024])
 
 
-def health(kube: Kube, addresses: Addresses, namespace: str, policy: str,
-           ref: str) -> tuple[KernelReport | None, str | None]:
+def health(kube: Kube, addresses: Addresses, namespace: str, policy: str, ref: str,
+           bounds: ReadBounds | None = None) -> tuple[KernelReport | None, str | None]:
     """(the launcher's kernel report, or None; why the candidate cannot run, or None)."""
     arm = serving.arm_name(policy, ref)
     try:
-        report = http.request_json(addresses.url(service_url(arm, namespace, serving.LAUNCHER_PORT, "/kernels")))
+        bounds = bounds or ReadBounds()  # the launcher runs in a tenant-chosen image: the install's bounds
+        report = http.request_json(addresses.url(service_url(arm, namespace, serving.LAUNCHER_PORT, "/kernels")),
+                                   total_seconds=bounds.total_seconds, max_bytes=bounds.max_bytes)
         if isinstance(report, dict):
             return kernel_report(report), None
     except (OSError, ValueError) as exc:  # not up yet, gone, or an answer out of bounds: the pods say why

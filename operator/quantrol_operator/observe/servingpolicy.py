@@ -9,11 +9,12 @@ from datetime import datetime
 from typing import Any
 
 from quantrol_operator.api.kinds import QUANTIZED_MODEL
-from quantrol_operator.children import qualification, router
+from quantrol_operator.children import label_value, qualification, router
 from quantrol_operator.children.serving import LABEL_POLICY
 from quantrol_operator.kube import Kube
 from quantrol_operator.observe import analysis, candidate
 from quantrol_operator.planning.servingpolicy import SpObserved, read_spec
+from quantrol_operator.policy import InstallPolicy
 from quantrol_worker.addresses import Addresses
 
 
@@ -36,32 +37,34 @@ def qualification_job(kube: Kube, namespace: str, policy: str,
     job = kube.get("batch/v1", "Job", namespace, str(q["jobName"]))
     if job is None:
         return None, []
-    selector = f"{LABEL_POLICY}={policy},{qualification.LABEL_COMPONENT}={qualification.COMPONENT}"
+    selector = f"{LABEL_POLICY}={label_value(policy)},{qualification.LABEL_COMPONENT}={qualification.COMPONENT}"
     return job, kube.list_owned("v1", "Pod", namespace, job["metadata"]["uid"], selector)
 
 
 def observe(kube: Kube, addresses: Addresses, prometheus_url: str, obj: dict[str, Any],
-            now: datetime) -> tuple[SpObserved, str]:
+            now: datetime, policy: InstallPolicy | None = None) -> tuple[SpObserved, str]:
     """The facts of one pass, and the router admin token (to push configs with, created or not)."""
     meta = obj["metadata"]
-    namespace, policy = meta["namespace"], meta["name"]
-    read = read_spec(obj)
+    namespace, name = meta["namespace"], meta["name"]
+    policy = policy or InstallPolicy()
+    read = read_spec(obj, policy, prometheus_url)
     spec = read.spec
     qm = None
     if spec is not None and spec.candidate.quantized_model_ref is not None:
         qm = kube.get(QUANTIZED_MODEL.api_version, QUANTIZED_MODEL.kind, namespace,
                       spec.candidate.quantized_model_ref.name)
-    deployments = kube.list_owned("apps/v1", "Deployment", namespace, meta["uid"], f"{LABEL_POLICY}={policy}")
+    deployments = kube.list_owned("apps/v1", "Deployment", namespace, meta["uid"],
+                                  f"{LABEL_POLICY}={label_value(name)}")
     status = obj.get("status") or {}
     kernels, failed = None, None
     pinned = status.get("candidateArtifact")
     if pinned and pinned != status.get("stableArtifact"):
-        kernels, failed = candidate.health(kube, addresses, namespace, policy, pinned)
-    job, pods = qualification_job(kube, namespace, policy, status)
-    token, create_token = router_token(kube, namespace, policy)
+        kernels, failed = candidate.health(kube, addresses, namespace, name, pinned, policy.reads)
+    job, pods = qualification_job(kube, namespace, name, status)
+    token, create_token = router_token(kube, namespace, name)
     window = None
-    if spec is not None and analysis.due(status, spec, now):
-        window = analysis.window(analysis.source_for(spec, prometheus_url), namespace, policy, status, spec)
+    if spec is not None and not read.refused and analysis.due(status, spec, now):
+        window = analysis.window(analysis.source_for(spec, prometheus_url, policy), namespace, name, status, spec)
     observed = SpObserved(obj=obj, spec=read, quantized_model=qm, deployments=deployments, candidate_kernels=kernels,
                           candidate_failed=failed, window=window, router_token=token if create_token else "",
                           qualification_job=job, qualification_pods=pods, now=now)

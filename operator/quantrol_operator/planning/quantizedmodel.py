@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from quantrol_operator.api.common import NAME_RULE, name_fits_children
 from quantrol_operator.api.quantizedmodel import (
     Artifact,
     QuantizedModelPhase,
@@ -22,6 +23,7 @@ from quantrol_operator.api.quantizedmodel import (
 from quantrol_operator.children import calibration
 from quantrol_operator.conditions import set_condition
 from quantrol_operator.planning import Event, Plan
+from quantrol_operator.policy import InstallPolicy, pod_refusals
 from quantrol_operator.validation import field_error
 from quantrol_worker.contracts import (
     CalibrationReason,
@@ -38,6 +40,7 @@ class QmReason(StrEnum):
     """Condition reasons the operator itself decides (the worker's come from `contracts.CalibrationReason`)."""
 
     INVALID_SPEC = "InvalidSpec"
+    REFUSED_BY_INSTALL_POLICY = "RefusedByInstallPolicy"  # an image, ServiceAccount or scheduling override
     UNSUPPORTED_SOURCE = "UnsupportedSource"
     JOB_CREATED = "JobCreated"
     JOB_RUNNING = "JobRunning"
@@ -57,7 +60,7 @@ class QmObserved:
     now: datetime = field(default_factory=datetime.now)
 
 
-def plan(observed: QmObserved, worker_image: str) -> Plan:
+def plan(observed: QmObserved, worker_image: str, policy: InstallPolicy | None = None) -> Plan:
     obj = observed.obj
     meta = obj["metadata"]
     generation = int(meta.get("generation", 1))
@@ -73,11 +76,19 @@ def plan(observed: QmObserved, worker_image: str) -> Plan:
         result.status = current.before.to_wire()
         return result
 
+    if not name_fits_children(meta):  # created before the CRD carried the rule
+        current.fail(QmReason.INVALID_SPEC, f"{NAME_RULE.message}; nothing was created (recreate it under such a name)")
+        return current.into(result)
     try:
         spec = QuantizedModelSpec.model_validate(obj.get("spec") or {})
     except ValidationError as exc:
         errors = "; ".join(f"spec.{e}" for e in map(field_error, exc.errors()))
         current.fail(QmReason.INVALID_SPEC, f"the spec is invalid, fix it and re-apply: {errors}")
+        return current.into(result)
+    refused = pod_refusals("spec.job", spec.job, (policy or InstallPolicy()).workloads)
+    if refused:  # nothing is created: the Job would run what the install does not allow
+        current.fail(QmReason.REFUSED_BY_INSTALL_POLICY,
+                     "refused by the install policy, nothing created: " + "; ".join(map(str, refused)))
         return current.into(result)
     try:
         config = calibration.worker_config(meta["name"], meta["namespace"], generation, spec)

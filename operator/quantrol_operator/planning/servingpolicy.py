@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from quantrol_operator.api.common import ConditionStatus, is_digest_pinned
+from quantrol_operator.api.common import NAME_RULE, ConditionStatus, name_fits_children
 from quantrol_operator.api.servingpolicy import (
     HISTORY_LIMIT,
     NO_JUDGEMENT_ADVICE,
@@ -28,6 +28,7 @@ from quantrol_operator.api.servingpolicy import (
     QualificationStatus,
     RollbackReason,
     RollbackRecord,
+    RouterState,
     ServingPolicySpec,
     ServingPolicyStatus,
     TrafficProvider,
@@ -40,13 +41,15 @@ from quantrol_operator.children import monitoring, qualification, router, servin
 from quantrol_operator.conditions import set_condition
 from quantrol_operator.planning import Event, Plan
 from quantrol_operator.planning import qualification as qualifying
+from quantrol_operator.policy import InstallPolicy, Refusal, pod_refusals
 from quantrol_operator.rollout.analysis import decide, judge, no_judgement, window_verdict
-from quantrol_operator.rollout.queries import Observation
+from quantrol_operator.rollout.queries import Observation, custom_query_refusal
 from quantrol_operator.rollout.statemachine import Decision, Facts, Qualified, TransitionReason, step, weights_for
 from quantrol_operator.validation import field_error
 from quantrol_worker.contracts import KernelVerdict
-from quantrol_worker.router.config import dump_config
+from quantrol_worker.router.config import MAX_BODY_BYTES, RouterConfig, dump_config
 
+REFUSED_BY_INSTALL_POLICY = "RefusedByInstallPolicy"  # a condition reason and Event: the field and the rule follow
 ANNOTATION_PAUSED = "quantrol.io/paused"
 ANNOTATION_RETRY = "quantrol.io/retry"
 ANNOTATION_ROLLBACK = "quantrol.io/rollback"
@@ -55,21 +58,42 @@ CANDIDATE_PHASES = {P.PENDING, P.QUALIFYING, P.SHADOW, P.CANARY, P.PAUSED}
 
 @dataclass(frozen=True)
 class SpecRead:
-    """The spec, validated once per pass (by the observer, before it asks anything of the world), or why not."""
+    """The spec, validated once per pass (by the observer, before it asks anything of the world), or why not; and
+    what of it the install policy refuses (the observer then asks nothing of a refused endpoint)."""
 
     spec: ServingPolicySpec | None
     error: str = ""
+    refused: tuple[Refusal, ...] = ()
 
 
-def read_spec(obj: Mapping[str, Any]) -> SpecRead:
+def policy_refusals(spec: ServingPolicySpec, namespace: str, policy: InstallPolicy,
+                    default_prometheus: str) -> list[Refusal]:
+    """What of `spec` the install policy does not allow: the serving and qualification images, node selectors, the
+    Prometheus address, and custom SLO queries that would read beyond the policy's namespace."""
+    out = pod_refusals("spec.serving", spec.serving, policy.workloads)
+    out += pod_refusals("spec.qualification", spec.qualification, policy.workloads)
+    address = spec.analysis.prometheus.address if spec.analysis.prometheus else None
+    if address and not policy.prometheus_allowed(address, default_prometheus):
+        out.append(Refusal("spec.analysis.prometheus.address", f"{address!r} is not one of the Prometheus "
+                           "addresses the install policy allows (installPolicy.prometheus.allowedAddresses)"))
+    for index, custom in enumerate(spec.slos.custom):
+        why = custom_query_refusal(custom.query, namespace)
+        if why:
+            out.append(Refusal(f"spec.slos.custom[{index}].query", f"custom SLO {custom.name!r}: {why}"))
+    return out
+
+
+def read_spec(obj: Mapping[str, Any], policy: InstallPolicy | None = None, default_prometheus: str = "") -> SpecRead:
+    if not name_fits_children(obj.get("metadata") or {}):  # created before the CRD carried the rule
+        return SpecRead(None, f"{NAME_RULE.message}; nothing was created (recreate it under such a name)")
     try:
         spec = ServingPolicySpec.model_validate(obj.get("spec") or {})
     except ValidationError as exc:
         errors = "; ".join(f"spec.{e}" for e in map(field_error, exc.errors()))
         return SpecRead(None, f"the spec is invalid, nothing changed: {errors}")
-    if spec.candidate.artifact is not None and not is_digest_pinned(spec.candidate.artifact):
-        return SpecRead(None, "spec.candidate.artifact must be pinned by digest (oci://repo@sha256:…): a tag can move")
-    return SpecRead(spec)
+    namespace = str((obj.get("metadata") or {}).get("namespace", ""))
+    refused = policy_refusals(spec, namespace, policy, default_prometheus) if policy is not None else []
+    return SpecRead(spec, refused=tuple(refused))
 
 
 @dataclass(frozen=True)
@@ -94,14 +118,38 @@ class SpPlan(Plan):
     analysis: AnalysisRun | None = None  # set on a pass that judged a window
 
 
+SETTLED = (P.PROMOTED, P.ROLLED_BACK, P.FAILED)
+
+
+def previous_stable_warm(status: ServingPolicyStatus, spec: ServingPolicySpec, now: datetime) -> bool:
+    """Whether the arm a promotion replaced still serves as the rollback target: for promotionGraceSeconds."""
+    return (status.phase is P.PROMOTED and bool(status.rollback_target)
+            and now - (status.phase_since or now) < timedelta(seconds=spec.rollout.promotion_grace_seconds))
+
+
+def settled(obj: Mapping[str, Any]) -> bool:
+    """Whether a policy has nothing left for the timer to watch: its spec observed, Promoted (with the previous
+    stable arm scaled down), RolledBack or Failed, and every router pod on the last config. What could change that
+    arrives as an event (a spec edit, an annotation), which the event handler takes."""
+    status = obj.get("status") or {}
+    router_state = status.get("router") or {}
+    warm = next((c.get("status") == "True" for c in status.get("conditions") or []
+                 if c.get("type") == "PreviousStableWarm"), False)
+    return (status.get("observedGeneration") == (obj.get("metadata") or {}).get("generation")
+            and status.get("phase") in {p.value for p in SETTLED} and not warm
+            and router_state.get("appliedVersion") == router_state.get("version"))
+
+
 def orphaned_on_delete(spec: ServingPolicySpec) -> bool:
     """Whether deleting the policy leaves its arms, router and config serving, without an owner (deletionPolicy)."""
     return spec.deletion_policy is DeletionPolicy.ORPHAN
 
 
-def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapping[str, str] | None = None) -> SpPlan:
+def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapping[str, str] | None = None,
+         max_body_bytes: int = MAX_BODY_BYTES) -> SpPlan:
     """`images`: (serving image, router image) defaults of this installation. `pod_monitor_labels`: None where this
-    installation writes no PodMonitor (QUANTROL_POD_MONITORS), else the extra labels its PodMonitors carry."""
+    installation writes no PodMonitor (QUANTROL_POD_MONITORS), else the extra labels its PodMonitors carry.
+    `max_body_bytes`: the routers' request body bound (the install policy's)."""
     obj = observed.obj
     now = observed.now.replace(microsecond=0)  # the API server keeps times to the second: re-reads compare equal
     meta = obj["metadata"]
@@ -114,6 +162,8 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
     if spec is None:
         # Nothing is deleted or re-weighted: whatever serves keeps serving until the spec is fixed.
         return _invalid(result, status, before, now, generation, observed.spec.error)
+    if observed.spec.refused:
+        return _refused(result, obj, spec, status, before, now, generation, observed.spec.refused)
 
     stable = status.stable_artifact or spec.baseline.artifact
     status.stable_artifact = stable
@@ -180,12 +230,19 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
     if pinned is None and phase is P.PENDING:
         status.message = f"waiting for a candidate: {why_not}"
     weights = weights_for(phase, index, facts.steps, spec.rollout.shadow.mirror_fraction, held=before.weights)
-    _children(result, obj, spec, images, stable, pinned, phase, status, weights, now, observed.router_token)
+    _children(result, obj, spec, images, stable, pinned, phase, status, weights, now, observed.router_token,
+              max_body_bytes)
     _qualification_children(result, obj, spec, images[0], stable, pinned, phase, status)
     if pod_monitor_labels is not None:
         result.apply.append(monitoring.pod_monitor(obj, spec, pod_monitor_labels))
     _withdraw_stale_arms(result, observed.deployments)
     _status_fields(status, phase, index, stable, pinned, weights, facts, before, now, generation)
+    warm = previous_stable_warm(status, spec, now)
+    status.conditions = set_condition(
+        status.conditions, "PreviousStableWarm", warm, "GracePeriod" if warm else "NotServing",
+        f"the previous stable arm {serving.short_digest(status.rollback_target or '')} serves as the rollback target "
+        f"for promotionGraceSeconds" if warm else "no previous stable arm is kept serving", now=now,
+        generation=generation)
     result.status = status.to_wire()
     return result
 
@@ -272,14 +329,44 @@ def _arm_ready(deployments: list[dict[str, Any]], policy: str, ref: str | None) 
 
 
 def _invalid(result: SpPlan, status: ServingPolicyStatus, before: ServingPolicyStatus, now: datetime,
-             generation: int, message: str) -> SpPlan:
+             generation: int, message: str, reason: str = "InvalidSpec") -> SpPlan:
     status.message = message
-    status.conditions = set_condition(status.conditions, "Progressing", ConditionStatus.FALSE, "InvalidSpec",
+    status.conditions = set_condition(status.conditions, "Progressing", ConditionStatus.FALSE, reason,
                                       message, now=now, generation=generation)
     if before.message != message:
-        result.events.append(Event("Warning", "InvalidSpec", message))
+        result.events.append(Event("Warning", reason, message))
     result.status = status.to_wire()
     return result
+
+
+def _refused(result: SpPlan, obj: dict[str, Any], spec: ServingPolicySpec, status: ServingPolicyStatus,
+             before: ServingPolicyStatus, now: datetime, generation: int, refused: tuple[Refusal, ...]) -> SpPlan:
+    """The install policy refuses part of the spec: nothing is created or changed, the stable arm keeps serving as
+    it is, and a candidate that takes traffic is withdrawn (the router sends everything to stable)."""
+    message = "refused by the install policy, nothing changed: " + "; ".join(map(str, refused))
+    _invalid(result, status, before, now, generation, message, reason=REFUSED_BY_INSTALL_POLICY)
+    if status.stable_artifact and (before.weights.candidate or before.weights.mirror_fraction):
+        meta = obj["metadata"]
+        config = router.router_config(meta["name"], meta["namespace"], spec, status.stable_artifact, None, 100, 0,
+                                      0.0, version=0)
+        status.router, result.router_config = _versioned(status.router, config)
+        result.apply.append(router.router_config_map(obj, config.model_copy(update={
+            "version": status.router.version})))
+        status.weights = Weights()
+        result.events.append(Event("Warning", REFUSED_BY_INSTALL_POLICY, "candidate withdrawn: all traffic on the "
+                                   f"stable arm {serving.short_digest(status.stable_artifact)}"))
+    result.status = status.to_wire()
+    return result
+
+
+def _versioned(state: RouterState, config: RouterConfig) -> tuple[RouterState, str | None]:
+    """`status.router` for this config, and the document to push when it is new: the version moves only when the
+    content does, so routers and status agree on what "newer" means."""
+    digest = hashlib.sha256(dump_config(config).encode()).hexdigest()[:16]
+    if state.config_hash == digest:
+        return state, None
+    state = state.model_copy(update={"version": state.version + 1, "config_hash": digest})
+    return state, dump_config(config.model_copy(update={"version": state.version}))
 
 
 def _transition(result: SpPlan, status: ServingPolicyStatus, src: P, dst: P, step_index: int | None,
@@ -321,7 +408,7 @@ def _rollback_record(reason: RollbackReason, analysis: AnalysisRun | None, obser
 
 def _children(result: SpPlan, obj: dict[str, Any], spec: ServingPolicySpec, images: tuple[str, str], stable: str,
               candidate: str | None, phase: P, status: ServingPolicyStatus, weights: Weights, now: datetime,
-              token: str) -> None:
+              token: str, max_body_bytes: int = MAX_BODY_BYTES) -> None:
     meta = obj["metadata"]
     policy, namespace = meta["name"], meta["namespace"]
     serving_image, router_image = images
@@ -336,19 +423,16 @@ def _children(result: SpPlan, obj: dict[str, Any], spec: ServingPolicySpec, imag
         result.apply.append(serving.arm_service(obj, candidate))
     target = status.rollback_target
     if target and target not in (stable, candidate):
-        grace_over = now - (status.phase_since or now) >= timedelta(seconds=spec.rollout.promotion_grace_seconds)
-        result.apply.append(serving.arm_deployment(obj, spec, target, serving_image, 0 if grace_over else replicas))
+        warm = previous_stable_warm(status, spec, now)
+        result.apply.append(serving.arm_deployment(obj, spec, target, serving_image, replicas if warm else 0))
     if spec.traffic_provider is not TrafficProvider.ROUTER:
         return  # the only provider today; another would split traffic without Quantrol's router
     config = router.router_config(policy, namespace, spec, stable, candidate if candidate_live else None,
                                   weights.stable if candidate_live else 100, weights.candidate if candidate_live else 0,
-                                  weights.mirror_fraction, version=0)
-    # The version moves only when the content does, so routers and status agree on what "newer" means.
-    digest = hashlib.sha256(dump_config(config).encode()).hexdigest()[:16]
-    state = status.router
-    if state.config_hash != digest:
-        state = state.model_copy(update={"version": state.version + 1, "config_hash": digest})
-        result.router_config = dump_config(config.model_copy(update={"version": state.version}))
+                                  weights.mirror_fraction, version=0, max_body_bytes=max_body_bytes)
+    state, document = _versioned(status.router, config)
+    if document is not None:
+        result.router_config = document
     config = config.model_copy(update={"version": state.version})
     status.router = state
     result.apply.append(router.router_config_map(obj, config))

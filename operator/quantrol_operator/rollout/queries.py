@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-import requests
-
 from quantrol_operator.api.servingpolicy import CustomSlo, NoJudgement, SloFloor, SloLimit, Slos
 from quantrol_operator.rollout.analysis import Sample, TargetHealth
 
@@ -192,13 +190,44 @@ def _absolute_only(name: str, limit: SloLimit | SloFloor) -> SloLimit | SloFloor
     return SloFloor(min=limit.min) if limit.min is not None else None
 
 
-def _custom(source: MetricSource, scope: Scope, slo: CustomSlo) -> tuple[float | None, float | None]:
-    def run(arm: str) -> float | None:
-        query = (slo.query.replace("$arm", arm).replace("$namespace", scope.namespace)
-                 .replace("$policy", scope.policy).replace("$window", scope.window))
-        return _safe(source, query)
+def substitute(query: str, arm: str, scope: Scope) -> str:
+    """A custom SLO's query with its placeholders filled in (`$arm`, `$namespace`, `$policy`, `$window`)."""
+    return (query.replace("$arm", arm).replace("$namespace", scope.namespace).replace("$policy", scope.policy)
+            .replace("$window", scope.window))
 
-    return run("candidate"), run("stable")
+
+def custom_query_refusal(query: str, namespace: str) -> str | None:
+    """Why a custom SLO query may not run, or None: it must parse as PromQL, and every vector selector must carry
+    an equality matcher on the policy's namespace (`namespace="$namespace"`), in each of its `or` alternatives.
+    Its numbers land in the tenant's status, so a query that could read another tenant's series is refused."""
+    import promql_parser
+
+    text = substitute(query, "candidate", Scope(namespace, "policy", "60s"))
+    try:
+        expr = promql_parser.parse(text)
+    except ValueError as exc:
+        return f"not PromQL: {str(exc)[:200]}"
+    unscoped: list[str] = []
+
+    def visit(node: promql_parser.Expr) -> bool:
+        if isinstance(node, promql_parser.VectorSelector):
+            groups = node.matchers.or_matchers or [node.matchers.matchers]
+            if not all(any(m.op == promql_parser.MatchOp.Equal and m.name == "namespace" and m.value == namespace
+                           for m in group) for group in groups):
+                unscoped.append(str(node))
+        return True
+
+    promql_parser.walk(expr, pre_visit=visit)
+    if unscoped:
+        return (f'every selector must carry namespace="$namespace" (the policy\'s own namespace); '
+                f"{unscoped[0][:200]} does not")
+    return None
+
+
+def _custom(source: MetricSource, scope: Scope, slo: CustomSlo) -> tuple[float | None, float | None]:
+    # Planning refuses the policy before any window when custom_query_refusal says no: never run here unscoped.
+    return _safe(source, substitute(slo.query, "candidate", scope)), _safe(source, substitute(slo.query, "stable",
+                                                                                                  scope))
 
 
 def _configured(slos: Slos) -> list[tuple[str, SloLimit | SloFloor]]:
@@ -212,29 +241,3 @@ def _configured(slos: Slos) -> list[tuple[str, SloLimit | SloFloor]]:
         limit: SloLimit | SloFloor = SloLimit(max=custom.max) if custom.max is not None else SloFloor(min=custom.min)
         out.append((custom.name, limit))
     return out
-
-
-class PrometheusSource:
-    """prometheus-api-client behind the MetricSource protocol, with a bounded timeout per query."""
-
-    def __init__(self, url: str, timeout: float = 5.0) -> None:
-        from prometheus_api_client import PrometheusConnect
-        from urllib3.util.retry import Retry
-
-        self.url = url
-        # No retries inside one analysis pass: the next pass is the retry, and a down Prometheus must read as
-        # `error` within seconds, not after a back-off.
-        self.client = PrometheusConnect(url=url, disable_ssl=True, timeout=int(timeout), retry=Retry(total=0))
-        self.timeout = timeout
-
-    def scalar(self, promql: str) -> float | None:
-        try:
-            result = self.client.custom_query(promql, params={"timeout": f"{int(self.timeout)}s"})
-        except (requests.ConnectionError, requests.Timeout) as exc:  # refused, DNS, TLS, timeouts
-            raise QueryError(f"{self.url}: {type(exc).__name__}: {str(exc)[:200]}",
-                             NoJudgement.METRICS_UNREACHABLE) from exc
-        except Exception as exc:  # HTTP 4xx/5xx, a body that is not Prometheus' JSON: an answer, but an error
-            raise QueryError(f"{self.url}: {type(exc).__name__}: {str(exc)[:200]}", NoJudgement.QUERY_FAILED) from exc
-        if not result:
-            return None
-        return float(result[0]["value"][1])

@@ -36,10 +36,12 @@ from quantrol_worker.router import compare, protocol
 from quantrol_worker.router.admission import ArmGate, Rejected
 from quantrol_worker.router.config import (
     ARMS,
+    MAX_VERSION_STEP,
     ApplyDecision,
     ArmName,
     RouterConfig,
     apply_decision,
+    arm_outside,
     load_config,
     parse_config,
 )
@@ -55,6 +57,7 @@ _HOP_HEADERS = frozenset(
               "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Accept-Encoding")
 )
 ADMIN_TOKEN_ENV = "QUANTROL_ROUTER_ADMIN_TOKEN"
+MAX_ADMIN_BODY = 1 << 20  # a router config is a few KiB; generation bodies are bounded by the config (handle_generate)
 
 
 class _RateLimitedLog:
@@ -155,8 +158,10 @@ class Router:
         reload_interval_s: float = 1.0,
         seed: int | None = None,
         addresses: Addresses | None = None,
+        namespace: str | None = None,
     ) -> None:
         self.config = config
+        self.namespace = namespace  # the policy's: pushed arm URLs must be its Services (None: not checked)
         self.addresses = addresses or ClusterAddresses()
         self.config_path = config_path
         self.admin_token = admin_token or AdminToken(None, None)
@@ -182,7 +187,8 @@ class Router:
     # ---- configuration -------------------------------------------------------------------------------------
 
     def offer(self, config: RouterConfig, source: str) -> ApplyDecision:
-        decision = apply_decision(self.config, config)
+        # The file is the operator's ConfigMap; a push comes from whoever holds the token: bounded (see config.py).
+        decision = apply_decision(self.config, config, MAX_VERSION_STEP if source == "admin" else None)
         self.metrics.config_updates.labels(source, decision).inc()
         if decision == "apply":
             old = self.config
@@ -192,8 +198,9 @@ class Router:
                     self.gates[arm].set_limits(config.arms[arm].admission)
             self.patterns = compare.compile_patterns(config.diffs.redact_patterns)
             self.diffs.resize(config.diffs.capacity)
-            if not config.diffs.enabled:
-                self.diffs.clear()  # turning diffs off must also forget the user data already held
+            if not config.diffs.enabled or "candidate" not in config.arms:
+                # Turning diffs off, or the candidate leaving (a rollback), forgets the user data already held.
+                self.diffs.clear()
             self._publish_config()
             log.info(
                 "config v%d applied from %s (was v%d): weights %s, mirror %.3f",
@@ -204,6 +211,10 @@ class Router:
                 "config v%d from %s differs from the applied v%d with the same version; keeping the applied one "
                 "(two writers disagree: bump the version to change it)", config.version, source, self.config.version,
             )
+        elif decision == "jump":
+            log.warning("config v%d from %s is more than %d versions past the applied v%d: refused (not the "
+                        "operator's sequence; a later push would otherwise look stale)", config.version, source,
+                        MAX_VERSION_STEP, self.config.version)
         elif decision == "stale":
             log.info("config v%d from %s is older than the applied v%d; ignored", config.version, source,
                      self.config.version)
@@ -241,21 +252,35 @@ class Router:
 
     # ---- app -----------------------------------------------------------------------------------------------
 
-    def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+    def make_app(self, admin: bool = True) -> web.Application:
+        """The inference app (and, unless `admin` is False, the admin API in it: tests and a single-port router).
+        Request bodies are read by handle_generate itself, after admission and within the config's bound."""
+        app = web.Application(client_max_size=MAX_ADMIN_BODY)
         app.router.add_post(protocol.COMPLETIONS, self.handle_generate)
         app.router.add_post(protocol.CHAT, self.handle_generate)
         app.router.add_get("/v1/models", self.handle_passthrough)
         app.router.add_get("/health", self.handle_passthrough)
         app.router.add_get("/healthz", self.handle_healthz)
         app.router.add_get("/metrics", self.handle_metrics)
-        app.router.add_get("/quantrol/config", self.handle_get_config)
-        app.router.add_post("/quantrol/config", self.handle_post_config)
-        app.router.add_get("/quantrol/diffs", self.handle_diffs)
+        if admin:
+            self._add_admin_routes(app)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         app.on_cleanup.append(self._on_cleanup)
         return app
+
+    def make_admin_app(self) -> web.Application:
+        """The admin API alone, for its own port: the policy's Service exposes only the inference port, and the
+        chart's NetworkPolicy lets only the operator reach this one."""
+        app = web.Application(client_max_size=MAX_ADMIN_BODY)
+        app.router.add_get("/healthz", self.handle_healthz)
+        self._add_admin_routes(app)
+        return app
+
+    def _add_admin_routes(self, app: web.Application) -> None:
+        app.router.add_get("/quantrol/config", self.handle_get_config)
+        app.router.add_post("/quantrol/config", self.handle_post_config)
+        app.router.add_get("/quantrol/diffs", self.handle_diffs)
 
     async def _on_startup(self, app: web.Application) -> None:
         # No connection limit: admission bounds concurrency per arm; a pool limit here would add a second,
@@ -331,6 +356,13 @@ class Router:
             self.metrics.config_updates.labels("admin", "invalid").inc()
             log.error("admin config push rejected as invalid, still serving v%d: %s", self.config.version, exc)
             return _json(400, {"error": str(exc), "applied_version": self.config.version})
+        foreign = arm_outside(config, self.namespace) if self.namespace else None
+        if foreign is not None:
+            self.metrics.config_updates.labels("admin", "refused").inc()
+            log.warning("admin config push refused: arm %s is not a Service of namespace %s (%s); still serving v%d",
+                        foreign, self.namespace, config.arms[foreign].url, self.config.version)
+            return _json(403, {"error": f"arms.{foreign}.url must be a Service of namespace {self.namespace}",
+                               "applied_version": self.config.version})
         decision = self.offer(config, "admin")
         status = 200 if decision in ("apply", "unchanged") else 409
         return _json(status, {"result": decision, "applied_version": self.config.version})
@@ -341,13 +373,46 @@ class Router:
         denied = self.admin_token.check(request)
         if denied is not None:
             return denied
-        return _json(200, {"samples": [s.to_json() for s in self.diffs.items()]})
+        oldest = compare.now() - self.config.diffs.retention_s  # samples are not kept past their retention
+        kept = [s for s in self.diffs.items() if s.at >= oldest]
+        if len(kept) != len(self.diffs.items()):
+            self.diffs.clear()
+            for sample in kept:
+                self.diffs.add(sample)
+        return _json(200, {"samples": [s.to_json() for s in kept]})
 
     # ---- the generation path -------------------------------------------------------------------------------
 
     async def handle_generate(self, request: web.Request) -> web.StreamResponse:
+        """Admission before the body: the arm is chosen from the headers, a slot (or a bounded queue place) is taken,
+        and only then is the body read, within the config's max_body_bytes; a client over either bound costs the
+        router its headers, never a body held in memory."""
         arrived = time.perf_counter()
-        raw = await request.read()
+        config = self.config  # one snapshot for the whole request: reloads never change a request mid-way
+        limit = config.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            return _too_large(limit)
+        sticky = request.headers.get(config.sticky_header) if config.sticky_header else None
+        arm = choose_arm(config.weights(), sticky_point(sticky) if sticky else self.random.random())
+        if arm not in config.arms:
+            arm = "stable"
+        gate = self.gates[arm]
+        try:
+            waited = await gate.acquire(may_wait=True)
+        except Rejected as rejected:
+            return self._rejected(arm, rejected, protocol.slice_label(
+                request.headers.get(config.slices.header), config.slices.allowed, 0, config.slices.length_buckets))
+        held = time.perf_counter()
+        try:
+            return await self._admitted(request, config, arm, waited, arrived)
+        finally:
+            gate.release(time.perf_counter() - held)
+
+    async def _admitted(self, request: web.Request, config: RouterConfig, arm: ArmName, waited: float,
+                        arrived: float) -> web.StreamResponse:
+        raw = await _read_bounded(request, config.max_body_bytes)
+        if raw is None:
+            return _too_large(config.max_body_bytes)
         try:
             body = json.loads(raw)
             if not isinstance(body, dict):
@@ -356,17 +421,11 @@ class Router:
             return web.Response(status=400, body=protocol.error_body(f"invalid JSON body: {exc}",
                                                                      "invalid_request_error", 400),
                                 content_type="application/json")
-        config = self.config  # one snapshot for the whole request: reloads never change a request mid-way
         path = request.path
         slice_ = protocol.slice_label(
             request.headers.get(config.slices.header), config.slices.allowed,
             protocol.prompt_chars(path, body), config.slices.length_buckets,
         )
-        sticky = request.headers.get(config.sticky_header) if config.sticky_header else None
-        arm = choose_arm(config.weights(), sticky_point(sticky) if sticky else self.random.random())
-        if arm not in config.arms:
-            arm = "stable"
-
         live_done: asyncio.Future[_Result | None] | None = None
         strip = False
         if should_mirror(arm, config.mirror_fraction, self.random.random()):
@@ -381,43 +440,40 @@ class Router:
             else:
                 self.metrics.mirrored.labels("dropped_busy").inc()
 
-        response: web.StreamResponse | None = None
         result: _Result | None = None
         try:
-            response, result = await self._live(request, config, arm, path, raw, slice_, arrived, strip)
+            response, result = await self._live(request, config, arm, path, raw, slice_, arrived, strip, waited)
             return response
         finally:
             if live_done is not None and not live_done.done():
                 live_done.set_result(result)
 
+    def _rejected(self, arm: ArmName, rejected: Rejected, slice_: str) -> web.Response:
+        gate = self.gates[arm]
+        self.metrics.errors.labels(arm, "live", slice_, "admission_" + rejected.reason).inc()
+        self.metrics.requests.labels(arm, "live", slice_, "429").inc()
+        self._errors.warning(arm, rejected.reason, "arm %s over its admission bound (%s): answering 429, "
+                             "in flight %d, queued %d", arm, rejected.reason, gate.in_flight, gate.waiting)
+        return web.Response(
+            status=429, headers={"Retry-After": str(rejected.retry_after)}, content_type="application/json",
+            body=protocol.error_body(f"arm {arm} is at its admission bound ({rejected.reason}); retry later",
+                                     "rate_limit_exceeded", 429),
+        )
+
     async def _live(
         self, request: web.Request, config: RouterConfig, arm: ArmName, path: str, payload: bytes, slice_: str,
-        arrived: float, strip: bool,
+        arrived: float, strip: bool, waited: float,
     ) -> tuple[web.StreamResponse, _Result | None]:
-        gate = self.gates[arm]
-        try:
-            waited = await gate.acquire(may_wait=True)
-        except Rejected as rejected:
-            self.metrics.errors.labels(arm, "live", slice_, "admission_" + rejected.reason).inc()
-            self.metrics.requests.labels(arm, "live", slice_, "429").inc()
-            self._errors.warning(arm, rejected.reason, "arm %s over its admission bound (%s): answering 429, "
-                                 "in flight %d, queued %d", arm, rejected.reason, gate.in_flight, gate.waiting)
-            return web.Response(
-                status=429, headers={"Retry-After": str(rejected.retry_after)}, content_type="application/json",
-                body=protocol.error_body(f"arm {arm} is at its admission bound ({rejected.reason}); retry later",
-                                         "rate_limit_exceeded", 429),
-            ), None
+        """The admitted live request (its slot is held by handle_generate): forward, stream back, record."""
         series = self.metrics.series(arm, "live", slice_)
         series.queue_wait.observe(waited)
         sink = _ClientSink(request, strip)
-        held = time.perf_counter()
         series.in_flight.inc()
         try:
             result = await self._exchange(config, arm, "live", path, payload, slice_, arrived, sink,
                                           _forward_headers(request.headers))
         finally:
             series.in_flight.dec()
-            gate.release(time.perf_counter() - held)
         return sink.response(result), result
 
     async def _exchange(
@@ -680,6 +736,23 @@ class _ClientSink:
         return web.Response(status=status, body=data, headers={"Content-Type": content_type})
 
 
+async def _read_bounded(request: web.Request, limit: int) -> bytes | None:
+    """The body, or None as soon as it is larger than `limit` (chunked bodies have no Content-Length to check)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 << 10):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> web.Response:
+    return web.Response(status=413, content_type="application/json", body=protocol.error_body(
+        f"request body larger than {limit} bytes", "invalid_request_error", 413))
+
+
 def _forward_headers(headers: Any) -> dict[str, str]:
     return {
         k: v for k, v in headers.items() if k.lower() not in _HOP_HEADERS and not k.lower().startswith("x-quantrol")
@@ -701,7 +774,7 @@ def _waiting_of(gate: ArmGate) -> Callable[[], float]:
 
 async def serve(
     config_path: Path, host: str, port: int, admin_token_file: Path | None, reload_interval_s: float,
-    shutdown_grace_s: float = 30.0,
+    shutdown_grace_s: float = 30.0, admin_port: int | None = None, namespace: str | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT; then stop accepting and give in-flight requests `shutdown_grace_s` to finish."""
     config = load_config(config_path)
@@ -709,11 +782,17 @@ async def serve(
     if token.current() is None:
         log.warning("no admin token configured: POST /quantrol/config and /quantrol/diffs refuse every request")
     router = Router(config, config_path=config_path, admin_token=token, reload_interval_s=reload_interval_s,
-                    addresses=from_environment())
-    runner = web.AppRunner(router.make_app(), access_log=None, shutdown_timeout=shutdown_grace_s)
+                    addresses=from_environment(), namespace=namespace)
+    runner = web.AppRunner(router.make_app(admin=admin_port is None), access_log=None,
+                           shutdown_timeout=shutdown_grace_s)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
+    await web.TCPSite(runner, host, port).start()
+    admin_runner = None
+    if admin_port is not None:  # the admin API on its own port, which the policy's Service does not expose
+        admin_runner = web.AppRunner(router.make_admin_app(), access_log=None)
+        await admin_runner.setup()
+        await web.TCPSite(admin_runner, host, admin_port).start()
+        log.info("router admin API on %s:%d", host, admin_port)
     log.info("router listening on %s:%d with config v%d from %s: weights %s, mirror %.3f", host, port,
              config.version, config_path, config.weights(), config.mirror_fraction)
     stop = asyncio.Event()
@@ -722,4 +801,6 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("router stopping: draining in-flight requests for up to %.0fs", shutdown_grace_s)
+    if admin_runner is not None:
+        await admin_runner.cleanup()
     await runner.cleanup()

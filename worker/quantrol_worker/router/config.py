@@ -23,6 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from quantrol_worker.contracts import DEFAULT_REDACT_PATTERNS, check_patterns
 
 ArmName = Literal["stable", "candidate"]
+MAX_BODY_BYTES = 4 << 20  # a request body beyond this is refused (413) before it is read: 4 MiB holds 100k+ tokens
+# An admin push may move the version at most this far past the applied one: the operator's sequence moves by one per
+# change, so a router behind by more than this many changes is not plausible, while `version: 2**62` from anyone
+# holding the token would make every later push (rollbacks included) look stale until the pod restarts.
+MAX_VERSION_STEP = 1000
 ARMS: tuple[ArmName, ...] = ("stable", "candidate")
 
 
@@ -81,13 +86,16 @@ class CompareConfig(_Strict):
 
 
 class DiffsConfig(_Strict):
-    """Samples of differing stable/candidate pairs for a human. Prompts are user data: off unless enabled."""
+    """Samples of differing stable/candidate pairs for a human. Prompts are user data: off unless enabled, bounded
+    in count, size and age, redacted before they are kept, readable only on the admin port with the token, and
+    dropped when the candidate leaves (a rollback)."""
 
     enabled: bool = False
-    capacity: int = Field(default=50, ge=1, le=10_000)
-    max_chars: int = Field(default=2000, ge=16, description="Each text is cut to this many characters")
+    capacity: int = Field(default=50, ge=1, le=1000)
+    max_chars: int = Field(default=2000, ge=16, le=8192, description="Each text is cut to this many characters")
+    retention_s: float = Field(default=3600.0, gt=0, le=7 * 86400, description="Samples older than this are dropped")
     redact_patterns: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_REDACT_PATTERNS),
+        default_factory=lambda: list(DEFAULT_REDACT_PATTERNS), max_length=64,
         description="Regular expressions whose matches are replaced by [REDACTED] before a sample is stored",
     )
 
@@ -121,6 +129,8 @@ class RouterConfig(_Strict):
         default_factory=lambda: [GoodputDeadline(name="interactive", ttft_s=2.0, tpot_s=0.2)]
     )
     upstream_timeout_s: float = Field(default=600.0, gt=0)
+    max_body_bytes: int = Field(default=MAX_BODY_BYTES, ge=1024, le=64 << 20,
+                                description="Request bodies beyond this are refused (413) before they are read")
 
     @model_validator(mode="after")
     def _consistent(self) -> RouterConfig:
@@ -156,17 +166,29 @@ def dump_config(config: RouterConfig) -> str:
     return json.dumps(config.model_dump(mode="json"), sort_keys=True)
 
 
-ApplyDecision = Literal["apply", "unchanged", "stale", "conflict"]
+ApplyDecision = Literal["apply", "unchanged", "stale", "conflict", "jump"]
 
 
-def apply_decision(applied: RouterConfig | None, offered: RouterConfig) -> ApplyDecision:
+def arm_outside(config: RouterConfig, namespace: str) -> ArmName | None:
+    """The first arm whose URL is not a Service of `namespace` (http://<service>.<namespace>.svc[.cluster.local]
+    [:port]), or None. A router serves one policy: its arms are that policy's Services, never another host, where a
+    pushed config could send every prompt."""
+    pattern = re.compile(rf"^https?://[a-z]([-a-z0-9]*[a-z0-9])?\.{re.escape(namespace)}\.svc(\.cluster\.local)?"
+                         r"(:\d+)?$")
+    return next((name for name, arm in config.arms.items() if not pattern.match(arm.url)), None)
+
+
+def apply_decision(applied: RouterConfig | None, offered: RouterConfig, max_step: int | None = None) -> ApplyDecision:
     """Whether an offered document replaces the applied one.
 
-    Newer version → apply. Same version and content → unchanged (the ConfigMap catching up with an admin push).
+    Newer version → apply, unless more than `max_step` newer (admin pushes: MAX_VERSION_STEP) → jump (refused: not
+    the operator's sequence).
+    Same version and content → unchanged (the ConfigMap catching up with an admin push).
     Same version, other content → conflict: two writers disagree, keep what serves and say so. Older → stale.
     """
     if applied is None or offered.version > applied.version:
-        return "apply"
+        jumped = applied is not None and max_step is not None and offered.version - applied.version > max_step
+        return "jump" if jumped else "apply"
     if offered.version < applied.version:
         return "stale"
     return "unchanged" if offered == applied else "conflict"

@@ -18,6 +18,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--admin-token-file", type=Path, default=None,
                         help="bearer token file for /quantrol/config and /quantrol/diffs "
                         "(else $QUANTROL_ROUTER_ADMIN_TOKEN)")
+    parser.add_argument("--admin-port", type=int, default=None,
+                        help="serve /quantrol/config and /quantrol/diffs on this port only (default: on --port)")
+    parser.add_argument("--namespace", default=None,
+                        help="the policy's namespace: pushed arm URLs must be Services there (default: unchecked)")
     parser.add_argument("--reload-interval", type=float, default=1.0, help="seconds between config file checks")
     parser.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     parser.add_argument("--log-level", default="INFO")
@@ -27,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from quantrol_worker.router.app import serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    main = serve(args.config, args.host, args.port, args.admin_token_file, args.reload_interval, args.shutdown_grace)
+    main = serve(args.config, args.host, args.port, args.admin_token_file, args.reload_interval, args.shutdown_grace,
+                 args.admin_port, args.namespace)
     # libuv's event loop where installed: about 10% less router CPU per request when the engine streams token by
     # token (bench/bench_router.py, paced section). The serving image, which runs the router, has it (vLLM depends
     # on it); other environments do not, hence the import by name, which keeps this module resolvable (and
