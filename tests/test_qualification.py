@@ -164,6 +164,23 @@ def test_a_candidate_over_its_ttft_slo_one_request_at_a_time_is_refused(stable: 
 
 
 @pytest.mark.serve
+def test_a_candidate_without_one_first_token_in_the_floor_bound_is_refused_naming_ttft(stable: str, artifact: str,
+                                                                                      tmp_path: Path) -> None:
+    """FP8_DYNAMIC on a CPU, played by a stand-in: nothing comes back within the floor's bound at all (GuideLLM then
+    compiles no benchmark); that is a TTFT breach to name, not a failed measurement."""
+    candidate = _standin(prefill_latency=8.0)
+    url = next(candidate)
+    try:
+        report = qualify(tmp_path, artifact, {"candidate": url, "stable": stable},
+                         regimes={"floorRequests": 2, "floorMaxSeconds": 3}, limits={"ttftSeconds": 0.5})
+    finally:
+        candidate.close()
+    assert report["reason"] == "QualificationFailed", report["message"]
+    assert report["message"] == "regime floor (one request at a time): ttftP99: no first token within the run's " \
+                                "3 s > 0.5 s"
+
+
+@pytest.mark.serve
 def test_a_candidate_that_computes_something_else_is_refused_by_the_golden_check(stable: str, artifact: str,
                                                                                   tmp_path: Path) -> None:
     candidate = _standin(token_latency=0.01, deviation=0.5)  # fault: its greedy token differs at half the positions

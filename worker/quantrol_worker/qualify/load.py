@@ -22,6 +22,7 @@ from quantrol_worker.qualify.regimes import LoadRun, RequestSample
 
 TOOL = "guidellm"
 MAX_PROMPTS = 20_000  # the most requests one run may plan, whatever rate × seconds says
+NOTHING_COMPLETED = "No measurement start or end times available"  # GuideLLM 0.8's words for it
 
 
 def tool_version() -> str:
@@ -76,7 +77,14 @@ def run(target: str, tokenizer: Path, prompts: Sequence[str], output_tokens: int
     data = write_data(work / "load.jsonl", prompts, output_tokens, planned)
     profile: dict[str, Any] = {"kind": "synchronous"} if rate is None else {"kind": "constant", "rate": [rate]}
     scenario = _scenario(target, tokenizer, data, profile, seconds, max_requests)
-    report, _ = asyncio.run(benchmark_generative_text(args=scenario, progress=False, console=None))
+    try:
+        report, _ = asyncio.run(benchmark_generative_text(args=scenario, progress=False, console=None))
+    except ValueError as exc:
+        if NOTHING_COMPLETED not in str(exc):
+            raise
+        # GuideLLM compiles no benchmark when not one request finished within the bound: an engine that slow is a
+        # result (a request sent, nothing back in `seconds`), not a failure of the measurement.
+        return LoadRun(requests=[RequestSample(start=0.0, ok=False)], seconds=seconds, rate_rps=rate)
     benchmark = report.benchmarks[0]
     started = [r.request_start_time for r in _all(benchmark) if r.request_start_time]
     t0 = min(started) if started else 0.0
