@@ -43,6 +43,16 @@ PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS
 """
 
 
+CONSTANT_RUN = r"""
+import sys
+from pathlib import Path
+from quantrol_worker.qualify import load
+if __name__ == "__main__":
+    run = load.run(sys.argv[1], Path(sys.argv[2]), ["ka lo mi"], 4, Path(sys.argv[3]), rate=0.2, seconds=3)
+    print(len(run.requests), run.requests[0].ok, run.requests[0].ttft)
+"""
+
+
 def _standin(**behaviour: float) -> Iterator[str]:
     port = free_port()
     args = [sys.executable, "-m", "quantrol_dev.standin", "--port", str(port), "--model", MODEL]
@@ -173,8 +183,16 @@ def test_a_candidate_without_one_first_token_in_the_floor_bound_is_refused_namin
     try:
         report = qualify(tmp_path, artifact, {"candidate": url, "stable": stable},
                          regimes={"floorRequests": 2, "floorMaxSeconds": 3}, limits={"ttftSeconds": 0.5})
+        # At a constant rate nothing finishes either: GuideLLM compiles no benchmark, the run says so.
+        assert SERVE_PYTHON
+        tokenizer = tmp_path / "work" / "artifact"  # what the Job pulled from the artifact
+        constant = subprocess.run([SERVE_PYTHON, "-c", CONSTANT_RUN, url, str(tokenizer), str(tmp_path)],
+                                  capture_output=True,
+                                  text=True, timeout=120, check=False,
+                                  env={**os.environ, "PYTHONPATH": str(REPO / "worker"), "HF_HUB_OFFLINE": "1"})
     finally:
         candidate.close()
+    assert constant.stdout.strip().splitlines()[-1:] == ["1 False None"], constant.stderr[-2000:]
     assert report["reason"] == "QualificationFailed", report["message"]
     assert report["message"] == "regime floor (one request at a time): ttftP99: no first token within the run's " \
                                 "3 s > 0.5 s"
