@@ -68,6 +68,9 @@ class QualificationRun:
     work: Path
     report: QualificationReport = field(default_factory=lambda: QualificationReport(
         reason=QualificationReason.INTERNAL_ERROR, tool=load.tool_version()))
+    # Both arms climb one ladder, from the first arm's floor rate: their goodput is compared at matched offered load,
+    # where a ratio is fair (a ladder per arm would compare different rungs).
+    ladder_start: float | None = None
 
     def arm(self, role: ArmRole) -> QualifyArm | None:
         return next((a for a in self.config.arms if a.arm is role), None)
@@ -135,6 +138,7 @@ def measure_arm(q: QualificationRun, found: Materials, arm: QualifyArm) -> ArmQu
     with admission.router(from_environment().url(arm.url), q.config.admission, q.work) as url:
         floor, start = floor_of(q, found, arm, url)
         result.regimes.append(floor)
+        q.ladder_start = start = q.ladder_start or start
         if arm.arm is ArmRole.CANDIDATE:
             if not floor.passed:
                 raise Refused(QualificationReason.QUALIFICATION_FAILED,
