@@ -83,8 +83,9 @@ QUALIFICATION_WHY = (
     "qualification measures each arm alone with GuideLLM (one request at a time, a rate ladder, 1.5 × overload and "
     "back). The default rule is candidate sustainable goodput ≥ 1.0 × stable; the demo asks {ratio} ×: its ladder "
     "has two rates of 8 s each (CI's time budget, both arms on the same rates), so one rate step (× 2) decides the "
-    "figure, and the tiny model's int8 matmuls save nothing a 5 M-parameter model would notice. The measured ratio is below, whatever it is. "
-    "FP8_DYNAMIC never gets that far: one request at a time already breaks its latency SLO."
+    "figure, and the tiny model's int8 matmuls save nothing a 5 M-parameter model would notice. The measured ratio "
+    "is below, whatever it is. FP8_DYNAMIC never gets that far: one request at a time already breaks its latency "
+    "SLO."
 )
 GOODPUT_WHY = (
     "the seeds' rule (and the default policy) is candidate goodput ≥ 1.0 × stable: a lower-bit artifact is promoted "
