@@ -237,15 +237,21 @@ def fetch_manifest(ref: OciRef, *, insecure: bool) -> dict[str, Any]:
 
 
 def pull(
-    reference: str, dest: Path, *, insecure: bool, titles: frozenset[str] | None = None
+    reference: str, dest: Path, *, insecure: bool, titles: frozenset[str] | None = None,
+    max_layer_bytes: int | None = None,
 ) -> tuple[str, list[Layer]]:
     """Bring `oci://REPO@sha256:…` into `dest`, verified; returns the pinned reference and the layers brought.
     `titles`: only the files of these names (a reader of the report or the evaluation prompts needs no weights);
-    a name the artifact does not hold is simply not brought, the caller decides what its absence means."""
+    a name the artifact does not hold is simply not brought, the caller decides what its absence means.
+    `max_layer_bytes`: a layer the manifest sizes above it (or does not size) is refused before a byte is fetched."""
     ref = OciRef.parse(reference)
     manifest = fetch_manifest(ref, insecure=insecure)
     assert ref.digest is not None  # fetch_manifest refuses tag-only references
     layers = [layer for layer in layers_of(manifest) if titles is None or layer.title in titles]
+    for layer in layers:
+        if max_layer_bytes is not None and (layer.size is None or layer.size > max_layer_bytes):
+            raise ArtifactError(ArtifactReason.INVALID_REFERENCE,
+                                f"layer {layer.title!r} is {layer.size} bytes, over the {max_layer_bytes}-byte limit")
     client = _client(ref.host, insecure)
 
     def download(layer: Layer, path: Path) -> None:

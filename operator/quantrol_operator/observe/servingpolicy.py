@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from quantrol_operator.api.kinds import QUANTIZED_MODEL
-from quantrol_operator.children import label_value, router
+from quantrol_operator.children import label_value, qualification, router
 from quantrol_operator.children.serving import LABEL_POLICY
 from quantrol_operator.kube import Kube
 from quantrol_operator.observe import analysis, candidate
@@ -26,6 +26,19 @@ def router_token(kube: Kube, namespace: str, policy: str) -> tuple[str, bool]:
     data = (secret.get("data") or {}).get(router.TOKEN_KEY)
     string = (secret.get("stringData") or {}).get(router.TOKEN_KEY)
     return (base64.b64decode(data).decode() if data else str(string or "")), False
+
+
+def qualification_job(kube: Kube, namespace: str, policy: str,
+                      status: dict[str, Any]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The running attempt's Job and its pods (by name from status; nothing while no attempt runs)."""
+    q = status.get("qualification") or {}
+    if q.get("state") != "Running" or not q.get("jobName"):
+        return None, []
+    job = kube.get("batch/v1", "Job", namespace, str(q["jobName"]))
+    if job is None:
+        return None, []
+    selector = f"{LABEL_POLICY}={label_value(policy)},{qualification.LABEL_COMPONENT}={qualification.COMPONENT}"
+    return job, kube.list_owned("v1", "Pod", namespace, job["metadata"]["uid"], selector)
 
 
 def observe(kube: Kube, addresses: Addresses, prometheus_url: str, obj: dict[str, Any],
@@ -47,11 +60,12 @@ def observe(kube: Kube, addresses: Addresses, prometheus_url: str, obj: dict[str
     pinned = status.get("candidateArtifact")
     if pinned and pinned != status.get("stableArtifact"):
         kernels, failed = candidate.health(kube, addresses, namespace, name, pinned, policy.reads)
+    job, pods = qualification_job(kube, namespace, name, status)
     token, create_token = router_token(kube, namespace, name)
     window = None
     if spec is not None and not read.refused and analysis.due(status, spec, now):
         window = analysis.window(analysis.source_for(spec, prometheus_url, policy), namespace, name, status, spec)
     observed = SpObserved(obj=obj, spec=read, quantized_model=qm, deployments=deployments, candidate_kernels=kernels,
                           candidate_failed=failed, window=window, router_token=token if create_token else "",
-                          now=now)
+                          qualification_job=job, qualification_pods=pods, now=now)
     return observed, token

@@ -24,6 +24,8 @@ from quantrol_operator.api.servingpolicy import (
     DeletionPolicy,
     HandledAnnotations,
     KernelReport,
+    QualificationState,
+    QualificationStatus,
     RollbackReason,
     RollbackRecord,
     RouterState,
@@ -35,13 +37,14 @@ from quantrol_operator.api.servingpolicy import (
     Weights,
 )
 from quantrol_operator.api.servingpolicy import RolloutPhase as P
-from quantrol_operator.children import monitoring, router, serving
+from quantrol_operator.children import monitoring, qualification, router, serving
 from quantrol_operator.conditions import set_condition
 from quantrol_operator.planning import Event, Plan
+from quantrol_operator.planning import qualification as qualifying
 from quantrol_operator.policy import InstallPolicy, Refusal, pod_refusals
 from quantrol_operator.rollout.analysis import decide, judge, no_judgement, window_verdict
 from quantrol_operator.rollout.queries import Observation, custom_query_refusal
-from quantrol_operator.rollout.statemachine import Decision, Facts, TransitionReason, step, weights_for
+from quantrol_operator.rollout.statemachine import Decision, Facts, Qualified, TransitionReason, step, weights_for
 from quantrol_operator.validation import field_error
 from quantrol_worker.contracts import KernelVerdict
 from quantrol_worker.router.config import MAX_BODY_BYTES, RouterConfig, dump_config
@@ -50,7 +53,7 @@ REFUSED_BY_INSTALL_POLICY = "RefusedByInstallPolicy"  # a condition reason and E
 ANNOTATION_PAUSED = "quantrol.io/paused"
 ANNOTATION_RETRY = "quantrol.io/retry"
 ANNOTATION_ROLLBACK = "quantrol.io/rollback"
-CANDIDATE_PHASES = {P.PENDING, P.SHADOW, P.CANARY, P.PAUSED}
+CANDIDATE_PHASES = {P.PENDING, P.QUALIFYING, P.SHADOW, P.CANARY, P.PAUSED}
 
 
 @dataclass(frozen=True)
@@ -65,9 +68,10 @@ class SpecRead:
 
 def policy_refusals(spec: ServingPolicySpec, namespace: str, policy: InstallPolicy,
                     default_prometheus: str) -> list[Refusal]:
-    """What of `spec` the install policy does not allow: the serving image, node selectors, the Prometheus
-    address, and custom SLO queries that would read beyond the policy's namespace."""
+    """What of `spec` the install policy does not allow: the serving and qualification images, node selectors, the
+    Prometheus address, and custom SLO queries that would read beyond the policy's namespace."""
     out = pod_refusals("spec.serving", spec.serving, policy.workloads)
+    out += pod_refusals("spec.qualification", spec.qualification, policy.workloads)
     address = spec.analysis.prometheus.address if spec.analysis.prometheus else None
     if address and not policy.prometheus_allowed(address, default_prometheus):
         out.append(Refusal("spec.analysis.prometheus.address", f"{address!r} is not one of the Prometheus "
@@ -101,6 +105,8 @@ class SpObserved:
     candidate_kernels: KernelReport | None = None  # the launcher's report
     candidate_failed: str | None = None  # why the candidate arm cannot run (e.g. fetch refused the digest)
     window: Observation | None = None  # None: no analysis this pass (not in Shadow/Canary, or not due)
+    qualification_job: dict[str, Any] | None = None  # status.qualification.jobName, while Qualifying
+    qualification_pods: list[dict[str, Any]] = field(default_factory=list)
     router_token: str = ""
     now: datetime = field(default_factory=datetime.now)
 
@@ -173,6 +179,7 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
     annotations = meta.get("annotations") or {}
     retry, rollback = annotations.get(ANNOTATION_RETRY), annotations.get(ANNOTATION_ROLLBACK)
     decision, counters = _analyse(result, status, observed, spec, phase, now)
+    qualified = _qualification_result(status, observed, phase, now)
     if observed.candidate_kernels:
         status.candidate_kernels = observed.candidate_kernels
     facts = Facts(
@@ -184,6 +191,7 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
         candidate_failed=observed.candidate_failed is not None,
         kernel=refused or (observed.candidate_kernels.verdict if observed.candidate_kernels else KernelVerdict.UNKNOWN),
         enforce_kernels=spec.kernel_policy.value == "enforce", decision=decision,
+        qualify=spec.qualification.enabled, qualified=qualified,
         paused_annotation=annotations.get(ANNOTATION_PAUSED, "").lower() in ("true", "1", "yes"),
         paused_from=status.paused_from, paused_by_user=status.paused_from is not None,
         retry_requested=retry is not None and retry != status.handled_annotations.retry,
@@ -206,9 +214,14 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
             stable = pinned
         if moved.reason in (TransitionReason.NEW_CANDIDATE, TransitionReason.RETRY, TransitionReason.SPEC_CHANGED):
             pinned = desired  # None when the new candidate has no digest (refused, or still calibrating)
+        if moved.phase is P.QUALIFYING and pinned is not None and (
+                status.qualification is None or status.qualification.state is not QualificationState.RUNNING):
+            status.qualification = qualifying.started(spec, pinned, status.qualification, now, policy)
+        elif moved.reason is TransitionReason.QUALIFICATION_SKIPPED:
+            status.qualification = qualifying.skipped(pinned, status.qualification)
         if moved.rollback is not None:
             result.rollback = _rollback_record(moved.rollback, status.last_analysis, observed, pinned, now,
-                                               refused_by=why_not if refused else "")
+                                               refused_by=why_not if refused else "", qualified=status.qualification)
             status.rollback = result.rollback
         counters = AnalysisCounters()
         phase, index = moved.phase, moved.step
@@ -219,6 +232,7 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
     weights = weights_for(phase, index, facts.steps, spec.rollout.shadow.mirror_fraction, held=before.weights)
     _children(result, obj, spec, images, stable, pinned, phase, status, weights, now, observed.router_token,
               max_body_bytes)
+    _qualification_children(result, obj, spec, images[0], stable, pinned, phase, status)
     if pod_monitor_labels is not None:
         result.apply.append(monitoring.pod_monitor(obj, spec, pod_monitor_labels))
     _withdraw_stale_arms(result, observed.deployments)
@@ -250,6 +264,29 @@ def _analyse(result: SpPlan, status: ServingPolicyStatus, observed: SpObserved, 
     status.last_analysis = result.analysis = AnalysisRun(time=now, window_seconds=seconds, verdict=verdict,
                                                          no_judgement=why, metrics=results)
     return decision, counters
+
+
+def _qualification_result(status: ServingPolicyStatus, observed: SpObserved, phase: P, now: datetime) -> Qualified:
+    """The qualification Job's verdict for the pinned candidate, written into status once, when it arrives."""
+    qualified, report, why = qualifying.outcome(status.qualification, observed.qualification_job,
+                                                observed.qualification_pods)
+    if qualified is not Qualified.RUNNING and status.qualification is not None and phase is P.QUALIFYING:
+        status.qualification = qualifying.finished(status.qualification, report, why, now)
+    return qualified
+
+
+def _qualification_children(result: SpPlan, obj: dict[str, Any], spec: ServingPolicySpec, image: str, stable: str,
+                            candidate: str | None, phase: P, status: ServingPolicyStatus) -> None:
+    """While Qualifying, the Job (and its ConfigMap) of the current attempt; finished Jobs stay as evidence."""
+    q = status.qualification
+    if phase is not P.QUALIFYING or candidate is None or q is None or q.job_name is None:
+        return
+    if q.state is not QualificationState.RUNNING:
+        return
+    meta = obj["metadata"]
+    config = qualification.worker_config(meta["name"], meta["namespace"], spec, stable, candidate)
+    result.apply.append(qualification.config_map(obj, q.job_name, config))
+    result.apply.append(qualification.job(obj, q.job_name, spec, config, image))
 
 
 def _desired_candidate(observed: SpObserved,
@@ -345,7 +382,8 @@ def _transition(result: SpPlan, status: ServingPolicyStatus, src: P, dst: P, ste
 
 
 def _rollback_record(reason: RollbackReason, analysis: AnalysisRun | None, observed: SpObserved,
-                     candidate: str | None, now: datetime, refused_by: str = "") -> RollbackRecord:
+                     candidate: str | None, now: datetime, refused_by: str = "",
+                     qualified: QualificationStatus | None = None) -> RollbackRecord:
     """`refused_by`: why the candidate was refused before it had a digest (its QuantizedModel's kernel pre-check)."""
     record = RollbackRecord(reason=reason, time=now, candidate_artifact=candidate)
     failing = [m for m in (analysis.metrics if analysis else []) if m.verdict is Verdict.FAIL]
@@ -360,6 +398,11 @@ def _rollback_record(reason: RollbackReason, analysis: AnalysisRun | None, obser
         record.message = (kernels.message if kernels else "") or refused_by or "refused by the kernel check"
     elif reason is RollbackReason.CANDIDATE_FAILED:
         record.message = observed.candidate_failed or ""
+    elif reason in (RollbackReason.QUALIFICATION_FAILED, RollbackReason.GOLDEN_OUTPUT_MISMATCH) and qualified:
+        refused = [f"golden/{g.slice}" for g in qualified.golden if g.passed is False] + [
+            f"{a.arm.value}/{r.regime.value}" for a in qualified.arms for r in a.regimes if r.passed is False]
+        record = record.model_copy(update={"slo": refused[0] if refused else None, "failing_slos": refused,
+                                           "message": qualified.message})
     return record
 
 
@@ -433,6 +476,9 @@ def _status_fields(status: ServingPolicyStatus, phase: P, index: int | None, sta
     cond("CandidateReady", facts.candidate_ready, "ArmReady" if facts.candidate_ready else "ArmNotReady",
          f"candidate arm {serving.short_digest(candidate)}" if candidate else "no candidate pinned")
     cond("Progressing", phase in (P.PENDING, P.SHADOW, P.CANARY), phase.value, status.message or phase.value)
+    q = status.qualification
+    if q is not None:
+        cond("Qualified", q.state is QualificationState.PASSED, q.reason or q.state.value, q.message)
     cond("Promoted", phase is P.PROMOTED, phase.value, f"stable is {serving.short_digest(stable)}")
     cond("Paused", phase is P.PAUSED, *_paused(phase, status))
     rolled_back = phase is P.ROLLED_BACK and status.rollback is not None
