@@ -27,6 +27,7 @@ from quantrol_operator.api.servingpolicy import ServingPolicySpec
 from quantrol_operator.planning import quantizedmodel as qm_planning
 from quantrol_operator.planning import servingpolicy as sp_planning
 from quantrol_operator.rollout.queries import QueryError, Scope, observe
+from quantrol_worker.contracts import QualificationReason, QualificationReport
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -114,6 +115,8 @@ def _serving_policy() -> dict[str, Any]:
     obj = yaml.safe_load((ROOT / "e2e/samples/servingpolicy-llama-8b.yaml").read_text())
     obj["metadata"].update(uid="uid-sp", generation=1, annotations={})
     obj["spec"]["serving"].update(nodeSelector={"pool": "gpu"}, target="cuda-sm90")
+    obj["spec"]["qualification"].update(probePrompts={"name": "probes", "key": "prompts.jsonl"},
+                                        image="registry.example.com/serve:1")
     obj["spec"]["slos"]["custom"] = [{"name": "kv-usage", "query": "max(vllm:kv_cache_usage_perc{arm=\"$arm\"})",
                                       "max": 0.9}, {"name": "hit-rate", "query": "avg(x{arm=\"$arm\"})", "min": 0.1}]
     return obj
@@ -159,9 +162,16 @@ def _run_serving_policy(recorded: set[tuple[str, str]]) -> None:
         return nxt
 
     obj = one(obj)
-    obj = one(obj, deployments=obj.pop("_ready"))  # → Shadow
-    assert obj["status"]["phase"] == "Shadow", obj["status"].get("message")
+    obj = one(obj, deployments=obj.pop("_ready"))  # → Qualifying: the Job is built from spec.qualification
+    assert obj["status"]["phase"] == "Qualifying", obj["status"].get("message")
     deployments = obj.pop("_ready")
+    job = {"metadata": {"name": obj["status"]["qualification"]["jobName"]}, "status": {}}
+    report = QualificationReport(reason=QualificationReason.QUALIFIED, message="qualified")
+    pod = {"metadata": {"creationTimestamp": "2026-12-01T12:00:00Z"}, "status": {"containerStatuses": [
+        {"name": "qualify", "state": {"terminated": {"exitCode": 0, "message": report.to_message()}}}]}}
+    obj = one(obj, deployments=deployments, qualification_job=job, qualification_pods=[pod])  # → Shadow
+    assert obj["status"]["phase"] == "Shadow", obj["status"].get("message")
+    obj.pop("_ready")
     scope = Scope("llm-serving", "llama-3-1-8b", "60s", "mirror")
     assert spec.spec is not None
     # Windows that pass, fail (every value 50), cannot be read, and hold no data (NaN): every limit consulted.

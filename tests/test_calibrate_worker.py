@@ -295,7 +295,8 @@ def test_the_artifact_carries_its_evaluation_prompts_redacted(w8a8: dict[str, An
         assert abs((ref.perplexity_ratio or 0) - quality[shipped.slice]["perplexityRatio"]) < 0.02, (ref, quality)
     prose = prompts.for_slice("prose")
     assert prose is not None and all(p.redactions >= 1 and c.REDACTED in p.text for p in prose.prompts)
-    assert summary["redactedPrompts"] >= len(prose.prompts) and summary["redactPatterns"] == 3
+    assert summary["redactedPrompts"] >= len(prose.prompts)
+    assert summary["redactPatterns"] == len(c.DEFAULT_REDACT_PATTERNS)
     everything = path.read_text() + json.dumps(report)
     assert SECRET not in everything and "jane.doe" not in everything, "the planted address left the Job"
 

@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_install_launcher(commands)
     calibrate = commands.add_parser("calibrate", help="calibrate, quantize, evaluate and publish a model (torch)")
     calibrate.add_argument("--config", required=True, help="CalibrationConfig file (JSON or YAML)")
+    qualify = commands.add_parser("qualify", help="measure both arms in three regimes and the golden output (GuideLLM)")
+    qualify.add_argument("--config", required=True, help="QualificationConfig file (JSON or YAML)")
     return parser
 
 
@@ -45,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         from quantrol_worker.calibrate.pipeline import main as run_calibrate  # torch is imported only here
 
         return run_calibrate(["--config", args.config])
+    if args.command == "qualify":
+        from quantrol_worker.qualify.run import main as run_qualify  # guidellm and torch are imported only here
+
+        return run_qualify(["--config", args.config])
     if args.command == "fetch":
         from quantrol_worker.fetch import run as run_fetch
 

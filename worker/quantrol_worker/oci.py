@@ -409,15 +409,21 @@ def _manifest(registry: Registry, ref: OciRef, digest: str) -> dict[str, Any]:
 
 
 def pull(reference: str, dest: Path, *, insecure: bool, credentials: Path | None = None,
-         max_bytes: int | None = None, titles: frozenset[str] | None = None) -> tuple[str, list[Layer]]:
+         max_bytes: int | None = None, titles: frozenset[str] | None = None,
+         max_layer_bytes: int | None = None) -> tuple[str, list[Layer]]:
     """Bring `oci://REPO@sha256:…` into `dest`, verified; returns the pinned reference and the layers brought.
     `titles`: only the files of these names (a reader of the report or the evaluation prompts needs no weights);
-    a name the artifact does not hold is simply not brought, the caller decides what its absence means. Refused
-    before any download when the files would not fit (`check_fits`)."""
+    a name the artifact does not hold is simply not brought, the caller decides what its absence means.
+    `max_layer_bytes`: a layer the manifest sizes above it (or does not size) is refused before a byte is fetched;
+    `max_bytes`: so are files that together would not fit the destination (`check_fits`)."""
     ref = OciRef.parse(reference)
     digest = pinned_digest(ref)
     registry = Registry(ref.host, insecure=insecure, credentials=credentials)
     layers = [layer for layer in layers_of(_manifest(registry, ref, digest)) if titles is None or layer.title in titles]
+    for layer in layers:
+        if max_layer_bytes is not None and (layer.size is None or layer.size > max_layer_bytes):
+            raise ArtifactError(ArtifactReason.INVALID_REFERENCE,
+                                f"layer {layer.title!r} is {layer.size} bytes, over the {max_layer_bytes}-byte limit")
     check_fits(layers, dest, max_bytes)
 
     def download(layer: Layer, path: Path) -> None:

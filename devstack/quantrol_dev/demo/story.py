@@ -11,16 +11,18 @@ What runs (nothing is faked for the story; ARCHITECTURE.md says what each local 
 3. Three QuantizedModels on target cpu-x86 — W8A8, FP8_DYNAMIC, W8A16 — calibrated by real llm-compressor Jobs;
    W8A16 is refused by the kernel pre-check (vLLM's CPU build has no kernel for it).
 4. One ServingPolicy (kernelPolicy `warn`), and a bounded load generator against its router. Its candidate is
-   edited as a user would in git: W8A8 (shadowed, canaried, promoted: it becomes the stable arm), then
-   FP8_DYNAMIC (passes the quality gate, but really runs ≈1.8 s per token on this CPU: the latency SLO rolls it
-   back), then W8A16 (refused as KernelUnavailable before it takes traffic: the spec edit alone restarts the
-   rolled-back policy, and its refused QuantizedModel never gets an arm).
+   edited as a user would in git: W8A8 (qualified on the target — GuideLLM in three regimes and the golden-output
+   check — then shadowed, canaried, promoted: it becomes the stable arm), then FP8_DYNAMIC (passes the quality
+   gate, but really runs ≈1.8 s per token on this CPU: qualification refuses it on measurement, one request at a
+   time, before any traffic), then W8A16 (refused as KernelUnavailable before it takes traffic: the spec edit
+   alone restarts the rolled-back policy, and its refused QuantizedModel never gets an arm).
    Each candidate's rollout is held (the `quantrol.io/paused` annotation) until the demo has warmed its engine up
    with one request of each kind the router sends, straight to the engine: vLLM's CPU build compiles kernels
    (torch inductor, g++) at the first request that needs them — minutes on 2 busy cores the first time, cached
    in the cache dir afterwards — and a rollout judged during that compile would judge the compiler.
-5. A report in the output directory: report.md / report.json (artifact digests, quality per slice, every
-   analysis verdict, the rollback record) and chart.png (candidate weight, TTFT p99 per arm, quality delta).
+5. A report in the output directory: report.md / report.json (artifact digests, quality per slice, each
+   candidate's qualification figures per arm and regime, every analysis verdict, the rollback record) and
+   chart.png (candidate weight, TTFT p99 per arm, quality delta).
 
 Ctrl-C or any failure stops every process the demo started (the stack stops its parts in reverse order); the
 stack's logs stay under OUTPUT/stack. Caches (the tiny model, vLLM's and torch inductor's compiled kernels) live in
@@ -74,10 +76,23 @@ SERVING_IMAGE = "quantrol/vllm-cpu:demo"  # -> the serve environment (vLLM's CPU
 ROUTER_IMAGE = "quantrol/router:demo"  # -> this (dev) environment: the router is not an engine
 TOOLS_IMAGE = "quantrol/operator:demo"  # -> this (dev) environment: the arms' fetch and launcher delivery
 CREDENTIALS_SECRET = "registry-credentials"  # the docker-config Secret every pod reaches the registry with
+# -> the serve environment (GuideLLM is there), not counted against the serving cap: it runs no engine
+QUALIFY_IMAGE = "quantrol/qualify:demo"
 CANDIDATES = (("tiny-w8a8", "W8A8"), ("tiny-fp8-dynamic", "FP8_DYNAMIC"), ("tiny-w8a16", "W8A16"))
 LATENCY_SLOS = ("ttftP99", "interTokenLatencyP99")
 PAUSED = "quantrol.io/paused"  # held while the demo warms a new candidate engine up (see hold_and_warm)
 GOODPUT_RATIO = 0.8  # the demo policy's goodput.minRelativeToStable; GOODPUT_WHY says why it is not 1.0
+QUALIFICATION_GOODPUT_RATIO = 0.25  # spec.qualification.minGoodputRatio; QUALIFICATION_WHY says why
+QUALIFICATION_WHY = (
+    "qualification measures each arm alone with GuideLLM (one request at a time, a rate ladder, 1.5 × overload and "
+    "back). The default rule is candidate sustainable goodput ≥ 1.0 × stable; the demo asks {ratio} ×: its ladder "
+    "has two rates of 8 s each (CI's time budget, both arms on the same rates, each double the one before), so the "
+    "ratio moves in steps of 2: one arm passing one rate more than the other reads 0.5 × or 2 ×. On 2 shared cores "
+    "that one step is noise (W8A8 measured 0.5 × in two runs of the demo test and 0.63 × in another, while alone on "
+    "the machine it sustains 1.3 × the bf16 arm's rate, bench/bench_qualification.py); two steps are not. The "
+    "measured ratio is below, whatever it is. FP8_DYNAMIC never gets that far: one request at a time already breaks "
+    "its latency SLO."
+)
 GOODPUT_WHY = (
     "the seeds' rule (and the default policy) is candidate goodput ≥ 1.0 × stable: a lower-bit artifact is promoted "
     "because it serves faster on the target, not because it fits. The demo relaxes it to {ratio} × only for noise: "
@@ -204,6 +219,11 @@ def image_map(calibrate_python: Path, serve_python: Path, cache: Path, short_tmp
                       "TMPDIR": str(short_tmp), "TORCHINDUCTOR_CACHE_DIR": str(cache / "torchinductor")}),
         ImageEnv("quantrol/router*", Path(sys.executable).parent, env=_worker_env()),
         ImageEnv("quantrol/operator*", Path(sys.executable).parent, env=_worker_env()),
+        # The qualification Job: the serving image's programs, no engine. The local stack's address resolver
+        # (development package) is put on its path: the Job resolves the arms' Services as a pod would.
+        ImageEnv("quantrol/qualify*", serve_python.parent,
+                 env={**_worker_env(), "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+                      "TMPDIR": str(short_tmp)}),
     ]
 
 
@@ -244,7 +264,17 @@ def quantized_model(name: str, scheme: str, info: dict[str, Any], registry: str)
     }
 
 
-def serving_policy(baseline: str, candidate: str, settings: DemoSettings, prometheus_url: str) -> dict[str, Any]:
+def serving_policy(baseline: str, candidate: str, settings: DemoSettings, prometheus_url: str,
+                   qualify_image: str | None = None) -> dict[str, Any]:
+    """`qualify_image`: the local stack's own image name for the qualification Job (no engine, so the runner does not
+    count it against the serving cap); on a cluster it is unset and the Job runs on the serving image."""
+    qualification: dict[str, Any] = {
+        "outputTokens": settings.max_tokens,
+        "regimes": {"floorRequests": 3, "floorMaxSeconds": 20, "sweepRates": 2, "secondsPerRate": 8,
+                    "overloadFactor": 1.5, "overloadSeconds": 6, "recoverySeconds": 20},
+        "minGoodputRatio": QUALIFICATION_GOODPUT_RATIO}  # see QUALIFICATION_WHY
+    if qualify_image:
+        qualification["image"] = qualify_image
     return {
         "apiVersion": API_VERSION, "kind": "ServingPolicy",
         # Held until the demo has warmed the candidate's engine (hold_and_warm); a user would not need this.
@@ -273,6 +303,8 @@ def serving_policy(baseline: str, candidate: str, settings: DemoSettings, promet
             "slos": {"ttftP99": {"max": 5.0}, "interTokenLatencyP99": {"max": 1.2}, "errorRate": {"max": 0.05},
                      "queueTimeP99": {"max": 5.0}, "qualityDelta": {"max": 0.5}, "agreement": {"min": 0.5},
                      "goodput": {"minRelativeToStable": GOODPUT_RATIO}},  # see GOODPUT_WHY
+            # Short regimes (CI's budget); the golden-output check keeps its default tolerance.
+            "qualification": qualification,
         },
     }
 
@@ -499,6 +531,7 @@ class Recorder(threading.Thread):
         self.candidate = ""
         self.series: list[Snapshot] = []
         self.analyses: list[dict[str, Any]] = []  # every distinct lastAnalysis, tagged with the candidate
+        self.qualifications: dict[str, dict[str, Any]] = {}  # per candidate: its finished status.qualification
         self.status: dict[str, Any] = {}
         self._seen_history = 0
         self._last_analysis_time: str | None = None
@@ -512,7 +545,8 @@ class Recorder(threading.Thread):
     def dump(self, path: Path) -> None:
         """What was seen so far (also after a failure): the status, every analysis, the series."""
         with self.lock:
-            data = {"status": self.status, "analyses": self.analyses, "series": [s.__dict__ for s in self.series]}
+            data = {"status": self.status, "analyses": self.analyses, "qualifications": self.qualifications,
+                    "series": [s.__dict__ for s in self.series]}
         path.write_text(json.dumps(data, indent=2, default=str))
 
     def observe(self) -> None:
@@ -523,6 +557,10 @@ class Recorder(threading.Thread):
             for entry in history[self._seen_history:] if len(history) >= self._seen_history else history:
                 say(f"● {entry.get('message', entry)}")
             self._seen_history = len(history)
+            qualification = status.get("qualification") or {}
+            if self.candidate and qualification.get("state") not in (None, "Running") and \
+                    status.get("candidateArtifact") == qualification.get("candidateArtifact"):
+                self.qualifications[self.candidate] = qualification
             analysis = status.get("lastAnalysis") or {}
             metrics = {m["slo"]: m for m in analysis.get("metrics", [])}
             if analysis and analysis.get("time") != self._last_analysis_time:
@@ -690,6 +728,46 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}g}" if isinstance(value, float) else "—" if value is None else str(value)
 
 
+REGIME_COLUMNS = (("rateRps", "rate (req/s)"), ("requests", "requests"), ("ttftP50Seconds", "TTFT p50 (s)"),
+                  ("ttftP99Seconds", "TTFT p99 (s)"), ("itlP50Seconds", "ITL p50 (s)"),
+                  ("itlP99Seconds", "ITL p99 (s)"),
+                  ("outputTokensPerSecond", "output tok/s"),
+                  ("goodputTokensPerEngineSecond", "goodput (tok per engine-s)"),
+                  ("rejectedFraction", "429 share"), ("queueWaitP99Seconds", "queue wait p99 (s)"),
+                  ("recoverySeconds", "recovery (s)"))
+
+
+def qualification_markdown(qualifications: dict[str, dict[str, Any]]) -> list[str]:
+    """Per candidate: the Qualifying phase's verdict, each arm in each regime (units in the headers), the golden
+    check per slice."""
+    lines = ["", "## Qualification before any traffic (status.qualification)", ""]
+    if not qualifications:
+        return [*lines, "No candidate reached the Qualifying phase.", ""]
+    lines.append("- the rule: " + QUALIFICATION_WHY.format(ratio=QUALIFICATION_GOODPUT_RATIO))
+    for candidate, q in qualifications.items():
+        ratio = q.get("goodputRatio")
+        lines += ["", f"### {candidate}: {q.get('state')} — {q.get('reason')}", "",
+                  f"{q.get('message', '')}", "",
+                  f"Tool: {q.get('tool')}; golden prompts: {q.get('goldenSource')}; sustainable goodput ratio "
+                  f"(candidate ÷ stable): {_fmt(ratio, 3)}, required ≥ {_fmt(q.get('requiredGoodputRatio'), 3)}.", "",
+                  "| arm | regime | passed | " + " | ".join(h for _, h in REGIME_COLUMNS) + " |",
+                  "| --- | --- | --- | " + " | ".join("---" for _ in REGIME_COLUMNS) + " |"]
+        for arm in q.get("arms") or []:
+            for r in arm.get("regimes") or []:
+                cells = " | ".join(_fmt(r.get(k), 3) for k, _ in REGIME_COLUMNS)
+                failed = f" ({'; '.join(r['failed'])})" if r.get("failed") else ""
+                lines.append(f"| {arm.get('arm')} | {r.get('regime')} | {r.get('passed')}{failed} | {cells} |")
+        if q.get("golden"):
+            lines += ["", "| golden slice | mean KL (engine / reference) | top-1 | perplexity ratio | passed |",
+                      "| --- | --- | --- | --- | --- |"]
+            for g in q["golden"]:
+                lines.append(f"| {g.get('slice')} | {_fmt(g.get('meanKl'), 3)} / {_fmt(g.get('referenceMeanKl'), 3)} "
+                             f"| {_fmt(g.get('top1'), 3)} / {_fmt(g.get('referenceTop1'), 3)} | "
+                             f"{_fmt(g.get('pplRatio'), 3)} / {_fmt(g.get('referencePplRatio'), 3)} | "
+                             f"{g.get('passed')} |")
+    return lines
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     lines = ["# quantrol demo report", "", f"Total run time: {report['seconds']:.0f} s; "
              f"load generator: {report['load']['ok']} answered, {report['load']['failed']} failed.", "",
@@ -716,6 +794,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         ordered = sorted(ratios)
         lines.append(f"  - {candidate}: candidate/stable goodput over {len(ordered)} windows: min {ordered[0]:.2f}, "
                      f"median {ordered[len(ordered) // 2]:.2f}, max {ordered[-1]:.2f}")
+    lines += qualification_markdown(report.get("qualifications") or {})
     lines += ["", "## Analysis verdicts per step", "",
               "| candidate | phase | verdict | per SLO (value / limit: verdict) |", "| --- | --- | --- | --- |"]
     for a in report["analyses"]:
@@ -740,6 +819,7 @@ def build_report(*, seconds: float, settings: DemoSettings, baseline: str, quant
     return {
         "seconds": seconds, "kernelPolicy": settings.kernel_policy, "baseline": baseline,
         "quantizedModels": quantized, "servingPolicy": final, "analyses": recorder.analyses,
+        "qualifications": recorder.qualifications,
         "history": (final.get("status") or {}).get("history", []), "rollbacks": rollbacks,
         "rollbacksTotal": rollbacks_total, "load": load,
         "series": [s.__dict__ for s in recorder.series], "marks": marks,
@@ -806,7 +886,7 @@ def run_story(settings: DemoSettings) -> dict[str, Any]:
             say("applied three QuantizedModels; their calibration Jobs run in the calibrate environment")
             settled = wait_quantized_models(api, [q["metadata"]["name"] for q in qms], settings.phase_timeout)
 
-            policy = serving_policy(baseline, CANDIDATES[0][0], settings, stack.prometheus.url)
+            policy = serving_policy(baseline, CANDIDATES[0][0], settings, stack.prometheus.url, QUALIFY_IMAGE)
             print_yaml(policy)
             say(f"goodput SLO: candidate ≥ {GOODPUT_RATIO} × stable, not the default 1.0 ×: "
                 "relaxed for the noise of 2 shared cores only (report.md: Policy choices, with the measured ratios)")
@@ -830,7 +910,7 @@ def run_story(settings: DemoSettings) -> dict[str, Any]:
                         lambda s: s.get("phase") == "Promoted", settings.phase_timeout, stop_on=("RolledBack",))
             marks.append((time.monotonic() - recorder.started, "W8A8 promoted"))
 
-            for name, expect in ((CANDIDATES[1][0], "SloBreach" if settings.kernel_policy == "warn"
+            for name, expect in ((CANDIDATES[1][0], "QualificationFailed" if settings.kernel_policy == "warn"
                                   else "KernelFallback"), (CANDIDATES[2][0], "KernelUnavailable")):
                 with recorder.lock:
                     seen = len(recorder.status.get("history") or [])

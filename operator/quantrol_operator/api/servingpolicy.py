@@ -24,7 +24,18 @@ from quantrol_operator.api.common import (
     Resources,
     Toleration,
 )
-from quantrol_worker.contracts import KernelVerdict, RedactPattern, Target, check_patterns
+from quantrol_operator.api.quantizedmodel import ConfigMapKeyRef
+from quantrol_worker.contracts import (
+    ArmQualification,
+    GoldenSlice,
+    GoldenTolerance,
+    KernelVerdict,
+    QualificationReason,
+    RedactPattern,
+    RegimeSettings,
+    Target,
+    check_patterns,
+)
 
 KIND = "ServingPolicy"
 PLURAL = "servingpolicies"
@@ -33,6 +44,7 @@ HISTORY_LIMIT = 50  # status.history keeps the newest transitions, at most this 
 
 class RolloutPhase(StrEnum):
     PENDING = "Pending"
+    QUALIFYING = "Qualifying"  # both arms measured on the target before any traffic (spec.qualification)
     SHADOW = "Shadow"
     CANARY = "Canary"
     PROMOTED = "Promoted"
@@ -420,6 +432,32 @@ class Slos(ApiModel):
     custom: list[CustomSlo] = Field(default_factory=list, max_length=32)
 
 
+class Qualification(ApiModel):
+    """Before any traffic, on the target: each arm measured with GuideLLM in three regimes (one request at a time;
+    a rate sweep to the highest rate meeting the latency SLOs with bounded queue age; overload × factor, then
+    recovery), through the policy's admission bounds, and the candidate engine's golden-output check against
+    its artifact's evaluation prompts. Runs as a Job in the serving image."""
+
+    enabled: bool = Field(
+        default=True, description="false skips the Qualifying phase: ready arms with verified kernels go "
+        "straight to Shadow, unmeasured (status.qualification says so).")
+    output_tokens: int = Field(default=32, ge=1, le=4096, description="Output tokens asked per load request.")
+    regimes: RegimeSettings = Field(default_factory=RegimeSettings, description="How long each regime may run.")
+    golden_tolerance: GoldenTolerance = Field(
+        default_factory=GoldenTolerance, description="How far the candidate engine's golden figures may fall "
+        "behind the reference calibration measured on the same prompts before it is refused (GoldenOutputMismatch).")
+    min_goodput_ratio: float = Field(
+        default=1.0, gt=0, le=100, description="Candidate sustainable goodput ≥ this × the stable arm's "
+        "(1.0: promote because it is faster on the target, not because it fits).")
+    probe_prompts: ConfigMapKeyRef | None = Field(
+        default=None, description="JSONL lines {slice, text}: the load's prompts when the candidate artifact "
+        "carries no evaluation prompts (a pinned artifact); its golden-output check is then skipped, and said.")
+    image: ImageRef | None = Field(
+        default=None, description="The Job's image; the install's serving image (Quantrol's, holding the worker "
+        "and GuideLLM) when unset, not serving.image, which may be a stock vLLM image. The install policy's image "
+        "prefixes apply, as to the serving image.")
+
+
 def _baseline_gpus_consistent(spec: ServingPolicySpec) -> bool:
     serving = spec.serving
     limit = serving.resources.limits.get(GPU_RESOURCE) if serving.resources else None
@@ -437,6 +475,7 @@ class ServingPolicySpec(ApiModel):
     rollout: Rollout = Field(default_factory=Rollout)
     analysis: Analysis = Field(default_factory=Analysis)
     slos: Slos = Field(default_factory=Slos)
+    qualification: Qualification = Field(default_factory=Qualification)
     traffic_provider: TrafficProvider = Field(default=TrafficProvider.ROUTER)
 
     cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
@@ -458,6 +497,37 @@ class RollbackReason(StrEnum):
     KERNEL_UNAVAILABLE = "KernelUnavailable"
     KERNEL_FALLBACK = "KernelFallback"
     CANDIDATE_FAILED = "CandidateFailed"
+    # Refused in the Qualifying phase, before any traffic (the worker's words: quantrol_worker.contracts).
+    QUALIFICATION_FAILED = QualificationReason.QUALIFICATION_FAILED.value
+    GOLDEN_OUTPUT_MISMATCH = QualificationReason.GOLDEN_OUTPUT_MISMATCH.value
+
+
+class QualificationState(StrEnum):
+    RUNNING = "Running"  # the Job measures
+    PASSED = "Passed"  # every regime and the golden check passed, goodput ratio met: on to Shadow
+    REFUSED = "Refused"  # QualificationFailed or GoldenOutputMismatch: rolled back before any traffic
+    ERROR = "Error"  # the Job could not measure: the rollout holds (Paused) until a retry
+    SKIPPED = "Skipped"  # spec.qualification.enabled is false
+
+
+class QualificationStatus(StatusModel):
+    """What the Qualifying phase measured for the pinned candidate, per arm and regime (units in the field names),
+    and the golden-output check per slice. Figures are the Job's report, bounded (at most 4 KB)."""
+
+    state: QualificationState
+    candidate_artifact: str | None = None
+    attempt: int = Field(default=0, ge=0, description="Counts qualification runs of this policy; names the Job.")
+    job_name: str | None = None
+    reason: str | None = Field(default=None, description="Qualified, QualificationFailed, GoldenOutputMismatch, …")
+    message: str = ""
+    tool: str | None = Field(default=None, description="The load generator and its version.")
+    arms: list[ArmQualification] = Field(default_factory=list, max_length=2)
+    golden: list[GoldenSlice] = Field(default_factory=list, max_length=64)
+    golden_source: str | None = None
+    goodput_ratio: float | None = Field(default=None, description="Candidate ÷ stable sustainable goodput.")
+    required_goodput_ratio: float | None = Field(default=None, description="spec.qualification.minGoodputRatio.")
+    started: datetime | None = None
+    finished: datetime | None = None
 
 
 class MetricResult(StatusModel):
@@ -584,6 +654,7 @@ class ServingPolicyStatus(StatusModel):
     arms: list[ArmStatus] = Field(default_factory=list, max_length=4,
                                   description="Each serving arm's effective engine settings (stable, candidate, "
                                   "and the old stable arm kept warm after a promotion).")
+    qualification: QualificationStatus | None = None
     router: RouterState = Field(default_factory=RouterState)
     last_analysis: AnalysisRun | None = None
     counters: AnalysisCounters = Field(default_factory=AnalysisCounters)

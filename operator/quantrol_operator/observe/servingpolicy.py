@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from quantrol_operator.api.kinds import QUANTIZED_MODEL
-from quantrol_operator.children import label_value, router
+from quantrol_operator.children import label_value, qualification, router
 from quantrol_operator.children.serving import LABEL_ARM, LABEL_POLICY, arm_name
 from quantrol_operator.kube import Kube
 from quantrol_operator.observe import analysis, candidate
@@ -52,6 +52,19 @@ def _why_arms_wait(kube: Kube, namespace: str, name: str, status: dict[str, Any]
     return stable_failed, docker_config_problem(kube, namespace, secret, field)
 
 
+def qualification_job(kube: Kube, namespace: str, policy: str,
+                      status: dict[str, Any]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The running attempt's Job and its pods (by name from status; nothing while no attempt runs)."""
+    q = status.get("qualification") or {}
+    if q.get("state") != "Running" or not q.get("jobName"):
+        return None, []
+    job = kube.get("batch/v1", "Job", namespace, str(q["jobName"]))
+    if job is None:
+        return None, []
+    selector = f"{LABEL_POLICY}={label_value(policy)},{qualification.LABEL_COMPONENT}={qualification.COMPONENT}"
+    return job, kube.list_owned("v1", "Pod", namespace, job["metadata"]["uid"], selector)
+
+
 def observe(kube: Kube, addresses: Addresses, prometheus_url: str, obj: dict[str, Any],
             now: datetime, policy: InstallPolicy | None = None) -> tuple[SpObserved, str]:
     """The facts of one pass, and the router admin token (to push configs with, created or not)."""
@@ -71,6 +84,7 @@ def observe(kube: Kube, addresses: Addresses, prometheus_url: str, obj: dict[str
     pinned = status.get("candidateArtifact")
     if pinned and pinned != status.get("stableArtifact"):
         kernels, failed = candidate.health(kube, addresses, namespace, name, pinned, policy.reads)
+    job, pods = qualification_job(kube, namespace, name, status)
     token, create_token = router_token(kube, namespace, name)
     window = None
     if spec is not None and not read.refused and analysis.due(status, spec, now):
@@ -78,5 +92,6 @@ def observe(kube: Kube, addresses: Addresses, prometheus_url: str, obj: dict[str
     stable_failed, problem = _why_arms_wait(kube, namespace, name, status, deployments, spec, qm)
     observed = SpObserved(obj=obj, spec=read, quantized_model=qm, deployments=deployments, candidate_kernels=kernels,
                           candidate_failed=failed, window=window, router_token=token if create_token else "",
-                          now=now, credentials_problem=problem, stable_failed=stable_failed)
+                          qualification_job=job, qualification_pods=pods, now=now, credentials_problem=problem,
+                          stable_failed=stable_failed)
     return observed, token

@@ -26,6 +26,8 @@ from quantrol_operator.api.servingpolicy import (
     HandledAnnotations,
     KernelReport,
     KvCacheDtype,
+    QualificationState,
+    QualificationStatus,
     RollbackReason,
     RollbackRecord,
     RouterState,
@@ -37,14 +39,15 @@ from quantrol_operator.api.servingpolicy import (
     Weights,
 )
 from quantrol_operator.api.servingpolicy import RolloutPhase as P
-from quantrol_operator.children import monitoring, router, serving
+from quantrol_operator.children import monitoring, qualification, router, serving
 from quantrol_operator.children.serving import ServingContext
 from quantrol_operator.conditions import set_condition
 from quantrol_operator.planning import Event, Plan
+from quantrol_operator.planning import qualification as qualifying
 from quantrol_operator.policy import InstallPolicy, Refusal, pod_refusals
 from quantrol_operator.rollout.analysis import decide, judge, no_judgement, window_verdict
 from quantrol_operator.rollout.queries import Observation, custom_query_refusal
-from quantrol_operator.rollout.statemachine import Decision, Facts, TransitionReason, step, weights_for
+from quantrol_operator.rollout.statemachine import Decision, Facts, Qualified, TransitionReason, step, weights_for
 from quantrol_operator.validation import field_error
 from quantrol_worker.contracts import KernelVerdict
 from quantrol_worker.router.config import MAX_BODY_BYTES, RouterConfig, dump_config
@@ -53,7 +56,7 @@ REFUSED_BY_INSTALL_POLICY = "RefusedByInstallPolicy"  # a condition reason and E
 ANNOTATION_PAUSED = "quantrol.io/paused"
 ANNOTATION_RETRY = "quantrol.io/retry"
 ANNOTATION_ROLLBACK = "quantrol.io/rollback"
-CANDIDATE_PHASES = {P.PENDING, P.SHADOW, P.CANARY, P.PAUSED}
+CANDIDATE_PHASES = {P.PENDING, P.QUALIFYING, P.SHADOW, P.CANARY, P.PAUSED}
 
 
 @dataclass(frozen=True)
@@ -68,12 +71,13 @@ class SpecRead:
 
 def policy_refusals(spec: ServingPolicySpec, namespace: str, policy: InstallPolicy,
                     default_prometheus: str) -> list[Refusal]:
-    """What of `spec` the install policy does not allow: the serving image, node selectors, the Prometheus
-    address, and custom SLO queries that would read beyond the policy's namespace."""
+    """What of `spec` the install policy does not allow: the serving and qualification images, node selectors, the
+    Prometheus address, and custom SLO queries that would read beyond the policy's namespace."""
     out = pod_refusals("spec.serving", spec.serving, policy.workloads)
     for index, flag in policy.refused_engine_args(list(spec.serving.engine_args)):
         out.append(Refusal(f"spec.serving.engineArgs[{index}]", f"vLLM flag {flag} is not allowed by the install "
                            f"policy (installPolicy.workloads.engineFlags: {', '.join(policy.workloads.engine_flags)})"))
+    out += pod_refusals("spec.qualification", spec.qualification, policy.workloads)
     address = spec.analysis.prometheus.address if spec.analysis.prometheus else None
     if address and not policy.prometheus_allowed(address, default_prometheus):
         out.append(Refusal("spec.analysis.prometheus.address", f"{address!r} is not one of the Prometheus "
@@ -115,6 +119,8 @@ class SpObserved:
     candidate_kernels: KernelReport | None = None  # the launcher's report
     candidate_failed: str | None = None  # why the candidate arm cannot run (e.g. fetch refused the digest)
     window: Observation | None = None  # None: no analysis this pass (not in Shadow/Canary, or not due)
+    qualification_job: dict[str, Any] | None = None  # status.qualification.jobName, while Qualifying
+    qualification_pods: list[dict[str, Any]] = field(default_factory=list)
     router_token: str = ""
     now: datetime = field(default_factory=datetime.now)
     credentials_problem: str | None = None  # why the arms' registry credentials Secret cannot be used yet
@@ -245,6 +251,7 @@ def plan(observed: SpObserved, images: Images, pod_monitor_labels: Mapping[str, 
     annotations = meta.get("annotations") or {}
     retry, rollback = annotations.get(ANNOTATION_RETRY), annotations.get(ANNOTATION_ROLLBACK)
     decision, counters = _analyse(result, status, observed, spec, phase, now)
+    qualified = _qualification_result(status, observed, phase, now)
     if observed.candidate_kernels:
         status.candidate_kernels = observed.candidate_kernels
     facts = Facts(
@@ -256,6 +263,7 @@ def plan(observed: SpObserved, images: Images, pod_monitor_labels: Mapping[str, 
         candidate_failed=observed.candidate_failed is not None,
         kernel=refused or (observed.candidate_kernels.verdict if observed.candidate_kernels else KernelVerdict.UNKNOWN),
         enforce_kernels=spec.kernel_policy.value == "enforce", decision=decision,
+        qualify=spec.qualification.enabled, qualified=qualified,
         paused_annotation=annotations.get(ANNOTATION_PAUSED, "").lower() in ("true", "1", "yes"),
         paused_from=status.paused_from, paused_by_user=status.paused_from is not None,
         retry_requested=retry is not None and retry != status.handled_annotations.retry,
@@ -278,9 +286,14 @@ def plan(observed: SpObserved, images: Images, pod_monitor_labels: Mapping[str, 
             stable = pinned
         if moved.reason in (TransitionReason.NEW_CANDIDATE, TransitionReason.RETRY, TransitionReason.SPEC_CHANGED):
             pinned = desired  # None when the new candidate has no digest (refused, or still calibrating)
+        if moved.phase is P.QUALIFYING and pinned is not None and (
+                status.qualification is None or status.qualification.state is not QualificationState.RUNNING):
+            status.qualification = qualifying.started(spec, pinned, status.qualification, now, name)
+        elif moved.reason is TransitionReason.QUALIFICATION_SKIPPED:
+            status.qualification = qualifying.skipped(pinned, status.qualification)
         if moved.rollback is not None:
             result.rollback = _rollback_record(moved.rollback, status.last_analysis, observed, pinned, now,
-                                               refused_by=why_not if refused else "")
+                                               refused_by=why_not if refused else "", qualified=status.qualification)
             status.rollback = result.rollback
         counters = AnalysisCounters()
         phase, index = moved.phase, moved.step
@@ -292,6 +305,7 @@ def plan(observed: SpObserved, images: Images, pod_monitor_labels: Mapping[str, 
     _children(result, arms, images.router, stable, pinned, phase, status, weights, now, observed.router_token,
               install.router.max_body_bytes)
     status.arms = arms.built
+    _qualification_children(result, arms, images.serving, stable, pinned, phase, status)
     if pod_monitor_labels is not None:
         result.apply.append(monitoring.pod_monitor(obj, spec, pod_monitor_labels))
     _withdraw_stale_arms(result, observed.deployments)
@@ -370,6 +384,29 @@ def _analyse(result: SpPlan, status: ServingPolicyStatus, observed: SpObserved, 
     status.last_analysis = result.analysis = AnalysisRun(time=now, window_seconds=seconds, verdict=verdict,
                                                          no_judgement=why, metrics=results)
     return decision, counters
+
+
+def _qualification_result(status: ServingPolicyStatus, observed: SpObserved, phase: P, now: datetime) -> Qualified:
+    """The qualification Job's verdict for the pinned candidate, written into status once, when it arrives."""
+    qualified, report, why = qualifying.outcome(status.qualification, observed.qualification_job,
+                                                observed.qualification_pods)
+    if qualified is not Qualified.RUNNING and status.qualification is not None and phase is P.QUALIFYING:
+        status.qualification = qualifying.finished(status.qualification, report, why, now)
+    return qualified
+
+
+def _qualification_children(result: SpPlan, arms: _ArmBuilder, image: str, stable: str, candidate: str | None,
+                            phase: P, status: ServingPolicyStatus) -> None:
+    """While Qualifying, the Job (and its ConfigMap) of the current attempt; finished Jobs stay as evidence."""
+    q = status.qualification
+    if phase is not P.QUALIFYING or candidate is None or q is None or q.job_name is None:
+        return
+    if q.state is not QualificationState.RUNNING:
+        return
+    obj, spec, meta = arms.obj, arms.spec, arms.obj["metadata"]
+    config = qualification.worker_config(meta["name"], meta["namespace"], spec, stable, candidate, arms.context)
+    result.apply.append(qualification.config_map(obj, q.job_name, config))
+    result.apply.append(qualification.job(obj, q.job_name, spec, config, image, arms.context))
 
 
 def _desired_candidate(observed: SpObserved,
@@ -465,7 +502,8 @@ def _transition(result: SpPlan, status: ServingPolicyStatus, src: P, dst: P, ste
 
 
 def _rollback_record(reason: RollbackReason, analysis: AnalysisRun | None, observed: SpObserved,
-                     candidate: str | None, now: datetime, refused_by: str = "") -> RollbackRecord:
+                     candidate: str | None, now: datetime, refused_by: str = "",
+                     qualified: QualificationStatus | None = None) -> RollbackRecord:
     """`refused_by`: why the candidate was refused before it had a digest (its QuantizedModel's kernel pre-check)."""
     record = RollbackRecord(reason=reason, time=now, candidate_artifact=candidate)
     failing = [m for m in (analysis.metrics if analysis else []) if m.verdict is Verdict.FAIL]
@@ -480,6 +518,11 @@ def _rollback_record(reason: RollbackReason, analysis: AnalysisRun | None, obser
         record.message = (kernels.message if kernels else "") or refused_by or "refused by the kernel check"
     elif reason is RollbackReason.CANDIDATE_FAILED:
         record.message = observed.candidate_failed or ""
+    elif reason in (RollbackReason.QUALIFICATION_FAILED, RollbackReason.GOLDEN_OUTPUT_MISMATCH) and qualified:
+        refused = [f"golden/{g.slice}" for g in qualified.golden if g.passed is False] + [
+            f"{a.arm.value}/{r.regime.value}" for a in qualified.arms for r in a.regimes if r.passed is False]
+        record = record.model_copy(update={"slo": refused[0] if refused else None, "failing_slos": refused,
+                                           "message": qualified.message})
     return record
 
 
@@ -552,6 +595,9 @@ def _status_fields(status: ServingPolicyStatus, phase: P, index: int | None, sta
     cond("CandidateReady", facts.candidate_ready, "ArmReady" if facts.candidate_ready else "ArmNotReady",
          f"candidate arm {serving.short_digest(candidate)}" if candidate else "no candidate pinned")
     cond("Progressing", phase in (P.PENDING, P.SHADOW, P.CANARY), phase.value, status.message or phase.value)
+    q = status.qualification
+    if q is not None:
+        cond("Qualified", q.state is QualificationState.PASSED, q.reason or q.state.value, q.message)
     cond("Promoted", phase is P.PROMOTED, phase.value, f"stable is {serving.short_digest(stable)}")
     cond("Paused", phase is P.PAUSED, *_paused(phase, status))
     rolled_back = phase is P.ROLLED_BACK and status.rollback is not None

@@ -19,11 +19,12 @@ from quantrol_worker import oci
 from quantrol_worker.calibrate import WorkerError, integrity
 from quantrol_worker.calibrate.data import SliceData, load_slices
 from quantrol_worker.calibrate.progress import Progress
-from quantrol_worker.calibrate.sources import TOKENIZER_FILES, directory_digest, pull, resolve_data, resolve_model
+from quantrol_worker.calibrate.sources import directory_digest, pull, resolve_data, resolve_model
 from quantrol_worker.contracts import (
     EVALUATION_PROMPTS_FILE,
     EVALUATION_PROMPTS_MAX_BYTES,
     REPORT_FILE,
+    TOKENIZER_FILES,
     CalibrationConfig,
     CalibrationReason,
     CalibrationReport,

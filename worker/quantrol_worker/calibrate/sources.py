@@ -16,16 +16,6 @@ from quantrol_worker.calibrate import WorkerError
 from quantrol_worker.contracts import CalibrationReason, RegistryAccess, Stage
 from quantrol_worker.oci import OciRef, sha256_file
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-)
-
 
 def directory_digest(root: Path, names: tuple[str, ...] | None = None) -> str:
     """sha256 over lines `<sha256 of file>  <relative path>`, sorted by path; `names` keeps only those files."""
