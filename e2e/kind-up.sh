@@ -139,6 +139,7 @@ helm --kube-context "$CONTEXT" upgrade --install "$RELEASE" charts/quantrol \
     --set workerImages.calibrate="$WORKER_IMAGE" \
     --set workerImages.serving="$SERVE_IMAGE" \
     --set workerImages.router="$SERVE_IMAGE" \
+    --set workerImages.tools="$SERVE_IMAGE" \
     --set analysis.prometheusUrl="$PROMETHEUS_URL" \
     --set watch.allNamespaces=true \
     --wait --timeout 5m

@@ -19,8 +19,8 @@ import yaml
 
 from quantrol_dev.localstack import admission
 from quantrol_operator.api.quantizedmodel import QuantizedModelSpec
-from quantrol_operator.api.servingpolicy import ServingPolicySpec
-from quantrol_operator.children import calibration, label_value, monitoring, router, serving
+from quantrol_operator.api.servingpolicy import KvCacheDtype, ModelStorage, ServingPolicySpec, StorageMedium
+from quantrol_operator.children import calibration, label_value, monitoring, qualification, router, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 STABLE = "oci://registry.example.com/models/llama-bf16@sha256:" + "a" * 64
@@ -40,10 +40,22 @@ def children(name: str = "llama-3-1-8b") -> list[dict[str, Any]]:
     sp_owner, qm_owner = owner("ServingPolicy", name), owner("QuantizedModel", name)
     config = router.router_config(name, "team-a", sp_spec, STABLE, CANDIDATE, 95, 5, 0.0, version=1)
     worker = calibration.worker_config(name, "team-a", 3, qm_spec)
+    context = serving.ServingContext("ghcr.io/quantrol/serve:0.1.0", "ghcr.io/quantrol/operator:0.1.0",
+                                     credentials_secret="registry-credentials")
+    gpu_spec = sp_spec.model_copy(update={"serving": sp_spec.serving.model_copy(update={
+        "tensor_parallel_size": None, "resources": None,
+        "storage": ModelStorage(medium=StorageMedium.EPHEMERAL_VOLUME, size="100Gi", storage_class_name="fast")})})
+    qualify = qualification.worker_config(name, "team-a", sp_spec, STABLE, CANDIDATE)
+    qualify_job = qualification.job_name(name, CANDIDATE, 12)
     return [
+        qualification.job(sp_owner, qualify_job, sp_spec, qualify, "ghcr.io/quantrol/serve:0.1.0"),
+        qualification.config_map(sp_owner, qualify_job, qualify),
         calibration.job(qm_owner, qm_spec, "ghcr.io/quantrol/worker:0.1.0"), calibration.config_map(qm_owner, worker),
-        serving.arm_deployment(sp_owner, sp_spec, STABLE, "ghcr.io/quantrol/serve:0.1.0", 2),
+        serving.arm_deployment(sp_owner, sp_spec, serving.ArmEngine(STABLE, "baseline"), context, 2),
         serving.arm_service(sp_owner, STABLE),
+        # The candidate arm as a GPU pool runs it: a claim per pod, the registry Secret, fp8 KV cache, TP 2.
+        serving.arm_deployment(sp_owner, gpu_spec, serving.ArmEngine(CANDIDATE, "candidate", 2, KvCacheDtype.FP8,
+                                                                      40 << 30), context, 2),
         router.router_deployment(sp_owner, sp_spec, "ghcr.io/quantrol/serve:0.1.0"), router.router_service(sp_owner),
         router.router_config_map(sp_owner, config), router.admin_secret(sp_owner, "t" * 43),
         monitoring.pod_monitor(sp_owner, sp_spec),

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quantrol_operator import crdgen
@@ -143,8 +143,24 @@ INVALID = {
                             "spec.baseModel.uri", "schema"),
     "duplicate-slices": (_QM, {"spec.calibration.slices.1.name": "chat"}, "spec.calibration.slices", "cel"),
     "no-slices": (_QM, {"spec.calibration.slices": []}, "spec.calibration.slices", "schema"),
-    "data-uri-and-configmap": (_QM, {"spec.calibration.uri": "file:///data/calib.jsonl"}, "spec.calibration",
-                               "cel"),
+    "data-uri-and-configmap": (_QM, {"spec.calibration.configMapRef": {"name": "calib", "key": "d.jsonl"}},
+                               "spec.calibration", "cel"),
+    # Every URI scheme admitted is served by the code that reads the field; the rest are refused here (issue 14).
+    "base-model-s3": (_QM, {"spec.baseModel.uri": "s3://bucket/llama"}, "spec.baseModel.uri", "schema"),
+    "base-model-oci-tag": (_QM, {"spec.baseModel": {"uri": "oci://r.example.com/llama:v1"}}, "spec.baseModel.uri",
+                           "cel"),
+    "hf-without-cache": (_QM, {"spec.baseModel.huggingFaceCache": _DELETE}, "spec.baseModel.huggingFaceCache",
+                         "cel"),
+    "hf-cache-escapes-claim": (_QM, {"spec.baseModel.huggingFaceCache.subPath": "hub/../../etc"},
+                               "spec.baseModel.huggingFaceCache.subPath", "cel"),
+    "data-hf": (_QM, {"spec.calibration.uri": "hf://datasets/x"}, "spec.calibration.uri", "schema"),
+    "data-pvc-without-path": (_QM, {"spec.calibration.uri": "pvc://claim"}, "spec.calibration.uri", "cel"),
+    "data-oci-tag": (_QM, {"spec.calibration.uri": "oci://r.example.com/data:v1"}, "spec.calibration.uri", "cel"),
+    "job-gpus-disagree": (_QM, {"spec.job.gpus": 2}, "spec.job.gpus", "cel"),
+    "baseline-hf": (_SP, {"spec.baseline.artifact": "hf://meta-llama/x"}, "spec.baseline.artifact", "schema"),
+    "baseline-pvc": (_SP, {"spec.baseline.artifact": "pvc://claim/x"}, "spec.baseline.artifact", "schema"),
+    "baseline-oci-tag": (_SP, {"spec.baseline.artifact": "oci://r.example.com/m:v1"}, "spec.baseline.artifact",
+                         "schema"),
     "unknown-field": (_QM, {"spec.quantization.bits": 3}, "spec.quantization.bits", "schema"),
     "missing-artifact-repository": (_QM, {"spec.artifact": _DELETE}, "spec.artifact", "schema"),
     "agreement-above-1": (_QM, {"spec.qualityGate.minTop1Agreement": 1.2}, "spec.qualityGate.minTop1Agreement",
@@ -172,7 +188,11 @@ VALID = {
     "empty-rollout": (_SP, {"spec.rollout": {}}),
     "empty-batch-budget": (_SP, {"spec.serving.batchBudget": {}}),
     "longest-name": (_SP, {"metadata.name": "a" * 50}),
-    "oci-base-model-by-tag": (_QM, {"spec.baseModel.uri": "oci://registry.example.com/models/llama:bf16"}),
+    # An oci:// base model is pulled by digest (a tag is refused: base-model-oci-tag), from a claim or a local path.
+    "oci-base-model-by-digest": (_QM, {"spec.baseModel": {"uri": "oci://registry.example.com/models/llama@sha256:"
+                                                                 + "b" * 64}}),
+    "pvc-base-model": (_QM, {"spec.baseModel": {"uri": "pvc://models/llama-8b"}}),
+    "oci-calibration-data": (_QM, {"spec.calibration.uri": "oci://r.example.com/data@sha256:" + "c" * 64}),
 }
 
 
@@ -253,6 +273,8 @@ _ROLLOUT_SCHEMA_RULE = next(
 )
 
 
+# No deadline: on a shared 2-core machine one CEL evaluation can take 0.7 s; agreement is the property, not speed.
+@settings(deadline=None)
 @given(st.lists(st.integers(min_value=1, max_value=100), min_size=1, max_size=20))
 def test_canary_rule_cel_and_pydantic_agree(weights: list[int]) -> None:
     steps = [{"weight": w} for w in weights]
@@ -265,6 +287,7 @@ def test_canary_rule_cel_and_pydantic_agree(weights: list[int]) -> None:
     assert cel_ok == model_ok == all(a < b for a, b in itertools.pairwise(weights))
 
 
+@settings(deadline=None)
 @given(st.integers(min_value=1, max_value=4096), st.integers(min_value=1, max_value=1_048_576))
 def test_batch_budget_rule_cel_and_pydantic_agree(seqs: int, tokens: int) -> None:
     rule = BatchBudget.cross_field_rules[0].cel

@@ -27,9 +27,11 @@ from quantrol_operator.api.servingpolicy import ServingPolicySpec
 from quantrol_operator.planning import quantizedmodel as qm_planning
 from quantrol_operator.planning import servingpolicy as sp_planning
 from quantrol_operator.rollout.queries import QueryError, Scope, observe
+from quantrol_worker.contracts import QualificationReason, QualificationReport
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+IMAGES = sp_planning.Images("serve:test", "router:test", "tools:test")
 
 
 def spec_fields(root: type[BaseModel]) -> set[tuple[str, str]]:
@@ -120,6 +122,8 @@ def _serving_policy() -> dict[str, Any]:
     obj = yaml.safe_load((ROOT / "e2e/samples/servingpolicy-llama-8b.yaml").read_text())
     obj["metadata"].update(uid="uid-sp", generation=1, annotations={})
     obj["spec"]["serving"].update(nodeSelector={"pool": "gpu"}, target="cuda-sm90")
+    obj["spec"]["qualification"].update(probePrompts={"name": "probes", "key": "prompts.jsonl"},
+                                        image="registry.example.com/serve:1")
     obj["spec"]["slos"]["custom"] = [{"name": "kv-usage", "query": "max(vllm:kv_cache_usage_perc{arm=\"$arm\"})",
                                       "max": 0.9}, {"name": "hit-rate", "query": "avg(x{arm=\"$arm\"})", "min": 0.1}]
     return obj
@@ -150,7 +154,7 @@ def _run_serving_policy(recorded: set[tuple[str, str]]) -> None:
     def one(observed_obj: dict[str, Any], **kw: Any) -> dict[str, Any]:
         result = sp_planning.plan(sp_planning.SpObserved(obj=observed_obj, spec=sp_planning.read_spec(observed_obj),
                                                          quantized_model=qm, candidate_kernels=kernels, now=now,
-                                                         **kw), ("serve:test", "router:test"), {"release": "p"})
+                                                         **kw), IMAGES, {"release": "p"})
         nxt = copy.deepcopy(observed_obj)
         nxt["status"] = result.status
         ready = []
@@ -165,9 +169,16 @@ def _run_serving_policy(recorded: set[tuple[str, str]]) -> None:
         return nxt
 
     obj = one(obj)
-    obj = one(obj, deployments=obj.pop("_ready"))  # → Shadow
-    assert obj["status"]["phase"] == "Shadow", obj["status"].get("message")
+    obj = one(obj, deployments=obj.pop("_ready"))  # → Qualifying: the Job is built from spec.qualification
+    assert obj["status"]["phase"] == "Qualifying", obj["status"].get("message")
     deployments = obj.pop("_ready")
+    job = {"metadata": {"name": obj["status"]["qualification"]["jobName"]}, "status": {}}
+    report = QualificationReport(reason=QualificationReason.QUALIFIED, message="qualified")
+    pod = {"metadata": {"creationTimestamp": "2026-12-01T12:00:00Z"}, "status": {"containerStatuses": [
+        {"name": "qualify", "state": {"terminated": {"exitCode": 0, "message": report.to_message()}}}]}}
+    obj = one(obj, deployments=deployments, qualification_job=job, qualification_pods=[pod])  # → Shadow
+    assert obj["status"]["phase"] == "Shadow", obj["status"].get("message")
+    obj.pop("_ready")
     scope = Scope("llm-serving", "llama-3-1-8b", "60s", "mirror")
     assert spec.spec is not None
     # Windows that pass, fail (every value 50), cannot be read, hold no data (NaN), and overload both arms (twice,
@@ -217,12 +228,11 @@ def test_every_spec_field_reaches_code(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # Fields declared in the API but not built yet: refused at admission (CRD CEL and `quantrol validate` alike), so no
 # spec that sets them is ever accepted and silently ignored.
-REFUSED_UNTIL_BUILT = {("Quantization", "sensitivity_scan"), ("ArtifactRepository", "credentials_secret_ref")}
+REFUSED_UNTIL_BUILT = {("Quantization", "sensitivity_scan")}
 
 
 @pytest.mark.parametrize(("path", "value", "words"), [
     (("quantization", "sensitivityScan"), True, "not built yet"),
-    (("artifact", "credentialsSecretRef"), {"name": "registry-creds"}, "not used yet"),
 ])
 def test_fields_not_built_yet_are_refused_at_admission(path: tuple[str, str], value: Any, words: str) -> None:
     from quantrol_operator.validation import validate_object

@@ -193,6 +193,9 @@ BAD_VALUES: dict[str, dict[str, Any]] = {
     "pod monitors neither auto, true nor false": {"monitoring": {"podMonitors": {"enabled": "yes"}}},
     "pod monitor label value with a comma": {"monitoring": {"podMonitors": {"labels": {"release": "a,b"}}}},
     "pod monitor label key with an equals sign": {"monitoring": {"podMonitors": {"labels": {"a=b": "c"}}}},
+    "plain-http registry as a URL": {"installPolicy": {"registries": {"plainHttp": ["http://registry.ci.svc"]}}},
+    "plain-http registry with a path": {"installPolicy": {"registries": {"plainHttp": ["registry.ci.svc/models"]}}},
+    "typo in the registries policy": {"installPolicy": {"registries": {"plainHTTP": []}}},
 }
 
 
@@ -272,6 +275,32 @@ def test_operator_defaults_reach_the_operator_only_when_set(chart: helm.Chart) -
     assert given["QUANTROL_WORKER_IMAGE"] == "r.example/worker@sha256:" + "1" * 64
     assert given["QUANTROL_SERVING_IMAGE"] == given["QUANTROL_ROUTER_IMAGE"] == "r.example/serve:1"
     assert given["QUANTROL_PROMETHEUS_URL"] == "http://prometheus.monitoring:9090"
+
+
+def test_plain_http_registries_and_engine_flags_reach_the_operator(chart: helm.Chart) -> None:
+    """Issue 14's rules in the same rendered policy, read by the operator's own reader: none by default (every
+    registry over TLS; engine flags from the operator's list), what the values give otherwise."""
+    from quantrol_operator.policy import DEFAULT_ENGINE_FLAGS, InstallPolicy
+
+    def policy(values: dict[str, Any]) -> InstallPolicy:
+        _, container = operator_container(render(chart, values))
+        return InstallPolicy.from_env({e["name"]: e["value"] for e in container["env"] if "value" in e})
+
+    default = policy({})
+    assert default.registries.plain_http == () and default.workloads.engine_flags == DEFAULT_ENGINE_FLAGS
+    given = policy({"installPolicy": {"registries": {"plainHttp": ["registry.ci.svc", "10.0.0.5:5000"]},
+                                      "workloads": {"engineFlags": ["--enforce-eager"]}}})
+    assert given.allows_plain_http("registry.ci.svc:5000") and given.allows_plain_http("10.0.0.5:5000")
+    assert given.workloads.engine_flags == ("--enforce-eager",)
+
+
+def test_the_tools_image_is_the_operator_image_unless_given(chart: helm.Chart) -> None:
+    def tools(values: dict[str, Any]) -> str:
+        _, container = operator_container(render(chart, values))
+        return str(next(e["value"] for e in container["env"] if e["name"] == "QUANTROL_TOOLS_IMAGE"))
+
+    assert tools({}) == operator_container(render(chart, {}))[1]["image"]
+    assert tools({"workerImages": {"tools": "r.example/tools:1"}}) == "r.example/tools:1"
 
 
 def test_cluster_mode_grants_exactly_the_rules_file(chart: helm.Chart) -> None:
@@ -712,7 +741,7 @@ def test_network_policies_select_the_pods_quantrol_builds(chart: helm.Chart) -> 
     assert {ns for ns, _ in policies} == {"team-a", "team-b"}
     built = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in children()
              if d["kind"] == "Deployment"}
-    (arm_labels,) = [labels for labels in built.values() if "quantrol.io/arm" in labels]
+    arm_labels = next(labels for labels in built.values() if "quantrol.io/arm" in labels)
     (router_labels,) = [labels for labels in built.values() if labels.get(router.LABEL_COMPONENT) == "router"]
     arms, routers = policies[("team-a", "arms")]["spec"], policies[("team-a", "routers")]["spec"]
 

@@ -49,7 +49,7 @@ def test_a_healthy_candidate_with_noisy_latency_is_promoted(rig: Rig, prometheus
     assert status["phase"] == "Promoted", json.dumps(status.get("lastAnalysis"), indent=1)
     assert status["stableArtifact"] == CANDIDATE
     reasons = [h["reason"] for h in status["history"]]
-    assert reasons == ["ArmsReady", "ShadowPassed", "StepPassed", "Promoted"]
+    assert reasons == ["QualificationSkipped", "ShadowPassed", "StepPassed", "Promoted"]
     weights = rig.router_weights()  # the promoted artifact now serves as stable, confirmed by the router
     assert weights["stable"] == 100.0 and weights.get("candidate", 0.0) == 0.0
     # Steady state: the operator keeps polling every second, and writes nothing at all.

@@ -181,3 +181,44 @@ def test_oci_unknown_digest_is_unavailable(pushed: tuple[str, Path], tmp_path: P
     with pytest.raises(ArtifactError) as err:
         fetch(f"oci://{missing}", tmp_path / "dest", insecure=True)
     assert err.value.reason is ArtifactReason.ARTIFACT_UNAVAILABLE
+
+
+@pytest.mark.stack
+def test_oversized_artifact_refused_before_any_download(pushed: tuple[str, Path],
+                                                         tmp_path: Path) -> None:
+    """--max-bytes is the model volume's size (the pod's sizeLimit or claim): the manifest's sizes decide at once."""
+    ref, src = pushed
+    size = sum(p.stat().st_size for p in src.iterdir())
+    dest, term = tmp_path / "dest", tmp_path / "term"
+    proc = cli("--ref", f"oci://{ref}", "--dest", str(dest), "--insecure", "--termination-log", str(term),
+               "--max-bytes", str(size - 1))
+    assert proc.returncode != 0
+    message = json.loads(term.read_text())
+    assert message["reason"] == "InsufficientStorage" and f"take {size} bytes" in message["message"]
+    assert not dest.exists() or not [p for p in dest.rglob("*") if p.is_file()]  # not a byte downloaded
+    fits = cli("--ref", f"oci://{ref}", "--dest", str(dest), "--insecure", "--termination-log", str(term),
+               "--max-bytes", str(size))
+    assert fits.returncode == 0, fits.stderr
+
+
+# --- the launcher's delivery into a stock engine image ---
+
+
+def test_install_launcher_delivers_a_package_another_python_runs(tmp_path: Path) -> None:
+    """The `launcher` init step copies the package; the engine container's python runs it from there alone (here:
+    with this repository off the path, as in a stock vLLM image that never installed Quantrol)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "worker")}
+    dest = tmp_path / "opt-quantrol"
+    copied = subprocess.run([sys.executable, "-m", "quantrol_worker.cli", "install-launcher", "--dest", str(dest)],
+                            capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert copied.returncode == 0, copied.stderr
+    assert (dest / "quantrol_worker" / "serve" / "launcher.py").is_file()
+    assert not list(dest.rglob("__pycache__")) and not list(dest.glob(".*partial"))
+    isolated = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(dest)}
+    probe = subprocess.run([sys.executable, "-S", "-c", "import sys; sys.path[:0] = [sys.argv[1]]; "
+                            "import quantrol_worker.serve.main as m; print(m.__file__)", str(dest)],
+                           capture_output=True, text=True, env=isolated, timeout=60, check=False)
+    assert probe.returncode == 0 and probe.stdout.startswith(str(dest)), probe.stderr
+    helped = subprocess.run([sys.executable, "-m", "quantrol_worker", "serve", "--help"], capture_output=True,
+                            text=True, env=isolated, cwd=tmp_path, timeout=60, check=False)
+    assert helped.returncode == 0 and "--status-port" in helped.stdout, helped.stderr

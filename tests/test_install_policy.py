@@ -144,3 +144,42 @@ def test_a_redirect_is_not_followed_and_an_error_page_never_reaches_status(redir
     with pytest.raises(QueryError) as failed:
         PrometheusSource(base(echoing)).scalar("up")
     assert failed.value.reason is NoJudgement.QUERY_FAILED and "AKIA" not in str(failed.value)
+
+
+# --- plain-HTTP registries and engine flags (issue 14) ------------------------------------------------------------
+
+
+def test_without_the_chart_only_the_safe_registry_and_engine_choices_are_allowed() -> None:
+    from quantrol_operator.policy import DEFAULT_ENGINE_FLAGS
+
+    policy = InstallPolicy.from_env({})
+    assert policy.registries.plain_http == () and not policy.allows_plain_http("registry.ci.svc")
+    assert policy.workloads.engine_flags == DEFAULT_ENGINE_FLAGS
+    assert "--trust-remote-code" not in DEFAULT_ENGINE_FLAGS and "--download-dir" not in DEFAULT_ENGINE_FLAGS
+
+
+def test_plain_http_registries_and_engine_flags_are_read_and_checked() -> None:
+    import json
+
+    policy = InstallPolicy.from_env({"QUANTROL_INSTALL_POLICY": json.dumps({
+        "registries": {"plainHttp": ["registry.ci.svc"]}, "workloads": {"engineFlags": ["--enforce-eager"]}})})
+    assert policy.allows_plain_http("registry.ci.svc:5000") and not policy.allows_plain_http("ghcr.io")
+    assert policy.refused_engine_args(["--enforce-eager", "--seed", "3"]) == [(1, "--seed")]
+    for bad in ({"registries": {"plainHttp": ["http://registry"]}}, {"workloads": {"engineFlags": ["seed"]}},
+                {"registries": {"plainHTTP": []}}):
+        with pytest.raises(ValueError):  # the operator does not start on it, naming the key
+            InstallPolicy.from_env({"QUANTROL_INSTALL_POLICY": json.dumps(bad)})
+
+
+def test_flag_values_are_not_flags() -> None:
+    policy = InstallPolicy()
+    assert policy.refused_engine_args(["--gpu-memory-utilization", "0.9", "--swap-space=8"]) == []
+    assert policy.refused_engine_args(["--enforce-eager", "--download-dir", "/tmp"]) == [(1, "--download-dir")]
+
+
+def test_affinity_picks_nodes_like_a_node_selector() -> None:
+    obj = policy()
+    obj["spec"]["serving"]["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [{"key": "pool", "operator": "In", "values": ["h100"]}]}]}}}
+    read = read_spec(obj, STRICT, DEFAULT_PROMETHEUS)
+    assert "spec.serving.affinity" in [r.field for r in read.refused]

@@ -108,6 +108,9 @@ def test_the_operator_uses_exactly_what_the_chart_grants(private_api: KubeAPISer
 
 
 def _lifecycle(custom: Any, core: Any, apps: Any, batch: Any, ns: str, dead_port: int) -> None:
+    core.create_namespaced_secret(ns, {"metadata": {"name": "registry-credentials"},  # the samples' registry login
+                                       "type": "kubernetes.io/dockerconfigjson",
+                                       "data": {".dockerconfigjson": "eyJhdXRocyI6IHt9fQ=="}})
     qm = yaml.safe_load((ROOT / "e2e/samples/quantizedmodel-llama-8b-w4a16.yaml").read_text())
     qm["metadata"] = {"name": "tiny", "namespace": ns}
     custom.create_namespaced_custom_object(GROUP, VERSION, ns, "quantizedmodels", qm)

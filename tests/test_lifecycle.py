@@ -45,6 +45,11 @@ def stack(tmp_path: Path) -> Iterator[tuple[KubeAPIServer, OperatorProcess, Any]
         server.stop()
 
 
+# The docker-config Secret the samples name (spec.artifact.credentialsSecretRef): without it a QuantizedModel waits.
+REGISTRY_SECRET = {"metadata": {"name": "registry-credentials"}, "type": "kubernetes.io/dockerconfigjson",
+                   "data": {".dockerconfigjson": "eyJhdXRocyI6IHt9fQ=="}}
+
+
 def manifests(ns: str, deletion_policy: str = "Delete") -> tuple[dict[str, Any], dict[str, Any]]:
     qm = yaml.safe_load((ROOT / "e2e/samples/quantizedmodel-llama-8b-w4a16.yaml").read_text())
     qm["metadata"] = {"name": "tiny", "namespace": ns}
@@ -63,6 +68,7 @@ def test_uninstall_then_namespace_deletion_leaves_nothing_stuck(
     core, apps, custom = (kubernetes.client.CoreV1Api(api), kubernetes.client.AppsV1Api(api),
                           kubernetes.client.CustomObjectsApi(api))
     core.create_namespace({"metadata": {"name": "team"}})
+    core.create_namespaced_secret("team", REGISTRY_SECRET)  # the samples' registry login
     qm, sp = manifests("team")
     custom.create_namespaced_custom_object(GROUP, VERSION, "team", "quantizedmodels", qm)
     custom.create_namespaced_custom_object(GROUP, VERSION, "team", "servingpolicies", sp)
@@ -94,6 +100,7 @@ def test_settled_objects_make_no_api_calls_and_no_log_line_per_pass(
     server, operator, api = stack
     core, custom = kubernetes.client.CoreV1Api(api), kubernetes.client.CustomObjectsApi(api)
     core.create_namespace({"metadata": {"name": "calm"}})
+    core.create_namespaced_secret("calm", REGISTRY_SECRET)
     qm, _ = manifests("calm")
     custom.create_namespaced_custom_object(GROUP, VERSION, "calm", "quantizedmodels", qm)
     wait_until(lambda: (custom.get_namespaced_custom_object(GROUP, VERSION, "calm", "quantizedmodels", "tiny")

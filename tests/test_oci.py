@@ -221,3 +221,21 @@ def test_a_good_artifact_arrives_whole(
     for title, data in files:
         assert (dest / title).read_bytes() == data
     assert not (dest / STAGING_DIR).exists()
+
+
+@pytest.mark.stack
+def test_a_reader_of_named_files_brings_only_those_and_refuses_an_oversized_one(
+    oci_registry: Any, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The qualification Job reads an artifact's evaluation prompts and tokenizer, never its weights; a prompts layer
+    the (tenant's) manifest sizes over the limit is refused before a byte of it is fetched."""
+    from quantrol_worker import oci
+    from quantrol_worker.contracts import EVALUATION_PROMPTS_FILE
+
+    ref = publish(oci_registry, _repo(request), [*model_files(), (EVALUATION_PROMPTS_FILE, b"x" * 100)])
+    _, brought = oci.pull(ref, tmp_path / "a", insecure=True, titles=frozenset({EVALUATION_PROMPTS_FILE}))
+    assert [layer.title for layer in brought] == [EVALUATION_PROMPTS_FILE]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [EVALUATION_PROMPTS_FILE]
+    with pytest.raises(oci.ArtifactError, match="100 bytes, over the 64-byte limit"):
+        oci.pull(ref, tmp_path / "b", insecure=True, titles=frozenset({EVALUATION_PROMPTS_FILE}), max_layer_bytes=64)
+    assert not (tmp_path / "b" / EVALUATION_PROMPTS_FILE).exists()

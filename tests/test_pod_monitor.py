@@ -30,12 +30,12 @@ from quantrol_dev.localstack.procs import wait_until
 from quantrol_operator.api.servingpolicy import ServingPolicySpec
 from quantrol_operator.children import MANAGED_BY, monitoring, owner_reference, router, serving
 from quantrol_operator.defaults import OperatorDefaults, parse_labels
-from quantrol_operator.planning.servingpolicy import SpObserved, plan, read_spec
+from quantrol_operator.planning.servingpolicy import Images, SpObserved, plan, read_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "e2e/samples/servingpolicy-llama-8b.yaml"
 CANDIDATE = "oci://registry.example.com/models/llama-w4a16@sha256:" + "c" * 64
-IMAGES = ("serve:test", "router:test")
+IMAGES = Images("serve:test", "router:test", "tools:test")
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 PODMONITOR_CRD = ROOT / "tests/data/crds/podmonitors.monitoring.coreos.com.yaml"
 GROUP, VERSION = "quantrol.io", "v1alpha1"
@@ -117,8 +117,10 @@ def built_pods(owner: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The stable arm, the candidate arm and the router, as the real builders make them."""
     spec = ServingPolicySpec.model_validate(owner["spec"])
     stable = owner["spec"]["baseline"]["artifact"]
-    return {"stable": pods_of(serving.arm_deployment(owner, spec, stable, "serve:test", 1)),
-            "candidate": pods_of(serving.arm_deployment(owner, spec, CANDIDATE, "serve:test", 1)),
+    context = serving.ServingContext("serve:test", "tools:test")
+    arm = serving.ArmEngine
+    return {"stable": pods_of(serving.arm_deployment(owner, spec, arm(stable, "baseline"), context, 1)),
+            "candidate": pods_of(serving.arm_deployment(owner, spec, arm(CANDIDATE, "candidate"), context, 1)),
             "router": pods_of(router.router_deployment(owner, spec, "router:test"))}
 
 

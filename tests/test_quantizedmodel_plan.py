@@ -105,12 +105,47 @@ def test_job_builder_carries_what_the_spec_asks_for() -> None:
     assert pod_spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert pod_spec["tolerations"][0]["key"] == "nvidia.com/gpu" and pod_spec["restartPolicy"] == "Never"
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
-    assert {v["name"] for v in pod_spec["volumes"]} == {"config", "work", "data"}
+    assert {v["name"] for v in pod_spec["volumes"]} == {"config", "work", "calibration-data", "hf-cache",
+                                                         "registry-credentials"}
     assert job["metadata"]["labels"]["quantrol.io/generation"] == "1"
 
 
+def test_every_source_the_sample_names_is_mounted_where_the_worker_config_reads_it() -> None:
+    """hf:// from the cache claim, offline; calibration data from its claim; the registry Secret as config.json."""
+    result = plan(QmObserved(qm(), now=NOW), IMAGE)
+    config = CalibrationConfig.model_validate_json(result.apply[0]["data"][calibration.CONFIG_FILE])
+    pod_spec = job_of(result)["spec"]["template"]["spec"]
+    container = pod_spec["containers"][0]
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec["volumes"]}
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert volumes["hf-cache"]["persistentVolumeClaim"] == {"claimName": "hf-cache", "readOnly": True}
+    assert env["HF_HUB_OFFLINE"] == "1" and env["HF_HUB_CACHE"] == f"{mounts['hf-cache']['mountPath']}/hub"
+    assert volumes["calibration-data"]["persistentVolumeClaim"]["claimName"] == "llama-calibration"
+    assert config.calibration.uri == f"file://{mounts['calibration-data']['mountPath']}/llama-8b/samples.jsonl"
+    assert volumes["registry-credentials"]["secret"] == {
+        "secretName": "registry-credentials", "items": [{"key": ".dockerconfigjson", "path": "config.json"}]}
+    assert config.registries.credentials_file == f"{mounts['registry-credentials']['mountPath']}/config.json"
+    assert all(m.get("readOnly") for name, m in mounts.items() if name != "work")
+    assert config.registries.plain_http == []  # the default install policy: every registry over TLS
+
+
+def test_an_oci_dataset_and_pull_secrets_reach_the_worker_and_the_pod() -> None:
+    dataset = "oci://registry.example.com/datasets/chat@" + DIGEST
+    obj = qm(calibration__uri=dataset, job__imagePullSecrets=[{"name": "worker-pull"}],
+             job__gpus=None, job__resources={"limits": {"nvidia.com/gpu": 2}})
+    result = plan(QmObserved(obj, now=NOW), IMAGE)
+    config = CalibrationConfig.model_validate_json(result.apply[0]["data"][calibration.CONFIG_FILE])
+    assert config.calibration.uri == dataset  # pulled and verified by the worker, with the same credentials
+    pod_spec = job_of(result)["spec"]["template"]["spec"]
+    assert pod_spec["imagePullSecrets"] == [{"name": "worker-pull"}]
+    assert pod_spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"  # the limit, not a default 1
+
+
 def test_configmap_holds_a_worker_config_that_round_trips() -> None:
-    cm = plan(QmObserved(qm(), now=NOW), IMAGE).apply[0]
+    obj = qm(calibration__configMapRef={"name": "calib", "key": "samples.jsonl"})
+    del obj["spec"]["calibration"]["uri"]
+    cm = plan(QmObserved(obj, now=NOW), IMAGE).apply[0]
     config = CalibrationConfig.model_validate_json(cm["data"][calibration.CONFIG_FILE])
     assert config.base_model.startswith("hf://meta-llama/")
     assert [s.name for s in config.calibration.slices] == ["chat", "code", "retrieval-qa"]
@@ -121,7 +156,7 @@ def test_configmap_holds_a_worker_config_that_round_trips() -> None:
 
 
 def test_pvc_model_is_mounted_read_only_and_rewritten_to_a_path() -> None:
-    obj = qm(baseModel__uri="pvc://models/llama-8b")
+    obj = qm(baseModel={"uri": "pvc://models/llama-8b"})
     result = plan(QmObserved(obj, now=NOW), IMAGE)
     config = CalibrationConfig.model_validate_json(result.apply[0]["data"][calibration.CONFIG_FILE])
     assert config.base_model == "file:///models/models/llama-8b"
@@ -132,7 +167,8 @@ def test_pvc_model_is_mounted_read_only_and_rewritten_to_a_path() -> None:
 @pytest.mark.parametrize(
     ("edits", "reason", "field"),
     [
-        ({"baseModel__uri": "s3://bucket/llama"}, "UnsupportedSource", "spec.baseModel.uri"),
+        ({"baseModel": {"uri": "s3://bucket/llama"}}, "InvalidSpec", "spec.baseModel.uri"),
+        ({"baseModel": {"uri": "oci://registry.example.com/llama:latest"}}, "InvalidSpec", "spec.baseModel.uri"),
         ({"quantization__scheme": "W8A8"}, "InvalidSpec", "spec.quantization.groupSize"),
         ({"calibration__slices": []}, "InvalidSpec", "spec.calibration.slices"),
     ],
@@ -265,3 +301,42 @@ def test_a_name_too_long_for_its_children_fails_naming_the_field() -> None:
     result = plan(QmObserved(obj=obj, now=NOW), IMAGE)
     assert result.apply == [] and result.status["phase"] == "Failed"
     assert result.status["message"].startswith("metadata.name must be a DNS-1035 label")
+
+
+# --- credentials and the install policy ---
+
+
+def test_a_missing_credentials_secret_waits_and_says_which_field_and_how() -> None:
+    problem = "spec.artifact.credentialsSecretRef: Secret registry-credentials not found in namespace llm-serving"
+    waiting = plan(QmObserved(qm(), now=NOW, credentials_problem=problem), IMAGE)
+    assert waiting.apply == [] and waiting.status["phase"] == "Pending"
+    assert conditions(waiting.status)["Ready"] == ("False", "CredentialsMissing")
+    assert problem in waiting.status["message"]
+    created = plan(QmObserved(qm(status=waiting.status), now=NOW), IMAGE)  # the Secret appeared
+    assert [o["kind"] for o in created.apply] == ["ConfigMap", "Job"]
+
+
+def test_a_registry_refusal_names_the_registry_the_401_and_the_secret() -> None:
+    result = TerminationResult(phase=WorkerPhase.FAILED, reason=CalibrationReason.REGISTRY_UNAUTHORIZED,
+                               stage=Stage.PUBLISH, message="push access to registry.example.com/models/x: "
+                               "registry.example.com answered HTTP 401 Unauthorized: it asks for credentials, "
+                               "and no registry credentials were given (checked before calibrating)")
+    _job, done = _finished(result)
+    ready = next(c for c in done.status["conditions"] if c["type"] == "Ready")
+    assert done.status["phase"] == "Failed" and ready["reason"] == "RegistryUnauthorized"
+    assert "registry.example.com" in ready["message"] and "401" in ready["message"]
+    assert "spec.artifact.credentialsSecretRef" in ready["message"]
+
+
+def test_plain_http_is_only_what_the_install_policy_allows() -> None:
+    from quantrol_operator.policy import InstallPolicy
+
+    obj = qm(artifact={"repository": "registry.ci.svc:5000/models/x", "insecure": True})
+    refused = plan(QmObserved(obj, now=NOW), IMAGE)
+    ready = next(c for c in refused.status["conditions"] if c["type"] == "Ready")
+    assert refused.apply == [] and ready["reason"] == "RefusedByInstallPolicy"
+    assert "spec.artifact.insecure" in ready["message"] and "registry.ci.svc:5000" in ready["message"]
+    listed = InstallPolicy.model_validate({"registries": {"plainHttp": ["registry.ci.svc"]}})
+    allowed = plan(QmObserved(obj, now=NOW), IMAGE, listed)
+    config = CalibrationConfig.model_validate_json(allowed.apply[0]["data"][calibration.CONFIG_FILE])
+    assert config.registries.plain_http == ["registry.ci.svc"]

@@ -117,7 +117,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     assert corrupt.returncode == 0, corrupt.stderr[-3000:]
     print(f"\n[real-engines] tiny model + W8A8/W8A16/corrupted ready in {time.monotonic() - started:.1f}s",
           file=sys.stderr)
-    return {"bf16": base, "W8A8": tmp / "W8A8", "W8A16": tmp / "W8A16", "corrupted": tmp / "corrupted"}
+    data = Path(json.loads(build.stdout.strip().splitlines()[-1])["calibration_jsonl"])
+    return {"bf16": base, "W8A8": tmp / "W8A8", "W8A16": tmp / "W8A16", "corrupted": tmp / "corrupted", "data": data}
 
 
 class Served:
@@ -364,3 +365,109 @@ def test_a_corrupted_arm_shows_clearly_on_sampled_traffic(models: dict[str, Path
     # Clearly: whole nats per token (W8A8 and the control sit below 1e-3) and no request quality-accepted.
     assert positions > 0 and kl > 0.5, (figures, log)
     assert figures["rejected"] >= 4 and figures["compared_total"] == 0, figures
+
+
+# --- the golden-output check on a real engine (issue 18) ---------------------------------------------------------
+
+GOLDEN = """
+import sys
+from pathlib import Path
+from transformers import AutoTokenizer
+from quantrol_worker.calibrate.data import load_slices
+from quantrol_worker.calibrate.evaluate import evaluation_prompts, load_model
+from quantrol_worker.contracts import DataConfig, EvaluationPrompts, EvaluationPromptsPolicy, SliceConfig
+base, candidate, data, out = sys.argv[1:5]
+tok = AutoTokenizer.from_pretrained(base)
+config = DataConfig(uri=data, max_sequence_length=64,
+                    slices=[SliceConfig(name=n, samples=2, eval_samples=6) for n in ("prose", "code")])
+slices, _ = load_slices(config, tok)
+b, c = load_model(Path(base)), load_model(Path(candidate))
+policy = EvaluationPromptsPolicy(max_per_slice=6, max_tokens=64)
+doc = EvaluationPrompts(slices=[evaluation_prompts(b, c, tok, s, policy, 64) for s in slices])
+Path(out).write_text(doc.model_dump_json(by_alias=True, exclude_none=True))
+"""
+# After calibration, someone rescales the MLP output of every layer: a different model under a valid digest.
+ALTER = """
+import shutil, sys
+from pathlib import Path
+from safetensors.torch import load_file, save_file
+src, dst = sys.argv[1:3]
+shutil.copytree(src, dst)
+path = Path(dst) / "model.safetensors"
+tensors = load_file(str(path))
+for key in [k for k in tensors if k.endswith("mlp.down_proj.weight_scale")]:
+    tensors[key] = tensors[key] * 4
+save_file(tensors, str(path), metadata={"format": "pt"})
+"""
+
+
+@pytest.fixture(scope="module")
+def golden_prompts(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What calibration ships with the W8A8 artifact: held-out prompts, the bf16 baseline's golden record and the
+    W8A8 checkpoint's reference figures on them (quantrol_worker.calibrate.evaluate, as the calibration Job runs it)."""
+    assert CALIBRATE_PYTHON
+    tmp = tmp_path_factory.mktemp("golden")
+    out = tmp / "quantrol-evaluation-prompts.json"
+    proc = subprocess.run([CALIBRATE_PYTHON, "-c", GOLDEN, str(models["bf16"]), str(models["W8A8"]),
+                           str(models["data"]), str(out)], capture_output=True, text=True, env=_env(tmp),
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_the_w8a8_engine_reproduces_calibrations_golden_figures(engines: dict[str, Served],
+                                                                golden_prompts: Path) -> None:
+    """The healthy case of the golden-output check: vLLM's W8A8 kernel, teacher-forced on the artifact's prompts,
+    agrees with what transformers measured for the same checkpoint, within the default tolerance."""
+    from quantrol_worker.contracts import EvaluationPrompts, GoldenTolerance
+    from quantrol_worker.qualify import golden_check
+
+    prompts = EvaluationPrompts.read(golden_prompts)
+    result = golden_check.check(f"http://127.0.0.1:{engines['W8A8'].port}", "tiny", prompts, GoldenTolerance())
+    print(f"\n[real-engines] golden W8A8: {[g.model_dump(exclude_none=True) for g in result]}", file=sys.stderr)
+    assert [g.slice for g in result] == ["prose", "code"]
+    assert all(g.passed for g in result), result
+
+
+def test_weights_altered_after_calibration_are_refused_as_golden_output_mismatch(
+        models: dict[str, Path], engines: dict[str, Served], golden_prompts: Path, oci_registry: Any,
+        tmp_path: Path) -> None:
+    """Runs last: bf16 is stopped by then, so the altered engine is the second one running. The altered checkpoint
+    is published with its own (valid) digest, fetched and verified as a serving pod does, served by vLLM, and the
+    qualification Job refuses it by the golden check, naming the slice: one request at a time it answers in time,
+    so only what it computes gives it away."""
+    assert CALIBRATE_PYTHON and SERVE_PYTHON
+    altered = tmp_path / "altered"
+    proc = subprocess.run([CALIBRATE_PYTHON, "-c", ALTER, str(models["W8A8"]), str(altered)], capture_output=True,
+                          text=True, env=_env(tmp_path), timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (altered / golden_prompts.name).write_bytes(golden_prompts.read_bytes())
+    from quantrol_worker import oci
+
+    ref = "oci://" + oci.push(altered, f"{oci_registry.address}/tests/w8a8-altered", insecure=True, tag=None,
+                              annotations={})
+    fetched = tmp_path / "fetched"
+    fetch = subprocess.run([SERVE_PYTHON, "-m", "quantrol_worker.cli", "fetch", "--ref", ref, "--dest", str(fetched),
+                            "--termination-log", str(tmp_path / "fetch.termination"), "--insecure"],
+                           capture_output=True, text=True, env=_env(tmp_path), timeout=300, check=False)
+    assert fetch.returncode == 0, fetch.stderr[-3000:]  # every byte verified against the digest: nothing to see
+    served = Served(tmp_path, "w8a8-altered", fetched, "W8A8")
+    try:
+        served.wait_serving()
+        config = {"model": "tiny", "promptsArtifact": ref, "insecure": True,
+                  "arms": [{"arm": "candidate", "url": f"http://127.0.0.1:{served.port}", "artifact": ref}],
+                  "workDir": str(tmp_path / "qualify"), "terminationMessagePath": str(tmp_path / "qualify.term")}
+        (tmp_path / "qualify.json").write_text(json.dumps(config))
+        proc = subprocess.run([SERVE_PYTHON, "-m", "quantrol_worker.cli", "qualify", "--config",
+                               str(tmp_path / "qualify.json")], capture_output=True, text=True,
+                              env=_env(tmp_path), timeout=600, check=False)
+    finally:
+        served.stop()
+    report = json.loads((tmp_path / "qualify.term").read_text())
+    print(f"\n[real-engines] altered: {report['message']}", file=sys.stderr)
+    assert report["reason"] == "GoldenOutputMismatch", (report, proc.stderr[-3000:])
+    assert "slice prose" in report["message"] or "slice code" in report["message"]
+    (arm,) = report["arms"]  # the floor answered in time (no SLO set here); nothing ran after the golden check
+    assert [r["regime"] for r in arm["regimes"]] == ["floor"], arm
+    bad = [g for g in report["golden"] if not g["passed"]]
+    assert bad and all(g["meanKl"] > g["referenceMeanKl"] for g in bad)

@@ -15,6 +15,7 @@ from quantrol_operator.rollout.statemachine import (
     TRANSITIONS,
     Decision,
     Facts,
+    Qualified,
     TransitionReason,
     step,
     weights_for,
@@ -35,13 +36,33 @@ def facts(**kw: object) -> Facts:
 @pytest.mark.parametrize(
     ("phase", "index", "kw", "expected"),
     [
-        (P.PENDING, None, {}, (P.SHADOW, None, TransitionReason.ARMS_READY)),
+        (P.PENDING, None, {}, (P.QUALIFYING, None, TransitionReason.ARMS_READY)),
+        (P.PENDING, None, {"qualify": False}, (P.SHADOW, None, TransitionReason.QUALIFICATION_SKIPPED)),
+        (P.PENDING, None, {"qualified": Qualified.PASSED}, (P.QUALIFYING, None, TransitionReason.ARMS_READY)),
+        (P.QUALIFYING, None, {}, (P.QUALIFYING, None, None)),
+        (P.QUALIFYING, None, {"decision": Decision.ADVANCE}, (P.QUALIFYING, None, None)),  # no traffic to judge
+        (P.QUALIFYING, None, {"qualified": Qualified.PASSED}, (P.SHADOW, None, TransitionReason.QUALIFIED)),
+        (P.QUALIFYING, None, {"qualified": Qualified.PASSED, "candidate_ready": False}, (P.QUALIFYING, None, None)),
+        (P.QUALIFYING, None, {"qualified": Qualified.FAILED},
+         (P.ROLLED_BACK, None, TransitionReason.QUALIFICATION_FAILED)),
+        (P.QUALIFYING, None, {"qualified": Qualified.GOLDEN_MISMATCH},
+         (P.ROLLED_BACK, None, TransitionReason.GOLDEN_OUTPUT_MISMATCH)),
+        (P.QUALIFYING, None, {"qualified": Qualified.ERROR},
+         (P.PAUSED, None, TransitionReason.QUALIFICATION_INCOMPLETE)),
+        (P.QUALIFYING, None, {"kernel": KernelVerdict.NONE},
+         (P.ROLLED_BACK, None, TransitionReason.KERNEL_UNAVAILABLE)),
+        (P.QUALIFYING, None, {"candidate_failed": True}, (P.ROLLED_BACK, None, TransitionReason.CANDIDATE_FAILED)),
+        (P.QUALIFYING, None, {"qualified": Qualified.PASSED, "paused_annotation": True},
+         (P.PAUSED, None, TransitionReason.PAUSED_BY_USER)),
+        (P.QUALIFYING, None, {"rollback_requested": True}, (P.ROLLED_BACK, None, TransitionReason.MANUAL_ROLLBACK)),
+        (P.PAUSED, None, {"paused_by_user": True, "paused_from": P.QUALIFYING},
+         (P.QUALIFYING, None, TransitionReason.RESUMED)),
         (P.PENDING, None, {"candidate_ready": False}, (P.PENDING, None, None)),
         (P.PENDING, None, {"kernel": KernelVerdict.UNKNOWN}, (P.PENDING, None, None)),
         (P.PENDING, None, {"candidate_pinned": False}, (P.PENDING, None, None)),
         (P.PENDING, None, {"kernel": KernelVerdict.NONE}, (P.ROLLED_BACK, None, TransitionReason.KERNEL_UNAVAILABLE)),
         (P.PENDING, None, {"kernel": KernelVerdict.FALLBACK}, (P.ROLLED_BACK, None, TransitionReason.KERNEL_FALLBACK)),
-        (P.PENDING, None, {"kernel": KernelVerdict.FALLBACK, "enforce_kernels": False}, (P.SHADOW, None,
+        (P.PENDING, None, {"kernel": KernelVerdict.FALLBACK, "enforce_kernels": False}, (P.QUALIFYING, None,
                                                                                         TransitionReason.ARMS_READY)),
         (P.SHADOW, None, {"decision": Decision.ADVANCE}, (P.CANARY, 0, TransitionReason.SHADOW_PASSED)),
         (P.SHADOW, None, {"decision": Decision.ADVANCE, "now": T0 + timedelta(seconds=30)}, (P.SHADOW, None, None)),
@@ -111,6 +132,8 @@ fact_updates = st.fixed_dictionaries(
         "rollback_requested": st.booleans(),
         "new_candidate": st.booleans(),
         "spec_changed": st.booleans(),
+        "qualify": st.booleans(),
+        "qualified": st.sampled_from(Qualified),
         "elapsed": st.integers(min_value=0, max_value=200),
     },
 )
@@ -181,11 +204,28 @@ def test_rolled_back_is_absorbing_until_retry_new_candidate_or_spec_change(updat
             assert reason in (TransitionReason.RETRY, TransitionReason.NEW_CANDIDATE, TransitionReason.SPEC_CHANGED)
 
 
+@settings(max_examples=300)
+@given(st.lists(fact_updates, max_size=40), steps_strategy)
+def test_no_traffic_before_qualification_passed_or_was_skipped(updates: list[dict[str, object]],
+                                                              steps: tuple[int, ...]) -> None:
+    """The candidate's first traffic (Shadow) comes only from a passed qualification, or one the spec skipped."""
+    trail = _run(updates, steps)
+    for (prev, _pi, _pr, _pf), (phase, _i, reason, f) in itertools.pairwise([(P.PENDING, None, None, None),
+                                                                              *trail]):
+        if phase is P.SHADOW and prev is not P.SHADOW:
+            assert reason in (TransitionReason.QUALIFIED, TransitionReason.QUALIFICATION_SKIPPED,
+                              TransitionReason.RESUMED), reason
+            if reason is TransitionReason.QUALIFIED:
+                assert f.qualified is Qualified.PASSED and prev is P.QUALIFYING
+            if reason is TransitionReason.QUALIFICATION_SKIPPED:
+                assert not f.qualify
+
+
 def test_a_healthy_run_walks_every_step_to_promotion() -> None:
-    trail = _run([{"decision": Decision.ADVANCE, "elapsed": 100}] * 7, STEPS)
+    trail = _run([{"decision": Decision.ADVANCE, "elapsed": 100, "qualified": Qualified.PASSED}] * 8, STEPS)
     assert [(p, i) for p, i, _r, _f in trail] == [
-        (P.SHADOW, None), (P.CANARY, 0), (P.CANARY, 1), (P.CANARY, 2), (P.CANARY, 3), (P.PROMOTED, None),
-        (P.PROMOTED, None),
+        (P.QUALIFYING, None), (P.SHADOW, None), (P.CANARY, 0), (P.CANARY, 1), (P.CANARY, 2), (P.CANARY, 3),
+        (P.PROMOTED, None), (P.PROMOTED, None),
     ]
     # And the property above is not vacuous: the same run is what it inspects.
     assert any(r is TransitionReason.PROMOTED for _p, _i, r, _f in trail)

@@ -591,6 +591,23 @@ def test_a_two_step_init_chain_runs_in_order_before_the_main_container(
 
 
 @pytest.mark.stack
+def test_the_serving_pods_volume_kinds_are_shared_by_init_and_main_containers(
+    api: KubeClient, namespace: str, workload_runner: LocalRunner
+) -> None:
+    """children/serving.py's model volume may be a generic ephemeral volume (a claim per pod on a cluster) and its
+    /dev/shm a memory-backed emptyDir: both are folders of the pod here, written by an init step, read by the main."""
+    claim = {"volumeClaimTemplate": {"spec": {"accessModes": ["ReadWriteOnce"],
+                                              "resources": {"requests": {"storage": "1Gi"}}}}}
+    volumes = [{"name": "model", "ephemeral": claim}, {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    mounts = [{"name": "model", "mountPath": "/models/artifact"}, {"name": "dshm", "mountPath": "/dev/shm"}]
+    init = [container("fetch", "steps.py", "append", "/models/artifact/weights", "fetched", volumeMounts=mounts)]
+    main = [container("main", "steps.py", "expect", "/models/artifact/weights", "fetched", volumeMounts=mounts)]
+    job = make_job(api, namespace, "ephemeral", main, init=init, volumes=volumes)
+    done = eventually(lambda: get(api, "batch/v1", "jobs", namespace, "ephemeral"), job_finished, what="job")
+    assert condition(done, "Complete")["status"] == "True", pods_of(api, namespace, job)
+
+
+@pytest.mark.stack
 def test_a_config_file_driven_job_like_the_calibration_job(
     api: KubeClient, namespace: str, workload_runner: LocalRunner
 ) -> None:

@@ -9,6 +9,8 @@ process behaviour, not for its kernels. Real engines are in tests/test_real_engi
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
 import signal
@@ -16,7 +18,9 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -295,6 +299,61 @@ def test_launcher_exposes_native_w8a8_and_forwards_sigterm(tmp_path: Path) -> No
     assert W8A8_SELECTED in out  # vLLM's log passes through untouched
     assert "verdict=native scheme=W8A8" in err
     assert not run.termination.exists()
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    """A real HTTP server in vLLM's place for /health (the fake engine only prints log lines)."""
+
+    def do_GET(self) -> None:
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def _ready(run: Launched) -> tuple[int, str]:
+    try:
+        return 200, run.get("/ready")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _wait_ready(run: Launched, code: int, timeout: float = 15) -> str:
+    deadline, last = time.monotonic() + timeout, (0, "")
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):  # the status port is not up yet
+            last = _ready(run)
+        if last[0] == code:
+            return last[1]
+        time.sleep(0.1)
+    raise AssertionError(f"/ready never answered {code}; last {last}")
+
+
+def test_readiness_needs_the_engine_healthy_and_its_kernels_verified(tmp_path: Path) -> None:
+    """The pod's readiness probe (children/serving.py) asks the launcher: vLLM's /health and a decided, not-none
+    kernel verdict, so traffic never reaches an engine that is up but unverified."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    engine_port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    run = Launched(tmp_path, ["engine booting"], extra=["--scheme", "W8A8", "--", "--model", "x",
+                                                         "--port", str(engine_port)])
+    try:
+        assert "kernel verdict undecided" in _wait_ready(run, 503)  # healthy engine, kernels not seen yet
+    finally:
+        run.proc.kill()
+        run.finish()
+    (tmp_path / "ready").mkdir()
+    ready = Launched(tmp_path / "ready", [W8A8_SELECTED, READY], extra=["--scheme", "W8A8", "--", "--model", "x",
+                                                                       "--port", str(engine_port)])
+    try:
+        assert _wait_ready(ready, 200).strip() == "ready"
+        server.shutdown()
+        server.server_close()
+        assert f"vLLM /health on port {engine_port}" in _wait_ready(ready, 503)  # the engine stopped answering
+    finally:
+        ready.proc.kill()
+        ready.finish()
 
 
 def test_launcher_refuses_when_vllm_finds_no_kernel(tmp_path: Path) -> None:

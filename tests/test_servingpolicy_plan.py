@@ -13,14 +13,24 @@ import yaml
 from quantrol_operator.api.servingpolicy import KernelReport, SloLimit, Verdict
 from quantrol_operator.children import serving
 from quantrol_operator.kube import merge_patch
-from quantrol_operator.planning.servingpolicy import SpObserved, SpPlan, plan, read_spec
+from quantrol_operator.planning.servingpolicy import Images, SpObserved, SpPlan, plan, read_spec
 from quantrol_operator.rollout.analysis import Sample, TargetHealth
 from quantrol_operator.rollout.queries import Observation
+from quantrol_worker.contracts import (
+    ArmQualification,
+    ArmRole,
+    GoldenSlice,
+    QualificationConfig,
+    QualificationReason,
+    QualificationReport,
+    Regime,
+    RegimeFigures,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 CANDIDATE = "oci://registry.example.com/models/llama-w4a16@sha256:" + "c" * 64
-IMAGES = ("serve:test", "router:test")
+IMAGES = Images("serve:test", "router:test", "tools:test")
 
 
 def policy(status: dict[str, Any] | None = None, annotations: dict[str, str] | None = None,
@@ -103,8 +113,8 @@ def test_arm_deployment_carries_the_batch_budget_and_fetches_by_digest() -> None
     pod = candidate["spec"]["template"]["spec"]
     args = pod["containers"][0]["command"]
     assert args[args.index("--max-num-seqs") + 1] == "64" and args[args.index("--max-num-batched-tokens") + 1] == "8192"
-    assert args[args.index("--kv-cache-dtype") + 1] == "fp8"
-    assert pod["initContainers"][0]["command"][:4] == ["quantrol-worker", "fetch", "--ref", CANDIDATE]
+    fetch = next(c for c in pod["initContainers"] if c["name"] == "fetch")
+    assert fetch["command"][:4] == ["quantrol-worker", "fetch", "--ref", CANDIDATE]
     assert candidate["metadata"]["ownerReferences"][0]["uid"] == "uid-sp"
     assert result.status["candidateArtifact"] == CANDIDATE and result.status["candidateShortDigest"] == "c" * 12
 
@@ -115,22 +125,134 @@ def test_a_steady_state_pass_changes_nothing() -> None:
     assert merge_patch(first.status, again.status) == {} and again.router_config is None and again.events == []
 
 
-def _to_shadow() -> tuple[dict[str, Any], SpPlan]:
-    obj = policy()
+KERNELS = {"verdict": "native", "kernels": ["MarlinLinearKernel"], "message": ""}
+
+
+def _to_qualifying(**spec: Any) -> tuple[dict[str, Any], SpPlan]:
+    obj = policy(**spec)
     first = run(obj, quantized_model=qm(), now=T0)
-    kernels = {"verdict": "native", "kernels": ["MarlinLinearKernel"], "message": ""}
-    shadow = run(advance(obj, first), quantized_model=qm(), deployments=ready(deployments(first)),
-                 candidate_kernels=kernels, now=T0 + timedelta(seconds=10))
+    qualifying = run(advance(obj, first), quantized_model=qm(), deployments=ready(deployments(first)),
+                     candidate_kernels=KERNELS, now=T0 + timedelta(seconds=5))
+    return advance(obj, qualifying), qualifying
+
+
+def report(reason: QualificationReason = QualificationReason.QUALIFIED, message: str = "qualified",
+           **fields: Any) -> QualificationReport:
+    floor = RegimeFigures(regime=Regime.FLOOR, passed=True, ttft_p50_seconds=0.1, ttft_p99_seconds=0.2, requests=8)
+    arms = [ArmQualification(arm=ArmRole.CANDIDATE, regimes=[floor]), ArmQualification(arm=ArmRole.STABLE)]
+    return QualificationReport(reason=reason, message=message, tool="guidellm 0.8.1", arms=arms, **fields)
+
+
+def finished(obj: dict[str, Any], qualifying: SpPlan, result: QualificationReport | None, now: datetime,
+             job_status: dict[str, Any] | None = None) -> SpPlan:
+    """A pass that finds the qualification Job ended (the Job controller's and kubelet's part, played here)."""
+    job = {"metadata": {"name": obj["status"]["qualification"]["jobName"]}, "status": job_status or {}}
+    terminated = {"exitCode": 0 if result else 1, "message": result.to_message() if result else "Traceback: boom"}
+    pod = {"metadata": {"creationTimestamp": "2026-11-23T12:00:05Z"},
+           "status": {"containerStatuses": [{"name": "qualify", "state": {"terminated": terminated}}]}}
+    return run(obj, quantized_model=qm(), deployments=ready(deployments(qualifying)), candidate_kernels=KERNELS,
+               qualification_job=job, qualification_pods=[pod], now=now)
+
+
+def _to_shadow() -> tuple[dict[str, Any], SpPlan]:
+    obj, qualifying = _to_qualifying()
+    shadow = finished(obj, qualifying, report(), T0 + timedelta(seconds=10))
     return advance(obj, shadow), shadow
 
 
-def test_ready_arms_with_verified_kernels_go_to_shadow_with_mirroring() -> None:
+def test_ready_arms_with_verified_kernels_are_qualified_before_any_traffic() -> None:
+    _obj, qualifying = _to_qualifying()
+    assert qualifying.status["phase"] == "Qualifying"
+    router_cm = next(o for o in qualifying.apply if o["kind"] == "ConfigMap" and "router.yaml" in o.get("data", {}))
+    config = json.loads(router_cm["data"]["router.yaml"])
+    assert config["arms"]["candidate"]["weight"] == 0 and config["mirror_fraction"] == 0  # no traffic, not mirrored
+    q = qualifying.status["qualification"]
+    assert q["state"] == "Running" and q["attempt"] == 1 and q["candidateArtifact"] == CANDIDATE
+    job = next(o for o in qualifying.apply if o["kind"] == "Job")
+    assert job["metadata"]["name"] == q["jobName"] == "llama-3-1-8b-qualify-cccccccc-1"
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"][:2] == ["quantrol-worker", "qualify"] and pod["restartPolicy"] == "Never"
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]} and pod["securityContext"]["runAsNonRoot"]
+    cm = next(o for o in qualifying.apply if o["kind"] == "ConfigMap" and o["metadata"]["name"] == q["jobName"])
+    config = QualificationConfig.model_validate_json(cm["data"]["config.json"])
+    assert [a.arm for a in config.arms] == [ArmRole.CANDIDATE, ArmRole.STABLE]
+    assert config.arms[0].url == f"http://{serving.arm_name('llama-3-1-8b', CANDIDATE)}.llm-serving.svc:8000"
+    assert (config.limits.ttft_seconds, config.limits.itl_seconds) == (1.5, 0.08)  # the policy's SLOs
+    assert config.admission.max_in_flight == 128 and config.prompts_artifact == CANDIDATE
+    assert job["spec"]["activeDeadlineSeconds"] >= 2 * config.regimes.seconds_per_rate * config.regimes.sweep_rates
+
+
+def test_a_passed_qualification_goes_to_shadow_with_mirroring_and_keeps_its_figures() -> None:
     _obj, shadow = _to_shadow()
     assert shadow.status["phase"] == "Shadow"
     config = json.loads(shadow.router_config or "{}")
     assert config["mirror_fraction"] == 0.1 and config["arms"]["candidate"]["weight"] == 0
-    assert config["version"] == 2  # bumped because the content changed
-    assert shadow.status["history"][-1]["reason"] == "ArmsReady"
+    assert config["version"] == 2  # bumped because the content changed (mirroring starts)
+    assert shadow.status["history"][-1]["reason"] == "Qualified"
+    q = shadow.status["qualification"]
+    assert q["state"] == "Passed" and q["tool"] == "guidellm 0.8.1"
+    assert q["arms"][0]["regimes"][0] == {"regime": "floor", "passed": True, "failed": [], "requests": 8,
+                                          "ttftP50Seconds": 0.1, "ttftP99Seconds": 0.2}
+    assert {c["type"]: c["status"] for c in shadow.status["conditions"]}["Qualified"] == "True"
+    assert not any(o["kind"] == "Job" for o in shadow.apply), "a finished Job is not applied again"
+
+
+def test_a_golden_output_mismatch_is_refused_naming_the_slice() -> None:
+    obj, qualifying = _to_qualifying()
+    golden = [GoldenSlice(slice="code", passed=False, mean_kl=0.9, reference_mean_kl=0.01,
+                          failed=["meanKl: 0.9 > 0.01 + 0.05"]), GoldenSlice(slice="prose", passed=True)]
+    result = finished(obj, qualifying, report(QualificationReason.GOLDEN_OUTPUT_MISMATCH,
+                                              "the candidate engine does not reproduce calibration's quality on "
+                                              "slice code (meanKl: 0.9 > 0.01 + 0.05)", golden=golden),
+                      T0 + timedelta(seconds=10))
+    assert result.status["phase"] == "RolledBack"
+    record = result.status["rollback"]
+    assert record["reason"] == "GoldenOutputMismatch" and record["failingSlos"] == ["golden/code"]
+    assert "slice code" in record["message"] and record["candidateArtifact"] == CANDIDATE
+    assert result.status["qualification"]["state"] == "Refused"
+    candidate = next(d for d in deployments(result) if d["metadata"]["name"].endswith("cccccccccccc"))
+    assert candidate["spec"]["replicas"] == 0
+    assert set(json.loads(result.router_config or "{}")["arms"]) == {"stable"}
+
+
+def test_a_candidate_over_its_latency_slo_one_request_at_a_time_is_refused() -> None:
+    obj, qualifying = _to_qualifying()
+    slow = report(QualificationReason.QUALIFICATION_FAILED,
+                  "regime floor (one request at a time): ttftP99: 7.2 s > 1.5 s")
+    slow.arms[0].regimes[0] = RegimeFigures(regime=Regime.FLOOR, passed=False, ttft_p99_seconds=7.2,
+                                            failed=["ttftP99: 7.2 s > 1.5 s"])
+    result = finished(obj, qualifying, slow, T0 + timedelta(seconds=10))
+    assert result.status["phase"] == "RolledBack"
+    record = result.status["rollback"]
+    assert record["reason"] == "QualificationFailed" and record["slo"] == "candidate/floor"
+    assert "ttftP99" in record["message"] and "floor" in record["message"]
+
+
+def test_a_qualification_job_without_a_report_holds_and_a_retry_measures_again() -> None:
+    obj, qualifying = _to_qualifying()
+    failed = {"conditions": [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]}
+    result = finished(obj, qualifying, None, T0 + timedelta(seconds=10), job_status=failed)
+    assert result.status["phase"] == "Paused" and result.status["history"][-1]["reason"] == "QualificationIncomplete"
+    q = result.status["qualification"]
+    assert q["state"] == "Error" and "Traceback" in q["message"]
+    obj = advance(obj, result)
+    obj["metadata"]["annotations"] = {"quantrol.io/retry": "1"}
+    pending = run(obj, quantized_model=qm(), deployments=ready(deployments(qualifying)), candidate_kernels=KERNELS,
+                  now=T0 + timedelta(seconds=20))
+    again = run(advance(obj, pending), quantized_model=qm(), deployments=ready(deployments(qualifying)),
+                candidate_kernels=KERNELS, now=T0 + timedelta(seconds=25))
+    assert again.status["phase"] == "Qualifying" and again.status["qualification"]["attempt"] == 2
+    assert any(o["kind"] == "Job" and o["metadata"]["name"].endswith("-2") for o in again.apply)
+
+
+def test_qualification_may_be_skipped_and_status_says_so() -> None:
+    _obj, result = _to_qualifying(qualification={"enabled": False})
+    assert result.status["phase"] == "Shadow" and result.status["history"][-1]["reason"] == "QualificationSkipped"
+    assert result.status["qualification"]["state"] == "Skipped"
+    assert "unmeasured" in result.status["qualification"]["message"]
+    assert not any(o["kind"] == "Job" for o in result.apply)
 
 
 def test_slo_failures_up_to_the_limit_roll_back_with_a_record() -> None:

@@ -16,11 +16,13 @@ WORKDIR /opt/quantrol-src
 COPY pyproject.toml README.md ./
 COPY operator/ operator/
 COPY worker/ worker/
-# oras (artifact pulls by digest) at the version the serve lock pins; then Quantrol with --no-deps, because pydantic,
-# PyYAML, aiohttp and prometheus-client come with vLLM and must stay at its versions.
-RUN python3 -m pip install "oras==0.2.43" \
+# oras (artifact pulls by digest) and GuideLLM (the qualification Job's load generator) at the versions the serve
+# lock pins; then Quantrol with --no-deps, because pydantic, PyYAML, aiohttp and prometheus-client come with vLLM and
+# must stay at its versions (GuideLLM's torch and transformers are vLLM's already).
+RUN python3 -m pip install "oras==0.2.43" "guidellm==0.8.1" \
  && python3 -m pip install --no-deps . \
- && python3 -c "import quantrol_worker.cli, quantrol_worker.router.main, oras, vllm" \
+ && python3 -c "import quantrol_worker.cli, quantrol_worker.router.main, quantrol_worker.qualify.run, oras, vllm" \
+ && python3 -c "import guidellm.benchmark.entrypoints" \
  && rm -rf /opt/quantrol-src \
  && (getent group 65532 || groupadd --gid 65532 quantrol) \
  && (getent passwd 65532 || useradd --uid 65532 --gid 65532 --no-create-home --home-dir /tmp \

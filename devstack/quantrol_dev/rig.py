@@ -144,6 +144,9 @@ def policy_manifest(name: str, namespace: str, prometheus_url: str, first_dwell:
             "baseline": {"artifact": STABLE}, "candidate": {"artifact": CANDIDATE},
             "routerReplicas": router_replicas,
             "serving": {"batchBudget": {"maxNumSeqs": 8, "maxNumBatchedTokens": 512}},
+            # The rig closes the SLO loop; it plays no Job controller, so the qualification Job (tested on its own
+            # in tests/test_qualification.py, and run for real by the demo) is skipped here.
+            "qualification": {"enabled": False},
             "rollout": {"shadow": {"durationSeconds": 3, "mirrorFraction": 0.5},
                         "canarySteps": [{"weight": 50, "minDwellSeconds": first_dwell},
                                         {"weight": 100, "minDwellSeconds": 2}],

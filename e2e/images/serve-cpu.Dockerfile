@@ -32,15 +32,13 @@ RUN python -m venv /opt/quantrol \
  && (/opt/quantrol/bin/pip uninstall -y torchvision torchaudio torchcodec || true) \
  && /opt/quantrol/bin/python -c "import vllm, oras, quantrol_worker.cli, quantrol_worker.router.main" \
  && rm -rf /src
-# The ServingPolicy has no engine-flags field; a CPU image bakes `--enforce-eager` in, as the demo's local stand-in
-# of this image does (demo_story.serving_image_bin).
-COPY e2e/images/quantrol-worker-cpu.sh /opt/quantrol-cpu/bin/quantrol-worker
-RUN chmod 0755 /opt/quantrol-cpu/bin/quantrol-worker \
- && groupadd --gid 65532 quantrol \
+# vLLM's CPU build runs eagerly: the demo's ServingPolicy says so (serving.engineArgs: [--enforce-eager]), as any
+# policy for this image would; nothing is baked in.
+RUN groupadd --gid 65532 quantrol \
  && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin quantrol
 WORKDIR /tmp
 # Caches under /tmp (the container's writable layer); 1 GiB of KV cache is plenty for the tiny model.
-ENV PATH=/opt/quantrol-cpu/bin:/opt/quantrol/bin:$PATH HOME=/tmp HF_HOME=/tmp/hf HF_HUB_OFFLINE=1 \
+ENV PATH=/opt/quantrol/bin:$PATH HOME=/tmp HF_HOME=/tmp/hf HF_HUB_OFFLINE=1 \
     VLLM_CACHE_ROOT=/tmp/vllm TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor VLLM_CPU_KVCACHE_SPACE=1 \
     PYTHONUNBUFFERED=1
 USER 65532:65532

@@ -118,6 +118,9 @@ def _translate(node: Schema, definitions: dict[str, Schema]) -> Schema:
             # A structural schema may not combine properties with additionalProperties; unknown
             # fields are pruned by the API server instead (the models refuse them on our side).
             continue
+        elif key == "additionalProperties" and value is True:
+            # A free-form object (e.g. a pod's affinity, passed through as it is): the structural form.
+            out["x-kubernetes-preserve-unknown-fields"] = True
         elif key == "default":
             # Only scalar defaults: the API server applies them, and a scalar is easy to read in
             # `kubectl explain`. Object defaults stay with the models (applied when the operator reads).

@@ -14,6 +14,8 @@ class OperatorDefaults:
     worker_image: str = f"ghcr.io/quantrol/worker:{__version__}"
     serving_image: str = f"ghcr.io/quantrol/serve:{__version__}"
     router_image: str = f"ghcr.io/quantrol/serve:{__version__}"
+    # The serving pods' init steps (launcher delivery, artifact fetch): torch-free, this operator's release.
+    tools_image: str = f"ghcr.io/quantrol/operator:{__version__}"
     prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
     # How often children are re-read while a calibration or rollout is in flight (reads only, no writes).
     poll_seconds: float = 5.0
@@ -46,6 +48,7 @@ class OperatorDefaults:
             worker_image=env.get("QUANTROL_WORKER_IMAGE", base.worker_image),
             serving_image=env.get("QUANTROL_SERVING_IMAGE", base.serving_image),
             router_image=env.get("QUANTROL_ROUTER_IMAGE", base.router_image),
+            tools_image=env.get("QUANTROL_TOOLS_IMAGE", base.tools_image),
             prometheus_url=env.get("QUANTROL_PROMETHEUS_URL", base.prometheus_url),
             poll_seconds=float(env.get("QUANTROL_POLL_SECONDS", base.poll_seconds)),
             pod_monitors=env.get("QUANTROL_POD_MONITORS", base.pod_monitors).strip().lower() or base.pod_monitors,

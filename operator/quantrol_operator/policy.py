@@ -7,22 +7,37 @@ QUANTROL_INSTALL_POLICY; this module is its one schema and its one reader. A spe
 half-applied: the planner reports the field and the rule in a status condition and creates nothing.
 
 Without the variable (a laptop, the tests) the built-in policy is permissive, like Quantrol before the policy
-existed; the chart's defaults are the safe ones.
+existed; the chart's defaults are the safe ones. Two rules are safe even there: no registry is reached over plain
+HTTP unless listed (`registries.plainHttp`), and `serving.engineArgs` carries only flags that tune memory, batching
+and compilation (`workloads.engineFlags`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
+
+from quantrol_worker.oci import plain_http
 
 ENV = "QUANTROL_INSTALL_POLICY"
 MAX_BYTES_CEILING = 64 << 20  # no install may let one answer hold more of the operator's 512 Mi than this
+# vLLM flags a ServingPolicy's engineArgs may carry by default: they tune memory, batching and compilation only;
+# none reads a path, loads code or reaches a network (unlike --trust-remote-code, --download-dir, --hf-overrides).
+DEFAULT_ENGINE_FLAGS = ("--enforce-eager", "--gpu-memory-utilization", "--swap-space", "--block-size",
+                        "--enable-prefix-caching", "--no-enable-prefix-caching", "--enable-chunked-prefill",
+                        "--no-enable-chunked-prefill", "--max-seq-len-to-capture", "--disable-log-stats",
+                        "--disable-log-requests", "--seed")
+# `host` or `host:port`, as an image reference or an OCI repository starts.
+RegistryHost = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?$",
+                                                max_length=253)]
+EngineFlag = Annotated[str, StringConstraints(pattern=r"^--[a-z0-9][a-z0-9-]*$", max_length=128)]
 
 
 class _Policy(BaseModel):
@@ -53,7 +68,16 @@ class WorkloadPolicy(_Policy):
     image_prefixes: tuple[str, ...] | None = None
     service_accounts: tuple[str, ...] | None = None
     tolerations: bool = True
-    node_selectors: bool = True
+    node_selectors: bool = True  # node selectors and affinity: both pick nodes
+    engine_flags: tuple[EngineFlag, ...] = Field(default=DEFAULT_ENGINE_FLAGS, max_length=256)
+
+
+class RegistryPolicy(_Policy):
+    """Registries reached over plain HTTP (`host` for every port of it, or `host:port`): a QuantizedModel's
+    artifact.insecure is allowed only for these, and push, pulls and the arms' fetch use plain HTTP for exactly these
+    and TLS for every other registry."""
+
+    plain_http: tuple[RegistryHost, ...] = Field(default=(), max_length=256)
 
 
 class RouterPolicy(_Policy):
@@ -65,11 +89,20 @@ class InstallPolicy(_Policy):
     prometheus: PrometheusPolicy = Field(default_factory=PrometheusPolicy)
     workloads: WorkloadPolicy = Field(default_factory=WorkloadPolicy)
     router: RouterPolicy = Field(default_factory=RouterPolicy)
+    registries: RegistryPolicy = Field(default_factory=RegistryPolicy)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> InstallPolicy:
         text = (os.environ if env is None else env).get(ENV, "").strip()
         return cls.model_validate(json.loads(text)) if text else cls()
+
+    def allows_plain_http(self, host: str) -> bool:
+        return plain_http(host, self.registries.plain_http)
+
+    def refused_engine_args(self, args: list[str]) -> list[tuple[int, str]]:
+        """(index, flag) of every flag in `args` this policy does not allow; other items are values of a flag."""
+        flags = [(i, a.split("=", 1)[0]) for i, a in enumerate(args) if a.startswith("-")]
+        return [(i, flag) for i, flag in flags if flag not in self.workloads.engine_flags]
 
     def prometheus_allowed(self, address: str, default: str) -> bool:
         if self.prometheus.allowed_addresses is None:
@@ -108,4 +141,12 @@ def pod_refusals(prefix: str, spec: Any, policy: WorkloadPolicy) -> list[Refusal
         out.append(Refusal(f"{prefix}.tolerations", "the install policy does not let tenants set tolerations"))
     if getattr(spec, "node_selector", None) and not policy.node_selectors:
         out.append(Refusal(f"{prefix}.nodeSelector", "the install policy does not let tenants set node selectors"))
+    if getattr(spec, "affinity", None) and not policy.node_selectors:
+        out.append(Refusal(f"{prefix}.affinity", "the install policy does not let tenants pick nodes (affinity, like "
+                           "node selectors)"))
     return out
+
+
+def registry_host(repository: str) -> str:
+    """The registry part of `registry[:port]/repo[...]` or `oci://…`."""
+    return re.sub(r"^oci://", "", repository).split("/", 1)[0]

@@ -14,7 +14,13 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from quantrol_operator.api import QuantizedModel, ServingPolicy
-from quantrol_operator.api.common import API_VERSION, BASE_MODEL_URI_PATTERN, IMAGE_PATTERN, PINNED_ARTIFACT_PATTERN
+from quantrol_operator.api.common import (
+    API_VERSION,
+    BASE_MODEL_URI_PATTERN,
+    DATA_URI_PATTERN,
+    IMAGE_PATTERN,
+    PINNED_ARTIFACT_PATTERN,
+)
 
 MODELS_BY_KIND: dict[str, type[BaseModel]] = {"QuantizedModel": QuantizedModel, "ServingPolicy": ServingPolicy}
 
@@ -58,8 +64,9 @@ def validate_object(obj: dict[str, Any]) -> list[FieldError]:
 PATTERN_MEANINGS = {
     PINNED_ARTIFACT_PATTERN: "must be an OCI artifact pinned by digest, oci://repo@sha256:<64 hex digits> (a tag "
     "can move under you)",
-    BASE_MODEL_URI_PATTERN: "must be hf://org/name@revision (with a revision: a branch moves), oci://, pvc://, "
-    "s3:// or file://",
+    BASE_MODEL_URI_PATTERN: "must be hf://org/name@revision (with a revision: a branch moves), oci://, pvc:// or "
+    "file:// (what the calibration worker reads)",
+    DATA_URI_PATTERN: "must be pvc://claim/path, oci://repo@sha256:… or file:// (what the calibration worker reads)",
     IMAGE_PATTERN: "must be an image reference without spaces",
 }
 

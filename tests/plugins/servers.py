@@ -92,6 +92,18 @@ def oci_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryS
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def secure_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+    """One registry for the session that, like GHCR, Harbor or Artifactory, refuses anonymous clients: htpasswd
+    users over TLS, its certificate from a CA of its own (`registry.login`: user, password, `ca_path`)."""
+    _require_registry()
+    server = start_registry(workdir=tmp_path_factory.mktemp("secure-registry"), secure=True)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def oci_registry_factory(
     tmp_path_factory: pytest.TempPathFactory,

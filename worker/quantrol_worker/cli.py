@@ -19,13 +19,17 @@ def build_parser() -> argparse.ArgumentParser:
     from quantrol_worker.router.main import add_parser as add_route  # argparse only: no aiohttp at parse time
 
     add_route(commands)
+    from quantrol_worker.deliver import add_parser as add_install_launcher  # stdlib only
     from quantrol_worker.fetch import add_parser as add_fetch  # stdlib only at import time
     from quantrol_worker.serve.main import add_parser as add_serve
 
     add_fetch(commands)
     add_serve(commands)
+    add_install_launcher(commands)
     calibrate = commands.add_parser("calibrate", help="calibrate, quantize, evaluate and publish a model (torch)")
     calibrate.add_argument("--config", required=True, help="CalibrationConfig file (JSON or YAML)")
+    qualify = commands.add_parser("qualify", help="measure both arms in three regimes and the golden output (GuideLLM)")
+    qualify.add_argument("--config", required=True, help="QualificationConfig file (JSON or YAML)")
     return parser
 
 
@@ -43,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         from quantrol_worker.calibrate.pipeline import main as run_calibrate  # torch is imported only here
 
         return run_calibrate(["--config", args.config])
+    if args.command == "qualify":
+        from quantrol_worker.qualify.run import main as run_qualify  # guidellm and torch are imported only here
+
+        return run_qualify(["--config", args.config])
     if args.command == "fetch":
         from quantrol_worker.fetch import run as run_fetch
 
@@ -51,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         from quantrol_worker.serve.main import run as run_serve
 
         return run_serve(args)
+    if args.command == "install-launcher":
+        from quantrol_worker.deliver import run as run_install
+
+        return run_install(args)
     return 0
 
 

@@ -33,6 +33,17 @@ JSON_FILE_MEDIA_TYPE = "application/vnd.quantrol.model.file.v1+json"
 FILE_MEDIA_TYPE = "application/vnd.quantrol.model.file.v1"
 EVALUATION_PROMPTS_MEDIA_TYPE = "application/vnd.quantrol.evaluation-prompts.v1+json"
 
+# A model folder's tokenizer files: what the tokenizer digest covers, and all a reader of prompts needs to pull.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+
 # The held-out prompts of every slice, shipped beside the weights (see EvaluationPrompts).
 EVALUATION_PROMPTS_FILE = "quantrol-evaluation-prompts.json"
 EVALUATION_PROMPTS_VERSION = "quantrol.io/evaluation-prompts/v1alpha1"
@@ -154,6 +165,7 @@ class CalibrationReason(StrEnum):
     EMPTY_SLICE = "EmptySlice"
     QUANTIZATION_FAILED = "QuantizationFailed"
     PUBLISH_FAILED = "PublishFailed"
+    REGISTRY_UNAUTHORIZED = "RegistryUnauthorized"  # a registry answered 401/403 (oci.ArtifactReason's word)
     INTERNAL_ERROR = "InternalError"
 
 
@@ -260,7 +272,8 @@ class SliceConfig(ContractModel):
 
 
 class DataConfig(ContractModel):
-    uri: str = Field(description="JSONL with `text` or `messages`, and `slice`: file:// or a path.")
+    uri: str = Field(description="JSONL with `text` or `messages`, and `slice`: file:// or a path, or a digest-pinned "
+                     "oci:// artifact holding one .jsonl file.")
     max_sequence_length: int = Field(default=2048, ge=16, le=1_048_576)
     seed: int = Field(default=0, ge=0)
     slices: list[SliceConfig] = Field(min_length=1, max_length=64)
@@ -274,8 +287,18 @@ class DataConfig(ContractModel):
 
 class ArtifactConfig(ContractModel):
     repository: str = Field(pattern=r"^[a-z0-9.\-]+(:[0-9]+)?/[a-z0-9._\-/]+$", max_length=512)
-    insecure: bool = False
     tag: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+
+
+class RegistryAccess(ContractModel):
+    """How the worker reaches OCI registries, for every pull (base model, calibration data) and the push."""
+
+    credentials_file: str | None = Field(
+        default=None, description="docker config.json with credentials by registry (a mounted dockerconfigjson "
+        "Secret); unset: anonymous.")
+    plain_http: list[str] = Field(
+        default_factory=list, max_length=256, description="Registries (`host` or `host:port`) reached over plain "
+        "HTTP: the install policy's list; every other registry over TLS.")
 
 
 class EvaluationPromptsPolicy(ContractModel):
@@ -318,6 +341,7 @@ class CalibrationConfig(ContractModel):
     quality_gate: QualityLimits = Field(default_factory=default_quality_gate)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     artifact: ArtifactConfig | None = Field(default=None, description="Where to push; unset: package locally only.")
+    registries: RegistryAccess = Field(default_factory=RegistryAccess)
     work_dir: str = Field(default="/tmp/quantrol-work", description="Scratch space for model, checkpoint, report.")
     termination_message_path: str = TERMINATION_MESSAGE_PATH
     name: str | None = Field(default=None, description="QuantizedModel namespace/name, for annotations.")
@@ -565,3 +589,170 @@ class TerminationResult(ReportModel):
     @classmethod
     def from_message(cls, text: str) -> TerminationResult:
         return cls.model_validate_json(text)
+
+
+# --- qualification: `quantrol-worker qualify --config FILE` (the ServingPolicy's Qualifying phase) ---
+
+QUALIFICATION_REPORT_VERSION = "quantrol.io/qualification-report/v1alpha1"
+
+
+class ArmRole(StrEnum):
+    STABLE = "stable"
+    CANDIDATE = "candidate"
+
+
+class Regime(StrEnum):
+    """The three load regimes every arm is measured in before it takes traffic (ARCHITECTURE.md, verify stage)."""
+
+    FLOOR = "floor"  # (i) one request at a time: floor TTFT and inter-token latency
+    SUSTAINABLE = "sustainable"  # (ii) a rate sweep: the highest rate meeting the latency SLOs, bounded queue age
+    OVERLOAD = "overload"  # (iii) overload × factor for a bounded time, then one at a time again: recovery
+
+
+class QualificationReason(StrEnum):
+    """Why qualification let a candidate go on, or refused it (CamelCase, like condition reasons)."""
+
+    QUALIFIED = "Qualified"
+    QUALIFICATION_FAILED = "QualificationFailed"  # a regime's SLO, or the goodput ratio: the message names which
+    GOLDEN_OUTPUT_MISMATCH = "GoldenOutputMismatch"  # the serving engine does not compute what calibration measured
+    INVALID_CONFIG = "InvalidConfig"
+    INTERNAL_ERROR = "InternalError"  # the Job could not measure (an arm unreachable, the tool failed): no verdict
+
+
+class QualifyArm(ContractModel):
+    arm: ArmRole
+    url: str = Field(pattern=r"^https?://\S+$", max_length=1024, description="The arm's engine (its Service).")
+    artifact: str = Field(max_length=1024)
+    replicas: int = Field(default=1, ge=1, le=1000, description="Engines behind the URL: engine-seconds per second.")
+
+
+class RegimeSettings(ContractModel):
+    """How long each regime may run; every figure comes from a bounded run."""
+
+    floor_requests: int = Field(default=8, ge=1, le=1000)
+    floor_max_seconds: float = Field(default=60, gt=0, le=3600)
+    sweep_rates: int = Field(default=4, ge=1, le=16)
+    seconds_per_rate: float = Field(default=20, gt=0, le=3600)
+    overload_factor: float = Field(default=1.5, gt=1, le=10)
+    overload_seconds: float = Field(default=20, gt=0, le=3600)
+    recovery_seconds: float = Field(default=30, gt=0, le=3600)
+
+
+class LatencyLimits(ContractModel):
+    """The policy's SLOs as the Job applies them per regime (seconds); unset: not judged."""
+
+    ttft_seconds: float | None = Field(default=None, gt=0)
+    itl_seconds: float | None = Field(default=None, gt=0)
+    queue_wait_seconds: float | None = Field(default=None, gt=0)
+
+
+class AdmissionBounds(ContractModel):
+    """The policy's admission bounds, applied by the router the Job puts in front of each arm (as in production)."""
+
+    max_in_flight: int = Field(default=128, ge=1)
+    max_queue: int = Field(default=256, ge=0)
+    max_queue_wait_seconds: float = Field(default=5.0, gt=0)
+
+
+class GoldenTolerance(ContractModel):
+    """How far the serving engine's golden figures may fall behind calibration's reference on the same prompts."""
+
+    max_kl_increase: float = Field(default=0.05, ge=0, description="Mean KL (nats) over the reference's.")
+    max_top1_drop: float = Field(default=0.05, ge=0, le=1, description="Top-1 agreement below the reference's.")
+    max_perplexity_increase: float = Field(
+        default=0.05, ge=0, description="Perplexity ratio over the reference's, as a fraction of it.")
+
+
+class QualificationConfig(ContractModel):
+    model: str = Field(max_length=253, description="The served model name both arms answer to.")
+    arms: list[QualifyArm] = Field(min_length=1, max_length=2)
+    prompts_artifact: str | None = Field(
+        default=None, description="The candidate artifact (oci://…@sha256:…): its prompts and tokenizer, pulled and "
+        "verified; file:///folder reads a local model folder as it is (local use: the bench).")
+    registries: RegistryAccess = Field(default_factory=RegistryAccess)
+    probe_prompts_file: str | None = Field(default=None, description="JSONL {slice, text}: the probe ConfigMap.")
+    output_tokens: int = Field(default=32, ge=1, le=4096)
+    regimes: RegimeSettings = Field(default_factory=RegimeSettings)
+    limits: LatencyLimits = Field(default_factory=LatencyLimits)
+    admission: AdmissionBounds = Field(default_factory=AdmissionBounds)
+    golden: GoldenTolerance = Field(default_factory=GoldenTolerance)
+    golden_max_seconds: float = Field(default=600, gt=0, le=3600, description="The golden check's time bound.")
+    min_goodput_ratio: float = Field(default=1.0, gt=0, le=100)
+    work_dir: str = "/tmp/quantrol-qualify"
+    termination_message_path: str = TERMINATION_MESSAGE_PATH
+
+
+class RegimeFigures(ReportModel):
+    """One arm in one regime, as the load generator measured it through the policy's admission bounds. Units are
+    in the names: seconds, requests per second, tokens per engine-second, fractions 0..1."""
+
+    regime: Regime
+    passed: bool | None = None
+    failed: list[str] = Field(default_factory=list, max_length=8, description="`slo: value > limit` per breach.")
+    rate_rps: float | None = Field(default=None, description="Offered request rate (requests per second).")
+    requests: int | None = None
+    ttft_p50_seconds: float | None = None
+    ttft_p99_seconds: float | None = None
+    itl_p50_seconds: float | None = None
+    itl_p99_seconds: float | None = None
+    output_tokens_per_second: float | None = None
+    goodput_tokens_per_engine_second: float | None = Field(
+        default=None, description="Output tokens of requests within their deadlines, per engine-second.")
+    rejected_fraction: float | None = Field(default=None, description="Answered 429 (backpressure).")
+    queue_wait_p99_seconds: float | None = Field(default=None, description="The router's admission queue age.")
+    recovery_seconds: float | None = Field(default=None, description="After overload: back to floor latency.")
+
+
+class ArmQualification(ReportModel):
+    arm: ArmRole
+    artifact: str | None = None
+    regimes: list[RegimeFigures] = Field(default_factory=list, max_length=3)
+
+    def regime(self, which: Regime) -> RegimeFigures | None:
+        return next((r for r in self.regimes if r.regime is which), None)
+
+
+class GoldenSlice(ReportModel):
+    """The serving engine against calibration's reference on one slice's evaluation prompts."""
+
+    slice: str
+    prompts: int | None = None
+    mean_kl: float | None = None
+    top1: float | None = None
+    ppl_ratio: float | None = None
+    reference_mean_kl: float | None = None
+    reference_top1: float | None = None
+    reference_ppl_ratio: float | None = None
+    passed: bool | None = None
+    failed: list[str] = Field(default_factory=list, max_length=8)
+
+
+class QualificationReport(ReportModel):
+    """What `quantrol-worker qualify` found: its termination message (compact JSON, at most 4096 bytes)."""
+
+    version: str = QUALIFICATION_REPORT_VERSION
+    reason: QualificationReason
+    message: str = ""
+    tool: str | None = Field(default=None, description="The load generator and its version, e.g. guidellm 0.8.1.")
+    arms: list[ArmQualification] = Field(default_factory=list, max_length=2)
+    golden: list[GoldenSlice] = Field(default_factory=list, max_length=64)
+    golden_source: str | None = Field(default=None, description="artifact, configMap, or why there was none.")
+    goodput_ratio: float | None = Field(default=None, description="Candidate ÷ stable sustainable goodput.")
+    required_goodput_ratio: float | None = None
+
+    def arm(self, role: ArmRole) -> ArmQualification | None:
+        return next((a for a in self.arms if a.arm is role), None)
+
+    def to_message(self, limit: int = TERMINATION_MESSAGE_LIMIT) -> str:
+        """Compact JSON within `limit` bytes: the message is cut first, then trailing golden slices dropped."""
+        report = self.model_copy(deep=True)
+        text = report.to_json()
+        while len(text.encode()) > limit and (report.golden or len(report.message) > 64):
+            if len(report.message) > 64:
+                report.message = report.message[: max(64, len(report.message) - (len(text.encode()) - limit) - 8)]
+            else:
+                report.golden = report.golden[:-1]
+            text = report.to_json()
+        if len(text.encode()) > limit:
+            raise ValueError(f"qualification report does not fit {limit} bytes")
+        return text

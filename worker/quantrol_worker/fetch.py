@@ -1,19 +1,24 @@
 """`quantrol-worker fetch`: the serving pod's init step. Pull an artifact by digest, verify every byte, or refuse.
 
-    quantrol-worker fetch --ref oci://REGISTRY/REPO@sha256:<manifest digest> --dest DIR [--insecure]
+    quantrol-worker fetch --ref oci://REGISTRY/REPO@sha256:<manifest digest> --dest DIR
+                          [--registry-config config.json] [--insecure]
     quantrol-worker fetch --ref file:///path/to/dir[@sha256:<manifest digest>] --dest DIR [--manifest FILE]
 
 OCI: `quantrol_worker.oci` fetches the manifest by digest and verifies it and every file before anything lands in
 DIR (see there). A tag-only reference is refused: a tag can move under a running rollout, a digest cannot. Files
 already in DIR with the right digest are kept (an init container restart does not download a model twice).
+--registry-config is a docker config.json (the pod mounts the ServingPolicy's credentials Secret there); a registry
+that refuses the pod's credentials, or asks for some when none were given, is RegistryUnauthorized.
 
 file:// is for local use (tests, a laptop): the files are copied (or symlinked with --symlink). With --manifest
 (an OCI manifest JSON, e.g. the one the registry served) every file is checked against it by the same verifier,
 and a digest in the reference pins the manifest's own bytes; without one the copy is unverified and says so loudly.
 
-Any failure exits non-zero and writes a JSON termination message (reason DigestMismatch, InvalidReference or
-ArtifactUnavailable: `oci.ArtifactReason`) to /dev/termination-log or --termination-log, so the pod's status says
-why it never started. Torch-free; imports oras only for oci:// references.
+--max-bytes (the model volume's size) refuses, before any download, an artifact whose manifest says it is larger.
+
+Any failure exits non-zero and writes a JSON termination message (reason DigestMismatch, InvalidReference,
+ArtifactUnavailable, RegistryUnauthorized or InsufficientStorage: `oci.ArtifactReason`) to /dev/termination-log or
+--termination-log, so the pod's status says why it never started. Torch-free; imports oras only for oci:// references.
 """
 
 from __future__ import annotations
@@ -114,17 +119,23 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser = commands.add_parser("fetch", help="pull a model artifact by digest and verify it (init container)")
     parser.add_argument("--ref", required=True, help="oci://REGISTRY/REPO@sha256:… or file:///dir[@sha256:…]")
     parser.add_argument("--dest", type=Path, required=True, help="directory vLLM will load (--model)")
-    parser.add_argument("--insecure", action="store_true", help="plain HTTP registry (local tests)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="plain HTTP (the operator passes it for registries the install policy lists)")
+    parser.add_argument("--registry-config", type=Path, default=None,
+                        help="docker config.json with registry credentials (a mounted dockerconfigjson Secret)")
+    parser.add_argument("--max-bytes", type=int, default=None,
+                        help="the size of the --dest volume: refuse before downloading an artifact that is larger")
     parser.add_argument("--manifest", type=Path, default=None, help="file:// only: OCI manifest JSON to verify against")
     parser.add_argument("--symlink", action="store_true", help="file:// only: link instead of copying")
     parser.add_argument("--termination-log", type=Path, default=Path(TERMINATION_MESSAGE_PATH))
 
 
 def fetch(ref: str, dest: Path, *, insecure: bool = False, manifest: Path | None = None,
-          symlink: bool = False) -> tuple[str, list[Layer]]:
+          symlink: bool = False, credentials: Path | None = None,
+          max_bytes: int | None = None) -> tuple[str, list[Layer]]:
     if ref.startswith("file://"):
         return fetch_file(ref, dest, manifest_path=manifest, symlink=symlink)
-    return oci.pull(ref, dest, insecure=insecure)
+    return oci.pull(ref, dest, insecure=insecure, credentials=credentials, max_bytes=max_bytes)
 
 
 def _write_termination(path: Path, payload: dict[str, Any]) -> None:
@@ -144,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
                         stream=sys.stderr)
     try:
         pinned, layers = fetch(args.ref, args.dest, insecure=args.insecure, manifest=args.manifest,
-                               symlink=args.symlink)
+                               symlink=args.symlink, credentials=args.registry_config, max_bytes=args.max_bytes)
     except ArtifactError as exc:
         log.error("refusing to start: %s: %s (artifact %s)", exc.reason.value, exc.message, args.ref)
         _write_termination(args.termination_log, {"phase": "Failed", "reason": exc.reason.value,

@@ -83,7 +83,8 @@ class ClusterTarget:
 
     registry: str = DEFAULT_REGISTRY
     prometheus_url: str = DEFAULT_PROMETHEUS
-    insecure_registry: bool = False  # plain HTTP: the calibration Jobs can, the serving arms' fetch cannot
+    # Plain HTTP: the chart's installPolicy.registries.plainHttp must list the registry (push and fetch alike).
+    insecure_registry: bool = False
     storage_class: str | None = None  # for the tiny-model claim; None: the cluster's default StorageClass
 
 
@@ -208,7 +209,8 @@ def cluster_quantized_model(name: str, scheme: str, target: ClusterTarget) -> di
     qm = quantized_model(name, scheme, {"model_dir": "", "calibration_jsonl": ""}, target.registry)
     spec = qm["spec"]
     spec["baseModel"]["uri"] = f"pvc://{MODEL_CLAIM}/model"
-    spec["calibration"]["uri"] = f"file://{MODELS_DIR}/{MODEL_CLAIM}/calibration.jsonl"  # where the claim is mounted
+    spec["calibration"]["uri"] = f"pvc://{MODEL_CLAIM}/calibration.jsonl"
+    spec["artifact"].pop("credentialsSecretRef", None)  # kind's registry (e2e/kind-up.sh) takes anonymous pushes
     spec["artifact"]["insecure"] = target.insecure_registry
     return qm
 

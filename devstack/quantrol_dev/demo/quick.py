@@ -8,12 +8,11 @@ is refused with the field named, and an artifact travels through the registry by
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import shutil
 import sys
 import time
-import urllib.request
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -51,21 +50,24 @@ def _reconciled(kube: Kube, obj: dict[str, Any]) -> bool:
 
 
 def _registry_roundtrip(stack: LocalStack, payload: Path) -> str:
-    """Push a file, then fetch it back by digest and check the bytes: what serving pods will do."""
-    import oras.client  # dev/serve/calibrate extras all carry oras
+    """Push a file to the private registry with the credentials a user would put in a docker-config Secret, then
+    fetch it back by digest, every byte verified: what calibration Jobs and serving pods do."""
+    from quantrol_worker.oci import ArtifactError, pull, push
 
     assert stack.registry is not None
+    os.environ.update(stack.registry.client_env())  # this process is the user's machine: it trusts the CA
+    credentials = stack.registry.write_docker_config(payload.parent / "docker-config.json")
+    folder = payload.parent / "envelope"
+    folder.mkdir(exist_ok=True)
+    shutil.copyfile(payload, folder / payload.name)
     target = f"{stack.registry.address}/quantrol/demo-envelope"
-    client = oras.client.OrasClient(hostname=stack.registry.address, insecure=True)
-    response = client.push(target=f"{target}:v1", files=[str(payload)], disable_path_validation=True)
-    digest = str(response.headers["Docker-Content-Digest"])
-    manifest = client.get_manifest(f"{target}@{digest}")
-    blob = manifest["layers"][0]["digest"]
-    with urllib.request.urlopen(f"{stack.registry.url}/v2/quantrol/demo-envelope/blobs/{blob}", timeout=10) as rsp:
-        fetched = rsp.read()
-    if "sha256:" + hashlib.sha256(fetched).hexdigest() != blob:
-        raise RuntimeError(f"registry returned bytes that do not match {blob}")
-    return f"{target}@{digest}"
+    try:
+        push(folder, target, insecure=False, tag="v1", annotations={})
+    except ArtifactError as refused:
+        _say(f"without credentials the registry refuses: {refused.message}")
+    ref = push(folder, target, insecure=False, tag="v1", annotations={}, credentials=credentials)
+    pull(f"oci://{ref}", payload.parent / "fetched", insecure=False, credentials=credentials)
+    return ref
 
 
 def run_demo(output: Path) -> int:

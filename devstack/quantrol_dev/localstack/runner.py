@@ -20,7 +20,9 @@ annotation names the dir: there is no `kubectl logs`). Conventions:
   `/dev/termination-log` then points where the process can write). A path a program only knows as a
   built-in default cannot be rewritten: pod specs pass paths explicitly (`--termination-log
   /dev/termination-log`), which works unchanged on a cluster. emptyDir -> a dir shared by the pod's
-  containers; configMap/secret -> files written per container when it starts (no live updates);
+  containers (also `medium: Memory`, e.g. /dev/shm: the processes still share the machine's own /dev/shm, which a
+  process cannot be given; sizeLimit is not enforced); ephemeral (a claim per pod on a cluster) -> a dir of the pod;
+  configMap/secret -> files written per container when it starts (no live updates);
   persistentVolumeClaim -> a dir per claim under the state dir that outlives pods; hostPath -> itself.
 - Ports: each declared containerPort gets a free port on 127.0.0.1, recorded in the pod's
   `local-runner.quantrol.io/ports` annotation (JSON, containerPort -> local). Processes see `QUANTROL_PORT_<port>`
@@ -703,13 +705,19 @@ class LocalRunner:
             target = run.pod_dir / "volumes" / str(volume["name"])
             target.mkdir(parents=True, exist_ok=True)
             return target
+        if "ephemeral" in volume:
+            # A generic ephemeral volume: on a cluster a claim per pod from its template, deleted with the pod.
+            # Here a folder of the pod; its requested size is recorded in the spec, not enforced.
+            target = run.pod_dir / "volumes" / str(volume["name"])
+            target.mkdir(parents=True, exist_ok=True)
+            return target
         if "persistentVolumeClaim" in volume:  # outlives the pod, as the claim's volume would
             claim = self.state_dir / "pvcs" / run.namespace / str(volume["persistentVolumeClaim"]["claimName"])
             claim.mkdir(parents=True, exist_ok=True)
             return claim
         if "hostPath" in volume:
             return Path(str(volume["hostPath"]["path"]))
-        raise LaunchError(CONFIG_ERROR, f"volume {volume['name']}: only emptyDir, configMap, secret, "
+        raise LaunchError(CONFIG_ERROR, f"volume {volume['name']}: only emptyDir, ephemeral, configMap, secret, "
                                         "persistentVolumeClaim and hostPath are supported by the local runner")
 
     def _file_volume_dirs(self, run: _PodRun, container: str) -> dict[str, Path]:

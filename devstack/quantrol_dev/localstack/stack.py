@@ -42,6 +42,9 @@ class LocalStack:
     operator_env: Mapping[str, str] = field(default_factory=dict)  # e.g. QUANTROL_WORKER_IMAGE
     runner_env: Mapping[str, str] = field(default_factory=dict)  # added to every process the runner starts
     runner_poll: float = 0.3
+    # A private registry, as a cluster's would be: htpasswd users over TLS (registry.login); the runner's pods trust
+    # its CA. False: anonymous plain HTTP.
+    secure_registry: bool = True
     kubeapi: KubeAPIServer | None = field(default=None, init=False)
     kubeconfig: Path | None = field(default=None, init=False)
     prometheus: PrometheusServer | None = field(default=None, init=False)
@@ -70,15 +73,16 @@ class LocalStack:
             self._stops.append(self.prometheus.stop)
             progress(f"Prometheus on {self.prometheus.url}")
 
-            self.registry = start_registry(workdir=self.workdir / "registry")
+            self.registry = start_registry(workdir=self.workdir / "registry", secure=self.secure_registry)
             self._stops.append(self.registry.stop)
-            progress(f"OCI registry (CNCF distribution) on {self.registry.address}")
+            login = "htpasswd over TLS, its own CA" if self.secure_registry else "anonymous, plain HTTP"
+            progress(f"OCI registry (CNCF distribution) on {self.registry.address} ({login})")
 
             operator_env = {"QUANTROL_PROMETHEUS_URL": self.prometheus.url}
             if self.image_map is not None:
                 self.runner = LocalRunner(kubeconfig=self.kubeconfig, image_map=self.image_map,
                                           state_dir=self.workdir / "runner", poll_interval=self.runner_poll,
-                                          extra_env=dict(self.runner_env)).start()
+                                          extra_env={**self.registry.client_env(), **self.runner_env}).start()
                 self._stops.append(self.runner.stop)
                 operator_env.update(addresses.environment(self.runner.services_path))
                 progress(f"local workload runner (kubelet stand-in), pod logs under {self.runner.state_dir}/pods")

@@ -9,6 +9,7 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import Field, StringConstraints
+from pydantic.alias_generators import to_snake
 from pydantic.config import JsonDict
 
 from quantrol_operator.api.base import ApiModel, CrossFieldRule, StatusModel
@@ -19,24 +20,29 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 # `repo@sha256:<64 hex>`: the only form of artifact reference that is ever served.
 DIGEST_PINNED_PATTERN = r"^[^\s@]+@sha256:[0-9a-f]{64}$"
-# A model location: hf://org/name[@revision], oci://registry/repo[:tag|@sha256:…], pvc://claim/path,
-# s3://bucket/key, file:///abs/path. The schema only checks the scheme; the worker checks the rest.
-MODEL_URI_PATTERN = r"^(hf|oci|pvc|s3|file)://\S+$"
-
-# hf:// must name a revision: a branch name moves, and what was qualified would not be what is served.
-BASE_MODEL_URI_PATTERN = r"^(hf://[^\s@]+@[^\s@]+|(oci|pvc|s3|file)://\S+)$"
-# What serves (baseline, pinned candidate): an OCI artifact pinned by digest, never a tag.
+# Each URI field admits exactly the schemes the code that consumes it serves (a scheme that passes admission and
+# fails later is a bug): the base model hf://org/name@revision (a mounted cache; the revision is required: a branch
+# name moves, and what was qualified would not be what is served), oci:// (by digest), pvc://claim/path, file://;
+# the calibration data oci:// (by digest), pvc://claim/path, file://; what serves (baseline, pinned candidate) an
+# OCI artifact pinned by digest, never a tag. Cross-field rules (`uri_rules`) check a digest for oci:// and a claim
+# for pvc:// with messages that say so.
+BASE_MODEL_URI_PATTERN = r"^(hf://[^\s@]+@[^\s@]+|(oci|pvc|file)://\S+)$"
+DATA_URI_PATTERN = r"^(oci|pvc|file)://\S+$"
 PINNED_ARTIFACT_PATTERN = r"^oci://[^\s@]+@sha256:[0-9a-f]{64}$"
+# No backslashes: these go into CEL string literals too (the base patterns already exclude whitespace).
+OCI_PINNED_PATTERN = "^oci://[^@ ]+@sha256:[0-9a-f]{64}$"
+PVC_URI_PATTERN = "^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.+$"
 # A container image reference: no whitespace, not empty (an empty image is a pod no kubelet can start).
 IMAGE_PATTERN = r"^[^\s]+$"
 
-ModelUri = Annotated[str, StringConstraints(pattern=MODEL_URI_PATTERN, max_length=1024)]
 BaseModelUri = Annotated[str, StringConstraints(pattern=BASE_MODEL_URI_PATTERN, max_length=1024)]
+DataUri = Annotated[str, StringConstraints(pattern=DATA_URI_PATTERN, max_length=1024)]
 PinnedArtifact = Annotated[str, StringConstraints(pattern=PINNED_ARTIFACT_PATTERN, max_length=1024)]
 ImageRef = Annotated[str, StringConstraints(pattern=IMAGE_PATTERN, min_length=1, max_length=512)]
 DigestPinnedRef = Annotated[str, StringConstraints(pattern=DIGEST_PINNED_PATTERN, max_length=1024)]
 DnsLabel = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]
 K8sQuantity = int | Annotated[str, StringConstraints(pattern=r"^[0-9.]+[a-zA-Z]*$", max_length=64)]
+GPU_RESOURCE = "nvidia.com/gpu"
 
 
 # The longest name a QuantizedModel or ServingPolicy may have: its children are `<name>-<suffix>` with suffixes up to
@@ -61,6 +67,30 @@ NAME_RULE = CrossFieldRule(
     "digits and '-', starting with a letter): it names the Services, Jobs and labels Quantrol creates",
     check=lambda obj: name_fits_children(obj.metadata),
 )
+
+
+def uri_rules(field: str, optional: bool = False) -> tuple[CrossFieldRule, ...]:
+    """The cross-field rules of a URI field `field` (camelCase): oci:// pinned by digest, pvc:// naming a claim."""
+    attribute = to_snake(field)
+
+    def value(obj: object) -> str:
+        return str(getattr(obj, attribute) or "")
+
+    guard = f"!has(self.{field}) || " if optional else ""
+    return (
+        CrossFieldRule(
+            cel=f"{guard}!self.{field}.startsWith('oci://') || self.{field}.matches('{OCI_PINNED_PATTERN}')",
+            message=f"{field}: an oci:// reference must be pinned by digest (oci://REPO@sha256:…): a tag can move",
+            check=lambda o: not value(o).startswith("oci://") or re.match(OCI_PINNED_PATTERN, value(o)) is not None,
+            field_path=f".{field}",
+        ),
+        CrossFieldRule(
+            cel=f"{guard}!self.{field}.startsWith('pvc://') || self.{field}.matches('{PVC_URI_PATTERN}')",
+            message=f"{field}: a pvc:// location is pvc://CLAIM/PATH (a PersistentVolumeClaim in this namespace)",
+            check=lambda o: not value(o).startswith("pvc://") or re.match(PVC_URI_PATTERN, value(o)) is not None,
+            field_path=f".{field}",
+        ),
+    )
 
 
 class ConditionStatus(StrEnum):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import Field
 
@@ -11,16 +11,18 @@ from quantrol_operator.api.base import ApiModel, CrossFieldRule, StatusModel
 from quantrol_operator.api.common import (
     API_VERSION,
     CONDITIONS_LIST_MAP,
+    GPU_RESOURCE,
     NAME_RULE,
     BaseModelUri,
     Condition,
+    DataUri,
     DigestPinnedRef,
     DnsLabel,
     ImageRef,
     LocalObjectReference,
-    ModelUri,
     Resources,
     Toleration,
+    uri_rules,
 )
 
 # The scheme/method/target vocabulary is the worker's contract; the API re-exports it so both speak one language.
@@ -54,10 +56,42 @@ class QuantizedModelPhase(StrEnum):
     FAILED = "Failed"  # an error (bad input, job failure, deadline): the condition says which field or why
 
 
+class HuggingFaceCache(ApiModel):
+    """A Hugging Face hub cache on a PersistentVolumeClaim, read offline: the worker never downloads from a hub."""
+
+    claim_name: DnsLabel = Field(description="PersistentVolumeClaim in this namespace holding the cache (read-only).")
+    sub_path: str = Field(
+        default="", max_length=512, pattern=r"^([A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*)?$",
+        description="Folder of the hub cache inside the claim (what HF_HUB_CACHE names, e.g. `hub`); empty: its "
+        "root.")
+
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
+        CrossFieldRule(
+            cel="!has(self.subPath) || !self.subPath.matches('(^|/)[.][.]?(/|$)')",
+            message="subPath is a folder inside the claim: no `.` or `..` parts",
+            check=lambda c: not {".", ".."} & set(c.sub_path.split("/")),
+            field_path=".subPath",
+        ),
+    )
+
+
 class BaseModelSource(ApiModel):
     uri: BaseModelUri = Field(
-        description="Higher-precision model: hf://org/name@revision (the revision is required), "
-        "oci://registry/repo@sha256:…, pvc://claim/path, s3://bucket/prefix or file:///path (local use)."
+        description="Higher-precision model: hf://org/name@revision (the revision is required; read offline from "
+        "huggingFaceCache), oci://registry/repo@sha256:… (verified), pvc://claim/path, or file:///path (local use)."
+    )
+    hugging_face_cache: HuggingFaceCache | None = Field(
+        default=None, description="Where an hf:// model is read from: required for hf://, refused otherwise.")
+
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
+        *uri_rules("uri"),
+        CrossFieldRule(
+            cel="self.uri.startsWith('hf://') == has(self.huggingFaceCache)",
+            message="huggingFaceCache is required for an hf:// uri, and only for one: the worker reads hf:// models "
+            "from that cache offline and never downloads",
+            check=lambda b: b.uri.startswith("hf://") == (b.hugging_face_cache is not None),
+            field_path=".huggingFaceCache",
+        ),
     )
 
 
@@ -140,8 +174,12 @@ class ConfigMapKeyRef(ApiModel):
 
 
 class CalibrationData(ApiModel):
-    uri: ModelUri | None = Field(default=None, description="JSONL with `text` or `messages`, and `slice`.")
-    config_map_ref: ConfigMapKeyRef | None = Field(default=None, description="JSONL in a ConfigMap key.")
+    uri: DataUri | None = Field(
+        default=None, description="JSONL lines with `text` or `messages`, and `slice`: pvc://claim/path/file.jsonl, "
+        "oci://repo@sha256:… (an artifact holding one .jsonl file, verified like a model; credentials from "
+        "spec.artifact.credentialsSecretRef) or file:///path (local use).")
+    config_map_ref: ConfigMapKeyRef | None = Field(
+        default=None, description="JSONL in a ConfigMap key (at most 1 MiB: for small sets).")
     max_sequence_length: int = Field(default=2048, ge=16, le=1_048_576)
     seed: int = Field(default=0, ge=0)
     slices: list[Slice] = Field(min_length=1, max_length=64)
@@ -157,6 +195,7 @@ class CalibrationData(ApiModel):
             message="set exactly one of uri and configMapRef",
             check=lambda c: (c.uri is None) != (c.config_map_ref is None),
         ),
+        *uri_rules("uri", optional=True),
         CrossFieldRule(
             cel="self.slices.all(a, self.slices.exists_one(b, b.name == a.name))",
             message="slice names must be unique",
@@ -166,16 +205,48 @@ class CalibrationData(ApiModel):
     )
 
 
+def _gpus_in_one_place(job: CalibrationJob) -> bool:
+    limit = job.resources.limits.get(GPU_RESOURCE) if job.resources else None
+    return job.gpus is None or limit is None or str(limit) == str(job.gpus)
+
+
 class CalibrationJob(ApiModel):
     image: ImageRef | None = Field(default=None, description="Worker image; the operator's default when unset "
                                    "(the install policy may restrict which images a tenant may name).")
-    gpus: int = Field(default=1, ge=0, le=64, description="nvidia.com/gpu requested by the Job's pod.")
+    gpus: int | None = Field(
+        default=None, ge=0, le=64, description="nvidia.com/gpu of the Job's pod (requests and limits). Unset: "
+        "resources.limits['nvidia.com/gpu'] if given, else 1. Set both only to the same number.")
     resources: Resources | None = None
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    affinity: dict[str, Any] | None = Field(
+        default=None, description="The pod's affinity, as in a pod spec (nodeAffinity, podAntiAffinity, …).",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
     active_deadline_seconds: int = Field(default=3600, ge=60)
     backoff_limit: int = Field(default=0, ge=0, le=10)
     service_account_name: DnsLabel | None = None
+    image_pull_secrets: list[LocalObjectReference] = Field(
+        default_factory=list, max_length=16, description="Secrets the kubelet pulls the worker image with.")
+
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
+        CrossFieldRule(
+            cel=f"!has(self.gpus) || !has(self.resources) || !has(self.resources.limits) || "
+            f"!('{GPU_RESOURCE}' in self.resources.limits) || "
+            f"string(self.resources.limits['{GPU_RESOURCE}']) == string(self.gpus)",
+            message=f"gpus and resources.limits['{GPU_RESOURCE}'] disagree: the GPU count comes from one place "
+            "(set gpus, or the limit, or both to the same number)",
+            check=_gpus_in_one_place,
+            field_path=".gpus",
+        ),
+    )
+
+    @property
+    def gpu_count(self) -> int:
+        """The GPUs the Job's pod asks for: gpus, else the user's limit, else one."""
+        limit = self.resources.limits.get(GPU_RESOURCE) if self.resources else None
+        if self.gpus is not None:
+            return self.gpus
+        return int(str(limit)) if limit is not None and str(limit).isdigit() else 1
 
 
 class ArtifactRepository(ApiModel):
@@ -184,18 +255,14 @@ class ArtifactRepository(ApiModel):
         max_length=512,
         description="OCI repository the artifact is pushed to, e.g. registry.example.com/models/llama-8b-w4a16.",
     )
-    insecure: bool = Field(default=False, description="Plain HTTP (local registries only).")
+    insecure: bool = Field(
+        default=False, description="Plain HTTP to this registry: allowed only for registries the install policy "
+        "lists (installPolicy.plainHttpRegistries), which push, pulls and the serving arms' fetch always reach over "
+        "plain HTTP.")
     credentials_secret_ref: LocalObjectReference | None = Field(
-        default=None, description="Not used yet (registry credentials arrive with their issue): refused when set.")
-
-    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
-        CrossFieldRule(
-            cel="!has(self.credentialsSecretRef)",
-            message="credentialsSecretRef is not used yet: the registry must accept anonymous push and pull for now",
-            check=lambda a: a.credentials_secret_ref is None,
-            field_path=".credentialsSecretRef",
-        ),
-    )
+        default=None, description="A kubernetes.io/dockerconfigjson Secret in this namespace (`kubectl create secret "
+        "docker-registry`), mounted into the calibration pod: the push, and the pulls of an oci:// base model and "
+        "calibration data, log in with it (one Secret may hold several registries). Unset: anonymous.")
 
 
 class QuantizedModelSpec(ApiModel):

@@ -5,23 +5,37 @@ from __future__ import annotations
 import itertools
 from datetime import datetime
 from enum import StrEnum
-from typing import ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, StringConstraints, field_validator
 
 from quantrol_operator.api.base import ApiModel, CrossFieldRule, StatusModel
 from quantrol_operator.api.common import (
     API_VERSION,
     CONDITIONS_LIST_MAP,
+    GPU_RESOURCE,
     NAME_RULE,
     Condition,
     DnsLabel,
     ImageRef,
+    K8sQuantity,
     LocalObjectReference,
     PinnedArtifact,
     Resources,
+    Toleration,
 )
-from quantrol_worker.contracts import KernelVerdict, RedactPattern, Target, check_patterns
+from quantrol_operator.api.quantizedmodel import ConfigMapKeyRef
+from quantrol_worker.contracts import (
+    ArmQualification,
+    GoldenSlice,
+    GoldenTolerance,
+    KernelVerdict,
+    QualificationReason,
+    RedactPattern,
+    RegimeSettings,
+    Target,
+    check_patterns,
+)
 
 KIND = "ServingPolicy"
 PLURAL = "servingpolicies"
@@ -30,6 +44,7 @@ HISTORY_LIMIT = 50  # status.history keeps the newest transitions, at most this 
 
 class RolloutPhase(StrEnum):
     PENDING = "Pending"
+    QUALIFYING = "Qualifying"  # both arms measured on the target before any traffic (spec.qualification)
     SHADOW = "Shadow"
     CANARY = "Canary"
     PROMOTED = "Promoted"
@@ -113,8 +128,14 @@ class KvCacheDtype(StrEnum):
 class Baseline(ApiModel):
     artifact: PinnedArtifact = Field(
         description="The higher-precision artifact: what serves until a promotion, and the last rollback "
-        "target, pinned by digest (oci://repo@sha256:…) so it cannot move under you."
+        "target, pinned by digest (oci://repo@sha256:…) so it cannot move under you; each pod fetches and verifies it."
     )
+    tensor_parallel_size: int | None = Field(
+        default=None, ge=1, le=64, description="The baseline arm's own tensor-parallel size when it differs from the "
+        "candidate's (a bf16 70B needs more GPUs than its 4-bit candidate). Unset: the candidate's.")
+    kv_cache_dtype: KvCacheDtype = Field(
+        default=KvCacheDtype.AUTO, description="The baseline arm's KV cache: `auto` (the model's dtype) keeps the "
+        "rollback target the higher-precision configuration.")
 
 
 class Candidate(ApiModel):
@@ -162,19 +183,119 @@ class Admission(ApiModel):
     max_queue_wait_seconds: float = Field(default=5.0, gt=0, le=600)
 
 
+class StorageMedium(StrEnum):
+    EMPTY_DIR = "EmptyDir"  # the node's disk: sized by an ephemeral-storage request and a sizeLimit
+    EPHEMERAL_VOLUME = "EphemeralVolume"  # a PersistentVolumeClaim per pod from a storage class, gone with the pod
+
+
+class ModelStorage(ApiModel):
+    """Where each engine pod keeps the artifact's files (≈ 140 GB for a bf16 70B: per replica, per arm)."""
+
+    medium: StorageMedium = Field(default=StorageMedium.EMPTY_DIR)
+    size: K8sQuantity | None = Field(
+        default=None, description="Volume size per pod. Unset: the artifact's size (known from its QuantizedModel's "
+        "manifest) plus 10% and 1Gi; an arm whose size is unknown (a pinned baseline) gets no bound, and its status "
+        "says so. The fetch step refuses early when the artifact does not fit.")
+    storage_class_name: DnsLabel | None = Field(
+        default=None, description="EphemeralVolume: the class of each pod's claim (unset: the cluster's default).")
+
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
+        CrossFieldRule(
+            cel="self.medium != 'EphemeralVolume' || has(self.size)",
+            message="an EphemeralVolume needs a size: each pod's claim is created at that size",
+            check=lambda s: s.medium is not StorageMedium.EPHEMERAL_VOLUME or s.size is not None,
+            field_path=".size",
+        ),
+        CrossFieldRule(
+            cel="self.medium == 'EphemeralVolume' || !has(self.storageClassName)",
+            message="storageClassName applies only to medium EphemeralVolume",
+            check=lambda s: s.medium is StorageMedium.EPHEMERAL_VOLUME or s.storage_class_name is None,
+            field_path=".storageClassName",
+        ),
+    )
+
+
+# vLLM flags Quantrol itself sets from the spec (or per arm): an engineArgs entry may not set them again.
+OWNED_ENGINE_FLAGS = ("--model", "--served-model-name", "--host", "--port", "--max-num-seqs",
+                      "--max-num-batched-tokens", "--max-model-len", "--kv-cache-dtype", "--tensor-parallel-size",
+                      "-tp")
+EngineArg = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^\S+$")]
+
+
+def _no_owned_flags(t: ServingTemplate) -> bool:
+    return not any(a.split("=", 1)[0] in OWNED_ENGINE_FLAGS for a in t.engine_args)
+
+
+def _gpus_match_tensor_parallel(t: ServingTemplate) -> bool:
+    limit = t.resources.limits.get(GPU_RESOURCE) if t.resources else None
+    return t.tensor_parallel_size is None or limit is None or str(limit) == str(t.tensor_parallel_size)
+
+
 class ServingTemplate(ApiModel):
-    image: ImageRef | None = Field(default=None, description="vLLM serving image; the operator's default when unset "
-                                   "(the install policy may restrict which images a tenant may name).")
+    image: ImageRef | None = Field(
+        default=None, description="The engine image: any vLLM OpenAI-server image (stock vllm/vllm-openai works; "
+        "Quantrol's launcher and fetch step come from its own tools image). The operator's default when unset "
+        "(the install policy may restrict which images a tenant may name).")
     replicas: int = Field(default=1, ge=1, le=1000, description="Engine replicas per arm.")
-    resources: Resources | None = None
+    resources: Resources | None = Field(
+        default=None, description="Each engine container's requests and limits. nvidia.com/gpu is set per arm to its "
+        "tensor-parallel size on cuda targets; a GPU limit given here must equal tensorParallelSize.")
     max_model_len: int | None = Field(default=None, ge=16, le=10_000_000)
     batch_budget: BatchBudget = Field(default_factory=BatchBudget)
     admission: Admission = Field(default_factory=Admission)
-    kv_cache_dtype: KvCacheDtype = Field(default=KvCacheDtype.AUTO)
+    kv_cache_dtype: KvCacheDtype | None = Field(
+        default=None, description="The candidate arm's KV cache. Unset: from its QuantizedModel (fp8 with the "
+        "calibrated scales when kvCacheScheme is fp8), else auto. The baseline arm has its own "
+        "(baseline.kvCacheDtype).")
     target: Target = Field(
         default=Target.CUDA_SM90, description="Hardware the arms run on: decides which kernels the launcher expects."
     )
+    tensor_parallel_size: int | None = Field(
+        default=None, ge=1, le=64, description="GPUs per engine (vLLM's --tensor-parallel-size). Unset: the "
+        "candidate QuantizedModel's quantization.tensorParallelSize, else 1.")
     node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="E.g. nvidia.com/gpu:NoSchedule of a tainted GPU pool.")
+    affinity: dict[str, Any] | None = Field(
+        default=None, description="The pods' affinity, as in a pod spec (nodeAffinity, podAntiAffinity, …).",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    shared_memory_size: K8sQuantity | None = Field(
+        default=None, description="Memory-backed /dev/shm per engine pod (NCCL and vLLM's workers exchange through "
+        "it; it counts against the pod's memory). Unset: 1Gi, plus 2Gi per tensor-parallel rank beyond the first.")
+    max_load_seconds: int = Field(
+        default=1800, ge=60, le=86_400, description="How long an engine may take to load and warm up (weights from "
+        "the volume, CUDA graphs) before the startup probe gives up; liveness starts only after it.")
+    storage: ModelStorage = Field(default_factory=ModelStorage)
+    engine_args: list[EngineArg] = Field(
+        default_factory=list, max_length=32, description="More vLLM flags, e.g. [--gpu-memory-utilization, '0.92']: "
+        "only flags the install policy allows (installPolicy.engineFlags); never one Quantrol sets itself.")
+    image_pull_secrets: list[LocalObjectReference] = Field(
+        default_factory=list, max_length=16, description="Secrets the kubelet pulls the engine, tools and router "
+        "images with.")
+    artifact_credentials_secret_ref: LocalObjectReference | None = Field(
+        default=None, description="A kubernetes.io/dockerconfigjson Secret the arms' fetch step reads artifacts "
+        "with (one Secret may hold several registries). Unset: the candidate QuantizedModel's "
+        "spec.artifact.credentialsSecretRef, if any.")
+
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
+        CrossFieldRule(
+            cel="!has(self.engineArgs) || self.engineArgs.all(a, "
+            f"!a.matches('^({'|'.join(OWNED_ENGINE_FLAGS)})(=.*)?$'))",
+            message="engineArgs may not set a flag Quantrol sets from the spec: "
+            + ", ".join(OWNED_ENGINE_FLAGS),
+            check=_no_owned_flags,
+            field_path=".engineArgs",
+        ),
+        CrossFieldRule(
+            cel=f"!has(self.tensorParallelSize) || !has(self.resources) || !has(self.resources.limits) || "
+            f"!('{GPU_RESOURCE}' in self.resources.limits) || "
+            f"string(self.resources.limits['{GPU_RESOURCE}']) == string(self.tensorParallelSize)",
+            message=f"resources.limits['{GPU_RESOURCE}'] must equal tensorParallelSize: one GPU per tensor-parallel "
+            "rank (or leave the GPU count out and Quantrol sets it per arm)",
+            check=_gpus_match_tensor_parallel,
+            field_path=".tensorParallelSize",
+        ),
+    )
 
 
 class ShadowDiffs(ApiModel):
@@ -390,6 +511,39 @@ class Slos(ApiModel):
     custom: list[CustomSlo] = Field(default_factory=list, max_length=32)
 
 
+class Qualification(ApiModel):
+    """Before any traffic, on the target: each arm measured with GuideLLM in three regimes (one request at a time;
+    a rate sweep to the highest rate meeting the latency SLOs with bounded queue age; overload × factor, then
+    recovery), through the policy's admission bounds, and the candidate engine's golden-output check against
+    its artifact's evaluation prompts. Runs as a Job in the serving image."""
+
+    enabled: bool = Field(
+        default=True, description="false skips the Qualifying phase: ready arms with verified kernels go "
+        "straight to Shadow, unmeasured (status.qualification says so).")
+    output_tokens: int = Field(default=32, ge=1, le=4096, description="Output tokens asked per load request.")
+    regimes: RegimeSettings = Field(default_factory=RegimeSettings, description="How long each regime may run.")
+    golden_tolerance: GoldenTolerance = Field(
+        default_factory=GoldenTolerance, description="How far the candidate engine's golden figures may fall "
+        "behind the reference calibration measured on the same prompts before it is refused (GoldenOutputMismatch).")
+    min_goodput_ratio: float = Field(
+        default=1.0, gt=0, le=100, description="Candidate sustainable goodput ≥ this × the stable arm's "
+        "(1.0: promote because it is faster on the target, not because it fits).")
+    probe_prompts: ConfigMapKeyRef | None = Field(
+        default=None, description="JSONL lines {slice, text}: the load's prompts when the candidate artifact "
+        "carries no evaluation prompts (a pinned artifact); its golden-output check is then skipped, and said.")
+    image: ImageRef | None = Field(
+        default=None, description="The Job's image; the install's serving image (Quantrol's, holding the worker "
+        "and GuideLLM) when unset, not serving.image, which may be a stock vLLM image. The install policy's image "
+        "prefixes apply, as to the serving image.")
+
+
+def _baseline_gpus_consistent(spec: ServingPolicySpec) -> bool:
+    serving = spec.serving
+    limit = serving.resources.limits.get(GPU_RESOURCE) if serving.resources else None
+    tp = spec.baseline.tensor_parallel_size
+    return tp is None or limit is None or str(limit) == str(tp)
+
+
 class ServingPolicySpec(ApiModel):
     baseline: Baseline
     candidate: Candidate
@@ -400,7 +554,20 @@ class ServingPolicySpec(ApiModel):
     rollout: Rollout = Field(default_factory=Rollout)
     analysis: Analysis = Field(default_factory=Analysis)
     slos: Slos = Field(default_factory=Slos)
+    qualification: Qualification = Field(default_factory=Qualification)
     traffic_provider: TrafficProvider = Field(default=TrafficProvider.ROUTER)
+
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
+        CrossFieldRule(
+            cel=f"!has(self.baseline.tensorParallelSize) || !has(self.serving) || !has(self.serving.resources) || "
+            f"!has(self.serving.resources.limits) || !('{GPU_RESOURCE}' in self.serving.resources.limits) || "
+            f"string(self.serving.resources.limits['{GPU_RESOURCE}']) == string(self.baseline.tensorParallelSize)",
+            message=f"serving.resources.limits['{GPU_RESOURCE}'] applies to every arm, and the baseline's "
+            "tensorParallelSize differs: leave the GPU count out (Quantrol sets one GPU per rank on each arm)",
+            check=_baseline_gpus_consistent,
+            field_path=".baseline.tensorParallelSize",
+        ),
+    )
 
 
 class RollbackReason(StrEnum):
@@ -409,6 +576,37 @@ class RollbackReason(StrEnum):
     KERNEL_UNAVAILABLE = "KernelUnavailable"
     KERNEL_FALLBACK = "KernelFallback"
     CANDIDATE_FAILED = "CandidateFailed"
+    # Refused in the Qualifying phase, before any traffic (the worker's words: quantrol_worker.contracts).
+    QUALIFICATION_FAILED = QualificationReason.QUALIFICATION_FAILED.value
+    GOLDEN_OUTPUT_MISMATCH = QualificationReason.GOLDEN_OUTPUT_MISMATCH.value
+
+
+class QualificationState(StrEnum):
+    RUNNING = "Running"  # the Job measures
+    PASSED = "Passed"  # every regime and the golden check passed, goodput ratio met: on to Shadow
+    REFUSED = "Refused"  # QualificationFailed or GoldenOutputMismatch: rolled back before any traffic
+    ERROR = "Error"  # the Job could not measure: the rollout holds (Paused) until a retry
+    SKIPPED = "Skipped"  # spec.qualification.enabled is false
+
+
+class QualificationStatus(StatusModel):
+    """What the Qualifying phase measured for the pinned candidate, per arm and regime (units in the field names),
+    and the golden-output check per slice. Figures are the Job's report, bounded (at most 4 KB)."""
+
+    state: QualificationState
+    candidate_artifact: str | None = None
+    attempt: int = Field(default=0, ge=0, description="Counts qualification runs of this policy; names the Job.")
+    job_name: str | None = None
+    reason: str | None = Field(default=None, description="Qualified, QualificationFailed, GoldenOutputMismatch, …")
+    message: str = ""
+    tool: str | None = Field(default=None, description="The load generator and its version.")
+    arms: list[ArmQualification] = Field(default_factory=list, max_length=2)
+    golden: list[GoldenSlice] = Field(default_factory=list, max_length=64)
+    golden_source: str | None = None
+    goodput_ratio: float | None = Field(default=None, description="Candidate ÷ stable sustainable goodput.")
+    required_goodput_ratio: float | None = Field(default=None, description="spec.qualification.minGoodputRatio.")
+    started: datetime | None = None
+    finished: datetime | None = None
 
 
 class MetricResult(StatusModel):
@@ -545,6 +743,21 @@ class ServingEnvelope(StatusModel):
     flags: list[str] = Field(default_factory=list, max_length=64, description="The engine's command-line flags.")
     settings: dict[str, str] = Field(default_factory=dict, max_length=16,
                                      description="Effective settings the engine reports (dtype, kv-cache dtype, …).")
+class ArmStatus(StatusModel):
+    """One serving arm as it is built now: its engine flags are what vLLM runs with (the serving-side envelope)."""
+
+    artifact: str
+    short_digest: str
+    settings: str = Field(description="Whose engine settings the arm runs with: baseline or candidate (they stay "
+                          "with the artifact when it is promoted, so a stable arm may run the candidate's; its role is "
+                          "stableArtifact/candidateArtifact's business).")
+    replicas: int = 0
+    tensor_parallel_size: int = 1
+    gpus: int = Field(default=0, description="nvidia.com/gpu per engine pod.")
+    kv_cache_dtype: str = "auto"
+    size_bytes: int | None = Field(default=None, description="The artifact's size, when its manifest told it.")
+    storage: str = Field(default="", description="The model volume per pod: medium and size, or why unbounded.")
+    engine_args: list[str] = Field(default_factory=list, max_length=96, description="vLLM's flags, as run.")
 
 
 class HandledAnnotations(StatusModel):
@@ -585,6 +798,10 @@ class ServingPolicyStatus(StatusModel):
     candidate_kernels: KernelReport | None = None
     probes: ProbeStatus | None = None
     serving_envelope: list[ServingEnvelope] = Field(default_factory=list, max_length=3)
+    arms: list[ArmStatus] = Field(default_factory=list, max_length=4,
+                                  description="Each serving arm's effective engine settings (stable, candidate, "
+                                  "and the old stable arm kept warm after a promotion).")
+    qualification: QualificationStatus | None = None
     router: RouterState = Field(default_factory=RouterState)
     last_analysis: AnalysisRun | None = None
     counters: AnalysisCounters = Field(default_factory=AnalysisCounters)

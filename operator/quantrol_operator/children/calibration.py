@@ -1,10 +1,16 @@
-"""The calibration Job of one QuantizedModel generation, and the ConfigMap holding the worker's config."""
+"""The calibration Job of one QuantizedModel generation, and the ConfigMap holding the worker's config.
+
+Every URI scheme the API admits reaches the worker as something it reads: pvc:// becomes a path on the claim,
+mounted read-only; hf:// is read from the mounted Hugging Face cache, offline; oci:// (base model, calibration data)
+and the push go through the registry credentials Secret, mounted where the worker's config says, and through the
+install policy's plain-HTTP list; file:// is passed as it is (local use)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+from quantrol_operator.api.common import GPU_RESOURCE
 from quantrol_operator.api.quantizedmodel import QuantizedModelSpec
 from quantrol_operator.children import (
     MANAGED_BY,
@@ -14,6 +20,7 @@ from quantrol_operator.children import (
     quantities,
     restricted,
 )
+from quantrol_operator.policy import InstallPolicy
 from quantrol_worker.contracts import (
     TERMINATION_MESSAGE_PATH,
     ArtifactConfig,
@@ -21,14 +28,19 @@ from quantrol_worker.contracts import (
     DataConfig,
     EvaluationConfig,
     QuantizationConfig,
+    RegistryAccess,
     SliceConfig,
 )
 
 CONFIG_DIR = "/etc/quantrol/config"
 CONFIG_FILE = "config.json"
 DATA_DIR = "/etc/quantrol/data"
+DATA_CLAIMS_DIR = "/data"
 MODELS_DIR = "/models"
+HF_CACHE_DIR = "/models/hf-cache"
 WORK_DIR = "/var/quantrol/work"
+REGISTRY_DIR = "/etc/quantrol/registry"
+DOCKER_CONFIG_KEY = ".dockerconfigjson"  # the key of a kubernetes.io/dockerconfigjson Secret
 CONTAINER = "calibrate"
 LABEL_QM = "quantrol.io/quantizedmodel"
 LABEL_GENERATION = "quantrol.io/generation"
@@ -48,39 +60,56 @@ def job_name(qm_name: str, generation: int) -> str:
 
 @dataclass(frozen=True)
 class ModelMount:
-    """How a model URI reaches the pod: as it is, or as a path on a mounted PVC."""
+    """How a URI reaches the pod: as it is, or as a path on a mounted PVC."""
 
     uri: str
     volume: dict[str, Any] | None = None
     mount: dict[str, Any] | None = None
 
 
-def resolve_model_uri(uri: str) -> ModelMount:
+def resolve_uri(uri: str, field: str, volume_name: str, mount_root: str) -> ModelMount:
+    """pvc://claim/path as a read-only mount of the claim and a file:// path on it; the other schemes as they are
+    (the API admits per field only what the worker reads)."""
     if uri.startswith(("hf://", "oci://", "file://")):
         return ModelMount(uri)
     if uri.startswith("pvc://"):
         claim, _, path = uri.removeprefix("pvc://").partition("/")
-        volume = {"name": "base-model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
-        mount = {"name": "base-model", "mountPath": f"{MODELS_DIR}/{claim}", "readOnly": True}
-        return ModelMount(f"file://{MODELS_DIR}/{claim}/{path}", volume, mount)
-    raise UnsupportedSource(
-        "spec.baseModel.uri", f"{uri.split('://')[0]}:// is not readable by the calibration worker yet; "
-        "use hf://, oci://repo@sha256:…, pvc://claim/path or file://"
-    )
+        volume = {"name": volume_name, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        mount = {"name": volume_name, "mountPath": f"{mount_root}/{claim}", "readOnly": True}
+        return ModelMount(f"file://{mount_root}/{claim}/{path}", volume, mount)
+    raise UnsupportedSource(field, f"{uri.split('://')[0]}:// is not read by the calibration worker")
 
 
-def worker_config(name: str, namespace: str, generation: int, spec: QuantizedModelSpec) -> CalibrationConfig:
+def resolve_model_uri(uri: str) -> ModelMount:
+    return resolve_uri(uri, "spec.baseModel.uri", "base-model", MODELS_DIR)
+
+
+def _data_source(spec: QuantizedModelSpec) -> ModelMount:
+    data = spec.calibration
+    if data.config_map_ref is not None:
+        return ModelMount(f"file://{DATA_DIR}/{data.config_map_ref.key}")
+    assert data.uri is not None  # the API: exactly one of uri and configMapRef
+    return resolve_uri(data.uri, "spec.calibration.uri", "calibration-data", DATA_CLAIMS_DIR)
+
+
+def registry_access(spec: QuantizedModelSpec, policy: InstallPolicy) -> RegistryAccess:
+    secret = spec.artifact.credentials_secret_ref
+    return RegistryAccess(credentials_file=f"{REGISTRY_DIR}/config.json" if secret else None,
+                          plain_http=list(policy.registries.plain_http))
+
+
+def registry_credentials_volume(secret: str) -> dict[str, Any]:
+    """A dockerconfigjson Secret as the one file `config.json` (what docker and oras call it)."""
+    return {"name": "registry-credentials",
+            "secret": {"secretName": secret, "items": [{"key": DOCKER_CONFIG_KEY, "path": "config.json"}]}}
+
+
+def worker_config(name: str, namespace: str, generation: int, spec: QuantizedModelSpec,
+                  policy: InstallPolicy | None = None) -> CalibrationConfig:
     """The worker's input, translated from the spec (the worker never reads the custom resource)."""
     base = resolve_model_uri(spec.base_model.uri)
     data = spec.calibration
-    if data.config_map_ref is not None:
-        data_uri = f"file://{DATA_DIR}/{data.config_map_ref.key}"
-    elif data.uri is not None and data.uri.startswith("file://"):
-        data_uri = data.uri
-    else:
-        raise UnsupportedSource(
-            "spec.calibration.uri", "calibration data must come from a ConfigMap (configMapRef) or a file:// path"
-        )
+    data_uri = _data_source(spec).uri
     q = spec.quantization
     return CalibrationConfig(
         name=f"{namespace}/{name}",
@@ -111,9 +140,8 @@ def worker_config(name: str, namespace: str, generation: int, spec: QuantizedMod
         ),
         quality_gate=spec.quality_gate,
         evaluation=EvaluationConfig(prompts=data.evaluation_prompts),
-        artifact=ArtifactConfig(
-            repository=spec.artifact.repository, insecure=spec.artifact.insecure, tag=f"{name}-g{generation}"[:128]
-        ),
+        artifact=ArtifactConfig(repository=spec.artifact.repository, tag=f"{name}-g{generation}"[:128]),
+        registries=registry_access(spec, policy or InstallPolicy()),
         work_dir=WORK_DIR,
         termination_message_path=TERMINATION_MESSAGE_PATH,
     )
@@ -138,10 +166,8 @@ def config_map(owner: dict[str, Any], config: CalibrationConfig) -> dict[str, An
     }
 
 
-def job(owner: dict[str, Any], spec: QuantizedModelSpec, image: str) -> dict[str, Any]:
-    meta = owner["metadata"]
-    name = job_name(meta["name"], meta["generation"])
-    base = resolve_model_uri(spec.base_model.uri)
+def _volumes(name: str, spec: QuantizedModelSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, the worker's mounts): config, scratch, and every source the spec names."""
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": name}},
         {"name": "work", "emptyDir": {}},
@@ -153,19 +179,45 @@ def job(owner: dict[str, Any], spec: QuantizedModelSpec, image: str) -> dict[str
     if spec.calibration.config_map_ref is not None:
         volumes.append({"name": "data", "configMap": {"name": spec.calibration.config_map_ref.name}})
         mounts.append({"name": "data", "mountPath": DATA_DIR, "readOnly": True})
-    if base.volume is not None and base.mount is not None:
-        volumes.append(base.volume)
-        mounts.append(base.mount)
+    for source in (resolve_model_uri(spec.base_model.uri), _data_source(spec)):
+        if source.volume is not None and source.mount is not None:
+            volumes.append(source.volume)
+            mounts.append(source.mount)
+    cache = spec.base_model.hugging_face_cache
+    if cache is not None:
+        volumes.append({"name": "hf-cache",
+                        "persistentVolumeClaim": {"claimName": cache.claim_name, "readOnly": True}})
+        mounts.append({"name": "hf-cache", "mountPath": HF_CACHE_DIR, "readOnly": True})
+    secret = spec.artifact.credentials_secret_ref
+    if secret is not None:
+        volumes.append(registry_credentials_volume(secret.name))
+        mounts.append({"name": "registry-credentials", "mountPath": REGISTRY_DIR, "readOnly": True})
+    return volumes, mounts
 
+
+def _env(spec: QuantizedModelSpec) -> list[dict[str, str]]:
+    env = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
+    cache = spec.base_model.hugging_face_cache
+    if cache is not None:
+        # The hub library reads the mounted cache and never reaches a hub (the worker refuses hf:// without this).
+        hub = f"{HF_CACHE_DIR}/{cache.sub_path}".rstrip("/")
+        env += [{"name": "HF_HUB_CACHE", "value": hub}, {"name": "HF_HUB_OFFLINE", "value": "1"}]
+    return env
+
+
+def job(owner: dict[str, Any], spec: QuantizedModelSpec, image: str) -> dict[str, Any]:
+    meta = owner["metadata"]
+    name = job_name(meta["name"], meta["generation"])
+    volumes, mounts = _volumes(name, spec)
     job_spec = spec.job
     resources = quantities(job_spec.resources.to_wire()) if job_spec.resources else {}
-    if job_spec.gpus:
-        resources.setdefault("limits", {})["nvidia.com/gpu"] = str(job_spec.gpus)
+    if job_spec.gpu_count:  # one place decides (admission refuses gpus and a different limit)
+        resources.setdefault("limits", {})[GPU_RESOURCE] = str(job_spec.gpu_count)
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": job_spec.image or image,
         "command": ["quantrol-worker", "calibrate", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
-        "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
+        "env": _env(spec),
         "volumeMounts": mounts,
         "terminationMessagePath": TERMINATION_MESSAGE_PATH,
         # A crash before the worker writes its result still leaves the log's tail as the message.
@@ -182,6 +234,10 @@ def job(owner: dict[str, Any], spec: QuantizedModelSpec, image: str) -> dict[str
         pod_spec["nodeSelector"] = dict(job_spec.node_selector)
     if job_spec.tolerations:
         pod_spec["tolerations"] = [t.to_wire() for t in job_spec.tolerations]
+    if job_spec.affinity:
+        pod_spec["affinity"] = dict(job_spec.affinity)
+    if job_spec.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [s.to_wire() for s in job_spec.image_pull_secrets]
     if job_spec.service_account_name:
         pod_spec["serviceAccountName"] = job_spec.service_account_name
     labels = _labels(meta["name"], meta["generation"])

@@ -10,7 +10,9 @@ from typing import Any
 
 from quantrol_operator.api.servingpolicy import ProbeSource, ServingPolicySpec, SloLimit
 from quantrol_operator.children import MANAGED_BY, child_name, label_value, owner_reference, restricted
-from quantrol_operator.children.serving import ENGINE_PORT, LABEL_POLICY, arm_name, insecure_registry
+from quantrol_operator.children.calibration import REGISTRY_DIR, registry_credentials_volume
+from quantrol_operator.children.serving import ENGINE_PORT, LABEL_POLICY, ServingContext, arm_name
+from quantrol_operator.policy import registry_host
 from quantrol_worker.contracts import DEFAULT_REDACT_PATTERNS
 from quantrol_worker.router.config import (
     INTERACTIVE,
@@ -81,20 +83,26 @@ def goodput_deadline(spec: ServingPolicySpec) -> GoodputDeadline:
                            tpot_s=bound(spec.slos.inter_token_latency_p99))
 
 
-def probe_config(spec: ServingPolicySpec, candidate_ref: str | None, source: ProbeSource) -> ProbeConfig:
+def probe_config(spec: ServingPolicySpec, candidate_ref: str | None, source: ProbeSource,
+                 context: ServingContext | None = None) -> ProbeConfig:
+    """The router reads the candidate artifact's evaluation prompts as the arms' fetch step does: plain HTTP only to
+    the install policy's registries, logged in with the same Secret (mounted by router_deployment)."""
     probes = spec.rollout.probes
     if candidate_ref is None or source is ProbeSource.NONE:
         return ProbeConfig()
     if source is ProbeSource.CONFIG_MAP:
         return ProbeConfig(directory=PROBES_DIR, rate_per_second=probes.rate_per_second, max_tokens=probes.max_tokens)
-    return ProbeConfig(artifact=candidate_ref, insecure=insecure_registry(candidate_ref),
+    context = context or ServingContext(serving_image="", tools_image="")
+    return ProbeConfig(artifact=candidate_ref, insecure=context.policy.allows_plain_http(registry_host(candidate_ref)),
+                       registry_config=f"{REGISTRY_DIR}/config.json" if context.credentials_secret else None,
                        rate_per_second=probes.rate_per_second, max_tokens=probes.max_tokens)
 
 
 def router_config(policy: str, namespace: str, spec: ServingPolicySpec, stable_ref: str, candidate_ref: str | None,
                   stable_weight: int, candidate_weight: int, mirror_fraction: float, version: int, *,
                   max_body_bytes: int = MAX_BODY_BYTES, slices: SliceRule | None = None,
-                  compare: CompareConfig | None = None, probe_source: ProbeSource = ProbeSource.NONE) -> RouterConfig:
+                  compare: CompareConfig | None = None, probe_source: ProbeSource = ProbeSource.NONE,
+                  context: ServingContext | None = None) -> RouterConfig:
     """`slices` and `compare`: the slice names and per-request quality limits; `probe_source`: where the probes'
     prompts come from (planning/slices.py). Probes run only while there is a candidate to compare."""
     limits = admission_limits(spec)
@@ -108,7 +116,8 @@ def router_config(policy: str, namespace: str, spec: ServingPolicySpec, stable_r
                         redact_patterns=[*DEFAULT_REDACT_PATTERNS, *wanted.redact_patterns])
     return RouterConfig(version=version, arms=arms, mirror_fraction=mirror_fraction if candidate_ref else 0.0,
                         max_body_bytes=max_body_bytes, diffs=diffs, slices=slices or SliceRule(),
-                        compare=compare or CompareConfig(), probes=probe_config(spec, candidate_ref, probe_source),
+                        compare=compare or CompareConfig(),
+                        probes=probe_config(spec, candidate_ref, probe_source, context),
                         goodput_deadlines=[goodput_deadline(spec)], upstream_timeout_s=UPSTREAM_TIMEOUT_S)
 
 
@@ -124,7 +133,10 @@ def router_config_map(owner: dict[str, Any], config: RouterConfig) -> dict[str, 
             "data": {CONFIG_FILE: dump_config(config)}}
 
 
-def router_deployment(owner: dict[str, Any], spec: ServingPolicySpec, image: str) -> dict[str, Any]:
+def router_deployment(owner: dict[str, Any], spec: ServingPolicySpec, image: str,
+                      credentials_secret: str | None = None) -> dict[str, Any]:
+    """`credentials_secret`: the arms' registry Secret; the router logs in with it to read the candidate artifact's
+    evaluation prompts (probes)."""
     policy = owner["metadata"]["name"]
     selector = router_selector(policy)
     mounts: list[dict[str, Any]] = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -148,6 +160,12 @@ def router_deployment(owner: dict[str, Any], spec: ServingPolicySpec, image: str
         mounts.append({"name": "probes", "mountPath": PROBES_DIR, "readOnly": True})
         # optional: a missing ConfigMap costs the probes (the router says so), never the router's start
         volumes.append({"name": "probes", "configMap": {"name": probes.name, "optional": True}})
+    if credentials_secret:
+        mounts.append({"name": "registry-credentials", "mountPath": REGISTRY_DIR, "readOnly": True})
+        volumes.append(registry_credentials_volume(credentials_secret))
+    pod_spec: dict[str, Any] = {"containers": [container], "volumes": volumes}
+    if spec.serving.image_pull_secrets:  # the router image defaults to the serving image: same registry, same login
+        pod_spec["imagePullSecrets"] = [s.to_wire() for s in spec.serving.image_pull_secrets]
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -158,10 +176,7 @@ def router_deployment(owner: dict[str, Any], spec: ServingPolicySpec, image: str
             "template": {
                 "metadata": {"labels": {**MANAGED_BY, **selector}, "annotations": {
                     "prometheus.io/scrape": "true", "prometheus.io/port": str(ROUTER_PORT)}},
-                "spec": restricted({
-                    "containers": [container],
-                    "volumes": volumes,
-                }),
+                "spec": restricted(pod_spec),
             },
         },
     }

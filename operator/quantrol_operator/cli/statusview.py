@@ -31,6 +31,7 @@ def render_servingpolicy(obj: dict[str, Any]) -> str:
                         else ""))
     if status.get("message"):
         lines.append(f"  message     {status['message']}")
+    lines += _qualification(status.get("qualification") or {})
     analysis = status.get("lastAnalysis")
     if analysis:
         lines.append(f"  last analysis {analysis.get('time')} over {analysis.get('windowSeconds')}s: "
@@ -49,6 +50,14 @@ def render_servingpolicy(obj: dict[str, Any]) -> str:
     if probes:
         lines.append(f"  probes      {probes.get('source')}: {probes.get('message', '')}"
                      + (f" {probes['prompts']}" if probes.get("prompts") else ""))
+    for arm in status.get("arms") or []:
+        lines.append(f"  arm {arm.get('shortDigest')} ({arm.get('settings')} settings, {arm.get('replicas')} "
+                     f"replicas): tensor parallel {arm.get('tensorParallelSize')}, {arm.get('gpus')} GPU, KV cache "
+                     f"{arm.get('kvCacheDtype')}, storage {arm.get('storage')}")
+    for c in status.get("conditions") or []:
+        if c.get("type") in ("StableReady", "CandidateReady") and c.get("status") == "False" and \
+                c.get("reason") not in ("ArmNotReady",):
+            lines.append(f"  {c.get('type')}: {c.get('reason')} — {c.get('message', '')}")
     paused = next((c for c in status.get("conditions") or [] if c.get("type") == "Paused"), None)
     if paused and paused.get("status") == "True":
         lines.append(f"  PAUSED: {paused.get('reason')} — {paused.get('message', '')}")
@@ -71,6 +80,29 @@ def render_servingpolicy(obj: dict[str, Any]) -> str:
         lines += [f"    {h.get('time')}  {h.get('from', '-'):>10} → {h.get('to'):<10} {h.get('reason')}"
                   for h in history[-8:]]
     return "\n".join(lines)
+
+
+def _qualification(q: dict[str, Any]) -> list[str]:
+    """The Qualifying phase's verdict, each arm's floor and sustainable figures, the golden check per slice."""
+    if not q:
+        return []
+    lines = [f"  qualification {q.get('state')} ({q.get('reason') or '-'}, {q.get('tool') or 'no tool run'}): "
+             f"goodput {_fmt(q.get('goodputRatio'))} × stable, required ≥ {_fmt(q.get('requiredGoodputRatio'))}",
+             f"    {q.get('message', '')}"]
+    for arm in q.get("arms") or []:
+        for r in arm.get("regimes") or []:
+            figures = (f"rate {_fmt(r.get('rateRps'))}/s  TTFT p99 {_fmt(r.get('ttftP99Seconds'))}s  "
+                       f"ITL p99 {_fmt(r.get('itlP99Seconds'))}s  "
+                       f"goodput {_fmt(r.get('goodputTokensPerEngineSecond'))} tok/engine-s  "
+                       f"429 {_fmt(r.get('rejectedFraction'))}  recovery {_fmt(r.get('recoverySeconds'))}s")
+            verdict = "" if r.get("passed") else f"  FAIL {'; '.join(r.get('failed') or [])}"
+            lines.append(f"    {arm.get('arm', ''):<10} {r.get('regime', ''):<12} {figures}{verdict}")
+    for g in q.get("golden") or []:
+        figures = (f"KL {_fmt(g.get('meanKl'))} (ref {_fmt(g.get('referenceMeanKl'))})  "
+                   f"top-1 {_fmt(g.get('top1'))} (ref {_fmt(g.get('referenceTop1'))})")
+        verdict = "" if g.get("passed") else f"  FAIL {'; '.join(g.get('failed') or [])}"
+        lines.append(f"    golden {g.get('slice', ''):<12} {figures}{verdict}")
+    return lines
 
 
 def render_quantizedmodel(obj: dict[str, Any]) -> str:

@@ -14,15 +14,15 @@ from quantrol_operator.api.servingpolicy import ServingPolicyStatus
 from quantrol_operator.apply import apply_plan, orphan_children
 from quantrol_operator.handlers.common import FINALIZER, Events, Runtime, handle, runtime, track
 from quantrol_operator.observe import servingpolicy as observe
-from quantrol_operator.planning.servingpolicy import orphaned_on_delete, plan, read_spec, settled
+from quantrol_operator.planning.servingpolicy import Images, orphaned_on_delete, plan, read_spec, settled
 
 
 def _reconcile(rt: Runtime, obj: dict[str, Any]) -> Events:
     meta = obj["metadata"]
     observed, token = observe.observe(rt.kube, rt.addresses, rt.defaults.prometheus_url, obj, datetime.now(UTC),
                                       rt.policy)
-    result = plan(observed, (rt.defaults.serving_image, rt.defaults.router_image), rt.pod_monitors.labels,
-                  rt.policy.router.max_body_bytes)
+    images = Images(rt.defaults.serving_image, rt.defaults.router_image, rt.defaults.tools_image)
+    result = plan(observed, images, rt.pod_monitors.labels, rt.policy)
     apply_plan(rt.kube, result, rt.pod_monitors)
     status = ServingPolicyStatus.model_validate(result.status)
     status.router = rt.delivery.sync(status.router, result.apply, observed.deployments, meta["namespace"],

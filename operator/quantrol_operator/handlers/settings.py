@@ -47,6 +47,7 @@ def start_runtime(memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
                              delivery=RouterDelivery(kube, addresses, policy.reads), pod_monitors=monitors,
                              policy=policy)
     logger.info("%s: %s", "writing one PodMonitor per ServingPolicy" if enabled else "writing no PodMonitors", why)
+    logger.info("install policy: plain-HTTP registries %s", ", ".join(policy.registries.plain_http) or "none")
 
 
 POLLER_KEY = "quantrol-poller"

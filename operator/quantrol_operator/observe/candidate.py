@@ -95,3 +95,11 @@ def health(kube: Kube, addresses: Addresses, namespace: str, policy: str, ref: s
             return kernel_report(report), None
     fetch = terminated_messages(pods, "fetch", init=True)
     return None, (f"the artifact fetch refused to start the candidate: {fetch[-1][:1024]}" if fetch else None)
+
+
+def fetch_failure(kube: Kube, namespace: str, policy: str, ref: str) -> str | None:
+    """Why an arm's fetch step refused to start it (its termination message: a 401, a digest mismatch, a volume too
+    small), or None: what an arm that is not ready says in its readiness condition."""
+    selector = ",".join(f"{k}={v}" for k, v in serving.arm_selector(policy, ref).items())
+    fetch = terminated_messages(kube.list_objects("v1", "Pod", namespace, selector), "fetch", init=True)
+    return fetch[-1][:1024] if fetch else None

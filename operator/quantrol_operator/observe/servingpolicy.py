@@ -1,5 +1,6 @@
 """Everything a ServingPolicy pass needs from the world, read once: its spec (validated once), its QuantizedModel,
-its Deployments, the candidate's health and kernels, the router admin token, and the analysis window when due."""
+its Deployments, the candidate's health and kernels, the router admin token, the analysis window when due, and while
+an arm is not ready, why: its fetch step's refusal, or the registry credentials Secret it waits for."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from datetime import datetime
 from typing import Any
 
 from quantrol_operator.api.kinds import QUANTIZED_MODEL
-from quantrol_operator.children import label_value, router
-from quantrol_operator.children.serving import LABEL_POLICY, short_digest
+from quantrol_operator.children import label_value, qualification, router
+from quantrol_operator.children.serving import LABEL_ARM, LABEL_POLICY, arm_name, short_digest
 from quantrol_operator.kube import Kube
 from quantrol_operator.observe import analysis, candidate
-from quantrol_operator.planning.servingpolicy import SpObserved, read_spec
+from quantrol_operator.observe.credentials import docker_config_problem
+from quantrol_operator.planning.servingpolicy import SpObserved, credentials_secret, read_spec
 from quantrol_operator.policy import InstallPolicy
 from quantrol_worker.addresses import Addresses
 
@@ -26,6 +28,41 @@ def router_token(kube: Kube, namespace: str, policy: str) -> tuple[str, bool]:
     data = (secret.get("data") or {}).get(router.TOKEN_KEY)
     string = (secret.get("stringData") or {}).get(router.TOKEN_KEY)
     return (base64.b64decode(data).decode() if data else str(string or "")), False
+
+
+def _arms_ready(deployments: list[dict[str, Any]]) -> bool:
+    arms = [d for d in deployments if LABEL_ARM in (d["metadata"].get("labels") or {})]
+    return bool(arms) and all((d.get("status") or {}).get("readyReplicas", 0) >= d["spec"].get("replicas", 1)
+                              for d in arms)
+
+
+def _why_arms_wait(kube: Kube, namespace: str, name: str, status: dict[str, Any], deployments: list[dict[str, Any]],
+                   spec: Any, qm: dict[str, Any] | None) -> tuple[str | None, str | None]:
+    """(why the stable arm's fetch refused, why the registry credentials Secret cannot be used): read only while an
+    arm is not ready, and the Secret only by name (never its data into status)."""
+    stable = status.get("stableArtifact") or (spec.baseline.artifact if spec else None)
+    stable_failed = None
+    if stable and not _arms_ready([d for d in deployments if d["metadata"]["name"] == arm_name(name, stable)]):
+        stable_failed = candidate.fetch_failure(kube, namespace, name, stable)
+    secret = credentials_secret(spec, qm) if spec is not None else None
+    if secret is None or _arms_ready(deployments):
+        return stable_failed, None
+    field = ("spec.serving.artifactCredentialsSecretRef" if spec.serving.artifact_credentials_secret_ref
+             else "the candidate QuantizedModel's spec.artifact.credentialsSecretRef")
+    return stable_failed, docker_config_problem(kube, namespace, secret, field)
+
+
+def qualification_job(kube: Kube, namespace: str, policy: str,
+                      status: dict[str, Any]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The running attempt's Job and its pods (by name from status; nothing while no attempt runs)."""
+    q = status.get("qualification") or {}
+    if q.get("state") != "Running" or not q.get("jobName"):
+        return None, []
+    job = kube.get("batch/v1", "Job", namespace, str(q["jobName"]))
+    if job is None:
+        return None, []
+    selector = f"{LABEL_POLICY}={label_value(policy)},{qualification.LABEL_COMPONENT}={qualification.COMPONENT}"
+    return job, kube.list_owned("v1", "Pod", namespace, job["metadata"]["uid"], selector)
 
 
 def observe(kube: Kube, addresses: Addresses, prometheus_url: str, obj: dict[str, Any],
@@ -54,12 +91,15 @@ def observe(kube: Kube, addresses: Addresses, prometheus_url: str, obj: dict[str
             found = candidate.envelope(kube, addresses, namespace, name, str(ref), policy.reads)
             if found is not None:
                 envelopes[found.artifact_short_digest] = found
+    job, pods = qualification_job(kube, namespace, name, status)
     token, create_token = router_token(kube, namespace, name)
     window = None
     if spec is not None and not read.refused and analysis.due(status, spec, now):
         window = analysis.window(analysis.source_for(spec, prometheus_url, policy), namespace, name, status, spec,
                                  now)
+    stable_failed, problem = _why_arms_wait(kube, namespace, name, status, deployments, spec, qm)
     observed = SpObserved(obj=obj, spec=read, quantized_model=qm, deployments=deployments, candidate_kernels=kernels,
                           candidate_failed=failed, window=window, router_token=token if create_token else "",
-                          envelopes=envelopes, now=now)
+                          envelopes=envelopes, qualification_job=job, qualification_pods=pods, now=now,
+                          credentials_problem=problem, stable_failed=stable_failed)
     return observed, token

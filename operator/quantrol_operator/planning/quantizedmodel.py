@@ -23,7 +23,7 @@ from quantrol_operator.api.quantizedmodel import (
 from quantrol_operator.children import calibration
 from quantrol_operator.conditions import set_condition
 from quantrol_operator.planning import Event, Plan
-from quantrol_operator.policy import InstallPolicy, pod_refusals
+from quantrol_operator.policy import InstallPolicy, Refusal, pod_refusals, registry_host
 from quantrol_operator.validation import field_error
 from quantrol_worker.contracts import (
     CalibrationReason,
@@ -42,6 +42,7 @@ class QmReason(StrEnum):
     INVALID_SPEC = "InvalidSpec"
     REFUSED_BY_INSTALL_POLICY = "RefusedByInstallPolicy"  # an image, ServiceAccount or scheduling override
     UNSUPPORTED_SOURCE = "UnsupportedSource"
+    CREDENTIALS_MISSING = "CredentialsMissing"  # the registry credentials Secret is missing or not a docker config
     JOB_CREATED = "JobCreated"
     JOB_RUNNING = "JobRunning"
     IMAGE_PULL_FAILING = "ImagePullFailing"
@@ -58,9 +59,24 @@ class QmObserved:
     jobs: list[dict[str, Any]] = field(default_factory=list)  # Jobs it owns, any generation
     pods: list[dict[str, Any]] = field(default_factory=list)  # pods owned by this generation's Job
     now: datetime = field(default_factory=datetime.now)
+    credentials_problem: str | None = None  # why spec.artifact.credentialsSecretRef cannot be used yet
+
+
+def _refusals(spec: QuantizedModelSpec, policy: InstallPolicy) -> list[Refusal]:
+    """What of the spec the install policy does not allow: the Job's pod overrides, and plain HTTP to a registry the
+    policy does not list."""
+    out = pod_refusals("spec.job", spec.job, policy.workloads)
+    host = registry_host(spec.artifact.repository)
+    if spec.artifact.insecure and not policy.allows_plain_http(host):
+        listed = ", ".join(policy.registries.plain_http) or "none"
+        out.append(Refusal("spec.artifact.insecure", f"the install policy does not allow plain HTTP to {host} "
+                           f"(installPolicy.registries.plainHttp: {listed}); use TLS, or ask the installation to "
+                           "list it"))
+    return out
 
 
 def plan(observed: QmObserved, worker_image: str, policy: InstallPolicy | None = None) -> Plan:
+    policy = policy or InstallPolicy()
     obj = observed.obj
     meta = obj["metadata"]
     generation = int(meta.get("generation", 1))
@@ -85,19 +101,23 @@ def plan(observed: QmObserved, worker_image: str, policy: InstallPolicy | None =
         errors = "; ".join(f"spec.{e}" for e in map(field_error, exc.errors()))
         current.fail(QmReason.INVALID_SPEC, f"the spec is invalid, fix it and re-apply: {errors}")
         return current.into(result)
-    refused = pod_refusals("spec.job", spec.job, (policy or InstallPolicy()).workloads)
+    refused = _refusals(spec, policy)
     if refused:  # nothing is created: the Job would run what the install does not allow
         current.fail(QmReason.REFUSED_BY_INSTALL_POLICY,
                      "refused by the install policy, nothing created: " + "; ".join(map(str, refused)))
         return current.into(result)
     try:
-        config = calibration.worker_config(meta["name"], meta["namespace"], generation, spec)
+        config = calibration.worker_config(meta["name"], meta["namespace"], generation, spec, policy)
     except calibration.UnsupportedSource as exc:
         current.fail(QmReason.UNSUPPORTED_SOURCE, str(exc))
         return current.into(result)
 
     name = calibration.job_name(meta["name"], generation)
     job = next((j for j in observed.jobs if j["metadata"]["name"] == name), None)
+    if job is None and observed.credentials_problem:
+        # Waiting, not failed: the Secret may simply be applied after the QuantizedModel (GitOps ordering).
+        current.running(QuantizedModelPhase.PENDING, QmReason.CREDENTIALS_MISSING, observed.credentials_problem)
+        return current.into(result)
     result.apply = [calibration.config_map(obj, config)]
     if job is None:
         result.apply.append(calibration.job(obj, spec, worker_image))
@@ -119,7 +139,8 @@ def _follow_job(current: _Status, job: dict[str, Any], pods: list[dict[str, Any]
         if waiting in ("ErrImagePull", "ImagePullBackOff", "InvalidImageName"):
             current.running(
                 QuantizedModelPhase.PENDING, QmReason.IMAGE_PULL_FAILING,
-                f"Job {name}: the worker image cannot be pulled ({waiting}); check spec.job.image and pull secrets",
+                f"Job {name}: the worker image cannot be pulled ({waiting}); check spec.job.image and "
+                "spec.job.imagePullSecrets",
             )
         elif job_status.get("active") or _phase_of(pods) == "Running":
             current.running(QuantizedModelPhase.CALIBRATING, QmReason.JOB_RUNNING, f"Job {name} is calibrating")
@@ -189,6 +210,9 @@ class _Status:
         phase = QuantizedModelPhase(result.phase.value)
         reason = result.reason.value
         message = result.message or f"Job {job}: {reason}"
+        if result.reason is CalibrationReason.REGISTRY_UNAUTHORIZED:
+            message += ("; the registry credentials come from the Secret spec.artifact.credentialsSecretRef names: "
+                        "it must hold credentials for that registry that may push to the repository")
         self.status.quality = [
             SliceQuality(slice=h.slice, mean_kl_divergence=h.mean_kl, p99_kl_divergence=h.p99_kl,
                          top1_agreement=h.top1, perplexity_ratio=h.ppl_ratio, passed=h.passed,

@@ -11,21 +11,25 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 
-from quantrol_operator.api.common import NAME_RULE, ConditionStatus, name_fits_children
+from quantrol_operator.api.common import GPU_RESOURCE, NAME_RULE, ConditionStatus, name_fits_children
 from quantrol_operator.api.servingpolicy import (
     HISTORY_LIMIT,
     NO_JUDGEMENT_ADVICE,
     AnalysisCounters,
     AnalysisRun,
+    ArmStatus,
     DeletionPolicy,
     HandledAnnotations,
     KernelReport,
+    KvCacheDtype,
     ProbeSource,
     ProbeStatus,
+    QualificationState,
+    QualificationStatus,
     RollbackReason,
     RollbackRecord,
     RouterState,
@@ -38,14 +42,16 @@ from quantrol_operator.api.servingpolicy import (
     Weights,
 )
 from quantrol_operator.api.servingpolicy import RolloutPhase as P
-from quantrol_operator.children import monitoring, router, serving
+from quantrol_operator.children import monitoring, qualification, router, serving
+from quantrol_operator.children.serving import ServingContext
 from quantrol_operator.conditions import set_condition
 from quantrol_operator.planning import Event, Plan
+from quantrol_operator.planning import qualification as qualifying
 from quantrol_operator.planning.slices import probe_source, quality_plan, with_counts
 from quantrol_operator.policy import InstallPolicy, Refusal, pod_refusals
 from quantrol_operator.rollout.analysis import bounded, decide, judge, no_judgement, window_cause, window_verdict
 from quantrol_operator.rollout.queries import Observation, custom_query_refusal
-from quantrol_operator.rollout.statemachine import Decision, Facts, TransitionReason, step, weights_for
+from quantrol_operator.rollout.statemachine import Decision, Facts, Qualified, TransitionReason, step, weights_for
 from quantrol_operator.validation import field_error
 from quantrol_worker.contracts import KernelVerdict
 from quantrol_worker.router.config import MAX_BODY_BYTES, CompareConfig, RouterConfig, SliceRule, dump_config
@@ -54,7 +60,7 @@ REFUSED_BY_INSTALL_POLICY = "RefusedByInstallPolicy"  # a condition reason and E
 ANNOTATION_PAUSED = "quantrol.io/paused"
 ANNOTATION_RETRY = "quantrol.io/retry"
 ANNOTATION_ROLLBACK = "quantrol.io/rollback"
-CANDIDATE_PHASES = {P.PENDING, P.SHADOW, P.CANARY, P.PAUSED}
+CANDIDATE_PHASES = {P.PENDING, P.QUALIFYING, P.SHADOW, P.CANARY, P.PAUSED}
 
 
 @dataclass(frozen=True)
@@ -69,9 +75,13 @@ class SpecRead:
 
 def policy_refusals(spec: ServingPolicySpec, namespace: str, policy: InstallPolicy,
                     default_prometheus: str) -> list[Refusal]:
-    """What of `spec` the install policy does not allow: the serving image, node selectors, the Prometheus
-    address, and custom SLO queries that would read beyond the policy's namespace."""
+    """What of `spec` the install policy does not allow: the serving and qualification images, node selectors, the
+    Prometheus address, and custom SLO queries that would read beyond the policy's namespace."""
     out = pod_refusals("spec.serving", spec.serving, policy.workloads)
+    for index, flag in policy.refused_engine_args(list(spec.serving.engine_args)):
+        out.append(Refusal(f"spec.serving.engineArgs[{index}]", f"vLLM flag {flag} is not allowed by the install "
+                           f"policy (installPolicy.workloads.engineFlags: {', '.join(policy.workloads.engine_flags)})"))
+    out += pod_refusals("spec.qualification", spec.qualification, policy.workloads)
     address = spec.analysis.prometheus.address if spec.analysis.prometheus else None
     if address and not policy.prometheus_allowed(address, default_prometheus):
         out.append(Refusal("spec.analysis.prometheus.address", f"{address!r} is not one of the Prometheus "
@@ -96,6 +106,14 @@ def read_spec(obj: Mapping[str, Any], policy: InstallPolicy | None = None, defau
     return SpecRead(spec, refused=tuple(refused))
 
 
+class Images(NamedTuple):
+    """This installation's default images: the engine, the router, and the tools the arms' init steps run."""
+
+    serving: str
+    router: str
+    tools: str
+
+
 @dataclass(frozen=True)
 class SpObserved:
     obj: dict[str, Any]
@@ -105,9 +123,13 @@ class SpObserved:
     candidate_kernels: KernelReport | None = None  # the launcher's report
     candidate_failed: str | None = None  # why the candidate arm cannot run (e.g. fetch refused the digest)
     window: Observation | None = None  # None: no analysis this pass (not in Shadow/Canary, or not due)
+    qualification_job: dict[str, Any] | None = None  # status.qualification.jobName, while Qualifying
+    qualification_pods: list[dict[str, Any]] = field(default_factory=list)
     router_token: str = ""
     envelopes: dict[str, ServingEnvelope] = field(default_factory=dict)  # newly read, by the arm's short digest
     now: datetime = field(default_factory=datetime.now)
+    credentials_problem: str | None = None  # why the arms' registry credentials Secret cannot be used yet
+    stable_failed: str | None = None  # why the stable arm's fetch step refused to start it
 
 
 @dataclass
@@ -145,15 +167,67 @@ def orphaned_on_delete(spec: ServingPolicySpec) -> bool:
     return spec.deletion_policy is DeletionPolicy.ORPHAN
 
 
-def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapping[str, str] | None = None,
-         max_body_bytes: int = MAX_BODY_BYTES) -> SpPlan:
-    """`images`: (serving image, router image) defaults of this installation. `pod_monitor_labels`: None where this
-    installation writes no PodMonitor (QUANTROL_POD_MONITORS), else the extra labels its PodMonitors carry.
-    `max_body_bytes`: the routers' request body bound (the install policy's)."""
+def credentials_secret(spec: ServingPolicySpec, quantized_model: Mapping[str, Any] | None) -> str | None:
+    """The Secret the arms' fetch step logs in with: the spec's, else the candidate QuantizedModel's push Secret."""
+    if spec.serving.artifact_credentials_secret_ref is not None:
+        return spec.serving.artifact_credentials_secret_ref.name
+    ref = ((quantized_model or {}).get("spec") or {}).get("artifact", {}).get("credentialsSecretRef") or {}
+    return str(ref["name"]) if isinstance(ref, dict) and ref.get("name") else None
+
+
+def _quantization(quantized_model: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return ((quantized_model or {}).get("spec") or {}).get("quantization") or {}
+
+
+def arm_engine(spec: ServingPolicySpec, quantized_model: Mapping[str, Any] | None, ref: str,
+               known: ArmStatus | None = None) -> serving.ArmEngine:
+    """The engine settings of the arm that serves `ref`. The baseline artifact runs the baseline's (its own
+    tensor-parallel size if it says so, else the candidate's; its own KV cache, `auto` by default); every other
+    artifact the candidate's: the spec's, else its QuantizedModel's (tensorParallelSize; an fp8 KV cache when its
+    scales were calibrated; the size its manifest gave), else what status recorded when its arm was made (a
+    promoted artifact keeps its flags after its QuantizedModel moved on)."""
+    quantization = _quantization(quantized_model)
+    qm_status = (quantized_model or {}).get("status") or {}
+    published = (qm_status.get("artifact") or {}).get("ref")
+    own = published is not None and f"oci://{published}" == ref
+    common = spec.serving.tensor_parallel_size or int(quantization.get("tensorParallelSize") or 1)
+    if ref == spec.baseline.artifact:
+        return serving.ArmEngine(ref, "baseline", spec.baseline.tensor_parallel_size or common,
+                                 spec.baseline.kv_cache_dtype)
+    if own:
+        kv = KvCacheDtype.FP8 if quantization.get("kvCacheScheme") == "fp8" else KvCacheDtype.AUTO
+        tp, size = common, qm_status.get("artifact", {}).get("sizeBytes")
+    elif known is not None:
+        kv, tp, size = KvCacheDtype(known.kv_cache_dtype), known.tensor_parallel_size, known.size_bytes
+    else:
+        kv, tp, size = KvCacheDtype.AUTO, common, None
+    return serving.ArmEngine(ref, "candidate", spec.serving.tensor_parallel_size or tp,
+                             spec.serving.kv_cache_dtype or kv, size)
+
+
+def _gpus_disagree(spec: ServingPolicySpec, engines: list[serving.ArmEngine]) -> str:
+    """Why the spec's GPU limit cannot hold an arm's tensor-parallel size ('' when it can): admission checks the
+    sizes the spec states, this the ones it leaves to a QuantizedModel."""
+    limit = spec.serving.resources.limits.get(GPU_RESOURCE) if spec.serving.resources else None
+    for engine in engines:
+        if limit is not None and serving.gpus(spec, engine) and str(limit) != str(engine.tensor_parallel_size):
+            return (f"spec.serving.resources.limits['{GPU_RESOURCE}'] is {limit}, but the {engine.settings} arm's "
+                    f"tensor-parallel size is {engine.tensor_parallel_size} (one GPU per rank): set "
+                    "spec.serving.tensorParallelSize, or leave the GPU count out")
+    return ""
+
+
+def plan(observed: SpObserved, images: Images, pod_monitor_labels: Mapping[str, str] | None = None,
+         policy: InstallPolicy | None = None) -> SpPlan:
+    """`images`: this installation's default images. `pod_monitor_labels`: None where this installation writes no
+    PodMonitor (QUANTROL_POD_MONITORS), else the extra labels its PodMonitors carry. `policy`: what this installation
+    lets tenants choose (the routers' request body bound, plain-HTTP registries; its refusals arrive in
+    `observed.spec`)."""
     obj = observed.obj
     now = observed.now.replace(microsecond=0)  # the API server keeps times to the second: re-reads compare equal
     meta = obj["metadata"]
-    policy, generation = meta["name"], int(meta.get("generation", 1))
+    name, generation = meta["name"], int(meta.get("generation", 1))
+    install = policy or InstallPolicy()
     before = ServingPolicyStatus.model_validate({k: v for k, v in (obj.get("status") or {}).items() if v is not None})
     status = before.model_copy(deep=True)
     status.observed_generation = generation
@@ -164,7 +238,8 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
         return _invalid(result, status, before, now, generation, observed.spec.error)
     if observed.spec.refused:
         return _refused(result, obj, spec, status, before, now, generation, observed.spec.refused)
-
+    arms = _ArmBuilder(obj, spec, observed.quantized_model, before.arms, ServingContext(
+        images.serving, images.tools, install, credentials_secret(spec, observed.quantized_model)))
     stable = status.stable_artifact or spec.baseline.artifact
     status.stable_artifact = stable
     phase, index = status.phase, status.step
@@ -176,21 +251,26 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
             message = f"candidate changed before it took traffic: now {serving.short_digest(desired)}"
             result.events.append(Event("Normal", TransitionReason.NEW_CANDIDATE.value, message))
         pinned = desired
+    gpus = _gpus_disagree(spec, [arms.engine(r) for r in (stable, pinned) if r])
+    if gpus:
+        return _invalid(result, status, before, now, generation, f"nothing changed: {gpus}")
     annotations = meta.get("annotations") or {}
     retry, rollback = annotations.get(ANNOTATION_RETRY), annotations.get(ANNOTATION_ROLLBACK)
     guarding = phase is P.PROMOTED and status.guard_until is not None and now < status.guard_until
     decision, counters = _analyse(result, status, observed, spec, phase in (P.SHADOW, P.CANARY) or guarding, now)
+    qualified = _qualification_result(status, observed, phase, now)
     if observed.candidate_kernels:
         status.candidate_kernels = observed.candidate_kernels
     facts = Facts(
         now=now, phase_since=status.phase_since or now, steps=tuple(s.weight for s in spec.rollout.canary_steps),
         shadow_seconds=spec.rollout.shadow.duration_seconds,
         dwell_seconds=tuple(s.min_dwell_seconds for s in spec.rollout.canary_steps),
-        candidate_pinned=pinned is not None, stable_ready=_arm_ready(observed.deployments, policy, stable),
-        candidate_ready=_arm_ready(observed.deployments, policy, pinned),
+        candidate_pinned=pinned is not None, stable_ready=_arm_ready(observed.deployments, name, stable),
+        candidate_ready=_arm_ready(observed.deployments, name, pinned),
         candidate_failed=observed.candidate_failed is not None,
         kernel=refused or (observed.candidate_kernels.verdict if observed.candidate_kernels else KernelVerdict.UNKNOWN),
         enforce_kernels=spec.kernel_policy.value == "enforce", decision=decision,
+        qualify=spec.qualification.enabled, qualified=qualified,
         paused_annotation=annotations.get(ANNOTATION_PAUSED, "").lower() in ("true", "1", "yes"),
         paused_from=status.paused_from, paused_by_user=status.paused_from is not None,
         retry_requested=retry is not None and retry != status.handled_annotations.retry,
@@ -221,9 +301,14 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
             status.guard_until = None
         if moved.reason in (TransitionReason.NEW_CANDIDATE, TransitionReason.RETRY, TransitionReason.SPEC_CHANGED):
             pinned = desired  # None when the new candidate has no digest (refused, or still calibrating)
+        if moved.phase is P.QUALIFYING and pinned is not None and (
+                status.qualification is None or status.qualification.state is not QualificationState.RUNNING):
+            status.qualification = qualifying.started(spec, pinned, status.qualification, now, name)
+        elif moved.reason is TransitionReason.QUALIFICATION_SKIPPED:
+            status.qualification = qualifying.skipped(pinned, status.qualification)
         if moved.rollback is not None:
             result.rollback = _rollback_record(moved.rollback, status.last_analysis, observed, pinned, now,
-                                               refused_by=why_not if refused else "")
+                                               refused_by=why_not if refused else "", qualified=status.qualification)
             status.rollback = result.rollback
         counters = AnalysisCounters()
         phase, index = moved.phase, moved.step
@@ -234,12 +319,16 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
     status.probes = _probes(spec, observed, before)
     status.serving_envelope = _envelopes(status, observed, stable, pinned, phase, now)
     weights = weights_for(phase, index, facts.steps, spec.rollout.shadow.mirror_fraction, held=before.weights)
-    _children(result, obj, spec, images, stable, pinned, phase, status, weights, now, observed.router_token,
-              observed.quantized_model, max_body_bytes)
+    _children(result, arms, images.router, stable, pinned, phase, status, weights, now, observed.router_token,
+              install.router.max_body_bytes)
+    status.arms = arms.built
+    _qualification_children(result, arms, images.serving, stable, pinned, phase, status)
     if pod_monitor_labels is not None:
         result.apply.append(monitoring.pod_monitor(obj, spec, pod_monitor_labels))
     _withdraw_stale_arms(result, observed.deployments)
     _status_fields(status, phase, index, stable, pinned, weights, facts, before, now, generation)
+    _explain_credentials(status, observed.credentials_problem, now, generation)
+    _explain_stable_fetch(status, observed.stable_failed, facts.stable_ready, now, generation)
     warm = previous_stable_warm(status, now)
     status.conditions = set_condition(
         status.conditions, "PreviousStableWarm", warm, "GracePeriod" if warm else "NotServing",
@@ -249,6 +338,51 @@ def plan(observed: SpObserved, images: tuple[str, str], pod_monitor_labels: Mapp
         generation=generation)
     result.status = status.to_wire()
     return result
+
+
+class _ArmBuilder:
+    """Builds the arms of one pass (each with its artifact's engine settings) and records each as status shows it."""
+
+    def __init__(self, obj: dict[str, Any], spec: ServingPolicySpec, quantized_model: Mapping[str, Any] | None,
+                 known: list[ArmStatus], context: ServingContext) -> None:
+        self.obj, self.spec, self.quantized_model, self.context = obj, spec, quantized_model, context
+        self.known = {a.artifact: a for a in known}
+        self.built: list[ArmStatus] = []
+
+    def engine(self, ref: str) -> serving.ArmEngine:
+        return arm_engine(self.spec, self.quantized_model, ref, self.known.get(ref))
+
+    def deployment(self, ref: str, replicas: int) -> dict[str, Any]:
+        engine, spec = self.engine(ref), self.spec
+        self.built.append(ArmStatus(
+            artifact=ref, short_digest=serving.short_digest(ref), settings=engine.settings, replicas=replicas,
+            tensor_parallel_size=engine.tensor_parallel_size, gpus=serving.gpus(spec, engine),
+            kv_cache_dtype=engine.kv_cache_dtype.value, size_bytes=engine.size_bytes,
+            storage=serving.storage_summary(spec, engine),
+            engine_args=serving.engine_args(self.obj["metadata"]["name"], spec, engine)))
+        return serving.arm_deployment(self.obj, spec, engine, self.context, replicas)
+
+
+def _explain_stable_fetch(status: ServingPolicyStatus, failed: str | None, ready: bool, now: datetime,
+                          generation: int) -> None:
+    """A stable arm whose fetch step refused (a 401 from the registry, a digest mismatch, a volume too small) says
+    so in StableReady: it never starts, and nothing else would tell why."""
+    if failed and not ready:
+        current = next(c for c in status.conditions if c.type == "StableReady")
+        status.conditions = set_condition(status.conditions, "StableReady", False, "FetchFailed",
+                                          f"{current.message}: the artifact fetch refused to start it: {failed}",
+                                          now=now, generation=generation)
+
+
+def _explain_credentials(status: ServingPolicyStatus, problem: str | None, now: datetime, generation: int) -> None:
+    """An arm whose fetch step cannot log in says why in its readiness condition (its pods wait on the Secret)."""
+    if not problem:
+        return
+    for condition in ("StableReady", "CandidateReady"):
+        current = next((c for c in status.conditions if c.type == condition), None)
+        if current is not None and current.status is ConditionStatus.FALSE:
+            status.conditions = set_condition(status.conditions, condition, False, "CredentialsMissing",
+                                              f"{current.message}: {problem}", now=now, generation=generation)
 
 
 def _analyse(result: SpPlan, status: ServingPolicyStatus, observed: SpObserved, spec: ServingPolicySpec,
@@ -302,6 +436,29 @@ def _envelopes(status: ServingPolicyStatus, observed: SpObserved, stable: str, c
         if found is not None:
             out.append(found.model_copy(update={"arm": role}))
     return out
+
+
+def _qualification_result(status: ServingPolicyStatus, observed: SpObserved, phase: P, now: datetime) -> Qualified:
+    """The qualification Job's verdict for the pinned candidate, written into status once, when it arrives."""
+    qualified, report, why = qualifying.outcome(status.qualification, observed.qualification_job,
+                                                observed.qualification_pods)
+    if qualified is not Qualified.RUNNING and status.qualification is not None and phase is P.QUALIFYING:
+        status.qualification = qualifying.finished(status.qualification, report, why, now)
+    return qualified
+
+
+def _qualification_children(result: SpPlan, arms: _ArmBuilder, image: str, stable: str, candidate: str | None,
+                            phase: P, status: ServingPolicyStatus) -> None:
+    """While Qualifying, the Job (and its ConfigMap) of the current attempt; finished Jobs stay as evidence."""
+    q = status.qualification
+    if phase is not P.QUALIFYING or candidate is None or q is None or q.job_name is None:
+        return
+    if q.state is not QualificationState.RUNNING:
+        return
+    obj, spec, meta = arms.obj, arms.spec, arms.obj["metadata"]
+    config = qualification.worker_config(meta["name"], meta["namespace"], spec, stable, candidate, arms.context)
+    result.apply.append(qualification.config_map(obj, q.job_name, config))
+    result.apply.append(qualification.job(obj, q.job_name, spec, config, image, arms.context))
 
 
 def _desired_candidate(observed: SpObserved,
@@ -397,7 +554,8 @@ def _transition(result: SpPlan, status: ServingPolicyStatus, src: P, dst: P, ste
 
 
 def _rollback_record(reason: RollbackReason, analysis: AnalysisRun | None, observed: SpObserved,
-                     candidate: str | None, now: datetime, refused_by: str = "") -> RollbackRecord:
+                     candidate: str | None, now: datetime, refused_by: str = "",
+                     qualified: QualificationStatus | None = None) -> RollbackRecord:
     """`refused_by`: why the candidate was refused before it had a digest (its QuantizedModel's kernel pre-check)."""
     record = RollbackRecord(reason=reason, time=now, candidate_artifact=candidate)
     failing = [m for m in (analysis.metrics if analysis else []) if m.verdict is Verdict.FAIL]
@@ -416,31 +574,36 @@ def _rollback_record(reason: RollbackReason, analysis: AnalysisRun | None, obser
         record.message = (kernels.message if kernels else "") or refused_by or "refused by the kernel check"
     elif reason is RollbackReason.CANDIDATE_FAILED:
         record.message = observed.candidate_failed or ""
+    elif reason in (RollbackReason.QUALIFICATION_FAILED, RollbackReason.GOLDEN_OUTPUT_MISMATCH) and qualified:
+        refused = [f"golden/{g.slice}" for g in qualified.golden if g.passed is False] + [
+            f"{a.arm.value}/{r.regime.value}" for a in qualified.arms for r in a.regimes if r.passed is False]
+        record = record.model_copy(update={"slo": refused[0] if refused else None, "failing_slos": refused,
+                                           "message": qualified.message})
     return record
 
 
-def _children(result: SpPlan, obj: dict[str, Any], spec: ServingPolicySpec, images: tuple[str, str], stable: str,
-              candidate: str | None, phase: P, status: ServingPolicyStatus, weights: Weights, now: datetime,
-              token: str, quantized_model: dict[str, Any] | None, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+def _children(result: SpPlan, arms: _ArmBuilder, router_image: str, stable: str, candidate: str | None, phase: P,
+              status: ServingPolicyStatus, weights: Weights, now: datetime, token: str,
+              max_body_bytes: int = MAX_BODY_BYTES) -> None:
+    obj, spec = arms.obj, arms.spec
     meta = obj["metadata"]
     policy, namespace = meta["name"], meta["namespace"]
-    serving_image, router_image = images
     replicas = spec.serving.replicas
-    result.apply.append(serving.arm_deployment(obj, spec, stable, serving_image, replicas))
+    result.apply.append(arms.deployment(stable, replicas))
     result.apply.append(serving.arm_service(obj, stable))
     candidate_live = candidate is not None and candidate != stable and phase in CANDIDATE_PHASES
     if candidate is not None and candidate != stable:
         # A rolled-back candidate is scaled to zero, not deleted: its Deployment stays as evidence.
-        result.apply.append(serving.arm_deployment(obj, spec, candidate, serving_image,
-                                                   replicas if candidate_live else 0))
+        result.apply.append(arms.deployment(candidate, replicas if candidate_live else 0))
         result.apply.append(serving.arm_service(obj, candidate))
     target = status.rollback_target
     guard = phase is P.PROMOTED and status.guard_until is not None and now < status.guard_until
     if target and target not in (stable, candidate):
-        result.apply.append(serving.arm_deployment(obj, spec, target, serving_image, replicas if guard else 0))
+        warm = previous_stable_warm(status, now)
+        result.apply.append(arms.deployment(target, replicas if warm else 0))
     if spec.traffic_provider is not TrafficProvider.ROUTER:
         return  # the only provider today; another would split traffic without Quantrol's router
-    quality = quality_plan(spec, quantized_model)
+    quality = quality_plan(spec, arms.quantized_model)
     # Probes only while the candidate is judged: a Pending or held candidate arm may not even be up yet.
     judged = phase in (P.SHADOW, P.CANARY) or guard
     probes = status.probes.source if status.probes and judged else ProbeSource.NONE
@@ -456,14 +619,14 @@ def _children(result: SpPlan, obj: dict[str, Any], spec: ServingPolicySpec, imag
                                   max_body_bytes=max_body_bytes, slices=SliceRule(allowed=quality.slices),
                                   compare=CompareConfig(max_request_kl=quality.max_request_kl,
                                                         slice_max_request_kl=quality.slice_max_request_kl),
-                                  probe_source=probes)
+                                  probe_source=probes, context=arms.context)
     state, document = _versioned(status.router, config)
     if document is not None:
         result.router_config = document
     config = config.model_copy(update={"version": state.version})
     status.router = state
     result.apply.append(router.router_config_map(obj, config))
-    result.apply.append(router.router_deployment(obj, spec, router_image))
+    result.apply.append(router.router_deployment(obj, spec, router_image, arms.context.credentials_secret))
     result.apply.append(router.router_service(obj))
     if token:
         result.apply.append(router.admin_secret(obj, token))
@@ -503,6 +666,9 @@ def _status_fields(status: ServingPolicyStatus, phase: P, index: int | None, sta
     cond("CandidateReady", facts.candidate_ready, "ArmReady" if facts.candidate_ready else "ArmNotReady",
          f"candidate arm {serving.short_digest(candidate)}" if candidate else "no candidate pinned")
     cond("Progressing", phase in (P.PENDING, P.SHADOW, P.CANARY), phase.value, status.message or phase.value)
+    q = status.qualification
+    if q is not None:
+        cond("Qualified", q.state is QualificationState.PASSED, q.reason or q.state.value, q.message)
     cond("Promoted", phase is P.PROMOTED, phase.value, f"stable is {serving.short_digest(stable)}")
     cond("Paused", phase is P.PAUSED, *_paused(phase, status))
     probes = status.probes

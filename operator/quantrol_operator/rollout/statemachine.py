@@ -1,6 +1,9 @@
 """The ServingPolicy rollout as one state machine with a visible transition table.
 
-    Pending → Shadow → Canary(step 0..n-1) → Promoted (guarded for promotionGraceSeconds) → Promoted
+    Pending → Qualifying → Shadow → Canary(step 0..n-1) → Promoted (guarded for promotionGraceSeconds) → Promoted
+    Pending → Shadow when spec.qualification.enabled is false (status.qualification says Skipped)
+    Qualifying → RolledBack (QualificationFailed, GoldenOutputMismatch: refused before any traffic)
+    Qualifying → Paused (the qualification Job could not measure)
     any live phase → RolledBack (SLO breach, kernel refusal, candidate failure, manual); a guarded Promoted too
     Canary(step k) → Canary(step k-1), or Shadow from step 0 (overloaded longer than the hold limit)
     live phases ⇄ Paused (annotation, or analysis that cannot judge)
@@ -34,11 +37,26 @@ class Decision(StrEnum):
     STEP_BACK = "step-back"  # both arms overloaded for longer than the hold limit: one canary step back
 
 
+class Qualified(StrEnum):
+    """Where the candidate's qualification stands (the Job's report, read by the planner)."""
+
+    RUNNING = "running"  # not finished, or not started yet
+    PASSED = "passed"
+    FAILED = "failed"  # a regime's SLO or the goodput ratio: QualificationFailed
+    GOLDEN_MISMATCH = "golden-mismatch"  # the engine does not compute what calibration measured
+    ERROR = "error"  # the Job ended without a verdict
+
+
 class TransitionReason(StrEnum):
     """Why a transition happened; machine-readable, shown in status history and Events."""
 
     CANDIDATE_PINNED = "CandidatePinned"
     ARMS_READY = "ArmsReady"
+    QUALIFICATION_SKIPPED = "QualificationSkipped"
+    QUALIFIED = "Qualified"
+    QUALIFICATION_FAILED = "QualificationFailed"
+    GOLDEN_OUTPUT_MISMATCH = "GoldenOutputMismatch"
+    QUALIFICATION_INCOMPLETE = "QualificationIncomplete"
     SHADOW_PASSED = "ShadowPassed"
     STEP_PASSED = "StepPassed"
     PROMOTED = "Promoted"
@@ -72,6 +90,8 @@ class Facts:
     candidate_failed: bool = False  # the candidate arm cannot run (crash loop, fetch refused the digest)
     kernel: KernelVerdict = KernelVerdict.UNKNOWN  # the launcher's report; unknown until it reported
     enforce_kernels: bool = True
+    qualify: bool = True  # spec.qualification.enabled
+    qualified: Qualified = Qualified.RUNNING
     decision: Decision = Decision.HOLD
     paused_annotation: bool = False
     paused_from: P | None = None  # the live phase a user pause interrupted
@@ -88,9 +108,10 @@ class Facts:
         return (self.now - self.phase_since).total_seconds() >= needed
 
 
-LIVE = frozenset({P.PENDING, P.SHADOW, P.CANARY})
+LIVE = frozenset({P.PENDING, P.QUALIFYING, P.SHADOW, P.CANARY})
 SETTLED = frozenset({P.PROMOTED, P.ROLLED_BACK, P.FAILED})
 CANDIDATE_SERVING = frozenset({P.SHADOW, P.CANARY})
+CANDIDATE_UP = CANDIDATE_SERVING | {P.PENDING, P.QUALIFYING}  # the candidate arm runs (traffic or not)
 
 
 @dataclass(frozen=True)
@@ -126,6 +147,11 @@ def _step_back(_f: Facts, _p: P, s: int | None) -> tuple[P, int | None]:
     return (P.CANARY, s - 1) if s else (P.SHADOW, None)
 
 
+def _arms_verified(f: Facts) -> bool:
+    return (f.candidate_pinned and f.stable_ready and f.candidate_ready
+            and f.kernel in (KernelVerdict.NATIVE, KernelVerdict.FALLBACK))
+
+
 ANY = frozenset(P)
 
 TRANSITIONS: tuple[TransitionRule, ...] = (
@@ -143,14 +169,14 @@ TRANSITIONS: tuple[TransitionRule, ...] = (
     # edited SLO deserves a new judgement too. Settled phases only: mid-rollout, edits apply to the next window.
     TransitionRule(frozenset({P.ROLLED_BACK, P.FAILED}), lambda f, p, s: f.spec_changed, _to(P.PENDING),
          TransitionReason.SPEC_CHANGED, "the spec changed since the rollout settled: start again from Pending"),
-    TransitionRule(CANDIDATE_SERVING | {P.PENDING}, lambda f, p, s: f.kernel is KernelVerdict.NONE, _to(P.ROLLED_BACK),
+    TransitionRule(CANDIDATE_UP, lambda f, p, s: f.kernel is KernelVerdict.NONE, _to(P.ROLLED_BACK),
          TransitionReason.KERNEL_UNAVAILABLE, "the candidate's scheme has no kernel on this hardware",
          RollbackReason.KERNEL_UNAVAILABLE),
-    TransitionRule(CANDIDATE_SERVING | {P.PENDING},
+    TransitionRule(CANDIDATE_UP,
          lambda f, p, s: f.kernel is KernelVerdict.FALLBACK and f.enforce_kernels, _to(P.ROLLED_BACK),
          TransitionReason.KERNEL_FALLBACK, "kernelPolicy enforce: a fallback kernel is refused",
          RollbackReason.KERNEL_FALLBACK),
-    TransitionRule(CANDIDATE_SERVING | {P.PENDING}, lambda f, p, s: f.candidate_failed, _to(P.ROLLED_BACK),
+    TransitionRule(CANDIDATE_UP, lambda f, p, s: f.candidate_failed, _to(P.ROLLED_BACK),
          TransitionReason.CANDIDATE_FAILED, "the candidate arm cannot run", RollbackReason.CANDIDATE_FAILED),
     TransitionRule(LIVE, lambda f, p, s: f.paused_annotation, _to(P.PAUSED),
          TransitionReason.PAUSED_BY_USER, "the paused annotation is set: hold the current weights"),
@@ -169,10 +195,25 @@ TRANSITIONS: tuple[TransitionRule, ...] = (
          "candidate steps back one step (never forward)"),
     TransitionRule(CANDIDATE_SERVING, lambda f, p, s: f.decision is Decision.PAUSE, _to(P.PAUSED),
          TransitionReason.ANALYSIS_CANNOT_JUDGE, "no judgement possible (no data, or metrics unreachable): hold"),
-    TransitionRule(frozenset({P.PENDING}),
-         lambda f, p, s: f.candidate_pinned and f.stable_ready and f.candidate_ready
-         and f.kernel in (KernelVerdict.NATIVE, KernelVerdict.FALLBACK),
-         _to(P.SHADOW), TransitionReason.ARMS_READY, "both arms ready and the candidate's kernels verified"),
+    TransitionRule(frozenset({P.PENDING}), lambda f, p, s: _arms_verified(f) and f.qualify, _to(P.QUALIFYING),
+         TransitionReason.ARMS_READY, "both arms ready and the candidate's kernels verified: qualify it on the "
+         "target before any traffic"),
+    TransitionRule(frozenset({P.PENDING}), lambda f, p, s: _arms_verified(f) and not f.qualify, _to(P.SHADOW),
+         TransitionReason.QUALIFICATION_SKIPPED, "both arms ready and the candidate's kernels verified; "
+         "spec.qualification.enabled is false: to Shadow unmeasured"),
+    TransitionRule(frozenset({P.QUALIFYING}), lambda f, p, s: f.qualified is Qualified.GOLDEN_MISMATCH,
+         _to(P.ROLLED_BACK), TransitionReason.GOLDEN_OUTPUT_MISMATCH, "the candidate engine does not reproduce "
+         "the quality calibration measured on the artifact's evaluation prompts",
+         RollbackReason.GOLDEN_OUTPUT_MISMATCH),
+    TransitionRule(frozenset({P.QUALIFYING}), lambda f, p, s: f.qualified is Qualified.FAILED, _to(P.ROLLED_BACK),
+         TransitionReason.QUALIFICATION_FAILED, "the candidate failed qualification on the target",
+         RollbackReason.QUALIFICATION_FAILED),
+    TransitionRule(frozenset({P.QUALIFYING}), lambda f, p, s: f.qualified is Qualified.ERROR, _to(P.PAUSED),
+         TransitionReason.QUALIFICATION_INCOMPLETE, "the qualification Job ended without a verdict: hold (the "
+         "retry annotation runs it again)"),
+    TransitionRule(frozenset({P.QUALIFYING}), lambda f, p, s: f.qualified is Qualified.PASSED and f.candidate_ready,
+         _to(P.SHADOW), TransitionReason.QUALIFIED, "qualified on the target: every regime and the golden-output "
+         "check passed"),
     TransitionRule(frozenset({P.SHADOW}),
          lambda f, p, s: f.decision is Decision.ADVANCE and f.dwell_over(p, s) and f.candidate_ready,
          _next_step, TransitionReason.SHADOW_PASSED, "shadow analysis passed for the shadow duration"),

@@ -29,5 +29,7 @@ class WorkerError(Exception):
             ArtifactReason.DIGEST_MISMATCH: CalibrationReason.DIGEST_MISMATCH,
             ArtifactReason.INVALID_REFERENCE: CalibrationReason.INVALID_CONFIG,
             ArtifactReason.ARTIFACT_UNAVAILABLE: unavailable,
+            ArtifactReason.REGISTRY_UNAUTHORIZED: CalibrationReason.REGISTRY_UNAUTHORIZED,
+            ArtifactReason.INSUFFICIENT_STORAGE: unavailable,  # calibration pulls into its own work folder
         }[exc.reason]
         return cls(reason, exc.message, stage)

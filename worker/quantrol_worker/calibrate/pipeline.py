@@ -19,11 +19,12 @@ from quantrol_worker import oci
 from quantrol_worker.calibrate import WorkerError, integrity
 from quantrol_worker.calibrate.data import SliceData, load_slices
 from quantrol_worker.calibrate.progress import Progress
-from quantrol_worker.calibrate.sources import TOKENIZER_FILES, directory_digest, pull, resolve_model
+from quantrol_worker.calibrate.sources import directory_digest, pull, resolve_data, resolve_model
 from quantrol_worker.contracts import (
     EVALUATION_PROMPTS_FILE,
     EVALUATION_PROMPTS_MAX_BYTES,
     REPORT_FILE,
+    TOKENIZER_FILES,
     CalibrationConfig,
     CalibrationReason,
     CalibrationReport,
@@ -31,6 +32,7 @@ from quantrol_worker.contracts import (
     EvaluationPromptsSummary,
     ExperimentEnvelope,
     KvCacheScheme,
+    RegistryAccess,
     SampleGeneration,
     SliceHeadline,
     SlicePrompts,
@@ -262,9 +264,9 @@ def _prepare(run: Run) -> tuple[Any, list[str], list[str]]:
 
     cfg = run.config
     p = run.progress
-    insecure = bool(cfg.artifact and cfg.artifact.insecure)
+    _check_push_access(cfg)
     with p.stage_of(Stage.LOAD):
-        run.base_dir = resolve_model(cfg.base_model, run.work, insecure=insecure)
+        run.base_dir = resolve_model(cfg.base_model, run.work, cfg.registries)
         run.envelope.base_model_uri = cfg.base_model
         run.envelope.base_model_digest = directory_digest(run.base_dir)
         run.envelope.tokenizer_digest = directory_digest(run.base_dir, TOKENIZER_FILES)
@@ -284,11 +286,33 @@ def _prepare(run: Run) -> tuple[Any, list[str], list[str]]:
                 CalibrationReason.KERNEL_INCOMPATIBLE, f"{v.layer}: {v.rule}: {v.detail}{more}", Stage.PRECHECK
             )
     with p.stage_of(Stage.DATA):
-        run.slices, run.envelope.calibration_data_digest = load_slices(cfg.calibration, tokenizer)
+        data = cfg.calibration.model_copy(update={"uri": resolve_data(cfg.calibration.uri, run.work, cfg.registries)})
+        run.slices, run.envelope.calibration_data_digest = load_slices(data, tokenizer)
         run.envelope.seed = cfg.calibration.seed
         for s in run.slices:
             p.log(f"slice {s.name}", calibration=len(s.calibration), evaluation=len(s.evaluation))
     return tokenizer, [lin.name for lin in quantized], attention
+
+
+def _registry(cfg: CalibrationConfig, repository: str) -> tuple[bool, Path | None]:
+    """(plain HTTP?, credentials file) for the registry of `repository`."""
+    host = oci.OciRef.parse(repository).host
+    access = cfg.registries
+    return (oci.plain_http(host, access.plain_http),
+            Path(access.credentials_file) if access.credentials_file else None)
+
+
+def _check_push_access(cfg: CalibrationConfig) -> None:
+    """Ask the registry whether these credentials may push, before hours of calibration depend on the answer."""
+    if cfg.artifact is None:
+        return
+    insecure, credentials = _registry(cfg, cfg.artifact.repository)
+    try:
+        oci.check_push_access(cfg.artifact.repository, insecure=insecure, credentials=credentials)
+    except oci.ArtifactError as exc:
+        error = WorkerError.from_artifact(exc, Stage.PUBLISH, unavailable=CalibrationReason.PUBLISH_FAILED)
+        error.message = f"{error.message} (checked before calibrating: nothing was calibrated)"
+        raise error from exc
 
 
 def _execute(run: Run) -> None:
@@ -360,16 +384,18 @@ def _package_and_publish(run: Run, result: TerminationResult) -> None:
     result.size_bytes = _dir_bytes(package) if ready else None
     if cfg.artifact is None:
         return
-    if result.reason in (CalibrationReason.PUBLISH_FAILED,):
-        return
+    if result.reason in (CalibrationReason.PUBLISH_FAILED, CalibrationReason.REGISTRY_UNAUTHORIZED):
+        return  # the registry already said no: a second push of the report alone would only be refused again
+    insecure, credentials = _registry(cfg, cfg.artifact.repository)
     with run.progress.stage_of(Stage.PUBLISH):
         try:
             ref = oci.push(
                 package,
                 cfg.artifact.repository,
-                insecure=cfg.artifact.insecure,
+                insecure=insecure,
                 tag=cfg.artifact.tag,
                 annotations=_annotations(run, report),
+                credentials=credentials,
             )
         except oci.ArtifactError as exc:
             raise WorkerError.from_artifact(exc, Stage.PUBLISH, unavailable=CalibrationReason.PUBLISH_FAILED) from exc
@@ -485,10 +511,13 @@ def pull_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m quantrol_worker.calibrate pull")
     parser.add_argument("reference")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--insecure", action="store_true")
+    parser.add_argument("--insecure", action="store_true", help="plain HTTP to this reference's registry")
+    parser.add_argument("--registry-config", default=None, help="docker config.json with registry credentials")
     args = parser.parse_args(argv)
+    host = oci.OciRef.parse(args.reference).host if args.insecure else ""
+    access = RegistryAccess(credentials_file=args.registry_config, plain_http=[host] if host else [])
     try:
-        out = pull(args.reference, args.out, insecure=args.insecure)
+        out = pull(args.reference, args.out, access)
     except WorkerError as exc:
         print(json.dumps({"ok": False, "reason": exc.reason.value, "message": exc.message}))
         return 1

@@ -1,4 +1,9 @@
-"""Resolve the base model URI to a local directory, and digest it (sha256 over a sorted manifest of its files)."""
+"""Resolve the base model and calibration data URIs to local files, and digest them (sha256 over a sorted manifest
+of a directory's files).
+
+Every scheme the QuantizedModel admits is read here (the operator turns pvc:// into a mounted path first):
+base model hf:// (the mounted cache, offline), oci:// (by digest, verified), file://; calibration data file://
+and oci:// (a digest-pinned artifact holding one .jsonl file, verified like a model)."""
 
 from __future__ import annotations
 
@@ -8,18 +13,8 @@ from pathlib import Path
 
 from quantrol_worker import oci
 from quantrol_worker.calibrate import WorkerError
-from quantrol_worker.contracts import CalibrationReason, Stage
-from quantrol_worker.oci import sha256_file
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-)
+from quantrol_worker.contracts import CalibrationReason, RegistryAccess, Stage
+from quantrol_worker.oci import OciRef, sha256_file
 
 
 def directory_digest(root: Path, names: tuple[str, ...] | None = None) -> str:
@@ -40,7 +35,8 @@ def _hf_snapshot(uri: str) -> Path:
     if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes"):
         raise WorkerError(
             CalibrationReason.BASE_MODEL_UNAVAILABLE,
-            f"{uri}: hf:// needs HF_HUB_OFFLINE=1 and a mounted cache (the worker never downloads from a hub)",
+            f"{uri}: hf:// needs HF_HUB_OFFLINE=1 and a mounted cache (spec.baseModel.huggingFaceCache; the worker "
+            "never downloads from a hub)",
             Stage.LOAD,
         )
     repo, _, revision = uri.removeprefix("hf://").partition("@")
@@ -49,25 +45,45 @@ def _hf_snapshot(uri: str) -> Path:
 
         path = snapshot_download(repo_id=repo, revision=revision or None, local_files_only=True)
     except Exception as exc:
+        cache = os.environ.get("HF_HUB_CACHE") or "the default cache"
         raise WorkerError(
-            CalibrationReason.BASE_MODEL_UNAVAILABLE, f"{uri}: not in the local cache ({exc})", Stage.LOAD
+            CalibrationReason.BASE_MODEL_UNAVAILABLE, f"{uri}: not in the mounted cache {cache} ({exc})", Stage.LOAD
         ) from exc
     return Path(path)
 
 
-def pull(reference: str, outdir: Path, *, insecure: bool) -> Path:
+def pull(reference: str, outdir: Path, registries: RegistryAccess, *, stage: Stage = Stage.LOAD,
+         unavailable: CalibrationReason = CalibrationReason.BASE_MODEL_UNAVAILABLE) -> Path:
     """`REPO@sha256:…` into `outdir`, every file verified (`quantrol_worker.oci`); returns `outdir`."""
     try:
-        oci.pull(reference, outdir, insecure=insecure)
+        host = OciRef.parse(reference).host
+        credentials = Path(registries.credentials_file) if registries.credentials_file else None
+        oci.pull(reference, outdir, insecure=oci.plain_http(host, registries.plain_http), credentials=credentials)
     except oci.ArtifactError as exc:
-        raise WorkerError.from_artifact(exc, Stage.LOAD, unavailable=CalibrationReason.BASE_MODEL_UNAVAILABLE) from exc
+        raise WorkerError.from_artifact(exc, stage, unavailable=unavailable) from exc
     return outdir
 
 
-def resolve_model(uri: str, work_dir: Path, *, insecure: bool = False) -> Path:
+def resolve_data(uri: str, work_dir: Path, registries: RegistryAccess) -> str:
+    """The calibration data as a local `file://` JSONL: as it is, or pulled from a digest-pinned OCI artifact that
+    holds exactly one `.jsonl` file (a dataset published like a model, and verified like one)."""
+    if not uri.startswith("oci://"):
+        return uri
+    folder = pull(uri, work_dir / "calibration-data", registries, stage=Stage.DATA,
+                  unavailable=CalibrationReason.CALIBRATION_DATA_INVALID)
+    files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix == ".jsonl")
+    if len(files) != 1:
+        raise WorkerError(CalibrationReason.CALIBRATION_DATA_INVALID,
+                          f"{uri}: a calibration data artifact holds exactly one .jsonl file, this one holds "
+                          f"{files or 'none'}",
+                          Stage.DATA)
+    return f"file://{folder / files[0]}"
+
+
+def resolve_model(uri: str, work_dir: Path, registries: RegistryAccess | None = None) -> Path:
     """A local directory holding the base model (config.json, weights, tokenizer)."""
     if uri.startswith("oci://"):
-        path = pull(uri, work_dir / "base-model", insecure=insecure)
+        path = pull(uri, work_dir / "base-model", registries or RegistryAccess())
     elif uri.startswith("hf://"):
         path = _hf_snapshot(uri)
     elif uri.startswith("file://") or "://" not in uri:

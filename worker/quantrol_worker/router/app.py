@@ -184,7 +184,7 @@ class Router:
         self.mirrors_in_flight = 0
         self.probes_in_flight = 0
         self.probe_prompts: probes.ProbePrompts | None = None
-        self._probe_source: tuple[str | None, bool, str | None] | None = None
+        self._probe_source: tuple[str | None, bool, str | None, str | None] | None = None
         self._probe_retry_at = 0.0
         self._served_model: dict[str, str | None] = {}  # stable arm URL → the model name it serves
         self._background: set[asyncio.Task[None]] = set()
@@ -734,14 +734,15 @@ class Router:
 
     async def _prompts(self, settings: ProbeConfig) -> probes.ProbePrompts | None:
         """The prompts of the configured source, read once per source (a new candidate digest is a new source)."""
-        source = (settings.artifact, settings.insecure, settings.directory)
+        source = (settings.artifact, settings.insecure, settings.registry_config, settings.directory)
         if source == self._probe_source:
             return self.probe_prompts
         if time.monotonic() < self._probe_retry_at:
             return None
         try:
-            read = (functools.partial(probes.from_artifact, settings.artifact, settings.insecure) if settings.artifact
-                    else functools.partial(probes.from_directory, Path(settings.directory or "")))
+            login = Path(settings.registry_config) if settings.registry_config else None
+            read = (functools.partial(probes.from_artifact, settings.artifact, settings.insecure, login)
+                    if settings.artifact else functools.partial(probes.from_directory, Path(settings.directory or "")))
             loaded = await asyncio.wait_for(asyncio.to_thread(read), timeout=PROBE_LOAD_TIMEOUT_S)
         except Exception as exc:  # the registry, the artifact or the ConfigMap: say which, retry later
             self._probe_retry_at = time.monotonic() + PROBE_RETRY_S

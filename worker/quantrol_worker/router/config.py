@@ -103,7 +103,10 @@ class ProbeConfig(_Strict):
     (`artifact`), or from a mounted ConfigMap (`directory`: one key per slice, each a JSON list of prompt strings)."""
 
     artifact: str | None = Field(default=None, description="oci://repo@sha256:… holding the evaluation prompts")
-    insecure: bool = Field(default=False, description="Plain HTTP to the artifact's registry (local registries only)")
+    insecure: bool = Field(default=False, description="Plain HTTP to the artifact's registry (the install policy's "
+                           "plain-HTTP registries only)")
+    registry_config: str | None = Field(default=None, description="A docker config.json to log in to the artifact's "
+                                        "registry with (the arms' registry Secret, mounted)")
     directory: str | None = Field(default=None, description="A mounted ConfigMap of probe prompts per slice")
     rate_per_second: float = Field(default=0.0, ge=0.0, le=10.0, description="Probes started per second (0: off)")
     max_tokens: int = Field(default=16, ge=1, le=256, description="Tokens the stable arm generates per probe")

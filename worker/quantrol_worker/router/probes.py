@@ -58,14 +58,14 @@ def from_evaluation_prompts(prompts: EvaluationPrompts) -> ProbePrompts:
                          for s in prompts.slices})
 
 
-def from_artifact(reference: str, insecure: bool) -> ProbePrompts:
+def from_artifact(reference: str, insecure: bool, credentials: Path | None = None) -> ProbePrompts:
     """Pull only the evaluation-prompts file of `reference` (verified by digest) and read it; an artifact without
     one has no probes (empty). The size its manifest declares is checked before anything is downloaded. Raises
     ArtifactError or ValueError when the artifact cannot be read."""
     from quantrol_worker import oci  # the registry client only where probes are used
 
     ref = oci.OciRef.parse(reference)
-    declared = [layer for layer in oci.layers_of(oci.fetch_manifest(ref, insecure=insecure))
+    declared = [layer for layer in oci.layers_of(oci.fetch_manifest(ref, insecure=insecure, credentials=credentials))
                 if layer.title == EVALUATION_PROMPTS_FILE]
     if not declared:
         return ProbePrompts({})
@@ -73,7 +73,8 @@ def from_artifact(reference: str, insecure: bool) -> ProbePrompts:
         raise ValueError(f"{EVALUATION_PROMPTS_FILE} declares {declared[0].size} bytes, over the "
                          f"{EVALUATION_PROMPTS_MAX_BYTES}-byte limit")
     with tempfile.TemporaryDirectory(prefix="quantrol-probes-") as tmp:
-        oci.pull(reference, Path(tmp), insecure=insecure, titles=frozenset({EVALUATION_PROMPTS_FILE}))
+        oci.pull(reference, Path(tmp), insecure=insecure, credentials=credentials,
+                 titles=frozenset({EVALUATION_PROMPTS_FILE}))
         path = Path(tmp) / EVALUATION_PROMPTS_FILE
         if not path.is_file():
             return ProbePrompts({})

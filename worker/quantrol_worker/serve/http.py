@@ -1,4 +1,5 @@
-"""The launcher's own small HTTP port: `/metrics` (Prometheus), `/kernels` (JSON), `/healthz`.
+"""The launcher's own small HTTP port: `/metrics` (Prometheus), `/kernels` (JSON), `/healthz`, and `/ready` (the
+pod's readiness: vLLM answers its /health and the kernels it loaded are verified, never `none`).
 
 Separate from vLLM's port so that it answers while vLLM is still loading (the operator reads a `none` verdict
 before any readiness probe would pass) and after vLLM died (until the pod is gone). stdlib `http.server` in a
@@ -78,7 +79,11 @@ class KernelCollector(Collector):
         yield mismatch
 
 
-def _handler(registry: CollectorRegistry, current: Callable[[], Assessment]) -> type[BaseHTTPRequestHandler]:
+Readiness = Callable[[], tuple[bool, str]]
+
+
+def _handler(registry: CollectorRegistry, current: Callable[[], Assessment],
+             ready: Readiness | None) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
@@ -88,6 +93,9 @@ def _handler(registry: CollectorRegistry, current: Callable[[], Assessment]) -> 
                 self._send(200, "application/json", json.dumps(assessment_json(current())).encode())
             elif path == "/healthz":
                 self._send(200, "text/plain", b"ok\n")
+            elif path == "/ready" and ready is not None:
+                ok, why = ready()
+                self._send(200 if ok else 503, "text/plain", f"{why}\n".encode())
             else:
                 self._send(404, "text/plain", b"not found\n")
 
@@ -106,10 +114,10 @@ def _handler(registry: CollectorRegistry, current: Callable[[], Assessment]) -> 
 
 
 class StatusServer:
-    def __init__(self, host: str, port: int, current: Callable[[], Assessment]) -> None:
+    def __init__(self, host: str, port: int, current: Callable[[], Assessment], ready: Readiness | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(KernelCollector(current))
-        self._server = ThreadingHTTPServer((host, port), _handler(self.registry, current))
+        self._server = ThreadingHTTPServer((host, port), _handler(self.registry, current, ready))
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="quantrol-status", daemon=True)
 

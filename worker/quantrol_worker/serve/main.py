@@ -7,7 +7,11 @@ import argparse
 import logging
 import shlex
 import sys
+import urllib.request
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 REPORT_FILE = "quantrol-report.json"  # quantrol_worker.contracts.REPORT_FILE, not imported to keep parsing cheap
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
@@ -40,6 +44,30 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("engine_args", nargs=argparse.REMAINDER, help="-- then vLLM's arguments")
 
 
+def _engine_port(engine_args: list[str]) -> int:
+    for i, arg in enumerate(engine_args):
+        if arg == "--port" and i + 1 < len(engine_args) and engine_args[i + 1].isdigit():
+            return int(engine_args[i + 1])
+        if arg.startswith("--port=") and arg[7:].isdigit():
+            return int(arg[7:])
+    return 8000  # vLLM's own default
+
+
+def readiness(assessment: Callable[[], Any], port: int) -> tuple[bool, str]:
+    """Ready to take traffic: vLLM answers /health on this pod, and the kernels it loaded are decided and not
+    `none` (a fallback still serves: the kernel policy decides about it, not readiness)."""
+    verdict = assessment().verdict
+    if verdict is None or verdict.value == "none":
+        return False, f"kernel verdict {verdict.value if verdict else 'undecided'}"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+            healthy = response.status == 200
+    except OSError as exc:
+        return False, f"vLLM /health on port {port}: {exc}"
+    return healthy, "ready" if healthy else f"vLLM /health on port {port} answered {response.status}"
+
+
 def run(ns: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine_args = list(ns.engine_args)
@@ -55,7 +83,8 @@ def run(ns: argparse.Namespace) -> int:
         return 2
     command = [*(shlex.split(ns.engine) if ns.engine else DEFAULT_ENGINE), *engine_args]
     launcher = Launcher(command, observer, ns.termination_log, ns.no_kernel_grace, sys.stdout.buffer)
-    status = StatusServer(ns.status_host, ns.status_port, launcher.assessment).start()
+    ready = partial(readiness, launcher.assessment, _engine_port(engine_args))
+    status = StatusServer(ns.status_host, ns.status_port, launcher.assessment, ready).start()
     log.info("kernel status on http://%s:%d/metrics and /kernels (scheme %s, target %s)",
              ns.status_host, status.port, observer.scheme_label, observer.target)
     try:
