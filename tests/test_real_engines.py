@@ -454,7 +454,7 @@ def test_weights_altered_after_calibration_are_refused_as_golden_output_mismatch
     served = Served(tmp_path, "w8a8-altered", fetched, "W8A8")
     try:
         served.wait_serving()
-        config = {"model": "tiny", "promptsArtifact": ref, "insecure": True,
+        config = {"model": "tiny", "promptsArtifact": ref, "registries": {"plainHttp": [oci_registry.address]},
                   "arms": [{"arm": "candidate", "url": f"http://127.0.0.1:{served.port}", "artifact": ref}],
                   "workDir": str(tmp_path / "qualify"), "terminationMessagePath": str(tmp_path / "qualify.term")}
         (tmp_path / "qualify.json").write_text(json.dumps(config))
@@ -463,6 +463,7 @@ def test_weights_altered_after_calibration_are_refused_as_golden_output_mismatch
                               env=_env(tmp_path), timeout=600, check=False)
     finally:
         served.stop()
+    assert (tmp_path / "qualify.term").is_file(), (proc.returncode, proc.stderr[-3000:])
     report = json.loads((tmp_path / "qualify.term").read_text())
     print(f"\n[real-engines] altered: {report['message']}", file=sys.stderr)
     assert report["reason"] == "GoldenOutputMismatch", (report, proc.stderr[-3000:])

@@ -474,8 +474,13 @@ def test_the_router_gets_deadlines_from_the_latency_slos_and_admission_split_acr
 def test_probes_take_the_artifacts_prompts_and_status_says_when_quality_rests_on_live_comparison_alone() -> None:
     obj, shadow = _to_shadow()
     config = json.loads(next(o for o in shadow.apply if o["kind"] == "ConfigMap")["data"]["router.yaml"])
+    # The router logs in as the arms' fetch step does: the QuantizedModel's registry Secret, mounted.
     assert config["probes"] == {"artifact": CANDIDATE, "insecure": False, "directory": None, "rate_per_second": 0.5,
-                                "max_tokens": 16}
+                                "max_tokens": 16, "registry_config": "/etc/quantrol/registry/config.json"}
+    router_pod = next(o for o in shadow.apply if o["kind"] == "Deployment" and o["metadata"]["name"].endswith(
+        "router"))["spec"]["template"]["spec"]
+    assert {"name": "registry-credentials", "mountPath": "/etc/quantrol/registry", "readOnly": True} in \
+        router_pod["containers"][0]["volumeMounts"]
     assert shadow.status["probes"]["source"] == "artifact"
     conditions = {c["type"]: c for c in shadow.status["conditions"]}
     assert conditions["QualityProbes"]["status"] == "Unknown"  # until the routers report what they hold
@@ -496,23 +501,26 @@ def test_probes_take_the_artifacts_prompts_and_status_says_when_quality_rests_on
     assert result.status["probes"]["source"] == "configMap"
 
 
-def test_the_serving_envelope_of_each_arm_is_kept_under_its_role() -> None:
-    from quantrol_operator.api.servingpolicy import ServingEnvelope
+def test_each_arm_keeps_what_its_engine_reported_once_read() -> None:
+    """Issue 19 item 6: the serving-side envelope sits with each arm in status.arms (settings as built, the engine's
+    own report once it started); later passes, which no longer read the launchers, keep it."""
+    from quantrol_operator.api.servingpolicy import EngineReport
 
     obj, shadow = _to_shadow()
     stable = obj["spec"]["baseline"]["artifact"]
-    read = {serving.short_digest(ref): ServingEnvelope(arm="", artifact_short_digest=serving.short_digest(ref),
-                                                       engine_version="0.32.0", device="cpu", image="sha256:abc",
-                                                       flags=["--max-num-seqs", "64"], settings={"dtype": "bf16"})
-            for ref in (stable, CANDIDATE)}
+    read = {stable: EngineReport(version="0.32.0", device="cpu", image="sha256:abc", flags=["--max-num-seqs", "64"],
+                                 settings={"dtype": "bf16"}),
+            CANDIDATE: EngineReport(version="0.32.0", device="cuda", image="sha256:def")}
     now = T0 + timedelta(seconds=30)
-    result = run(obj, quantized_model=qm(), deployments=ready(deployments(shadow)), envelopes=read, now=now)
-    envelope = {e["arm"]: e for e in result.status["servingEnvelope"]}
-    assert envelope["candidate"]["artifactShortDigest"] == "c" * 12 and envelope["stable"]["device"] == "cpu"
-    # Read once: later passes keep what status holds.
+    result = run(obj, quantized_model=qm(), deployments=ready(deployments(shadow)), engine_reports=read, now=now)
+    arms = {a["artifact"]: a for a in result.status["arms"]}
+    assert arms[stable]["engine"]["device"] == "cpu" and arms[stable]["engine"]["settings"] == {"dtype": "bf16"}
+    assert arms[CANDIDATE]["engine"]["device"] == "cuda" and arms[CANDIDATE]["shortDigest"] == "c" * 12
     again = run(advance(obj, result), quantized_model=qm(), deployments=ready(deployments(shadow)),
                 now=now + timedelta(seconds=5))
-    assert again.status["servingEnvelope"] == result.status["servingEnvelope"]
+    assert again.status["arms"] == result.status["arms"]
+    unread = run(obj, quantized_model=qm(), deployments=ready(deployments(shadow)), now=now)
+    assert all("engine" not in a for a in unread.status["arms"])  # nothing is claimed before an engine reported
 
 
 def test_a_name_no_service_can_carry_creates_nothing_and_says_why() -> None:

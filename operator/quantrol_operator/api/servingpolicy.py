@@ -732,19 +732,21 @@ class ProbeStatus(StatusModel):
     message: str = ""
 
 
-class ServingEnvelope(StatusModel):
-    """What serves one arm, as its engine and pods report it: the serving-side experiment envelope."""
+class EngineReport(StatusModel):
+    """What an arm's engine reported at start through its launcher, and the image its pods run: with the arm's
+    settings, the serving-side experiment envelope. Read once per arm: an engine's start does not change."""
 
-    arm: str = Field(description="stable or candidate (previousStable while a promotion is guarded).")
-    artifact_short_digest: str
-    engine_version: str | None = Field(default=None, description="As the engine logs it at start.")
+    version: str | None = Field(default=None, description="The engine's version, as it logs it at start.")
     device: str | None = Field(default=None, description="The engine's device, as it reports it (cpu, cuda, …).")
     image: str | None = Field(default=None, description="The engine container's image digest (pod imageID).")
     flags: list[str] = Field(default_factory=list, max_length=64, description="The engine's command-line flags.")
     settings: dict[str, str] = Field(default_factory=dict, max_length=16,
                                      description="Effective settings the engine reports (dtype, kv-cache dtype, …).")
+
+
 class ArmStatus(StatusModel):
-    """One serving arm as it is built now: its engine flags are what vLLM runs with (the serving-side envelope)."""
+    """One serving arm: as it is built now (its engine flags are what vLLM runs with) and what its engine reported
+    once it started (`engine`)."""
 
     artifact: str
     short_digest: str
@@ -758,6 +760,8 @@ class ArmStatus(StatusModel):
     size_bytes: int | None = Field(default=None, description="The artifact's size, when its manifest told it.")
     storage: str = Field(default="", description="The model volume per pod: medium and size, or why unbounded.")
     engine_args: list[str] = Field(default_factory=list, max_length=96, description="vLLM's flags, as run.")
+    engine: EngineReport | None = Field(default=None, description="Unset until the arm's engine has started and "
+                                        "reported.")
 
 
 class HandledAnnotations(StatusModel):
@@ -797,10 +801,9 @@ class ServingPolicyStatus(StatusModel):
     paused_from: RolloutPhase | None = Field(default=None, description="The phase a user pause interrupted.")
     candidate_kernels: KernelReport | None = None
     probes: ProbeStatus | None = None
-    serving_envelope: list[ServingEnvelope] = Field(default_factory=list, max_length=3)
     arms: list[ArmStatus] = Field(default_factory=list, max_length=4,
-                                  description="Each serving arm's effective engine settings (stable, candidate, "
-                                  "and the old stable arm kept warm after a promotion).")
+                                  description="Each serving arm's effective engine settings and what its engine "
+                                  "reported (stable, candidate, and the old stable arm kept warm after a promotion).")
     qualification: QualificationStatus | None = None
     router: RouterState = Field(default_factory=RouterState)
     last_analysis: AnalysisRun | None = None

@@ -54,6 +54,10 @@ def render_servingpolicy(obj: dict[str, Any]) -> str:
         lines.append(f"  arm {arm.get('shortDigest')} ({arm.get('settings')} settings, {arm.get('replicas')} "
                      f"replicas): tensor parallel {arm.get('tensorParallelSize')}, {arm.get('gpus')} GPU, KV cache "
                      f"{arm.get('kvCacheDtype')}, storage {arm.get('storage')}")
+        engine = arm.get("engine") or {}
+        if engine:
+            lines.append(f"      engine {engine.get('version')} on {engine.get('device') or '?'}, image "
+                         f"{engine.get('image') or '?'}")
     for c in status.get("conditions") or []:
         if c.get("type") in ("StableReady", "CandidateReady") and c.get("status") == "False" and \
                 c.get("reason") not in ("ArmNotReady",):

@@ -7,7 +7,7 @@ import json
 import logging
 from typing import Any
 
-from quantrol_operator.api.servingpolicy import KernelReport, ServingEnvelope
+from quantrol_operator.api.servingpolicy import EngineReport, KernelReport
 from quantrol_operator.children import serving
 from quantrol_operator.kube import Kube
 from quantrol_operator.observe import http
@@ -46,7 +46,7 @@ def kernel_report(raw: dict[str, Any]) -> KernelReport:
 
 
 def envelope(kube: Kube, addresses: Addresses, namespace: str, policy: str, ref: str,
-             bounds: ReadBounds | None = None) -> ServingEnvelope | None:
+             bounds: ReadBounds | None = None) -> EngineReport | None:
     """What serves the arm of `ref`: the launcher's word on its engine (version, device, settings, flags) and the
     engine container's image digest from its pods; None until the engine has reported (it is still starting)."""
     arm = serving.arm_name(policy, ref)
@@ -65,11 +65,10 @@ def envelope(kube: Kube, addresses: Addresses, namespace: str, policy: str, ref:
               for c in (pod.get("status") or {}).get("containerStatuses") or [] if c.get("name") == "engine"]
     flags = report.get("flags") if isinstance(report.get("flags"), list) else []
     settings = {str(k)[:64]: str(v)[:128] for k, v in engine.items() if k not in ("version", "device_config")}
-    return ServingEnvelope(arm="", artifact_short_digest=serving.short_digest(ref),
-                           engine_version=str(engine["version"])[:64],
-                           device=str(engine.get("device_config") or "")[:64] or None,
-                           image=next((i[:256] for i in images if i), None),
-                           flags=[str(f)[:256] for f in flags][:64], settings=dict(list(settings.items())[:16]))
+    return EngineReport(version=str(engine["version"])[:64],
+                        device=str(engine.get("device_config") or "")[:64] or None,
+                        image=next((i[:256] for i in images if i), None),
+                        flags=[str(f)[:256] for f in flags][:64], settings=dict(list(settings.items())[:16]))
 
 
 def health(kube: Kube, addresses: Addresses, namespace: str, policy: str, ref: str,

@@ -11,7 +11,7 @@ from typing import Any
 
 from quantrol_operator.api.kinds import QUANTIZED_MODEL
 from quantrol_operator.children import label_value, qualification, router
-from quantrol_operator.children.serving import LABEL_ARM, LABEL_POLICY, arm_name, short_digest
+from quantrol_operator.children.serving import LABEL_ARM, LABEL_POLICY, arm_name
 from quantrol_operator.kube import Kube
 from quantrol_operator.observe import analysis, candidate
 from quantrol_operator.observe.credentials import docker_config_problem
@@ -84,13 +84,12 @@ def observe(kube: Kube, addresses: Addresses, prometheus_url: str, obj: dict[str
     pinned = status.get("candidateArtifact")
     if pinned and pinned != status.get("stableArtifact"):
         kernels, failed = candidate.health(kube, addresses, namespace, name, pinned, policy.reads)
-    envelopes = {}
-    known = {e.get("artifactShortDigest") for e in status.get("servingEnvelope") or [] if e.get("engineVersion")}
-    for ref in {status.get("stableArtifact"), pinned, status.get("rollbackTarget")} - {None}:
-        if short_digest(str(ref)) not in known:  # read once per arm: an engine's envelope does not change
-            found = candidate.envelope(kube, addresses, namespace, name, str(ref), policy.reads)
-            if found is not None:
-                envelopes[found.artifact_short_digest] = found
+    engine_reports = {}
+    known = {a.get("artifact") for a in status.get("arms") or [] if (a.get("engine") or {}).get("version")}
+    for ref in {status.get("stableArtifact"), pinned, status.get("rollbackTarget")} - known - {None}:
+        found = candidate.envelope(kube, addresses, namespace, name, str(ref), policy.reads)  # once per arm
+        if found is not None:
+            engine_reports[str(ref)] = found
     job, pods = qualification_job(kube, namespace, name, status)
     token, create_token = router_token(kube, namespace, name)
     window = None
@@ -100,6 +99,6 @@ def observe(kube: Kube, addresses: Addresses, prometheus_url: str, obj: dict[str
     stable_failed, problem = _why_arms_wait(kube, namespace, name, status, deployments, spec, qm)
     observed = SpObserved(obj=obj, spec=read, quantized_model=qm, deployments=deployments, candidate_kernels=kernels,
                           candidate_failed=failed, window=window, router_token=token if create_token else "",
-                          envelopes=envelopes, qualification_job=job, qualification_pods=pods, now=now,
+                          engine_reports=engine_reports, qualification_job=job, qualification_pods=pods, now=now,
                           credentials_problem=problem, stable_failed=stable_failed)
     return observed, token

@@ -23,6 +23,7 @@ from quantrol_operator.api.servingpolicy import (
     AnalysisRun,
     ArmStatus,
     DeletionPolicy,
+    EngineReport,
     HandledAnnotations,
     KernelReport,
     KvCacheDtype,
@@ -33,7 +34,6 @@ from quantrol_operator.api.servingpolicy import (
     RollbackReason,
     RollbackRecord,
     RouterState,
-    ServingEnvelope,
     ServingPolicySpec,
     ServingPolicyStatus,
     TrafficProvider,
@@ -126,7 +126,7 @@ class SpObserved:
     qualification_job: dict[str, Any] | None = None  # status.qualification.jobName, while Qualifying
     qualification_pods: list[dict[str, Any]] = field(default_factory=list)
     router_token: str = ""
-    envelopes: dict[str, ServingEnvelope] = field(default_factory=dict)  # newly read, by the arm's short digest
+    engine_reports: dict[str, EngineReport] = field(default_factory=dict)  # newly read, by the arm's artifact
     now: datetime = field(default_factory=datetime.now)
     credentials_problem: str | None = None  # why the arms' registry credentials Secret cannot be used yet
     stable_failed: str | None = None  # why the stable arm's fetch step refused to start it
@@ -239,7 +239,8 @@ def plan(observed: SpObserved, images: Images, pod_monitor_labels: Mapping[str, 
     if observed.spec.refused:
         return _refused(result, obj, spec, status, before, now, generation, observed.spec.refused)
     arms = _ArmBuilder(obj, spec, observed.quantized_model, before.arms, ServingContext(
-        images.serving, images.tools, install, credentials_secret(spec, observed.quantized_model)))
+        images.serving, images.tools, install, credentials_secret(spec, observed.quantized_model)),
+        observed.engine_reports)
     stable = status.stable_artifact or spec.baseline.artifact
     status.stable_artifact = stable
     phase, index = status.phase, status.step
@@ -317,7 +318,6 @@ def plan(observed: SpObserved, images: Images, pod_monitor_labels: Mapping[str, 
     if pinned is None and phase is P.PENDING:
         status.message = f"waiting for a candidate: {why_not}"
     status.probes = _probes(spec, observed, before)
-    status.serving_envelope = _envelopes(status, observed, stable, pinned, phase, now)
     weights = weights_for(phase, index, facts.steps, spec.rollout.shadow.mirror_fraction, held=before.weights)
     _children(result, arms, images.router, stable, pinned, phase, status, weights, now, observed.router_token,
               install.router.max_body_bytes)
@@ -344,9 +344,11 @@ class _ArmBuilder:
     """Builds the arms of one pass (each with its artifact's engine settings) and records each as status shows it."""
 
     def __init__(self, obj: dict[str, Any], spec: ServingPolicySpec, quantized_model: Mapping[str, Any] | None,
-                 known: list[ArmStatus], context: ServingContext) -> None:
+                 known: list[ArmStatus], context: ServingContext, reported: Mapping[str, EngineReport]) -> None:
+        """`known`: the arms as status last showed them; `reported`: engine reports read this pass, by artifact."""
         self.obj, self.spec, self.quantized_model, self.context = obj, spec, quantized_model, context
         self.known = {a.artifact: a for a in known}
+        self.reported = reported
         self.built: list[ArmStatus] = []
 
     def engine(self, ref: str) -> serving.ArmEngine:
@@ -359,7 +361,8 @@ class _ArmBuilder:
             tensor_parallel_size=engine.tensor_parallel_size, gpus=serving.gpus(spec, engine),
             kv_cache_dtype=engine.kv_cache_dtype.value, size_bytes=engine.size_bytes,
             storage=serving.storage_summary(spec, engine),
-            engine_args=serving.engine_args(self.obj["metadata"]["name"], spec, engine)))
+            engine_args=serving.engine_args(self.obj["metadata"]["name"], spec, engine),
+            engine=self.reported.get(ref) or (self.known[ref].engine if ref in self.known else None)))
         return serving.arm_deployment(self.obj, spec, engine, self.context, replicas)
 
 
@@ -416,26 +419,6 @@ def _probes(spec: ServingPolicySpec, observed: SpObserved, before: ServingPolicy
     if before.probes is not None and before.probes.source is planned.source and before.probes.prompts is not None:
         return with_counts(planned, before.probes.prompts)
     return planned
-
-
-def _envelopes(status: ServingPolicyStatus, observed: SpObserved, stable: str, candidate: str | None, phase: P,
-               now: datetime) -> list[ServingEnvelope]:
-    """The serving-side envelope of every arm that serves now: what its engine reported (kept once read), under
-    the arm's current role."""
-    guard = phase is P.PROMOTED and status.guard_until is not None and now < status.guard_until
-    roles = [("stable", stable)]
-    if candidate is not None and candidate != stable and phase in CANDIDATE_PHASES:
-        roles.append(("candidate", candidate))
-    if guard and status.rollback_target and status.rollback_target != stable:
-        roles.append(("previousStable", status.rollback_target))
-    known = {e.artifact_short_digest: e for e in status.serving_envelope}
-    out = []
-    for role, ref in roles:
-        digest = serving.short_digest(ref)
-        found = observed.envelopes.get(digest) or known.get(digest)
-        if found is not None:
-            out.append(found.model_copy(update={"arm": role}))
-    return out
 
 
 def _qualification_result(status: ServingPolicyStatus, observed: SpObserved, phase: P, now: datetime) -> Qualified:
