@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from kubernetes.utils.quantity import parse_quantity
+
+from quantrol_operator.api.common import LocalObjectReference, Toleration
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "quantrol", "app.kubernetes.io/part-of": "quantrol"}
 # Quantrol's images run as this user (worker/Dockerfile, worker/serve.Dockerfile); a tenant's image whose default user
@@ -42,6 +45,33 @@ def restricted(pod_spec: dict[str, Any], *, api_access: bool = False) -> dict[st
         if key in out:
             out[key] = [{**c, "securityContext": dict(container_context)} for c in out[key]]
     return out
+
+
+class Placement(Protocol):
+    """Where a pod may run and how its images are pulled: the calibration Job's and the serving template's fields."""
+
+    @property
+    def node_selector(self) -> Mapping[str, str]: ...
+    @property
+    def tolerations(self) -> Sequence[Toleration]: ...
+    @property
+    def affinity(self) -> Mapping[str, Any] | None: ...
+    @property
+    def image_pull_secrets(self) -> Sequence[LocalObjectReference]: ...
+
+
+def placed(pod_spec: dict[str, Any], placement: Placement) -> dict[str, Any]:
+    """`pod_spec` with the placement the spec sets (each field only when set, so an unset one never shows as an empty
+    value that a re-read would compare unequal to)."""
+    if placement.node_selector:
+        pod_spec["nodeSelector"] = dict(placement.node_selector)
+    if placement.tolerations:
+        pod_spec["tolerations"] = [t.to_wire() for t in placement.tolerations]
+    if placement.affinity:
+        pod_spec["affinity"] = dict(placement.affinity)
+    if placement.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [s.to_wire() for s in placement.image_pull_secrets]
+    return pod_spec
 
 
 def owner_reference(owner: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from quantrol_operator.children import (
     child_name,
     label_value,
     owner_reference,
+    placed,
     quantities,
     restricted,
 )
@@ -230,14 +231,7 @@ def job(owner: dict[str, Any], spec: QuantizedModelSpec, image: str) -> dict[str
         "containers": [container],
         "volumes": volumes,
     }
-    if job_spec.node_selector:
-        pod_spec["nodeSelector"] = dict(job_spec.node_selector)
-    if job_spec.tolerations:
-        pod_spec["tolerations"] = [t.to_wire() for t in job_spec.tolerations]
-    if job_spec.affinity:
-        pod_spec["affinity"] = dict(job_spec.affinity)
-    if job_spec.image_pull_secrets:
-        pod_spec["imagePullSecrets"] = [s.to_wire() for s in job_spec.image_pull_secrets]
+    placed(pod_spec, job_spec)
     if job_spec.service_account_name:
         pod_spec["serviceAccountName"] = job_spec.service_account_name
     labels = _labels(meta["name"], meta["generation"])

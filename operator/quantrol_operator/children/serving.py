@@ -30,6 +30,7 @@ from quantrol_operator.children import (
     child_name,
     label_value,
     owner_reference,
+    placed,
     quantities,
     restricted,
 )
@@ -253,15 +254,7 @@ def _pod_spec(policy: str, spec: ServingPolicySpec, arm: ArmEngine, context: Ser
         "containers": [_engine(policy, spec, arm, serving.image or context.serving_image)],
         "volumes": volumes,
     }
-    if serving.node_selector:
-        pod_spec["nodeSelector"] = dict(serving.node_selector)
-    if serving.tolerations:
-        pod_spec["tolerations"] = [t.to_wire() for t in serving.tolerations]
-    if serving.affinity:
-        pod_spec["affinity"] = dict(serving.affinity)
-    if serving.image_pull_secrets:
-        pod_spec["imagePullSecrets"] = [s.to_wire() for s in serving.image_pull_secrets]
-    return pod_spec
+    return placed(pod_spec, serving)
 
 
 def arm_deployment(owner: dict[str, Any], spec: ServingPolicySpec, arm: ArmEngine, context: ServingContext,
