@@ -18,7 +18,8 @@ import pytest
 from quantrol_operator.observe import http
 
 
-def _serve(answer: Callable[[socket.socket], None]) -> Iterator[str]:
+def serve_answers(answer: Callable[[socket.socket], None]) -> Iterator[str]:
+    """A server on 127.0.0.1 that reads each request and gives `answer` the connection (also used by test_oci)."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
@@ -54,7 +55,7 @@ def endless() -> Iterator[str]:
         while time.monotonic() < deadline:
             conn.sendall(b'"native",' * 4096)
 
-    yield from _serve(answer)
+    yield from serve_answers(answer)
 
 
 @pytest.fixture
@@ -65,7 +66,7 @@ def dripping() -> Iterator[str]:
             conn.sendall(b" ")
             time.sleep(0.3)
 
-    yield from _serve(answer)
+    yield from serve_answers(answer)
 
 
 @pytest.fixture
@@ -74,7 +75,7 @@ def redirecting() -> Iterator[str]:
         conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: http://169.254.169.254/latest/meta-data/\r\n"
                      b"Content-Length: 0\r\n\r\n")
 
-    yield from _serve(answer)
+    yield from serve_answers(answer)
 
 
 def test_an_endless_answer_is_cut_at_the_size_bound(endless: str) -> None:

@@ -13,11 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ import pytest
 
 from quantrol_worker.contracts import CONFIG_MEDIA_TYPE
 from quantrol_worker.oci import MANIFEST_MEDIA_TYPE, RECORD_FILE, STAGING_DIR, TITLE_ANNOTATION
+from tests.test_bounded_http import serve_answers
 
 REPO = Path(__file__).resolve().parents[1]
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -239,3 +242,56 @@ def test_a_reader_of_named_files_brings_only_those_and_refuses_an_oversized_one(
     with pytest.raises(oci.ArtifactError, match="100 bytes, over the 64-byte limit"):
         oci.pull(ref, tmp_path / "b", insecure=True, titles=frozenset({EVALUATION_PROMPTS_FILE}), max_layer_bytes=64)
     assert not (tmp_path / "b" / EVALUATION_PROMPTS_FILE).exists()
+
+
+# --- a registry is the tenant's choice: one that never ends a manifest, or drips it, is cut off (issue 20, item 1) ---
+
+PINNED = "@sha256:" + "0" * 64
+
+
+@pytest.fixture
+def endless_registry() -> Iterator[str]:
+    def answer(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: " + MANIFEST_MEDIA_TYPE.encode() + b"\r\n\r\n{")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            conn.sendall(b'"layers": [],' * 4096)
+
+    for url in serve_answers(answer):
+        yield url.removeprefix("http://").split("/", 1)[0]
+
+
+@pytest.fixture
+def dripping_registry() -> Iterator[str]:
+    def answer(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: " + MANIFEST_MEDIA_TYPE.encode() + b"\r\n\r\n")
+        for _ in range(200):
+            conn.sendall(b" ")
+            time.sleep(0.3)
+
+    for url in serve_answers(answer):
+        yield url.removeprefix("http://").split("/", 1)[0]
+
+
+def test_an_endless_manifest_is_refused_at_its_size_bound_on_the_pods_path(endless_registry: str,
+                                                                          tmp_path: Path) -> None:
+    """`quantrol-worker fetch`, as an arm's init step runs it, against a registry that streams a manifest forever:
+    refused with a reason (not an out-of-memory kill), nothing left in the volume."""
+    began = time.monotonic()
+    outcome = run_fetch(f"{endless_registry}/models/x{PINNED}", tmp_path / "model")
+    _refused(outcome, "InvalidReference")
+    assert "larger than" in outcome.message and time.monotonic() - began < 60, outcome
+    assert _listing(tmp_path / "model") == []
+
+
+def test_a_dripping_manifest_is_cut_at_the_whole_reads_deadline(dripping_registry: str) -> None:
+    """Each byte arrives well within any per-read timeout: only a bound on the whole read stops it."""
+    from quantrol_worker import oci
+
+    registry = oci.Registry(dripping_registry, insecure=True, credentials=None)
+    response = registry.request(f"http://{dripping_registry}/v2/models/x/manifests/sha256:{'0' * 64}", "GET",
+                                "manifest", stream=True)
+    began = time.monotonic()
+    with pytest.raises(oci.ArtifactError, match=r"not read within 1\.5 s"):
+        oci.bounded_body(response, "manifest", seconds=1.5)
+    assert time.monotonic() - began < 3

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import logging
@@ -38,6 +39,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -53,6 +55,13 @@ RECORD_FILE = ".quantrol-fetch.json"  # `fetch` writes what it fetched here, for
 STAGING_DIR = ".partial"  # downloads land here until verified
 RESERVED_TITLES = frozenset({RECORD_FILE, STAGING_DIR})
 DOCKER_CONFIG_LIMIT = 1 << 20  # bytes: a docker config with a few dozen registries is a few KiB
+# A registry is whoever the artifact reference names (a tenant's choice). Every call waits at most this long per socket
+# operation (oras sets no timeout); a manifest, which is read into memory, is bounded in size (the distribution spec
+# asks registries to accept manifests of at least 4 MiB: ours are a few KiB) and in the whole read's time. Blobs are
+# streamed to disk, bounded by the manifest's sizes and the volume (check_fits), and verified by digest.
+SOCKET_TIMEOUT_S = (10.0, 60.0)  # (connect, each read)
+MANIFEST_MAX_BYTES = 4 << 20
+MANIFEST_SECONDS = 30.0
 # Docker Hub's credentials are keyed by its v1 index URL, whatever host the client talks to.
 _DOCKER_HUB = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 
@@ -311,6 +320,8 @@ class Registry:
         self.source = credentials
         self.credentials = credentials_for(credentials, host)
         self.client = oras.client.OrasClient(hostname=host, insecure=insecure)
+        session = self.client.session
+        session.request = functools.partial(session.request, timeout=SOCKET_TIMEOUT_S)
         self.last_status: int | None = None
         self.client.session.hooks["response"].append(self._record)
         auth = self.client.auth
@@ -363,9 +374,10 @@ class Registry:
             return self.unauthorized(what)
         return ArtifactError(ArtifactReason.ARTIFACT_UNAVAILABLE, f"{what}: {exc}")
 
-    def request(self, url: str, method: str, what: str, headers: dict[str, str] | None = None) -> Any:
+    def request(self, url: str, method: str, what: str, headers: dict[str, str] | None = None,
+                stream: bool = False) -> Any:
         try:
-            response = self.client.do_request(url, method, headers=headers or {})
+            response = self.client.do_request(url, method, headers=headers or {}, stream=stream)
         except Exception as exc:  # oras/requests raise bare ValueError / ConnectionError
             raise self.failed(what, exc) from exc
         if response.status_code in (401, 403):
@@ -393,19 +405,42 @@ def fetch_manifest(ref: OciRef, *, insecure: bool, credentials: Path | None = No
 def _manifest(registry: Registry, ref: OciRef, digest: str) -> dict[str, Any]:
     pinned = ref.pinned(digest)
     url = f"{registry.prefix}://{ref.host}/v2/{ref.repository}/manifests/{digest}"
-    response = registry.request(url, "GET", f"manifest {pinned}", headers={"Accept": MANIFEST_MEDIA_TYPE})
-    if response.status_code != 200:
-        raise ArtifactError(ArtifactReason.ARTIFACT_UNAVAILABLE, f"{pinned}: HTTP {response.status_code}")
-    actual = "sha256:" + hashlib.sha256(response.content).hexdigest()
+    response = registry.request(url, "GET", f"manifest {pinned}", headers={"Accept": MANIFEST_MEDIA_TYPE},
+                                stream=True)
+    with response:
+        if response.status_code != 200:
+            raise ArtifactError(ArtifactReason.ARTIFACT_UNAVAILABLE, f"{pinned}: HTTP {response.status_code}")
+        content = bounded_body(response, f"manifest {pinned}")
+    actual = "sha256:" + hashlib.sha256(content).hexdigest()
     if actual != digest:
         raise ArtifactError(ArtifactReason.DIGEST_MISMATCH, f"manifest digest {actual} != {digest}")
     try:
-        manifest = json.loads(response.content)
+        manifest = json.loads(content)
     except ValueError as exc:
         raise ArtifactError(ArtifactReason.INVALID_REFERENCE, f"{pinned} is not JSON") from exc
     if not isinstance(manifest, dict):
         raise ArtifactError(ArtifactReason.INVALID_REFERENCE, f"{pinned} is not a manifest")
     return manifest
+
+
+def bounded_body(response: Any, what: str, max_bytes: int = MANIFEST_MAX_BYTES,
+                 seconds: float = MANIFEST_SECONDS) -> bytes:
+    """The body of a streamed `requests` response, refused beyond `max_bytes` or `seconds` for the whole read (each
+    read takes what has arrived, so a registry that drips a byte at a time is cut at the deadline too)."""
+    declared = str(response.headers.get("Content-Length") or "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise ArtifactError(ArtifactReason.INVALID_REFERENCE, f"{what}: declares {declared} bytes, over {max_bytes}")
+    deadline = time.monotonic() + seconds
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := response.raw.read1(64 << 10, decode_content=True):
+        size += len(chunk)
+        if size > max_bytes:
+            raise ArtifactError(ArtifactReason.INVALID_REFERENCE, f"{what}: larger than {max_bytes} bytes")
+        if time.monotonic() > deadline:
+            raise ArtifactError(ArtifactReason.ARTIFACT_UNAVAILABLE, f"{what}: not read within {seconds:g} s")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def pull(reference: str, dest: Path, *, insecure: bool, credentials: Path | None = None,
