@@ -13,7 +13,6 @@ from quantrol_worker.kernels import (
     parallel_of,
     precheck,
     select_kernel,
-    verify_loaded,
 )
 
 # The tiny Llama the worker tests train: hidden 256, MLP 768, 4 heads, 2 KV heads of 64.
@@ -113,12 +112,3 @@ def test_fp8_needs_ada_or_hopper_else_weight_only_marlin() -> None:
 def test_kv_cache_fp8_is_served_everywhere() -> None:
     for target in Target:
         assert precheck(Scheme.W8A8, target, TINY, None, kv_cache=KvCacheScheme.FP8).compatible
-
-
-def test_post_load_verification_uses_the_same_table() -> None:
-    ok, why = verify_loaded(Scheme.W8A8, Target.CPU_X86, ["CPUInt8ScaledMMLinearKernel"])
-    assert ok, why
-    ok, why = verify_loaded(Scheme.W4A16, Target.CUDA_SM90, ["ExllamaLinearKernel"])
-    assert not ok and "MacheteLinearKernel" in why
-    ok, why = verify_loaded(Scheme.W8A16, Target.CPU_X86, [])
-    assert not ok and "no kernel" in why

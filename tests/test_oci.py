@@ -175,6 +175,18 @@ def test_a_layer_titled_like_our_own_files_is_refused(
     assert _listing(dest) == [], "refused before a single file was downloaded"
 
 
+def test_two_layers_under_one_title_are_refused(
+    path: DownloadPath, oci_registry: Any, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Each layer verifies against its own digest; which one would be the file is an accident of order."""
+    ref = publish(oci_registry, _repo(request), [*model_files(), ("model.safetensors", os.urandom(4096))])
+    dest = tmp_path / "dest"
+    outcome = path.run(ref, dest)
+    _refused(outcome, path.unusable)
+    assert "'model.safetensors'" in outcome.message and "more than once" in outcome.message, outcome.message
+    assert _listing(dest) == []
+
+
 @pytest.mark.stack
 @pytest.mark.parametrize("title", ["../x", "sub/x", "ABSOLUTE"])
 def test_a_layer_title_that_escapes_the_folder_is_refused(

@@ -331,17 +331,3 @@ def precheck(
         violations=violations[:64],
         note=note,
     )
-
-
-def verify_loaded(scheme: Scheme, target: Target, logged_families: Iterable[str]) -> tuple[bool, str]:
-    """Serving side: does a kernel vLLM reported after load belong to what the table expects?"""
-    exp = expectation(scheme, target)
-    if not exp.candidates:
-        return False, f"no kernel is expected for {scheme} on {target}: {exp.none_reason}"
-    logged = list(logged_families)
-    for name in logged:
-        for candidate in exp.candidates:
-            base = candidate.family.split(" ")[0]
-            if base in name:
-                return True, f"{name} matches {candidate.family} ({candidate.verdict})"
-    return False, f"vLLM reported {logged or 'no kernel'}; expected one of {[c.family for c in exp.candidates]}"

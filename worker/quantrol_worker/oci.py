@@ -166,6 +166,10 @@ def layers_of(manifest: Any) -> list[Layer]:
     layers = [_layer(raw) for raw in raw_layers]
     if not layers:
         raise ArtifactError(ArtifactReason.INVALID_REFERENCE, "the manifest lists no files")
+    titles = [layer.title for layer in layers]
+    twice = sorted({t for t in titles if titles.count(t) > 1})
+    if twice:  # which of two verified files would end up under the name is an accident of order: neither is
+        raise ArtifactError(ArtifactReason.INVALID_REFERENCE, f"the manifest lists {twice} more than once")
     return layers
 
 
