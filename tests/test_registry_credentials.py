@@ -104,6 +104,25 @@ def test_push_access_is_checked_before_anything_is_uploaded(trusted: Any, tmp_pa
     assert uploads.is_dir() and not [p for p in uploads.rglob("*") if p.name in ("data", "startedat")]
 
 
+def test_the_routers_probes_log_in_with_the_arms_secret(trusted: Any, tmp_path: Path) -> None:
+    """The router reads the candidate's evaluation prompts from the tenant's private registry, as the arms' fetch
+    does: refused by name without the Secret the operator mounts (children/router.py), read with it."""
+    from quantrol_worker.contracts import EVALUATION_PROMPTS_FILE, EvaluationPrompt, EvaluationPrompts, SlicePrompts
+    from quantrol_worker.router import probes
+
+    config = _docker_config(trusted, tmp_path / "config.json")
+    artifact = _artifact(tmp_path)
+    prompts = EvaluationPrompts(slices=[SlicePrompts(slice="code", prompts=[
+        EvaluationPrompt(text="def f", token_ids=[5, 6, 7 + i]) for i in range(3)])])
+    (artifact / EVALUATION_PROMPTS_FILE).write_text(prompts.model_dump_json(by_alias=True))
+    ref = "oci://" + push(artifact, f"{trusted.address}/creds/probed", insecure=False, tag=None, annotations={},
+                          credentials=config)
+    with pytest.raises(ArtifactError) as anonymous:
+        probes.from_artifact(ref, insecure=False)
+    assert anonymous.value.reason is ArtifactReason.REGISTRY_UNAUTHORIZED and trusted.address in anonymous.value.message
+    assert probes.from_artifact(ref, insecure=False, credentials=config).counts() == {"code": 3}
+
+
 def test_calibration_pull_reads_the_same_credentials(trusted: Any, tmp_path: Path) -> None:
     config = _docker_config(trusted, tmp_path / "config.json")
     ref = push(_artifact(tmp_path), f"{trusted.address}/creds/base", insecure=False, tag="base", annotations={},
