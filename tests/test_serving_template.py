@@ -258,9 +258,16 @@ def test_quantrol_status_shows_each_arm_and_why_one_cannot_start() -> None:
     from quantrol_operator.cli.statusview import render_servingpolicy
 
     obj = policy_70b()
+    from quantrol_operator.api.servingpolicy import EngineReport
+
+    reported = {CANDIDATE: EngineReport(version="0.11.0", device="cuda", image="docker.io/vllm/vllm-openai@sha256:e")}
     observed = SpObserved(obj=obj, spec=read_spec(obj), quantized_model=quantized_model(), now=T0,
-                          stable_failed='{"reason":"InsufficientStorage","message":"needs 150 GB"}')
+                          stable_failed='{"reason":"InsufficientStorage","message":"needs 150 GB"}',
+                          engine_reports=reported)
     text = render_servingpolicy({**obj, "status": plan(observed, IMAGES).status})
     assert "arm aaaaaaaaaaaa (baseline settings, 2 replicas): tensor parallel 8, 8 GPU, KV cache auto" in text
     assert "arm cccccccccccc (candidate settings, 2 replicas): tensor parallel 4, 4 GPU, KV cache fp8" in text
     assert "StableReady: FetchFailed" in text and "InsufficientStorage" in text
+    # What the candidate's engine reported, under its arm; the stable arm's engine has not reported.
+    engines = [line.strip() for line in text.splitlines() if line.strip().startswith("engine ")]
+    assert engines == ["engine 0.11.0 on cuda, image docker.io/vllm/vllm-openai@sha256:e"], text
