@@ -24,7 +24,7 @@ from quantrol_operator.planning.servingpolicy import SpObserved, read_spec
 from quantrol_operator.planning.servingpolicy import plan as plan_sp
 from quantrol_operator.policy import InstallPolicy, ReadBounds
 from quantrol_operator.rollout.queries import QueryError, custom_query_refusal
-from tests.test_bounded_http import _serve, dripping, endless, redirecting  # noqa: F401  (fixtures)
+from tests.test_bounded_http import dripping, endless, redirecting, serve_answers  # noqa: F401  (fixtures)
 from tests.test_quantizedmodel_plan import IMAGE, NOW, qm
 from tests.test_servingpolicy_plan import IMAGES, T0, _to_shadow, deployments, policy, ready
 
@@ -114,7 +114,7 @@ def echoing() -> Iterator[str]:
         conn.sendall(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 34\r\n\r\n"
                      b"aws_secret_access_key=AKIAEXAMPLE42")
 
-    yield from _serve(answer)
+    yield from serve_answers(answer)
 
 
 def base(url: str) -> str:
