@@ -41,6 +41,7 @@ MODELS_DIR = "/models"
 HF_CACHE_DIR = "/models/hf-cache"
 WORK_DIR = "/var/quantrol/work"
 REGISTRY_DIR = "/etc/quantrol/registry"
+REGISTRY_CONFIG = f"{REGISTRY_DIR}/config.json"  # the Secret's one file, as docker and oras name it
 DOCKER_CONFIG_KEY = ".dockerconfigjson"  # the key of a kubernetes.io/dockerconfigjson Secret
 CONTAINER = "calibrate"
 LABEL_QM = "quantrol.io/quantizedmodel"
@@ -95,7 +96,7 @@ def _data_source(spec: QuantizedModelSpec) -> ModelMount:
 
 def registry_access(spec: QuantizedModelSpec, policy: InstallPolicy) -> RegistryAccess:
     secret = spec.artifact.credentials_secret_ref
-    return RegistryAccess(credentials_file=f"{REGISTRY_DIR}/config.json" if secret else None,
+    return RegistryAccess(credentials_file=REGISTRY_CONFIG if secret else None,
                           plain_http=list(policy.registries.plain_http))
 
 
@@ -103,6 +104,11 @@ def registry_credentials_volume(secret: str) -> dict[str, Any]:
     """A dockerconfigjson Secret as the one file `config.json` (what docker and oras call it)."""
     return {"name": "registry-credentials",
             "secret": {"secretName": secret, "items": [{"key": DOCKER_CONFIG_KEY, "path": "config.json"}]}}
+
+
+def registry_credentials_mount() -> dict[str, Any]:
+    """Where a container finds that volume's file: REGISTRY_CONFIG."""
+    return {"name": "registry-credentials", "mountPath": REGISTRY_DIR, "readOnly": True}
 
 
 def worker_config(name: str, namespace: str, generation: int, spec: QuantizedModelSpec,
@@ -192,7 +198,7 @@ def _volumes(name: str, spec: QuantizedModelSpec) -> tuple[list[dict[str, Any]],
     secret = spec.artifact.credentials_secret_ref
     if secret is not None:
         volumes.append(registry_credentials_volume(secret.name))
-        mounts.append({"name": "registry-credentials", "mountPath": REGISTRY_DIR, "readOnly": True})
+        mounts.append(registry_credentials_mount())
     return volumes, mounts
 
 

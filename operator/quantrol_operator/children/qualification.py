@@ -11,7 +11,11 @@ from typing import Any
 
 from quantrol_operator.api.servingpolicy import ServingPolicySpec
 from quantrol_operator.children import MANAGED_BY, child_name, label_value, owner_reference, quantities, restricted
-from quantrol_operator.children.calibration import REGISTRY_DIR, registry_credentials_volume
+from quantrol_operator.children.calibration import (
+    REGISTRY_CONFIG,
+    registry_credentials_mount,
+    registry_credentials_volume,
+)
 from quantrol_operator.children.router import arm_url
 from quantrol_operator.children.serving import LABEL_POLICY, ServingContext, short_digest
 from quantrol_worker.contracts import (
@@ -48,7 +52,7 @@ def worker_config(policy: str, namespace: str, spec: ServingPolicySpec, stable: 
     replicas = spec.serving.replicas
     context = context or ServingContext("", "")
     registries = RegistryAccess(  # the arms' own: the same Secret, the install's plain-HTTP list
-        credentials_file=f"{REGISTRY_DIR}/config.json" if context.credentials_secret else None,
+        credentials_file=REGISTRY_CONFIG if context.credentials_secret else None,
         plain_http=list(context.policy.registries.plain_http))
     return QualificationConfig(
         model=policy,
@@ -112,7 +116,7 @@ def job(owner: dict[str, Any], name: str, spec: ServingPolicySpec, config: Quali
         mounts.append({"name": "probes", "mountPath": PROBES_DIR, "readOnly": True})
     if context.credentials_secret:
         volumes.append(registry_credentials_volume(context.credentials_secret))
-        mounts.append({"name": "registry-credentials", "mountPath": REGISTRY_DIR, "readOnly": True})
+        mounts.append(registry_credentials_mount())
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": spec.qualification.image or image,

@@ -10,9 +10,13 @@ from typing import Any
 
 from quantrol_operator.api.servingpolicy import ProbeSource, ServingPolicySpec, SloLimit
 from quantrol_operator.children import MANAGED_BY, child_name, label_value, owner_reference, restricted
-from quantrol_operator.children.calibration import REGISTRY_DIR, registry_credentials_volume
+from quantrol_operator.children.calibration import (
+    REGISTRY_CONFIG,
+    registry_credentials_mount,
+    registry_credentials_volume,
+)
 from quantrol_operator.children.serving import ENGINE_PORT, LABEL_POLICY, ServingContext, arm_name
-from quantrol_operator.policy import registry_host
+from quantrol_operator.policy import InstallPolicy, registry_host
 from quantrol_worker.contracts import DEFAULT_REDACT_PATTERNS
 from quantrol_worker.router.config import (
     INTERACTIVE,
@@ -92,9 +96,10 @@ def probe_config(spec: ServingPolicySpec, candidate_ref: str | None, source: Pro
         return ProbeConfig()
     if source is ProbeSource.CONFIG_MAP:
         return ProbeConfig(directory=PROBES_DIR, rate_per_second=probes.rate_per_second, max_tokens=probes.max_tokens)
-    context = context or ServingContext(serving_image="", tools_image="")
-    return ProbeConfig(artifact=candidate_ref, insecure=context.policy.allows_plain_http(registry_host(candidate_ref)),
-                       registry_config=f"{REGISTRY_DIR}/config.json" if context.credentials_secret else None,
+    policy = context.policy if context is not None else InstallPolicy()
+    logged_in = context is not None and bool(context.credentials_secret)
+    return ProbeConfig(artifact=candidate_ref, insecure=policy.allows_plain_http(registry_host(candidate_ref)),
+                       registry_config=REGISTRY_CONFIG if logged_in else None,
                        rate_per_second=probes.rate_per_second, max_tokens=probes.max_tokens)
 
 
@@ -161,7 +166,7 @@ def router_deployment(owner: dict[str, Any], spec: ServingPolicySpec, image: str
         # optional: a missing ConfigMap costs the probes (the router says so), never the router's start
         volumes.append({"name": "probes", "configMap": {"name": probes.name, "optional": True}})
     if credentials_secret:
-        mounts.append({"name": "registry-credentials", "mountPath": REGISTRY_DIR, "readOnly": True})
+        mounts.append(registry_credentials_mount())
         volumes.append(registry_credentials_volume(credentials_secret))
     pod_spec: dict[str, Any] = {"containers": [container], "volumes": volumes}
     if spec.serving.image_pull_secrets:  # the router image defaults to the serving image: same registry, same login

@@ -34,7 +34,11 @@ from quantrol_operator.children import (
     quantities,
     restricted,
 )
-from quantrol_operator.children.calibration import REGISTRY_DIR, registry_credentials_volume
+from quantrol_operator.children.calibration import (
+    REGISTRY_CONFIG,
+    registry_credentials_mount,
+    registry_credentials_volume,
+)
 from quantrol_operator.policy import InstallPolicy, registry_host
 from quantrol_worker.contracts import Target
 
@@ -157,7 +161,7 @@ def fetch_args(ref: str, context: ServingContext, max_bytes: int | None = None) 
     if context.policy.allows_plain_http(registry_host(ref)):
         args.append("--insecure")  # the install policy's plain-HTTP registries, the same list push honours
     if context.credentials_secret:
-        args += ["--registry-config", f"{REGISTRY_DIR}/config.json"]
+        args += ["--registry-config", REGISTRY_CONFIG]
     if max_bytes is not None:
         args += ["--max-bytes", str(max_bytes)]  # refuse before downloading what cannot fit
     return args
@@ -230,7 +234,7 @@ def _engine(policy: str, spec: ServingPolicySpec, arm: ArmEngine, image: str) ->
 def _init_containers(arm: ArmEngine, context: ServingContext, max_bytes: int | None) -> list[dict[str, Any]]:
     fetch_mounts: list[dict[str, Any]] = [{"name": "model", "mountPath": MODEL_DIR}]
     if context.credentials_secret:
-        fetch_mounts.append({"name": "registry-credentials", "mountPath": REGISTRY_DIR, "readOnly": True})
+        fetch_mounts.append(registry_credentials_mount())
     return [
         {"name": "launcher", "image": context.tools_image,
          "command": ["quantrol-worker", "install-launcher", "--dest", LAUNCHER_DIR],
