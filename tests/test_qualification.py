@@ -9,6 +9,7 @@ so a candidate stand-in that answers like it reproduces the reference, and one w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -53,6 +54,7 @@ if __name__ == "__main__":
 """
 
 
+@contextlib.contextmanager
 def _standin(**behaviour: float) -> Iterator[str]:
     port = free_port()
     args = [sys.executable, "-m", "quantrol_dev.standin", "--port", str(port), "--model", MODEL]
@@ -69,7 +71,8 @@ def _standin(**behaviour: float) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def stable() -> Iterator[str]:
-    yield from _standin(token_latency=0.01)
+    with _standin(token_latency=0.01) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -137,12 +140,8 @@ def qualify(tmp_path: Path, artifact: str, arms: dict[str, str], **overrides: An
 @pytest.mark.serve
 def test_a_healthy_candidate_is_qualified_with_every_regime_measured(stable: str, artifact: str,
                                                                      tmp_path: Path) -> None:
-    candidate = _standin(token_latency=0.01)
-    url = next(candidate)
-    try:
+    with _standin(token_latency=0.01) as url:
         report = qualify(tmp_path, artifact, {"candidate": url, "stable": stable})
-    finally:
-        candidate.close()
     assert report["reason"] == "Qualified", report["message"]
     assert report["tool"] == "guidellm 0.8.1"
     assert [g["slice"] for g in report["golden"]] == ["prose", "code"] and all(g["passed"] for g in report["golden"])
@@ -161,13 +160,9 @@ def test_a_healthy_candidate_is_qualified_with_every_regime_measured(stable: str
 @pytest.mark.serve
 def test_a_candidate_over_its_ttft_slo_one_request_at_a_time_is_refused(stable: str, artifact: str,
                                                                        tmp_path: Path) -> None:
-    candidate = _standin(token_latency=0.01, prefill_latency=1.2)  # fault: every first token 1.2 s, limit 0.5 s
-    url = next(candidate)
-    try:
+    with _standin(token_latency=0.01, prefill_latency=1.2) as url:  # fault: every first token 1.2 s, limit 0.5 s
         report = qualify(tmp_path, artifact, {"candidate": url, "stable": stable},
                          limits={"ttftSeconds": 0.5, "itlSeconds": 0.5})
-    finally:
-        candidate.close()
     assert report["reason"] == "QualificationFailed"
     assert report["message"].startswith("regime floor") and "ttftP99" in report["message"], report["message"]
     (arm,) = report["arms"]
@@ -180,9 +175,7 @@ def test_a_candidate_without_one_first_token_in_the_floor_bound_is_refused_namin
                                                                                       tmp_path: Path) -> None:
     """FP8_DYNAMIC on a CPU, played by a stand-in: nothing comes back within the floor's bound at all (GuideLLM then
     compiles no benchmark); that is a TTFT breach to name, not a failed measurement."""
-    candidate = _standin(prefill_latency=8.0)
-    url = next(candidate)
-    try:
+    with _standin(prefill_latency=8.0) as url:
         report = qualify(tmp_path, artifact, {"candidate": url, "stable": stable},
                          regimes={"floorRequests": 2, "floorMaxSeconds": 3}, limits={"ttftSeconds": 0.5})
         # At a constant rate nothing finishes either: GuideLLM compiles no benchmark, the run says so.
@@ -192,8 +185,6 @@ def test_a_candidate_without_one_first_token_in_the_floor_bound_is_refused_namin
                                   capture_output=True,
                                   text=True, timeout=120, check=False,
                                   env={**os.environ, "PYTHONPATH": str(REPO / "worker"), "HF_HUB_OFFLINE": "1"})
-    finally:
-        candidate.close()
     assert constant.stdout.strip().splitlines()[-1:] == ["1 False None"], constant.stderr[-2000:]
     assert report["reason"] == "QualificationFailed", report["message"]
     assert report["message"] == "regime floor (one request at a time): ttftP99: no first token within the run's " \
@@ -203,12 +194,8 @@ def test_a_candidate_without_one_first_token_in_the_floor_bound_is_refused_namin
 @pytest.mark.serve
 def test_a_candidate_that_computes_something_else_is_refused_by_the_golden_check(stable: str, artifact: str,
                                                                                   tmp_path: Path) -> None:
-    candidate = _standin(token_latency=0.01, deviation=0.5)  # fault: its greedy token differs at half the positions
-    url = next(candidate)
-    try:
+    with _standin(token_latency=0.01, deviation=0.5) as url:  # fault: its greedy token differs at half the positions
         report = qualify(tmp_path, artifact, {"candidate": url, "stable": stable})
-    finally:
-        candidate.close()
     assert report["reason"] == "GoldenOutputMismatch", report["message"]
     assert "slice prose" in report["message"] and "top1" in report["message"]
     (arm,) = report["arms"]  # the floor (bounded) comes first; nothing after the golden check refused it
