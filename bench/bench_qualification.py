@@ -26,21 +26,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from quantrol_dev.tinyquant import QUANTIZE
+
 REPO = Path(__file__).resolve().parents[1]
 SCHEMES = ("bf16", "W8A8", "W4A16", "FP8_DYNAMIC")
-QUANTIZE = """
-import sys, torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from llmcompressor import oneshot
-from llmcompressor.modifiers.quantization import QuantizationModifier
-src, out = sys.argv[1], sys.argv[2]
-tok = AutoTokenizer.from_pretrained(src)
-for scheme in sys.argv[3:]:
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    oneshot(model=model, recipe=[QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])])
-    model.save_pretrained(f"{out}/{scheme}", save_compressed=True)
-    tok.save_pretrained(f"{out}/{scheme}")
-"""
 COLUMNS = (("rateRps", "rate/s"), ("requests", "reqs"), ("ttftP50Seconds", "TTFT p50"), ("ttftP99Seconds", "TTFT p99"),
            ("itlP50Seconds", "ITL p50"), ("itlP99Seconds", "ITL p99"), ("outputTokensPerSecond", "tok/s"),
            ("goodputTokensPerEngineSecond", "goodput"), ("rejectedFraction", "429"),

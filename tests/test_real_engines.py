@@ -29,6 +29,8 @@ from typing import Any
 
 import pytest
 
+from quantrol_dev.tinyquant import QUANTIZE
+
 pytestmark = pytest.mark.serve
 
 SERVE_PYTHON = os.environ.get("QUANTROL_SERVE_PYTHON")
@@ -46,19 +48,6 @@ from pathlib import Path
 from quantrol_worker.tinymodel import TinySpec, build
 spec = TinySpec(vocab_size=4096, steps=4, prose_chars=200_000, code_chars=200_000)
 print(json.dumps(build(Path(sys.argv[1]), spec)))
-"""
-QUANTIZE = """
-import sys, torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from llmcompressor import oneshot
-from llmcompressor.modifiers.quantization import QuantizationModifier
-src, out = sys.argv[1], sys.argv[2]
-tok = AutoTokenizer.from_pretrained(src)
-for scheme in sys.argv[3:]:
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    oneshot(model=model, recipe=[QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])])
-    model.save_pretrained(f"{out}/{scheme}", save_compressed=True)
-    tok.save_pretrained(f"{out}/{scheme}")
 """
 # A damaged artifact: the bf16 model with Gaussian noise of each Linear weight's own spread added (seeded), and its
 # final norm scaled ten-fold: the four-step model's next-token distributions are nearly flat, and noise alone leaves
