@@ -407,6 +407,11 @@ def _promoted() -> tuple[dict[str, Any], list[dict[str, Any]], datetime]:
                      candidate_kernels={"verdict": "native"}, now=now)
         obj = advance(obj, result)
         if result.status["phase"] == "Promoted":
+            # The pass that promotes already keeps the previous stable arm warm (it was once scaled to zero for
+            # that one pass, status.phase still saying Canary, and brought back up at the next).
+            previous = serving.arm_name("llama-3-1-8b", result.status["rollbackTarget"])
+            replicas = {d["metadata"]["name"]: d["spec"]["replicas"] for d in deployments(result)}
+            assert replicas[previous] == obj["spec"]["serving"]["replicas"], replicas
             return obj, ready(deployments(result)), now
     raise AssertionError("never promoted")
 

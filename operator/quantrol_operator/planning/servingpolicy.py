@@ -142,10 +142,11 @@ class SpPlan(Plan):
 SETTLED = (P.PROMOTED, P.ROLLED_BACK, P.FAILED)
 
 
-def previous_stable_warm(status: ServingPolicyStatus, now: datetime) -> bool:
+def previous_stable_warm(phase: P, status: ServingPolicyStatus, now: datetime) -> bool:
     """Whether the arm a promotion replaced is still warm as the rollback target, the promotion guarded (analysis
-    on): until `guardUntil` (promotionGraceSeconds after the promotion)."""
-    return (status.phase is P.PROMOTED and bool(status.rollback_target) and status.guard_until is not None
+    on): until `guardUntil` (promotionGraceSeconds after the promotion). `phase` is the phase this pass plans, which
+    `status.phase` is not yet during the pass that promotes."""
+    return (phase is P.PROMOTED and bool(status.rollback_target) and status.guard_until is not None
             and now < status.guard_until)
 
 
@@ -329,7 +330,7 @@ def plan(observed: SpObserved, images: Images, pod_monitor_labels: Mapping[str, 
     _status_fields(status, phase, index, stable, pinned, weights, facts, before, now, generation)
     _explain_credentials(status, observed.credentials_problem, now, generation)
     _explain_stable_fetch(status, observed.stable_failed, facts.stable_ready, now, generation)
-    warm = previous_stable_warm(status, now)
+    warm = previous_stable_warm(phase, status, now)
     status.conditions = set_condition(
         status.conditions, "PreviousStableWarm", warm, "GracePeriod" if warm else "NotServing",
         f"the previous stable arm {serving.short_digest(status.rollback_target or '')} is kept warm and the analysis "
@@ -580,10 +581,9 @@ def _children(result: SpPlan, arms: _ArmBuilder, router_image: str, stable: str,
         result.apply.append(arms.deployment(candidate, replicas if candidate_live else 0))
         result.apply.append(serving.arm_service(obj, candidate))
     target = status.rollback_target
-    guard = phase is P.PROMOTED and status.guard_until is not None and now < status.guard_until
+    guard = previous_stable_warm(phase, status, now)
     if target and target not in (stable, candidate):
-        warm = previous_stable_warm(status, now)
-        result.apply.append(arms.deployment(target, replicas if warm else 0))
+        result.apply.append(arms.deployment(target, replicas if guard else 0))
     if spec.traffic_provider is not TrafficProvider.ROUTER:
         return  # the only provider today; another would split traffic without Quantrol's router
     quality = quality_plan(spec, arms.quantized_model)
