@@ -45,10 +45,9 @@ def kernel_report(raw: dict[str, Any]) -> KernelReport:
         kernels=[str(k)[:256] for k in kernels if k][:32], message=message[:1024])
 
 
-def envelope(kube: Kube, addresses: Addresses, namespace: str, policy: str, ref: str,
-             bounds: ReadBounds | None = None) -> EngineReport | None:
-    """What serves the arm of `ref`: the launcher's word on its engine (version, device, settings, flags) and the
-    engine container's image digest from its pods; None until the engine has reported (it is still starting)."""
+def launcher_report(addresses: Addresses, namespace: str, policy: str, ref: str,
+                    bounds: ReadBounds | None = None) -> dict[str, Any] | None:
+    """The /kernels JSON of the launcher serving `ref`, or None: not up yet, gone, or an answer out of bounds."""
     arm = serving.arm_name(policy, ref)
     bounds = bounds or ReadBounds()  # the launcher runs in a tenant-chosen image: the install's bounds
     try:
@@ -57,13 +56,20 @@ def envelope(kube: Kube, addresses: Addresses, namespace: str, policy: str, ref:
     except (OSError, ValueError) as exc:
         log.debug("launcher of %s/%s not read: %s", namespace, arm, exc)
         return None
-    engine = report.get("engine") if isinstance(report, dict) else None
-    if not isinstance(engine, dict) or not engine.get("version"):
+    return report if isinstance(report, dict) else None
+
+
+def envelope(kube: Kube, namespace: str, policy: str, ref: str, report: dict[str, Any] | None) -> EngineReport | None:
+    """What serves the arm of `ref`: the launcher's word on its engine (`report`: version, device, settings, flags)
+    and the engine container's image digest from its pods; None until the engine has reported (it is starting)."""
+    engine = report.get("engine") if report is not None else None
+    if report is None or not isinstance(engine, dict) or not engine.get("version"):
         return None
     selector = ",".join(f"{k}={v}" for k, v in serving.arm_selector(policy, ref).items())
     images = [str(c.get("imageID") or "") for pod in kube.list_objects("v1", "Pod", namespace, selector)
               for c in (pod.get("status") or {}).get("containerStatuses") or [] if c.get("name") == "engine"]
-    flags = report.get("flags") if isinstance(report.get("flags"), list) else []
+    listed = report.get("flags")
+    flags = listed if isinstance(listed, list) else []
     settings = {str(k)[:64]: str(v)[:128] for k, v in engine.items() if k not in ("version", "device_config")}
     return EngineReport(version=str(engine["version"])[:64],
                         device=str(engine.get("device_config") or "")[:64] or None,
@@ -71,18 +77,12 @@ def envelope(kube: Kube, addresses: Addresses, namespace: str, policy: str, ref:
                         flags=[str(f)[:256] for f in flags][:64], settings=dict(list(settings.items())[:16]))
 
 
-def health(kube: Kube, addresses: Addresses, namespace: str, policy: str, ref: str,
-           bounds: ReadBounds | None = None) -> tuple[KernelReport | None, str | None]:
-    """(the launcher's kernel report, or None; why the candidate cannot run, or None)."""
-    arm = serving.arm_name(policy, ref)
-    try:
-        bounds = bounds or ReadBounds()  # the launcher runs in a tenant-chosen image: the install's bounds
-        report = http.request_json(addresses.url(service_url(arm, namespace, serving.LAUNCHER_PORT, "/kernels")),
-                                   total_seconds=bounds.total_seconds, max_bytes=bounds.max_bytes)
-        if isinstance(report, dict):
-            return kernel_report(report), None
-    except (OSError, ValueError) as exc:  # not up yet, gone, or an answer out of bounds: the pods say why
-        log.debug("launcher of %s/%s not read: %s", namespace, arm, exc)
+def health(kube: Kube, namespace: str, policy: str, ref: str,
+           report: dict[str, Any] | None) -> tuple[KernelReport | None, str | None]:
+    """(the launcher's kernel report, or None; why the candidate cannot run, or None). `report`: what its launcher
+    answered (launcher_report); without one, the pods say why."""
+    if report is not None:
+        return kernel_report(report), None
     selector = ",".join(f"{k}={v}" for k, v in serving.arm_selector(policy, ref).items())
     pods = kube.list_objects("v1", "Pod", namespace, selector)
     for message in terminated_messages(pods, "engine", init=False):

@@ -80,14 +80,21 @@ def observe(kube: Kube, addresses: Addresses, prometheus_url: str, obj: dict[str
     deployments = kube.list_owned("apps/v1", "Deployment", namespace, meta["uid"],
                                   f"{LABEL_POLICY}={label_value(name)}")
     status = obj.get("status") or {}
+    launchers: dict[str, dict[str, Any] | None] = {}  # each launcher's /kernels, read at most once a pass
+
+    def launcher(ref: str) -> dict[str, Any] | None:
+        if ref not in launchers:
+            launchers[ref] = candidate.launcher_report(addresses, namespace, name, ref, policy.reads)
+        return launchers[ref]
+
     kernels, failed = None, None
     pinned = status.get("candidateArtifact")
     if pinned and pinned != status.get("stableArtifact"):
-        kernels, failed = candidate.health(kube, addresses, namespace, name, pinned, policy.reads)
+        kernels, failed = candidate.health(kube, namespace, name, pinned, launcher(pinned))
     engine_reports = {}
     known = {a.get("artifact") for a in status.get("arms") or [] if (a.get("engine") or {}).get("version")}
     for ref in {status.get("stableArtifact"), pinned, status.get("rollbackTarget")} - known - {None}:
-        found = candidate.envelope(kube, addresses, namespace, name, str(ref), policy.reads)  # once per arm
+        found = candidate.envelope(kube, namespace, name, str(ref), launcher(str(ref)))  # until it has reported
         if found is not None:
             engine_reports[str(ref)] = found
     job, pods = qualification_job(kube, namespace, name, status)
