@@ -596,6 +596,26 @@ async def test_mirrors_beyond_the_bound_are_dropped_not_queued(stack: Stack, sta
     assert running.router.mirrors_in_flight == 2
 
 
+async def test_mirrors_the_candidate_has_no_slot_for_are_shed_not_counted_as_its_errors(
+        stack: Stack, start_router: RouterFactory, http: aiohttp.ClientSession) -> None:
+    """A burst of live traffic fills the candidate's slots: the mirrors that find none are dropped (never queued
+    ahead of live traffic) and counted as shed, not as candidate errors, which in Shadow would read as a broken
+    candidate (and sit in no request count)."""
+    stack.candidate.behaviour.token_latency_s = 0.1
+    running = await start_router(mirror_fraction=1.0, compare={"max_concurrent_mirrors": 1000},
+                                 admission={"candidate": {"max_in_flight": 1, "max_queue": 4}})
+    async def one() -> int:
+        async with http.post(running.url + "/v1/completions", json=completion()) as r:
+            await r.read()
+            return r.status
+
+    assert await asyncio.gather(*(one() for _ in range(6))) == [200] * 6
+    samples = await scrape(http, running.url)
+    dropped = total(samples, "quantrol_router_mirrored_total", outcome="dropped_admission")
+    assert dropped >= 4 and total(samples, "quantrol_router_shed_total", arm="candidate", traffic="mirror") == dropped
+    assert total(samples, "quantrol_router_errors_total", arm="candidate") == 0
+
+
 async def test_a_candidate_that_answers_differently_shows_in_agreement_quality_and_diffs(
         stack: Stack, start_router: RouterFactory, http: aiohttp.ClientSession) -> None:
     stack.candidate.behaviour.deviation = 0.5

@@ -643,9 +643,12 @@ class Router:
         try:
             await gate.acquire(may_wait=False)
         except Rejected:
+            # Shed, not failed: the arm's engines were busy with live traffic, and this request was optional. It is
+            # not an answer of the arm's (nor in its requests), so it stays out of the arm's error rate; a burst of
+            # live traffic must not read as a candidate's errors in Shadow.
             if traffic == "mirror":
                 self.metrics.mirrored.labels("dropped_admission").inc()
-            self.metrics.errors.labels(arm, traffic, slice_, "admission_queue_full").inc()
+            self.metrics.shed.labels(arm, traffic).inc()
             return None
         if traffic == "mirror":
             self.metrics.mirrored.labels("sent").inc()

@@ -82,6 +82,10 @@ class RouterMetrics:
         )
         self.in_flight = Gauge(p + "in_flight", "Requests holding an upstream slot", ["arm", "traffic"], registry=r)
         self.queued = Gauge(p + "queued", "Requests waiting for an admission slot", ["arm"], registry=r)
+        self.shed = Counter(
+            p + "shed", "Mirror, scoring and probe requests not sent: the arm had no free slot, and they never queue "
+            "ahead of live traffic (load the router shed, not failures of the arm)", ["arm", "traffic"], registry=r,
+        )
         self.mirrored = Counter(
             p + "mirrored", "Stable requests mirrored to the candidate, by outcome (sent, dropped_busy, "
             "dropped_admission)", ["outcome"], registry=r,
