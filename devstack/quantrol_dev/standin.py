@@ -46,6 +46,8 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from quantrol_worker.fleet_mix import SLICE_HEADER
+
 VOCAB_SIZE = 512
 _SYLLABLES = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "ve", "da", "zu", "he", "fo", "gi", "ba", "wu"]
 # Pronounceable toy words, so a diff sample is readable by a human.
@@ -97,6 +99,8 @@ class Stats:
     requests: dict[str, int] = field(default_factory=dict)
     prompt_logprob_requests: int = 0
     streamed: int = 0  # generation requests asked with stream: true
+    sampled: int = 0  # generation requests with a temperature above 0 (vLLM's default, 1.0, when none is given)
+    slices: dict[str, int] = field(default_factory=dict)  # "<slice header's value>|<prompt>": requests
     token_id_requests: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
@@ -234,6 +238,10 @@ class EngineStandin:
         st.prompt_logprob_requests += body.get("prompt_logprobs") is not None
         st.token_id_requests += bool(body.get("return_token_ids"))
         st.streamed += bool(body.get("stream"))
+        st.sampled += float(body.get("temperature", 1.0) or 0.0) > 0
+        if SLICE_HEADER in request.headers and isinstance(body.get("prompt"), str):
+            key = f"{request.headers[SLICE_HEADER]}|{body['prompt']}"
+            st.slices[key] = st.slices.get(key, 0) + 1
         self._error_credit += self.behaviour.error_rate
         if self._error_credit >= 1.0:
             self._error_credit -= 1.0

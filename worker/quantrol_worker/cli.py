@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_fetch(commands)
     add_serve(commands)
     add_install_launcher(commands)
+    from quantrol_worker.fleet import add_parser as add_fleet  # stdlib only at import time
+
+    add_fleet(commands)
     calibrate = commands.add_parser("calibrate", help="calibrate, quantize, evaluate and publish a model (torch)")
     calibrate.add_argument("--config", required=True, help="CalibrationConfig file (JSON or YAML)")
     qualify = commands.add_parser("qualify", help="measure both arms in three regimes and the golden output (GuideLLM)")
@@ -51,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         from quantrol_worker.qualify.run import main as run_qualify  # guidellm and torch are imported only here
 
         return run_qualify(["--config", args.config])
+    if args.command == "fleet":
+        from quantrol_worker.fleet import run as run_fleet  # guidellm is imported only when the run starts
+
+        return run_fleet(args)
     if args.command == "fetch":
         from quantrol_worker.fetch import run as run_fetch
 
