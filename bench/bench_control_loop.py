@@ -6,10 +6,11 @@
    one canary step (a very long dwell keeps it there); every rollback counted.
 
 The same real parts as tests/test_control_loop.py (operator as `kopf run`, router process, engine stand-ins,
-Prometheus scraping at 1 s); the analysis uses the defaults of the API (interval 5 s, window 60 s, failure
-limit 3, success streak 3, 20 requests minimum). Figures are printed, never asserted.
+Prometheus scraping at 1 s, the client fleet: GuideLLM at 20 requests/s); the analysis uses the defaults of the API
+(interval 5 s, window 60 s, failure limit 3, success streak 3, 20 requests minimum). Figures are printed, never
+asserted.
 
-    .venvs/dev/bin/python bench/bench_control_loop.py --trials 5 --healthy-minutes 10
+    source .venvs/env.sh && .venvs/dev/bin/python bench/bench_control_loop.py --trials 5 --healthy-minutes 10
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Router overhead: the same requests sent directly to an engine stand-in and through the router, side by side.
 
-Three processes, as in production (load generator here; router and backend as subprocesses), all on 127.0.0.1;
+Three processes, as in production (the load generator is the fleet: GuideLLM, quantrol_dev.fleet; router and backend
+are subprocesses too), all on 127.0.0.1;
 the backend is the tests' ENGINE STAND-IN (quantrol_dev/standin.py, not vLLM). For each concurrency and mode
 (non-streamed "whole", streamed "stream"), rounds of direct and routed load alternate so that drift on a shared
 machine hits both alike; each figure is over all rounds. Figures, never pass/fail. Target (issue 5): ≤ 1 ms p50
@@ -14,13 +15,13 @@ and ≤ 5 ms p99 added.
 
 Two sections:
 
-1. Zero-latency engine (1, 16, 100 concurrent): what is measured is the proxies' own cost. At 1 concurrent the
-   three processes take turns, so "+p50" is the router's path latency. At 16 and 100 the closed loop keeps every
-   core busy (column `busy`: CPU used by the three processes over the cores the machine has; other load on the
-   machine comes on top), so a request's latency is mostly its wait for a core: the routed loop has a third
-   process to feed, and its added latency grows like concurrency x router CPU per request / cores, whatever the
-   router's path costs. There the figure that does not depend on saturation is the router's CPU per request
-   (`rtr us/req`, from /proc; the backend stand-in's own is `eng us/req`, for scale).
+1. Zero-latency engine (1, 16, 100 concurrent): what is measured is the proxies' own cost. At 1 concurrent the three
+   processes take turns, so "+p50" is the router's path latency. At 16 and 100 the closed loop keeps every core busy
+   (column `busy`: CPU used by the router and the engine stand-in over the cores the machine has; the load
+   generator's and other load on the machine come on top), so a request's latency is mostly its wait for a core: the
+   routed loop has a third process to feed, and its added latency grows like concurrency x router CPU per request /
+   cores, whatever the router's path costs. There the figure that does not depend on saturation is the router's CPU
+   per request (`rtr us/req`, from /proc; the backend stand-in's own is `eng us/req`, for scale).
 2. Paced engine (`--paced-token-ms` per output token, streamed or not, at 16 and 100 concurrent): like a GPU
    engine, the backend spends its time waiting rather than on the router's cores, so the cores are not saturated
    and "+p50"/"+p99" is the router's added latency under concurrent load. The clients' first requests are spread
@@ -41,7 +42,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -52,7 +52,11 @@ from typing import Any
 
 import aiohttp
 
+from quantrol_dev.fleet import FleetProcess
+from quantrol_worker.fleet import Mix, Prompt
+
 ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = (Prompt("the quick brown fox"),)
 
 
 def start_backend(token_latency_s: float) -> tuple[subprocess.Popen[str], int]:
@@ -109,13 +113,10 @@ def start_router(backend_port: int, workdir: Path, python: str, candidate_port: 
     return proc, port
 
 
-def cpu_seconds(pid: int | None = None) -> float:
-    """CPU seconds a process (all its threads) has run: getrusage for this one; for another, the scheduler's
-    nanosecond count in /proc/PID/task/*/schedstat, else /proc/PID/stat in clock ticks (10 ms: coarse for a short
-    run), else 0 (not Linux: the CPU columns then read 0)."""
-    if pid is None:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds a process (all its threads) has run: the scheduler's nanosecond count in
+    /proc/PID/task/*/schedstat, else /proc/PID/stat in clock ticks (10 ms: coarse for a short run), else 0 (not
+    Linux: the CPU columns then read 0)."""
     try:
         return sum(int(p.read_text().split()[0]) for p in Path(f"/proc/{pid}/task").glob("*/schedstat")) / 1e9
     except (OSError, ValueError, IndexError):
@@ -127,30 +128,20 @@ def cpu_seconds(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def load(session: aiohttp.ClientSession, url: str, concurrency: int, requests: int, stream: bool,
-               max_tokens: int, spread_s: float = 0.0, temperature: float = 0.0) -> tuple[list[float], float]:
-    """`concurrency` clients, each sending its next request when its last one is answered; with `spread_s`, their
-    first requests are spread evenly over that many seconds (see the paced section)."""
-    body = {"model": "m", "prompt": "the quick brown fox", "max_tokens": max_tokens, "temperature": temperature,
-            "stream": stream}
-    latencies: list[float] = []
-    remaining = requests
-
-    async def worker(index: int) -> None:
-        nonlocal remaining
-        await asyncio.sleep(spread_s * index / concurrency)
-        while remaining > 0:
-            remaining -= 1
-            started = time.perf_counter()
-            async with session.post(url + "/v1/completions", json=body) as r:
-                await r.read()
-                if r.status != 200:
-                    raise SystemExit(f"{url} answered {r.status}")
-            latencies.append(time.perf_counter() - started)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    return latencies, time.perf_counter() - started
+async def load(url: str, concurrency: int, requests: int, stream: bool, max_tokens: int, spread_s: float = 0.0,
+               temperature: float = 0.0) -> tuple[list[float], float]:
+    """`concurrency` clients of the fleet (GuideLLM, quantrol_dev.fleet), each sending its next request when its
+    last one is answered, `requests` in all; with `spread_s`, their first requests are spread over that many seconds
+    (see the paced section). Returns every request's latency and the run's wall time (first sent to last answered:
+    GuideLLM's own start-up is not in it)."""
+    mix = Mix(sampled_every=1 if temperature else 0, sampled_temperature=temperature or Mix.sampled_temperature,
+              unstreamed_every=0 if stream else 1)
+    fleet = FleetProcess([url], "m", PROMPTS, seconds=600, max_tokens=max_tokens, clients=concurrency,
+                         requests=requests, mix=mix, rampup=spread_s)
+    result = await asyncio.to_thread(fleet.run, 660)
+    if result.failed or result.ok < requests:
+        raise SystemExit(f"{url}: {result.failed} of {len(result.answers)} requests failed: {fleet.log()[-1500:]}")
+    return [a.latency for a in result.answers if a.latency is not None], result.wall
 
 
 def pct(values: list[float], q: float) -> float:
@@ -164,7 +155,7 @@ class Side:
 
     latencies: list[float] = field(default_factory=list)
     elapsed: float = 0.0
-    cpu: dict[str, float] = field(default_factory=lambda: {"router": 0.0, "backend": 0.0, "loadgen": 0.0})
+    cpu: dict[str, float] = field(default_factory=lambda: {"router": 0.0, "backend": 0.0})
 
     def per_request_us(self, name: str) -> float:
         return self.cpu[name] / len(self.latencies) * 1e6
@@ -203,31 +194,29 @@ async def section(title: str, token_latency_s: float, cells: list[tuple[int, int
     # so the router would see bursts of `concurrency` requests and then `concurrency` tokens at once, each burst
     # served one after the other by its single thread; users arrive independently, so the clients start spread.
     spread_s = token_latency_s * max_tokens
-    pids = {"router": router.pid, "backend": backend.pid, "loadgen": None}
+    pids = {"router": router.pid, "backend": backend.pid}
     results: dict[tuple[int, bool], tuple[Side, Side]] = {}
     try:
         direct_url, router_url = f"http://127.0.0.1:{backend_port}", f"http://127.0.0.1:{router_port}"
         await wait_ready(router_url + "/healthz")
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-            for url in (direct_url, router_url):  # warm-up: connections, code paths
-                for stream in (False, True):
-                    await load(session, url, 16, 16 if token_latency_s else 200, stream, max_tokens)
-            print(f"\n{title}\n{HEADER}\n{'-' * len(HEADER)}")
-            for concurrency, requests in cells:
-                for stream in (False, True):
-                    sides = {"direct": Side(), "router": Side()}
-                    for _ in range(rounds):
-                        for name, url in (("direct", direct_url), ("router", router_url)):
-                            before = {k: cpu_seconds(pid) for k, pid in pids.items()}
-                            latencies, took = await load(session, url, concurrency, requests, stream, max_tokens,
-                                                         spread_s)
-                            side = sides[name]
-                            side.latencies += latencies
-                            side.elapsed += took
-                            for k, pid in pids.items():
-                                side.cpu[k] += cpu_seconds(pid) - before[k]
-                    results[(concurrency, stream)] = (sides["direct"], sides["router"])
-                    print(row(concurrency, stream, sides["direct"], sides["router"]), flush=True)
+        for url in (direct_url, router_url):  # warm-up: code paths
+            for stream in (False, True):
+                await load(url, 16, 16 if token_latency_s else 200, stream, max_tokens)
+        print(f"\n{title}\n{HEADER}\n{'-' * len(HEADER)}")
+        for concurrency, requests in cells:
+            for stream in (False, True):
+                sides = {"direct": Side(), "router": Side()}
+                for _ in range(rounds):
+                    for name, url in (("direct", direct_url), ("router", router_url)):
+                        before = {k: cpu_seconds(pid) for k, pid in pids.items()}
+                        latencies, took = await load(url, concurrency, requests, stream, max_tokens, spread_s)
+                        side = sides[name]
+                        side.latencies += latencies
+                        side.elapsed += took
+                        for k, pid in pids.items():
+                            side.cpu[k] += cpu_seconds(pid) - before[k]
+                results[(concurrency, stream)] = (sides["direct"], sides["router"])
+                print(row(concurrency, stream, sides["direct"], sides["router"]), flush=True)
     finally:
         for proc in (router, backend):
             proc.terminate()
@@ -263,7 +252,7 @@ async def compare_section(args: argparse.Namespace, workdir: Path) -> None:
                     await wait_ready(url + "/healthz")
                     target = await router_counter(session, url, positions) + n * 0.9 * args.max_tokens
                     before = cpu_seconds(proc.pid)
-                    await load(session, url, concurrency, n, stream, args.max_tokens, temperature=0.8)
+                    await load(url, concurrency, n, stream, args.max_tokens, temperature=0.8)
                     deadline = time.monotonic() + 60  # mirrors and scorings finish after the client's answer
                     while mirror and time.monotonic() < deadline:
                         if await router_counter(session, url, positions) >= target:

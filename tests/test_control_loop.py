@@ -12,7 +12,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -20,6 +19,7 @@ from quantrol_dev.localstack.kubeapi import KubeAPIServer, OperatorProcess, kopf
 from quantrol_dev.localstack.procs import free_port, wait_until
 from quantrol_dev.localstack.prometheus import PrometheusServer
 from quantrol_dev.rig import CANDIDATE, STABLE, Rig, create_policy, load, open_rig, policy_manifest
+from quantrol_worker.fleet import Mix, Prompt
 
 pytestmark = pytest.mark.stack
 
@@ -120,13 +120,12 @@ def test_a_regression_in_one_slice_rolls_back_naming_it_while_the_aggregate_pass
         rig: Rig, prometheus: PrometheusServer) -> None:
     """One request in eight has a long prompt (over 256 characters: the router's `len_le_1024` bucket) holding the
     word the stand-in deviates on; the candidate is damaged there alone, little enough that the aggregate passes."""
-    def request(i: int) -> dict[str, Any]:
-        long = i % 8 == 0
-        prompt = ("long context " * 30 + f"marker {i % 7}") if long else f"request {i % 50}"
-        return {"prompt": prompt, "temperature": 0.8 if i % 2 else 0, "stream": True}
+    prompts = [Prompt(("long context " * 30 + f"marker {i % 7}") if i % 8 == 0 else f"request {i % 50}")
+               for i in range(56)]
+    mix = Mix(unstreamed_every=0)  # half sampled, all streamed
 
     rig.behave("candidate", deviation=0.3, deviation_when="marker")
-    with load(rig, rps=40, request=request):
+    with load(rig, rps=40, prompts=prompts, mix=mix):
         # Ten comparisons at least: in a window of five, long prompts could be most of them by chance, and the
         # aggregate would then rightly fail too. While the slice has fewer, its figures so far hold the window.
         create_policy(rig, policy_manifest(rig.policy, rig.namespace, prometheus.url, minSampleCount=10,

@@ -1,19 +1,17 @@
-"""The demos' one client fleet and warm-up (quantrol_dev.demo.load), run as `quantrol demo --cluster` runs them: the
-module's own source as a `python -c` program, in a fresh interpreter with nothing but the standard library, against
-an engine stand-in on 127.0.0.1 (quantrol_dev.standin, not vLLM)."""
+"""The demos' engine warm-up (quantrol_dev.demo.warmup), run as `quantrol demo --cluster` runs it: the module's own
+source as a `python -c` program, in a fresh interpreter with nothing but the standard library, against an engine
+stand-in on 127.0.0.1 (quantrol_dev.standin, not vLLM). The demos' traffic is the fleet's (tests/test_fleet.py)."""
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import pytest
 
-from quantrol_dev.demo import load
+from quantrol_dev.demo import warmup
 
 
 @pytest.fixture
@@ -36,7 +34,7 @@ def _script_env(**values: str) -> dict[str, str]:
 
 
 def test_the_warm_up_program_sends_every_body_and_exits_zero(engine: str) -> None:
-    result = subprocess.run([sys.executable, "-S", "-c", load.pod_script(load.warm_main)],
+    result = subprocess.run([sys.executable, "-S", "-c", warmup.pod_script(warmup.warm_main)],
                             env=_script_env(QUANTROL_WARM_URL=engine, QUANTROL_WARM_MODEL="tiny",
                                             QUANTROL_WARM_TIMEOUT="30"),
                             capture_output=True, text=True, timeout=60, check=False)
@@ -45,20 +43,8 @@ def test_the_warm_up_program_sends_every_body_and_exits_zero(engine: str) -> Non
 
 
 def test_the_warm_up_program_fails_when_the_engine_does_not_answer() -> None:
-    result = subprocess.run([sys.executable, "-S", "-c", load.pod_script(load.warm_main)],
+    result = subprocess.run([sys.executable, "-S", "-c", warmup.pod_script(warmup.warm_main)],
                             env=_script_env(QUANTROL_WARM_URL="http://127.0.0.1:9/v1/completions",
                                             QUANTROL_WARM_MODEL="tiny", QUANTROL_WARM_TIMEOUT="5"),
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 1 and "Connection refused" in result.stdout, result.stdout + result.stderr
-
-
-def test_the_load_program_sends_until_sigterm_and_reports_its_counts(engine: str) -> None:
-    proc = subprocess.Popen([sys.executable, "-S", "-c", load.pod_script(load.load_main)],
-                            env=_script_env(QUANTROL_LOAD_URL=engine, QUANTROL_LOAD_MODEL="tiny",
-                                            QUANTROL_LOAD_WORKERS="2", QUANTROL_LOAD_MAX_TOKENS="4"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    time.sleep(3)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=90)
-    last = out.strip().splitlines()[-1]
-    assert last.startswith("quantrol-load ok=") and int(last.split("ok=")[1].split()[0]) > 0, out

@@ -19,13 +19,14 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from quantrol_dev.fleet import FleetProcess
 from quantrol_dev.localstack import addresses
 from quantrol_dev.localstack.kubeapi import KubeAPIServer, OperatorProcess, kopf_watches
 from quantrol_dev.localstack.procs import ManagedProcess, free_port, port_is_open, wait_until
@@ -33,6 +34,7 @@ from quantrol_dev.localstack.prometheus import PrometheusServer, TargetGroup
 from quantrol_operator.api.kinds import SERVING_POLICY
 from quantrol_operator.children import router, serving
 from quantrol_operator.kube import Kube
+from quantrol_worker.fleet import Mix, Prompt
 
 STABLE = "oci://127.0.0.1:5000/models/tiny-bf16@sha256:" + "a" * 64
 CANDIDATE = "oci://127.0.0.1:5000/models/tiny-w8a8@sha256:" + "b" * 64
@@ -68,7 +70,6 @@ class Rig:
     operator_metrics_port: int = 0
     operator: OperatorProcess | None = None
     stop: threading.Event = field(default_factory=threading.Event)
-    sent: int = 0
 
     def router_pod(self, replica: int) -> str:
         return f"{router.router_name(self.policy)}-{POD_TEMPLATE_HASH}-r{replica}"
@@ -285,46 +286,21 @@ def _router_pods(rig: Rig, deployment: dict[str, Any]) -> None:
                                    "imageID": "", "state": {"running": {}}}]})
 
 
-def mixed_request(i: int) -> dict[str, Any]:
-    """The rig's default client mix, as a chat fleet sends it: every other request sampled at temperature 0.8, one in
-    four not streamed (the router streams it from the engine all the same)."""
-    return {"prompt": f"request {i % 50}", "temperature": 0.8 if i % 2 else 0, "stream": i % 4 != 2}
+# The rig's default prompts: short ones, none naming a slice (the router's prompt-length buckets still apply).
+PROMPTS = tuple(Prompt(f"request {i}") for i in range(50))
 
 
 @contextlib.contextmanager
-def load(rig: Rig, rps: float = 20.0, seconds: float = 90.0,
-         request: Callable[[int], dict[str, Any]] = mixed_request) -> Iterator[None]:
-    """A bounded load generator: `request(i)` (prompt, temperature, stream, optional `headers`) at about `rps`, 6
-    tokens each, for at most `seconds`, spread over the router pods in turn as a Service spreads connections over
-    its endpoints."""
-    done = threading.Event()
+def load(rig: Rig, rps: float = 20.0, seconds: float = 90.0, prompts: Sequence[Prompt] = PROMPTS,
+         mix: Mix | None = None) -> Iterator[FleetProcess]:
+    """The client fleet (GuideLLM, quantrol_dev.fleet) at about `rps` (Poisson arrivals), 6 tokens each, for at most
+    `seconds`, spread over the router pods in turn as a Service spreads connections over its endpoints. The default
+    mix is a chat fleet's: every other request sampled at temperature 0.8, one in four not streamed (the router
+    streams it from the engine all the same)."""
     ports = rig.router_ports or [rig.router_port]
-
-    def one(i: int) -> None:
-        fields = request(i)
-        headers = {"Content-Type": "application/json", **fields.pop("headers", {})}
-        body = json.dumps({"model": rig.policy, "max_tokens": 6, **fields}).encode()
-        sent = urllib.request.Request(f"http://127.0.0.1:{ports[i % len(ports)]}/v1/completions", data=body,
-                                      headers=headers, method="POST")
-        with contextlib.suppress(Exception), urllib.request.urlopen(sent, timeout=10) as rsp:
-            rsp.read()
-
-    def loop() -> None:
-        deadline = time.monotonic() + seconds
-        i = 0
-        while not done.is_set() and time.monotonic() < deadline:
-            threading.Thread(target=one, args=(i,), daemon=True).start()
-            i += 1
-            rig.sent = i
-            done.wait(1 / rps)
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join(timeout=5)
+    with FleetProcess([f"http://127.0.0.1:{port}" for port in ports], rig.policy, prompts, seconds=seconds,
+                      max_tokens=6, rate=rps, mix=mix) as fleet:
+        yield fleet
 
 
 def create_policy(rig: Rig, policy: dict[str, Any]) -> None:

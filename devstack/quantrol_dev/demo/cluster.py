@@ -8,8 +8,9 @@ did on this machine, the cluster does:
 - the tiny model is built in the cluster, by a Job on the operator's calibration worker image, into a PVC
   (`tiny-model`), and its bf16 checkpoint is pushed to the registry as the baseline, pinned by digest. The
   QuantizedModels read it as `pvc://tiny-model/model` and their calibration data from the same claim;
-- the load generator and the engine warm-up run as pods on the operator's image (Python's standard library is all
-  they need), sending to the router's and the arms' Services;
+- the client fleet (`quantrol-worker fleet`: GuideLLM with the fleet's mix) runs as a pod on the install's serving
+  image, which holds the worker and GuideLLM, sending to the router's Service; the engine warm-up runs as a pod on
+  the operator's image (Python's standard library is all it needs), sending to the arms' Services;
 - the registry and Prometheus are the cluster's: by default the ones e2e/kind-up.sh installs (a TLS registry whose
   CA the e2e images trust, and a Prometheus that scrapes annotated pods with the `namespace` and `policy` labels).
 
@@ -25,7 +26,6 @@ import contextlib
 import inspect
 import json
 import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,9 +34,10 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from quantrol_dev.demo import load
+from quantrol_dev.demo import warmup
 from quantrol_dev.demo.story import (
     CANDIDATES,
+    FLEET_PROMPTS,
     NAMESPACE,
     PAUSED,
     POLICY,
@@ -63,6 +64,7 @@ from quantrol_operator.children.serving import ENGINE_PORT, arm_name
 from quantrol_operator.cli.statusview import render_quantizedmodel, render_servingpolicy
 from quantrol_operator.defaults import OperatorDefaults
 from quantrol_operator.kube import Kube
+from quantrol_worker.fleet import COUNTS
 
 DEFAULT_REGISTRY = "registry.quantrol-infra.svc:5000"  # e2e/kind-up.sh: TLS, CA baked into the e2e images
 DEFAULT_PROMETHEUS = "http://prometheus.quantrol-infra.svc:9090"
@@ -74,7 +76,6 @@ MODEL_CLAIM = "tiny-model"
 DEMO_LABELS = {"app.kubernetes.io/part-of": "quantrol-demo"}
 LOAD_NAME = f"{POLICY}-load"
 TERMINATION_LOG = "/dev/termination-log"
-_LOAD_LINE = re.compile(r"quantrol-load ok=(\d+) failed=(\d+)")
 
 
 @dataclass(frozen=True)
@@ -188,20 +189,32 @@ def seed_job(name: str, worker_image: str, target: ClusterTarget, deadline: floa
 def warm_job(name: str, image: str, artifact: str, deadline: float) -> dict[str, Any]:
     url = f"http://{arm_name(POLICY, artifact)}.{NAMESPACE}.svc:{ENGINE_PORT}/v1/completions"
     env = {"QUANTROL_WARM_URL": url, "QUANTROL_WARM_MODEL": POLICY, "QUANTROL_WARM_TIMEOUT": str(int(deadline))}
-    return helper_job(name, image, load.pod_script(load.warm_main), env, deadline)
+    return helper_job(name, image, warmup.pod_script(warmup.warm_main), env, deadline)
+
+
+def load_prompts_config_map() -> dict[str, Any]:
+    prompts = "".join(json.dumps({"prompt": p.text, "slice": p.slice}) + "\n" for p in FLEET_PROMPTS)
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(LOAD_NAME, **DEMO_LABELS),
+            "data": {"prompts.jsonl": prompts}}
 
 
 def load_deployment(image: str, settings: DemoSettings) -> dict[str, Any]:
+    """The client fleet, bounded by its own `--seconds` too (the Deployment restarts it after that)."""
     labels = {**DEMO_LABELS, "app.kubernetes.io/name": LOAD_NAME}
-    env = {"QUANTROL_LOAD_URL": f"http://{POLICY}.{NAMESPACE}.svc:{ROUTER_PORT}/v1/completions",
-           "QUANTROL_LOAD_MODEL": POLICY, "QUANTROL_LOAD_WORKERS": str(settings.load_workers),
-           "QUANTROL_LOAD_MAX_TOKENS": str(settings.max_tokens), "PYTHONUNBUFFERED": "1"}
-    container = {"name": "load", "image": image, "command": ["python", "-c", load.pod_script(load.load_main)],
-                 "env": _env(env)}
+    command = ["quantrol-worker", "fleet", "--target", f"http://{POLICY}.{NAMESPACE}.svc:{ROUTER_PORT}",
+               "--model", POLICY, "--prompts", "/prompts/prompts.jsonl", "--rate", str(settings.load_rate),
+               "--max-tokens", str(settings.max_tokens), "--seconds", str(int(4 * settings.phase_timeout + 600)),
+               "--work", "/work"]
+    container = {"name": "load", "image": image, "command": command,
+                 "env": _env({"PYTHONUNBUFFERED": "1", "HOME": "/work", "HF_HUB_OFFLINE": "1"}),
+                 "volumeMounts": [{"name": "prompts", "mountPath": "/prompts", "readOnly": True},
+                                  {"name": "work", "mountPath": "/work"}]}
+    volumes = [{"name": "prompts", "configMap": {"name": LOAD_NAME}}, {"name": "work", "emptyDir": {}}]
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(LOAD_NAME, **labels),
             "spec": {"replicas": 1, "selector": {"matchLabels": {"app.kubernetes.io/name": LOAD_NAME}},
                      "template": {"metadata": {"labels": labels},
-                                  "spec": {"terminationGracePeriodSeconds": 75, "containers": [container]}}}}
+                                  "spec": {"terminationGracePeriodSeconds": 75, "containers": [container],
+                                           "volumes": volumes}}}}
 
 
 def cluster_quantized_model(name: str, scheme: str, target: ClusterTarget) -> dict[str, Any]:
@@ -341,9 +354,11 @@ class ClusterStory:
         self.recorder.started = time.monotonic()
         self.api.create(policy)
         self.recorder.start()
-        self.api.create_builtin(load_deployment(self._installed().image, self.settings))
+        self.api.create_builtin(load_prompts_config_map())
+        self.api.create_builtin(load_deployment(self._installed().defaults.serving_image, self.settings))
         say(f"applied ServingPolicy {POLICY} (held while its engines warm up); bounded load from Deployment "
-             f"{LOAD_NAME}: {self.settings.load_workers} clients, {self.settings.max_tokens} tokens each")
+             f"{LOAD_NAME}: GuideLLM at {self.settings.load_rate:g} requests/s (Poisson), "
+             f"{self.settings.max_tokens} tokens each")
         self.hold_and_warm([self.baseline, self.artifacts[candidate]])
 
     def hold_and_warm(self, artifacts: Sequence[str]) -> None:
@@ -489,13 +504,14 @@ class ClusterStory:
         counts = {"ok": 0, "failed": 0}
         for pod in self._pods(f"app.kubernetes.io/name={LOAD_NAME}"):
             with contextlib.suppress(ApiException):
-                found = _LOAD_LINE.findall(self._log_tail(pod, 5))
+                found = COUNTS.findall(self._log_tail(pod, 20))
                 if found:
                     counts["ok"] += int(found[-1][0])
                     counts["failed"] += int(found[-1][1])
         # 404 is fine: never started, or already stopped (Kube.delete ignores it)
         self.api.kube.delete({"apiVersion": "apps/v1", "kind": "Deployment", "namespace": NAMESPACE,
                               "name": LOAD_NAME})
+        self.api.kube.delete({"apiVersion": "v1", "kind": "ConfigMap", "namespace": NAMESPACE, "name": LOAD_NAME})
         return counts
 
     def operator_metric(self, name: str) -> dict[str, float]:

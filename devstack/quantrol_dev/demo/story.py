@@ -53,7 +53,8 @@ from typing import Any
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from quantrol_dev.demo import load
+from quantrol_dev.demo import warmup
+from quantrol_dev.fleet import FleetProcess
 from quantrol_dev.localstack.procs import free_port
 from quantrol_dev.localstack.prometheus import PrometheusServer
 from quantrol_dev.localstack.runner_plan import ImageEnv
@@ -68,6 +69,7 @@ from quantrol_operator.kube import Kube
 from quantrol_operator.observe.prometheus import PrometheusSource
 from quantrol_operator.rollout.analysis import no_judgement
 from quantrol_operator.rollout.queries import Scope, target_health
+from quantrol_worker.fleet import Prompt
 
 NAMESPACE = "quantrol-demo"
 POLICY = "tiny"
@@ -80,6 +82,12 @@ CREDENTIALS_SECRET = "registry-credentials"  # the docker-config Secret every po
 QUALIFY_IMAGE = "quantrol/qualify:demo"
 CANDIDATES = (("tiny-w8a8", "W8A8"), ("tiny-fp8-dynamic", "FP8_DYNAMIC"), ("tiny-w8a16", "W8A16"))
 LATENCY_SLOS = ("ttftP99", "interTokenLatencyP99")
+# The fleet's prompts, from both slices of the tiny model's calibration data (prose and code), each request naming
+# its slice in the router's header (its allowed values are the QuantizedModel's slice names), as a client that
+# knows its workload would.
+FLEET_PROMPTS = tuple(Prompt(text, slice_) for text, slice_ in (
+    ("The licence grants", "prose"), ("def parse(self, text):", "code"), ("Permission is hereby granted", "prose"),
+    ("import os\nimport", "code"), ("You may not use this file except", "prose"), ("for i in range(", "code")))
 PAUSED = "quantrol.io/paused"  # held while the demo warms a new candidate engine up (see hold_and_warm)
 GOODPUT_RATIO = 0.8  # the demo policy's goodput.minRelativeToStable; GOODPUT_WHY says why it is not 1.0
 QUALIFICATION_GOODPUT_RATIO = 0.25  # spec.qualification.minGoodputRatio; QUALIFICATION_WHY says why
@@ -117,7 +125,7 @@ class DemoSettings:
     kernel_policy: str = "warn"  # `enforce` refuses FP8_DYNAMIC as KernelFallback before it takes traffic
     shadow_seconds: int = 16
     canary: tuple[tuple[int, int], ...] = ((50, 12), (100, 8))  # (weight %, minimum dwell s)
-    load_workers: int = 2
+    load_rate: float = 10.0  # the client fleet's requests per second (Poisson arrivals)
     max_tokens: int = 4
     phase_timeout: float = 420.0
     quiet: bool = False
@@ -301,7 +309,7 @@ def serving_policy(baseline: str, candidate: str, settings: DemoSettings, promet
             # with the load (a ratio to the stable arm's p99 over a handful of requests is mostly noise), while
             # FP8_DYNAMIC's ≈1.8 s per output token breaks the inter-token limit whatever the load.
             # Quality as a user would judge it: the defaults (mean teacher-forced KL ≤ 0.1 nats per token, top-1
-            # agreement ≥ 0.9), per slice, on half sampled traffic (demo.load).
+            # agreement ≥ 0.9), per slice, on half sampled traffic (the fleet's mix, quantrol_worker.fleet).
             "slos": {"ttftP99": {"max": 5.0}, "interTokenLatencyP99": {"max": 1.2}, "errorRate": {"max": 0.05},
                      "queueTimeP99": {"max": 5.0}, "qualityDelta": {"max": 0.1}, "agreement": {"min": 0.9},
                      "goodput": {"minRelativeToStable": GOODPUT_RATIO}},  # see GOODPUT_WHY
@@ -422,48 +430,60 @@ class PodLogs(threading.Thread):
 
 
 class LoadGenerator:
-    """A bounded load against the router Service: `workers` clients (demo.load), one request in flight each, once the
-    stable arm answers (errors of start-up are noise); after the first answer, the router alone decides."""
+    """The demo's client fleet (quantrol_dev.fleet: GuideLLM with the fleet's mix) against the router Service, from
+    the moment the stable arm answers until the story ends (or `max_seconds`): `rate` requests per second with
+    Poisson arrivals, as independent users arrive, each naming its slice, half sampled, a quarter not streamed."""
 
-    def __init__(self, services_path: Path, workers: int, max_tokens: int, stable_service: str) -> None:
+    def __init__(self, services_path: Path, rate: float, max_tokens: int, stable_service: str, tokenizer: Path,
+                 work: Path, max_seconds: float) -> None:
         self.services_path = services_path
         self.stable_service = stable_service
-        self.workers = workers
+        self.rate = rate
         self.max_tokens = max_tokens
+        self.tokenizer = tokenizer
+        self.work = work
+        self.max_seconds = max_seconds
         self.stop = threading.Event()
-        self.counts = load.Counts()
-        self._threads: list[threading.Thread] = []
-
-    @property
-    def ok(self) -> int:
-        return self.counts.ok
-
-    @property
-    def failed(self) -> int:
-        return self.counts.failed
+        self.ok = self.failed = 0
+        self.fleet: FleetProcess | None = None
+        self._thread: threading.Thread | None = None
 
     def _router_url(self) -> str | None:
         with contextlib.suppress(OSError, ValueError):
             services = json.loads(self.services_path.read_text())
-            entry = services.get(f"{NAMESPACE}/{POLICY}") or {}
-            port = (entry.get("ports") or {}).get(str(ROUTER_PORT))
-            if port and (self.ok > 0 or (services.get(f"{NAMESPACE}/{self.stable_service}") or {}).get("ports")):
-                return f"http://127.0.0.1:{port}/v1/completions"
+            port = ((services.get(f"{NAMESPACE}/{POLICY}") or {}).get("ports") or {}).get(str(ROUTER_PORT))
+            if port and (services.get(f"{NAMESPACE}/{self.stable_service}") or {}).get("ports"):
+                return f"http://127.0.0.1:{port}"
         return None
 
+    def _run(self) -> None:
+        url = self._router_url()
+        while url is None and not self.stop.wait(1.0):
+            url = self._router_url()
+        if url is None:
+            return
+        self.fleet = FleetProcess([url], POLICY, FLEET_PROMPTS, seconds=self.max_seconds, max_tokens=self.max_tokens,
+                                  rate=self.rate, tokenizer=self.tokenizer, work=self.work)
+        try:
+            self.fleet.start()
+        except RuntimeError as exc:
+            say(f"!! the load generator did not start: {exc}")
+
     def start(self) -> LoadGenerator:
-        self._threads = load.start_clients(self.workers, self._router_url, POLICY, self.max_tokens, self.stop,
-                                           self.counts)
+        self._thread = threading.Thread(target=self._run, name="demo-fleet", daemon=True)
+        self._thread.start()
         return self
 
     def close(self) -> None:
         self.stop.set()
-        for thread in self._threads:
-            thread.join(timeout=70)
+        if self._thread is not None:
+            self._thread.join(timeout=120)
+        if self.fleet is not None:
+            self.ok, self.failed = self.fleet.stop()
 
 
 def warm_arm(services_path: Path, artifact: str, timeout: float) -> float:
-    """Send one request of each kind the router will send (demo.load.warm_bodies) straight to the arm's engine,
+    """Send one request of each kind the router will send (demo.warmup.warm_bodies) straight to the arm's engine,
     outside the router so that no metric sees them. A fresh vLLM CPU engine answers its first requests of a kind
     tens of seconds late; a rollout judged on those would judge the warm-up. Returns the seconds it took."""
     began = time.monotonic()
@@ -480,7 +500,7 @@ def warm_arm(services_path: Path, artifact: str, timeout: float) -> float:
         return False
 
     wait_for(f"the arm {service} to be ready", ready, timeout)
-    failures = load.warm(url[0], load.warm_bodies(POLICY), timeout)
+    failures = warmup.warm(url[0], warmup.warm_bodies(POLICY), timeout)
     if failures:
         raise DemoError(f"warming {service} up failed: {failures[:3]}")
     return time.monotonic() - began
@@ -909,8 +929,9 @@ def run_story(settings: DemoSettings) -> dict[str, Any]:
         pod_logs = PodLogs(stack.runner.state_dir / "pods")
         if not settings.quiet:
             pod_logs.start()
-        load = LoadGenerator(stack.runner.services_path, settings.load_workers, settings.max_tokens,
-                             arm_name(POLICY, baseline))
+        load = LoadGenerator(stack.runner.services_path, settings.load_rate, settings.max_tokens,
+                             arm_name(POLICY, baseline), Path(info["model_dir"]), workdir / "fleet",
+                             max_seconds=4 * settings.phase_timeout + 600)
         recorder = Recorder(api, time.monotonic())
         with _running(pod_logs.stop.set, load.close, recorder.stop.set, lambda: recorder.dump(output / "timeline.json"),
                       api.close):
@@ -936,7 +957,8 @@ def run_story(settings: DemoSettings) -> dict[str, Any]:
             check_scraped(stack.prometheus, timeout=120.0)
             load.start()
             say(f"applied ServingPolicy {POLICY} (held while its candidate warms up); bounded load: "
-                 f"{settings.load_workers} clients, {settings.max_tokens} tokens each; vLLM arms start in the serve "
+                 f"GuideLLM at {settings.load_rate:g} requests/s (Poisson), {settings.max_tokens} tokens each; vLLM "
+                 "arms start in the serve "
                  "environment (≈30–70 s)")
             artifacts = {name: "oci://" + str(((obj.get("status") or {}).get("artifact") or {}).get("ref"))
                          for name, obj in settled.items()}
@@ -976,7 +998,7 @@ def run_story(settings: DemoSettings) -> dict[str, Any]:
                 if record.get("reason") != expect:
                     say(f"!! expected {expect} for {name}, got {record.get('reason')}")
             recorder.observe()
-            load.stop.set()
+            load.close()
             final = api.get("servingpolicies", POLICY)
             quantized = {name: api.get("quantizedmodels", name) for name in settled}
             rollbacks_total = operator_metric(metrics_port, "quantrol_rollbacks_total")
