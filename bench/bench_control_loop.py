@@ -74,7 +74,8 @@ def healthy_run(rig: Any, prometheus: str, minutes: float) -> tuple[int, int]:
     with load(rig, rps=20, seconds=minutes * 60 + 120):
         # The longest dwell the API accepts: the rollout stays at its first canary step for the whole run.
         create_policy(rig, default_analysis_policy(rig.policy, rig.namespace, prometheus, dwell=604_800))
-        rig.wait_phase("Canary", timeout=180)
+        if rig.wait_phase("Canary", "RolledBack", timeout=180).get("phase") == "RolledBack":
+            return 1, len(rig.status().get("history", []))  # rolled back in Shadow, before any jitter: counted too
         thread.start()
         end = time.monotonic() + minutes * 60
         while time.monotonic() < end and rig.status().get("phase") != "RolledBack":

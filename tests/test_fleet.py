@@ -7,14 +7,10 @@ the mix, the slice header, the spread over endpoints, the bounds — which each 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import subprocess
-import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +19,7 @@ import pytest
 from quantrol_dev.demo.cluster import load_deployment, load_prompts_config_map
 from quantrol_dev.demo.story import FLEET_PROMPTS, DemoSettings
 from quantrol_dev.fleet import FleetProcess
-from quantrol_dev.localstack.procs import free_port
+from quantrol_dev.standin import standin_process
 from quantrol_worker.cli import build_parser
 from quantrol_worker.fleet import Mix, Prompt, endpoint, read_prompts, shape
 
@@ -31,21 +27,6 @@ pytestmark = pytest.mark.skipif(not os.environ.get("QUANTROL_SERVE_PYTHON"),
                                 reason="QUANTROL_SERVE_PYTHON is unset: GuideLLM lives in the serve environment")
 
 PROMPTS = [Prompt("The licence grants", "prose"), Prompt("def parse(self, text):", "code"), Prompt("no slice named")]
-
-
-@contextlib.contextmanager
-def standin(**behaviour: float) -> Iterator[str]:
-    port = free_port()
-    args = [sys.executable, "-m", "quantrol_dev.standin", "--port", str(port), "--model", "m"]
-    for key, value in behaviour.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().startswith("READY")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def stats(url: str) -> dict[str, Any]:
@@ -65,7 +46,7 @@ def test_the_mix_is_decided_per_request_and_every_endpoint_sees_all_of_it() -> N
 
 
 def test_an_open_loop_fleet_sends_the_mix_with_slice_headers_over_both_endpoints_and_stops_on_sigterm() -> None:
-    with standin(token_latency=0.005) as one, standin(token_latency=0.005) as two:
+    with standin_process("m", token_latency=0.005) as one, standin_process("m", token_latency=0.005) as two:
         fleet = FleetProcess([one, two], "m", PROMPTS, seconds=300, max_tokens=6, rate=10).start()
         time.sleep(8)
         began = time.monotonic()
@@ -90,7 +71,7 @@ def test_an_open_loop_fleet_sends_the_mix_with_slice_headers_over_both_endpoints
 def test_a_closed_loop_fleet_keeps_its_clients_in_flight_and_ends_at_its_bound() -> None:
     """Two clients, each with one request in flight, against a slow engine: never more than two at once (an open
     loop would pile up), and two most of the time; `--seconds` ends the run on its own."""
-    with standin(token_latency=0.1) as url:
+    with standin_process("m", token_latency=0.1) as url:
         began = time.monotonic()
         fleet = FleetProcess([url], "m", PROMPTS, seconds=6, max_tokens=4, clients=2).start()
         assert fleet.proc is not None

@@ -9,20 +9,17 @@ so a candidate stand-in that answers like it reproduces the reference, and one w
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from quantrol_dev.localstack.procs import free_port
 from quantrol_dev.localstack.registry import RegistryServer
-from quantrol_dev.standin import VOCAB, tokenize
+from quantrol_dev.standin import VOCAB, standin_process, tokenize
 from quantrol_worker import contracts as c
 from quantrol_worker import oci
 from quantrol_worker.golden import GoldenTally
@@ -54,24 +51,9 @@ if __name__ == "__main__":
 """
 
 
-@contextlib.contextmanager
-def _standin(**behaviour: float) -> Iterator[str]:
-    port = free_port()
-    args = [sys.executable, "-m", "quantrol_dev.standin", "--port", str(port), "--model", MODEL]
-    for key, value in behaviour.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().startswith("READY")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def stable() -> Iterator[str]:
-    with _standin(token_latency=0.01) as url:
+    with standin_process(MODEL, token_latency=0.01) as url:
         yield url
 
 
@@ -140,7 +122,7 @@ def qualify(tmp_path: Path, artifact: str, arms: dict[str, str], **overrides: An
 @pytest.mark.serve
 def test_a_healthy_candidate_is_qualified_with_every_regime_measured(stable: str, artifact: str,
                                                                      tmp_path: Path) -> None:
-    with _standin(token_latency=0.01) as url:
+    with standin_process(MODEL, token_latency=0.01) as url:
         report = qualify(tmp_path, artifact, {"candidate": url, "stable": stable})
     assert report["reason"] == "Qualified", report["message"]
     assert report["tool"] == "guidellm 0.8.1"
@@ -160,7 +142,8 @@ def test_a_healthy_candidate_is_qualified_with_every_regime_measured(stable: str
 @pytest.mark.serve
 def test_a_candidate_over_its_ttft_slo_one_request_at_a_time_is_refused(stable: str, artifact: str,
                                                                        tmp_path: Path) -> None:
-    with _standin(token_latency=0.01, prefill_latency=1.2) as url:  # fault: every first token 1.2 s, limit 0.5 s
+    # fault: every first token 1.2 s, limit 0.5 s
+    with standin_process(MODEL, token_latency=0.01, prefill_latency=1.2) as url:
         report = qualify(tmp_path, artifact, {"candidate": url, "stable": stable},
                          limits={"ttftSeconds": 0.5, "itlSeconds": 0.5})
     assert report["reason"] == "QualificationFailed"
@@ -175,7 +158,7 @@ def test_a_candidate_without_one_first_token_in_the_floor_bound_is_refused_namin
                                                                                       tmp_path: Path) -> None:
     """FP8_DYNAMIC on a CPU, played by a stand-in: nothing comes back within the floor's bound at all (GuideLLM then
     compiles no benchmark); that is a TTFT breach to name, not a failed measurement."""
-    with _standin(prefill_latency=8.0) as url:
+    with standin_process(MODEL, prefill_latency=8.0) as url:
         report = qualify(tmp_path, artifact, {"candidate": url, "stable": stable},
                          regimes={"floorRequests": 2, "floorMaxSeconds": 3}, limits={"ttftSeconds": 0.5})
         # At a constant rate nothing finishes either: GuideLLM compiles no benchmark, the run says so.
@@ -194,7 +177,8 @@ def test_a_candidate_without_one_first_token_in_the_floor_bound_is_refused_namin
 @pytest.mark.serve
 def test_a_candidate_that_computes_something_else_is_refused_by_the_golden_check(stable: str, artifact: str,
                                                                                   tmp_path: Path) -> None:
-    with _standin(token_latency=0.01, deviation=0.5) as url:  # fault: its greedy token differs at half the positions
+    # fault: its greedy token differs at half the positions
+    with standin_process(MODEL, token_latency=0.01, deviation=0.5) as url:
         report = qualify(tmp_path, artifact, {"candidate": url, "stable": stable})
     assert report["reason"] == "GoldenOutputMismatch", report["message"]
     assert "slice prose" in report["message"] and "top1" in report["message"]

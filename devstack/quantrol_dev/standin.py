@@ -33,13 +33,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
 import random
+import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -455,6 +458,25 @@ async def start_standin(engine: EngineStandin, port: int = 0) -> tuple[web.AppRu
     assert server is not None
     sockets = getattr(server, "sockets", None) or []
     return runner, int(sockets[0].getsockname()[1])
+
+
+@contextlib.contextmanager
+def standin_process(model: str = "standin", **behaviour: float) -> Iterator[str]:
+    """A stand-in in a process of its own (`--token-latency` etc. from `behaviour`), for clients that run in other
+    processes, as GuideLLM's do; yields its base URL and stops it afterwards."""
+    args = [sys.executable, "-m", "quantrol_dev.standin", "--port", "0", "--model", model]
+    for key, value in behaviour.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        ready = proc.stdout.readline().split()
+        if ready[:1] != ["READY"]:
+            raise RuntimeError(f"the engine stand-in did not start: {ready}")
+        yield f"http://127.0.0.1:{ready[1]}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 async def _main(args: argparse.Namespace) -> None:

@@ -456,11 +456,21 @@ class LoadGenerator:
                 return f"http://127.0.0.1:{port}"
         return None
 
+    def _answers(self, url: str) -> bool:
+        """One greedy token through the router: the stable arm serves (an arm's Service lists its port a moment
+        before the router can reach it; the fleet's requests of that moment would only count as failures)."""
+        body = json.dumps({"model": POLICY, "prompt": FLEET_PROMPTS[0].text, "max_tokens": 1, "temperature": 0})
+        request = urllib.request.Request(f"{url}/v1/completions", data=body.encode(),
+                                         headers={"Content-Type": "application/json"})
+        with contextlib.suppress(OSError), _HTTP.open(request, timeout=30) as rsp:
+            return bool(rsp.status == 200)
+        return False
+
     def _run(self) -> None:
         url = self._router_url()
-        while url is None and not self.stop.wait(1.0):
+        while (url is None or not self._answers(url)) and not self.stop.wait(1.0):
             url = self._router_url()
-        if url is None:
+        if self.stop.is_set() or url is None:
             return
         self.fleet = FleetProcess([url], POLICY, FLEET_PROMPTS, seconds=self.max_seconds, max_tokens=self.max_tokens,
                                   rate=self.rate, tokenizer=self.tokenizer, work=self.work)
@@ -792,7 +802,7 @@ def qualification_markdown(qualifications: dict[str, dict[str, Any]]) -> list[st
 
 def report_markdown(report: dict[str, Any]) -> str:
     lines = ["# quantrol demo report", "", f"Total run time: {report['seconds']:.0f} s; "
-             f"load generator: {report['load']['ok']} answered, {report['load']['failed']} failed.", "",
+             f"client fleet (GuideLLM): {report['load']['ok']} answered, {report['load']['failed']} failed.", "",
              "## Artifacts", "", "| what | artifact |", "| --- | --- |", f"| baseline (bf16) | {report['baseline']} |"]
     for name, qm in report["quantizedModels"].items():
         status = qm.get("status") or {}
