@@ -12,20 +12,13 @@ from collections.abc import Iterator
 import pytest
 
 from quantrol_dev.demo import warmup
+from quantrol_dev.standin import standin_process
 
 
 @pytest.fixture
 def engine() -> Iterator[str]:
-    proc = subprocess.Popen([sys.executable, "-m", "quantrol_dev.standin", "--port", "0", "--model", "tiny"],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        ready = proc.stdout.readline().split()
-        assert ready[:1] == ["READY"], ready
-        yield f"http://127.0.0.1:{ready[1]}/v1/completions"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with standin_process("tiny") as url:
+        yield f"{url}/v1/completions"
 
 
 def _script_env(**values: str) -> dict[str, str]:

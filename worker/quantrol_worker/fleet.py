@@ -28,11 +28,11 @@ import re
 import signal
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from importlib import metadata
+from importlib import import_module, metadata
 from pathlib import Path
 from typing import Any
 
-from quantrol_worker.fleet_mix import STOP, Mix, Prompt, endpoint, shape
+from quantrol_worker.fleet_mix import FLEET_BACKEND, STOP, Mix, Prompt, endpoint, shape
 
 __all__ = ["STOP", "Mix", "Prompt", "endpoint", "shape"]  # with this module's own names: one import for callers
 
@@ -76,8 +76,9 @@ def scenario(backend: dict[str, Any], tokenizer: Path, data: Path, profile: dict
     constraints: list[dict[str, Any]] = [{"kind": "max_duration", "seconds": seconds}]
     if max_requests is not None:
         constraints.append({"kind": "max_requests", "count": max_requests})
-    if until_stopped:
+    if until_stopped or backend.get("kind") == FLEET_BACKEND:
         _register()
+    if until_stopped:
         constraints.append({"kind": "quantrol_until_stopped"})
     return BenchmarkScenario.create(scenario=None, spec={
         "backend": backend,
@@ -160,12 +161,11 @@ def run_fleet(targets: Sequence[str], model: str, prompts: Sequence[Prompt], out
 
     settings.max_worker_processes = max(1, processes)
     mix = mix or Mix()
-    _register()
     work.mkdir(parents=True, exist_ok=True)
     texts = [p.text for p in prompts]
     rows = requests if requests else planned_requests(rate, seconds) if rate else MAX_PROMPTS
     data = write_data(work / "fleet.jsonl", texts, output_tokens, rows)
-    backend = {"kind": "quantrol_fleet", "target": targets[0], "targets": list(targets), "model": model,
+    backend = {"kind": FLEET_BACKEND, "target": targets[0], "targets": list(targets), "model": model,
                "request_format": "/v1/completions", "validate_backend": False,
                "slices": {p.text: p.slice for p in prompts if p.slice}, "slice_header": mix.slice_header,
                "sampled_temperature": mix.sampled_temperature, "sampled_every": mix.sampled_every,
@@ -192,17 +192,10 @@ def _answer(request: Any, ok: bool) -> Answer:
     return Answer(ok, (end - start) if start and end else None, None if ttft is None else ttft / 1000)
 
 
-_REGISTERED = False
-
-
 def _register() -> None:
-    """Import the module holding the GuideLLM extensions (it registers them on import, in every process that
-    unpickles the backend too)."""
-    global _REGISTERED
-    if not _REGISTERED:
-        from quantrol_worker import fleet_guidellm  # noqa: F401
-
-        _REGISTERED = True
+    """Import the module holding the GuideLLM extensions: it registers them on import (once a process, as every
+    import), in every process that unpickles the backend too."""
+    import_module("quantrol_worker.fleet_guidellm")
 
 
 def add_parser(commands: Any) -> None:
@@ -235,9 +228,14 @@ def read_prompts(path: Path) -> list[Prompt]:
     return [Prompt(str(row["prompt"]), row.get("slice")) for row in rows]
 
 
+def prompts_jsonl(prompts: Sequence[Prompt]) -> str:
+    """The prompts as `--prompts` reads them (read_prompts): one {"prompt", "slice"} per line, no slice when None."""
+    return "".join(json.dumps({"prompt": p.text, **({"slice": p.slice} if p.slice else {})}) + "\n"
+                   for p in prompts)
+
+
 def write_prompts(path: Path, prompts: Sequence[Prompt]) -> Path:
-    path.write_text("".join(json.dumps({"prompt": p.text, **({"slice": p.slice} if p.slice else {})}) + "\n"
-                            for p in prompts))
+    path.write_text(prompts_jsonl(prompts))
     return path
 
 

@@ -19,10 +19,10 @@ from guidellm.schemas.benchmark import BenchmarkArgs, BenchmarkScenario
 from guidellm.schemas.scheduler.constraints.args import ConstraintArgs
 from pydantic import Field
 
-from quantrol_worker.fleet_mix import STOP, Mix, endpoint, shape
+from quantrol_worker.fleet_mix import FLEET_BACKEND, STOP, Mix, endpoint, shape
 
 
-@BackendArgs.register("quantrol_fleet")
+@BackendArgs.register(FLEET_BACKEND)
 class FleetBackendArgs(OpenAIHTTPBackendArgs):
     kind: Literal["quantrol_fleet"] = Field(default="quantrol_fleet")  # type: ignore[assignment, unused-ignore]
     targets: list[str] = Field(default_factory=list, description="endpoints taken in turn; empty: `target`")
@@ -33,7 +33,7 @@ class FleetBackendArgs(OpenAIHTTPBackendArgs):
     unstreamed_every: int = Mix.unstreamed_every
 
 
-@Backend.register("quantrol_fleet")
+@Backend.register(FLEET_BACKEND)
 class FleetBackend(OpenAIHTTPBackend):
     """GuideLLM's HTTP backend, each request shaped by the fleet's mix: temperature, streaming, endpoint and the
     slice header decided per request (GuideLLM 0.8 sets them per run)."""

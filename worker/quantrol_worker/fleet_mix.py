@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from quantrol_worker.router.config import SliceRule
 
 SLICE_HEADER: str = SliceRule.model_fields["header"].default  # the router's default: one word, in one place
+FLEET_BACKEND = "quantrol_fleet"  # fleet_guidellm's GuideLLM backend: its HTTP backend, each request shaped by Mix
 STOP = threading.Event()  # set by SIGTERM/SIGINT in the process that runs GuideLLM's scheduler
 
 

@@ -64,7 +64,7 @@ from quantrol_operator.children.serving import ENGINE_PORT, arm_name
 from quantrol_operator.cli.statusview import render_quantizedmodel, render_servingpolicy
 from quantrol_operator.defaults import OperatorDefaults
 from quantrol_operator.kube import Kube
-from quantrol_worker.fleet import COUNTS
+from quantrol_worker.fleet import COUNTS, prompts_jsonl
 
 DEFAULT_REGISTRY = "registry.quantrol-infra.svc:5000"  # e2e/kind-up.sh: TLS, CA baked into the e2e images
 DEFAULT_PROMETHEUS = "http://prometheus.quantrol-infra.svc:9090"
@@ -193,9 +193,8 @@ def warm_job(name: str, image: str, artifact: str, deadline: float) -> dict[str,
 
 
 def load_prompts_config_map() -> dict[str, Any]:
-    prompts = "".join(json.dumps({"prompt": p.text, "slice": p.slice}) + "\n" for p in FLEET_PROMPTS)
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(LOAD_NAME, **DEMO_LABELS),
-            "data": {"prompts.jsonl": prompts}}
+            "data": {"prompts.jsonl": prompts_jsonl(FLEET_PROMPTS)}}
 
 
 def load_deployment(image: str, settings: DemoSettings) -> dict[str, Any]:
