@@ -162,7 +162,9 @@ def test_overload_on_both_arms_holds_then_steps_back_never_forward(rig: Rig, pro
             wait_until(lambda: any(h["reason"] == "OverloadStepBack" for h in rig.status()["history"]), timeout=90,
                        interval=0.5, what="a step back after the overload hold")
         except TimeoutError as exc:
-            raise AssertionError(json.dumps(rig.status(), indent=1)[-6000:]) from exc
+            status = rig.status()
+            raise AssertionError(f"history {status.get('history')}; rollback {status.get('rollback')}; router "
+                                 f"failures {rig.router_failures()}") from exc
         status = rig.status()
     back = next(h for h in status["history"] if h["reason"] == "OverloadStepBack")
     assert (back["from"], back["to"]) == ("Canary", "Shadow"), back  # from the first step: back to shadow

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from quantrol_dev.localstack import procs
 from quantrol_dev.localstack.procs import port_is_open
 from quantrol_dev.localstack.stack import LocalStack
 
@@ -22,6 +23,33 @@ def _group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_free_port_never_hands_out_one_port_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel may give two bind-to-0 calls the same port when neither was bound in between (a router's traffic
+    and admin ports once collided so). The kernel's choice is played by a fake socket, since a real one repeats
+    only by chance: it answers port 3 twice, then 4."""
+    answers = iter([3, 3, 4])
+
+    class OneSocket:
+        def __init__(self, *args: object) -> None:
+            self.port = next(answers)
+
+        def __enter__(self) -> OneSocket:
+            return self
+
+        def __exit__(self, *args: object) -> None:
+            pass
+
+        def bind(self, address: object) -> None:
+            pass
+
+        def getsockname(self) -> tuple[str, int]:
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(procs.socket, "socket", OneSocket)
+    monkeypatch.setattr(procs, "_HANDED_OUT", set())
+    assert [procs.free_port(), procs.free_port()] == [3, 4]
 
 
 def test_stack_starts_every_server_and_stop_leaves_nothing(tmp_path: Path) -> None:

@@ -235,3 +235,28 @@ def test_regime_figures_and_judgements() -> None:
     assert rg.next_rate([2.0, 4.0], [8.0], 2.0) == 6.0
     after = [rg.RequestSample(start=0, ok=True, ttft=3.0), rg.RequestSample(start=3.5, ok=True, ttft=0.1)]
     assert rg.recovery_seconds(after, floor_ttft_p50=0.1) == 3.6 and rg.recovery_seconds(after[:1], 0.1) is None
+
+
+def _ladder(capacity: float, start: float, rungs: int) -> tuple[list[float], list[float]]:
+    """The rates an arm that sustains up to `capacity` req/s runs, passed and failed."""
+    from quantrol_worker.qualify import regimes as rg
+
+    passed: list[float] = []
+    failed: list[float] = []
+    while (rate := rg.next_rung(passed, failed, start, rungs)) is not None:
+        (passed if rate <= capacity else failed).append(rate)
+    return passed, failed
+
+
+def test_the_sweep_measures_each_arm_at_a_rate_it_sustained_when_the_ladder_starts_too_high() -> None:
+    """CI on 2 cores once had both arms fail the first rate (36.2 req/s) and the stable arm alone pass the bisected
+    second (27.1): with two rates and no more, the candidate's sustainable goodput read 0 and the ratio 0 ×."""
+    from quantrol_worker.qualify import regimes as rg
+
+    assert rg.next_rate([], [2.0, 1.5], 2.0) == 1.125  # no pass yet: halfway to half the lowest failure
+    assert _ladder(100.0, 36.2, 2) == ([36.2, 72.4], [])  # climbing: sweepRates rates, no more
+    assert _ladder(30.0, 36.2, 2) == ([27.15], [36.2])
+    passed, failed = _ladder(22.0, 36.2, 2)  # one bisection further down: the extra rungs find it
+    assert failed == [36.2, 27.15] and passed == [20.362]
+    assert _ladder(5.0, 36.2, 2) == ([], [36.2, 27.15, 20.362, 15.271])  # bounded: 2 × sweepRates at most
+    assert _ladder(50.0, 36.2, 1) == ([36.2], [])

@@ -87,7 +87,8 @@ class Rig:
         except TimeoutError as exc:
             status = self.status()
             raise AssertionError(f"phase {status.get('phase')} not in {phases} after {timeout}s; counters "
-                                 f"{status.get('counters')}; last analysis {status.get('lastAnalysis')}") from exc
+                                 f"{status.get('counters')}; last analysis {status.get('lastAnalysis')}; router "
+                                 f"failures {self.router_failures()}") from exc
         return self.status()
 
     def behave(self, arm: str, **behaviour: float) -> None:
@@ -113,6 +114,25 @@ class Rig:
             text = rsp.read().decode()
         return {line.split('arm="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
                 for line in text.splitlines() if line.startswith("quantrol_router_weight{")}
+
+    def router_failures(self) -> dict[str, float]:
+        """Every router pod's failed and shed requests, summed, by `arm/traffic/kind` (for failure messages: the
+        status says an error rate, this says which errors)."""
+        wanted = ("quantrol_router_errors_total{", "quantrol_router_shed_total{")
+        totals: dict[str, float] = {}
+        for port in self.router_ports or [self.router_port]:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as rsp:
+                    text = rsp.read().decode()
+            except OSError as exc:  # a frozen or stopped router pod
+                totals[f"router on {port} unreadable: {exc!r}"] = 0.0
+                continue
+            for line in text.splitlines():
+                if line.startswith(wanted):
+                    labels = dict(part.split("=", 1) for part in line[line.index("{") + 1:line.rindex("}")].split(","))
+                    key = "/".join(labels.get(k, '"shed"').strip('"') for k in ("arm", "traffic", "kind"))
+                    totals[key] = totals.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+        return totals
 
     def router_config(self, replica: int) -> tuple[int, dict[str, int]]:
         """(applied version, weight per arm) from one router pod's own admin endpoint."""

@@ -631,7 +631,9 @@ class RegimeSettings(ContractModel):
 
     floor_requests: int = Field(default=8, ge=1, le=1000)
     floor_max_seconds: float = Field(default=60, gt=0, le=3600)
-    sweep_rates: int = Field(default=4, ge=1, le=16)
+    sweep_rates: int = Field(default=4, ge=1, le=16, description="Rates on the ladder (doubling, then bisecting); "
+                             "an arm that sustains none of them gets up to as many more, downwards, until one is "
+                             "sustainable.")
     seconds_per_rate: float = Field(default=20, gt=0, le=3600)
     overload_factor: float = Field(default=1.5, gt=1, le=10)
     overload_seconds: float = Field(default=20, gt=0, le=3600)

@@ -94,10 +94,12 @@ QUALIFICATION_GOODPUT_RATIO = 0.25  # spec.qualification.minGoodputRatio; QUALIF
 QUALIFICATION_WHY = (
     "qualification measures each arm alone with GuideLLM (one request at a time, a rate ladder, 1.5 × overload and "
     "back). The default rule is candidate sustainable goodput ≥ 1.0 × stable; the demo asks {ratio} ×: its ladder "
-    "has two rates of 8 s each (CI's time budget, both arms on the same rates, each double the one before), so the "
-    "ratio moves in steps of 2: one arm passing one rate more than the other reads 0.5 × or 2 ×. On 2 shared cores "
-    "that one step is noise (W8A8 measured 0.5 × in two runs of the demo test and 0.63 × in another, while alone on "
-    "the machine it sustains 1.3 × the bf16 arm's rate, bench/bench_qualification.py); two steps are not. The "
+    "has two rates of 8 s each (CI's time budget, both arms on the same rates: double the first when it passes, "
+    "else halfway down to half of it; an arm that sustains neither gets up to two more, downwards), so the ratio "
+    "moves in coarse steps: one arm passing one rate more than the other reads 0.5 × or 2 × going up, about 0.75 × "
+    "going down. On 2 shared cores that one step is noise (W8A8 measured 0.5 × in two runs of the demo test and "
+    "0.63 × in another, while alone on the machine it sustains 1.3 × the bf16 arm's rate, "
+    "bench/bench_qualification.py); two steps up are not. The "
     "measured ratio is below, whatever it is. FP8_DYNAMIC never gets that far: one request at a time already breaks "
     "its latency SLO."
 )

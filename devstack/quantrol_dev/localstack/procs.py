@@ -20,11 +20,21 @@ from pathlib import Path
 LOOPBACK = "127.0.0.1"
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago (the caller binds it soon after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port that was free on 127.0.0.1 a moment ago (the caller binds it soon after), and never one this
+    process handed out before: the kernel may give the same ephemeral port to two calls made before either port is
+    bound (a router's traffic and admin ports once collided so, and the router could not start)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((LOOPBACK, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no TCP port on 127.0.0.1 that this process has not handed out already")
 
 
 def port_is_open(port: int, host: str = LOOPBACK) -> bool:

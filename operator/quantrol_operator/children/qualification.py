@@ -82,7 +82,8 @@ def worker_config(policy: str, namespace: str, spec: ServingPolicySpec, stable: 
 def deadline_seconds(config: QualificationConfig) -> int:
     """What the regimes may take on both arms, with room to start and to score the golden prompts."""
     r = config.regimes
-    per_arm = r.floor_max_seconds + r.sweep_rates * r.seconds_per_rate + r.overload_seconds + r.recovery_seconds
+    # The sweep runs up to twice sweepRates rates (regimes.next_rung: more, downwards, when none was sustainable).
+    per_arm = r.floor_max_seconds + 2 * r.sweep_rates * r.seconds_per_rate + r.overload_seconds + r.recovery_seconds
     return int(START_SECONDS + GOLDEN_SECONDS + 2 * per_arm * 1.5)
 
 

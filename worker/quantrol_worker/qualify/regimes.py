@@ -109,11 +109,23 @@ def judge(fig: RegimeFigures, limits: LatencyLimits, seconds: float,
 
 def next_rate(passed: list[float], failed: list[float], start: float) -> float:
     """The rate ladder: double from `start` while rates pass; after a failure, bisect between the best pass and
-    the lowest failure."""
+    the lowest failure (with no pass yet, between half the lowest failure and it)."""
     if not failed:
         return start if not passed else max(passed) * 2
-    low = max(passed) if passed else start / 2
+    low = max(passed) if passed else min(failed) / 2
     return (low + min(failed)) / 2
+
+
+def next_rung(passed: list[float], failed: list[float], start: float, rungs: int) -> float | None:
+    """The next rate to run, or None when the sweep is done: `rungs` rates; when none of them was sustainable, at
+    most `rungs` more, downwards, stopping at the first that is. An arm's sustainable goodput is then measured at a
+    rate it sustained: without the extra rungs, two arms that both fail the first rate and are one bisection apart
+    below it would read 0 × (one sustained nothing on a ladder that was too short for it)."""
+    run = len(passed) + len(failed)
+    if run >= 2 * rungs or (run >= rungs and passed):
+        return None
+    rate = round(next_rate(passed, failed, start), 3)
+    return None if rate in passed or rate in failed else rate
 
 
 def recovery_seconds(samples: Sequence[RequestSample], floor_ttft_p50: float | None) -> float | None:

@@ -154,15 +154,12 @@ def measure_arm(q: QualificationRun, found: Materials, arm: QualifyArm) -> ArmQu
 
 
 def sweep(q: QualificationRun, found: Materials, url: str, arm: QualifyArm, start: float) -> RegimeFigures:
-    """Regime (ii): the rate ladder (regimes.next_rate); the highest passing rate, else the lowest that failed."""
+    """Regime (ii): the rate ladder (regimes.next_rung); the highest passing rate, else the lowest that failed."""
     limits = q.config.limits
     passed: list[float] = []
     failed: list[float] = []
     runs: dict[float, RegimeFigures] = {}
-    for _ in range(q.config.regimes.sweep_rates):
-        rate = round(regimes.next_rate(passed, failed, start), 3)
-        if rate in runs:
-            break
+    while (rate := regimes.next_rung(passed, failed, start, q.config.regimes.sweep_rates)) is not None:
         run = _run(q, found, url, rate, q.config.regimes.seconds_per_rate)
         runs[rate] = regimes.judge(regimes.figures(Regime.SUSTAINABLE, run, limits, arm.replicas), limits,
                                    q.config.regimes.seconds_per_rate)
