@@ -470,7 +470,10 @@ class Slos(ApiModel):
         default_factory=lambda: SloLimit(max=0.2, max_relative_to_stable=1.2),
         description="Inter-token latency (TPOT), p99 (seconds).",
     )
-    error_rate: SloLimit | None = Field(default_factory=lambda: SloLimit(max=0.01))
+    error_rate: SloLimit | None = Field(
+        default_factory=lambda: SloLimit(max=0.01),
+        description="Failed requests ÷ requests, as the router saw them: engine errors, timeouts, broken streams and "
+        "429s from the admission bound. A client that hung up (499) is not the arm's error.")
     queue_time_p99: SloLimit | None = Field(default_factory=lambda: SloLimit(max=1.0, max_relative_to_stable=1.5))
     quality_delta: SloLimit | None = Field(
         default_factory=lambda: SloLimit(max=0.1),
