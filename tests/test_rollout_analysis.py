@@ -28,6 +28,7 @@ from quantrol_operator.rollout.analysis import (
     decide,
     goodput,
     judge,
+    saturated_together,
     window_cause,
     window_verdict,
 )
@@ -230,3 +231,26 @@ def test_overload_holds_for_the_hold_limit_then_steps_back_and_holds_again() -> 
     assert c.overloaded_since == T0 + timedelta(seconds=70)  # one failing window amid the overload: still held
     _d, c = decide(Verdict.PASS, T0 + timedelta(seconds=110), c, policy)
     assert c.overloaded_since is None  # a passing window ends the hold
+
+
+def test_queueing_symptoms_while_both_arms_queue_beyond_the_limit_are_overload() -> None:
+    """CI once rolled back a candidate at an overload onset: both admission queues filled in one burst, the
+    candidate's timed out its first requests a moment sooner (errorRate 0.39, stable 0.0 in that window) while both
+    arms' queue waits were beyond the limit. Its TTFT and error rate then hold as overload; quality and slices never
+    do, and without the queue overload nothing changes."""
+    queue = judge(Sample("queueTimeP99", 4.97, 4.97, 100, 100), SloLimit(max=1.0), 5)
+    errors = judge(Sample("errorRate", 0.39, 0.0, 100, 100), SloLimit(max=0.05), 5)
+    ttft = judge(Sample("ttftP99", 6.0, 1.5, 100, 100), TTFT, 5)  # its queue timed out first
+    quality = judge(Sample("agreement", 0.5, None, 100, None), AGREEMENT, 5)
+    sliced = judge(Sample("errorRate", 0.5, 0.0, 100, 100, slice="code"), SloLimit(max=0.05), 5)
+    assert queue.verdict is Verdict.OVERLOAD and errors.verdict is ttft.verdict is Verdict.FAIL
+
+    held = saturated_together([queue, errors, ttft])
+    assert [j.verdict for j in held] == [Verdict.OVERLOAD] * 3 and window_verdict(held) is Verdict.OVERLOAD
+    assert held[1].cause is Cause.OVERLOAD and "both arms queue beyond the queue limit" in (held[1].message or "")
+    assert window_cause(window_verdict(held), held, None) is Cause.OVERLOAD
+
+    still = saturated_together([queue, errors, quality, sliced])
+    assert [j.verdict for j in still] == [Verdict.OVERLOAD, Verdict.OVERLOAD, Verdict.FAIL, Verdict.FAIL]
+    alone = judge(Sample("queueTimeP99", 4.97, 0.2, 100, 100), SloLimit(max=1.0), 5)  # the candidate alone queues
+    assert saturated_together([alone, errors]) == [alone, errors] and window_verdict([alone, errors]) is Verdict.FAIL

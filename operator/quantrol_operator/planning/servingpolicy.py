@@ -49,7 +49,15 @@ from quantrol_operator.planning import Event, Plan
 from quantrol_operator.planning import qualification as qualifying
 from quantrol_operator.planning.slices import probe_source, quality_plan, with_counts
 from quantrol_operator.policy import InstallPolicy, Refusal, pod_refusals
-from quantrol_operator.rollout.analysis import bounded, decide, judge, no_judgement, window_cause, window_verdict
+from quantrol_operator.rollout.analysis import (
+    bounded,
+    decide,
+    judge,
+    no_judgement,
+    saturated_together,
+    window_cause,
+    window_verdict,
+)
 from quantrol_operator.rollout.queries import Observation, custom_query_refusal
 from quantrol_operator.rollout.statemachine import Decision, Facts, Qualified, TransitionReason, step, weights_for
 from quantrol_operator.validation import field_error
@@ -396,7 +404,8 @@ def _analyse(result: SpPlan, status: ServingPolicyStatus, observed: SpObserved, 
     window = observed.window
     if window is None or not analysing:
         return Decision.HOLD, status.counters
-    results = bounded([judge(sample, limit, spec.analysis.min_sample_count) for sample, limit in window.samples])
+    results = bounded(saturated_together([judge(sample, limit, spec.analysis.min_sample_count)
+                                          for sample, limit in window.samples]))
     verdict = window_verdict(results)
     why = no_judgement([s for s, _ in window.samples], window.targets) if verdict in (
         Verdict.INCONCLUSIVE, Verdict.ERROR) else None

@@ -19,6 +19,9 @@ A window that does not pass names its cause (`Cause`): dependency (nothing to ju
 failed), overload (both arms break the same limit), precision (a quality SLO failed) or scheduling (the candidate
 alone fails to serve: latency, queueing, errors, goodput, its engine's saturation). Overload holds the rollout, but
 not for ever: after `overloadHoldSeconds` of overloaded windows the candidate steps back one step (never forward).
+While both arms queue beyond the queue limit, the candidate's failing TTFT and error rate are that overload too
+(`saturated_together`): at an onset both admission queues fill at once, and whichever arm times out its first
+request a moment sooner shows 429s and long first tokens while the other shows none yet.
 """
 
 from __future__ import annotations
@@ -144,6 +147,25 @@ def window_cause(verdict: Verdict, judgements: list[MetricResult], why: NoJudgem
         return Cause.DEPENDENCY
     causes = {cause_of(j) for j in judgements if j.verdict is verdict}
     return next((c for c in (Cause.PRECISION, Cause.SCHEDULING, Cause.OVERLOAD) if c in causes), None)
+# What a full admission queue shows besides its own wait: first tokens late by the wait, 429s once waits time out.
+QUEUEING_SYMPTOMS = ("ttftP99", "errorRate")
+
+
+def saturated_together(judgements: list[MetricResult]) -> list[MetricResult]:
+    """The rows with the candidate's failing queueing symptoms (all traffic) judged as overload when both arms queue
+    beyond the queue limit in the same window (queueTimeP99 is `overload`). Which arm's queue times out its first
+    request is a matter of milliseconds when one burst fills both; counted as the candidate's failures, that race
+    would roll back a candidate the load broke. Held as overload, the rollout never advances and steps back after
+    the hold; quality rows and slices are never excused."""
+    queue = next((j for j in judgements if j.slo == "queueTimeP99" and j.slice is None), None)
+    if queue is None or queue.verdict is not Verdict.OVERLOAD:
+        return judgements
+    return [j.model_copy(update={
+        "verdict": Verdict.OVERLOAD, "cause": Cause.OVERLOAD,
+        "message": f"{j.message}, while both arms queue beyond the queue limit ({queue.message}): holding"})
+        if j.slo in QUEUEING_SYMPTOMS and j.slice is None and j.verdict is Verdict.FAIL else j for j in judgements]
+
+
 METRICS_IN_STATUS = 64  # AnalysisRun.metrics' bound
 
 
