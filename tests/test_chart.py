@@ -534,7 +534,7 @@ def test_dashboard_covers_what_the_issue_asks() -> None:
     text = " ".join(expr for _, expr in dashboard_exprs(dashboard()))
     for metric in ("quantrol_candidate_weight_percent", "quantrol_rollout_phase", "quantrol_rollbacks_total",
                    "quantrol_router_time_to_first_token_seconds", "quantrol_router_inter_token_latency_seconds",
-                   "quantrol_router_errors_total", "quantrol_router_queue_wait_seconds",
+                   "quantrol_router_errors_total", "quantrol_router_queue_wait_seconds", "quantrol_router_shed_total",
                    "quantrol_router_compare_kl_nats_total", "quantrol_router_compare_top1_matches_total",
                    "vllm:num_requests_running", "$max_num_seqs"):
         assert metric in text, metric
