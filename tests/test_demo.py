@@ -176,6 +176,8 @@ def test_w8a16_is_refused_as_kernel_unavailable(report: dict[str, Any]) -> None:
     last = report["rollbacks"][1]
     assert last["candidate"] == "tiny-w8a16" and last["record"]["reason"] == "KernelUnavailable", last
     assert "candidateArtifact" not in last["record"] and "tiny-w8a16" in last["record"]["message"], last
+    # Never qualified (its kernels were refused first): the previous candidate's qualification is not shown as its.
+    assert "tiny-w8a16" not in report["qualifications"], report["qualifications"].keys()
     # Counted once: the watch handler and the timer once both acted on the same status and counted it twice.
     refusals = [v for labels, v in report["rollbacksTotal"].items() if 'reason="KernelUnavailable"' in labels]
     assert refusals == [1.0], report["rollbacksTotal"]

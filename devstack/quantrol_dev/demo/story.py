@@ -566,6 +566,9 @@ class Recorder(threading.Thread):
         self.series: list[Snapshot] = []
         self.analyses: list[dict[str, Any]] = []  # every distinct lastAnalysis, tagged with the candidate
         self.qualifications: dict[str, dict[str, Any]] = {}  # per candidate: its finished status.qualification
+        # Which candidate each qualification run (status.qualification.attempt) belongs to: a candidate refused
+        # before qualifying leaves the previous candidate's run in status, which must not be reported as its own.
+        self._attempts: dict[int, str] = {}
         self.status: dict[str, Any] = {}
         self._seen_history = 0
         self._last_analysis_time: str | None = None
@@ -592,8 +595,10 @@ class Recorder(threading.Thread):
                 say(f"● {entry.get('message', entry)}")
             self._seen_history = len(history)
             qualification = status.get("qualification") or {}
+            attempt = int(qualification.get("attempt") or 0)
             if self.candidate and qualification.get("state") not in (None, "Running") and \
-                    status.get("candidateArtifact") == qualification.get("candidateArtifact"):
+                    status.get("candidateArtifact") == qualification.get("candidateArtifact") and \
+                    self._attempts.setdefault(attempt, self.candidate) == self.candidate:
                 self.qualifications[self.candidate] = qualification
             analysis = status.get("lastAnalysis") or {}
             metrics = {m["slo"]: m for m in analysis.get("metrics", [])}
