@@ -153,10 +153,13 @@ def test_overload_on_both_arms_holds_then_steps_back_never_forward(rig: Rig, pro
                                            slos={"goodput": None}, overloadHoldSeconds=6, successStreak=3,
                                            failureLimit=4))
         rig.wait_phase("Canary", timeout=60)
-        # Both engines now saturate at the load they carry, the stable arm first and deepest: the candidate also
-        # serves the mirrored share, and must not cross a limit the stable arm has not crossed yet (that is a
-        # scheduling problem of the candidate's, which the batch-budget case covers).
+        # Both engines now saturate at the load they carry, the stable arm first and deepest: the candidate must not
+        # cross a limit the stable arm has not crossed yet (that is a scheduling problem of the candidate's, which
+        # the batch-budget case covers). Changed together, the candidate's queue could fill first: it also serves
+        # the mirrored share, and on a busy machine one burst decides which queue times out first (CI saw it).
         rig.behave("stable", max_num_seqs=1, token_latency_s=0.1)
+        wait_until(lambda: _stable_value(rig, "queueTimeP99") > 1.0, timeout=30, interval=0.5,
+                   what="the stable arm queueing beyond the queue limit (1 s)")
         rig.behave("candidate", max_num_seqs=1, token_latency_s=0.06)
         try:
             wait_until(lambda: any(h["reason"] == "OverloadStepBack" for h in rig.status()["history"]), timeout=90,
@@ -170,6 +173,12 @@ def test_overload_on_both_arms_holds_then_steps_back_never_forward(rig: Rig, pro
     assert (back["from"], back["to"]) == ("Canary", "Shadow"), back  # from the first step: back to shadow
     assert "rollback" not in status and status["phase"] in ("Shadow", "Canary")
     assert rig.operator_metric("quantrol_analysis_causes_total", cause="overload") >= 2
+
+
+def _stable_value(rig: Rig, slo: str) -> float:
+    """The stable arm's figure for `slo` in the last analysis window (0 when it has none yet)."""
+    rows = (rig.status().get("lastAnalysis") or {}).get("metrics") or []
+    return next((float(m.get("stableValue") or 0.0) for m in rows if m["slo"] == slo and not m.get("slice")), 0.0)
 
 
 def test_a_breach_during_the_promotion_guard_returns_traffic_to_the_previous_stable(
