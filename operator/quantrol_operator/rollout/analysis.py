@@ -147,6 +147,8 @@ def window_cause(verdict: Verdict, judgements: list[MetricResult], why: NoJudgem
         return Cause.DEPENDENCY
     causes = {cause_of(j) for j in judgements if j.verdict is verdict}
     return next((c for c in (Cause.PRECISION, Cause.SCHEDULING, Cause.OVERLOAD) if c in causes), None)
+
+
 # What a full admission queue shows besides its own wait: first tokens late by the wait, 429s once waits time out.
 QUEUEING_SYMPTOMS = ("ttftP99", "errorRate")
 
