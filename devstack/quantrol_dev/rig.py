@@ -26,6 +26,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from quantrol_dev.fleet import FleetProcess
 from quantrol_dev.localstack import addresses
 from quantrol_dev.localstack.kubeapi import KubeAPIServer, OperatorProcess, kopf_watches
@@ -118,7 +120,7 @@ class Rig:
     def router_failures(self) -> dict[str, float]:
         """Every router pod's failed and shed requests, summed, by `arm/traffic/kind` (for failure messages: the
         status says an error rate, this says which errors)."""
-        wanted = ("quantrol_router_errors_total{", "quantrol_router_shed_total{")
+        wanted = ("quantrol_router_errors_total", "quantrol_router_shed_total")
         totals: dict[str, float] = {}
         for port in self.router_ports or [self.router_port]:
             try:
@@ -127,11 +129,10 @@ class Rig:
             except OSError as exc:  # a frozen or stopped router pod
                 totals[f"router on {port} unreadable: {exc!r}"] = 0.0
                 continue
-            for line in text.splitlines():
-                if line.startswith(wanted):
-                    labels = dict(part.split("=", 1) for part in line[line.index("{") + 1:line.rindex("}")].split(","))
-                    key = "/".join(labels.get(k, '"shed"').strip('"') for k in ("arm", "traffic", "kind"))
-                    totals[key] = totals.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+            for sample in (s for family in text_string_to_metric_families(text) for s in family.samples):
+                if sample.name in wanted:
+                    key = "/".join(sample.labels.get(k, "shed") for k in ("arm", "traffic", "kind"))
+                    totals[key] = totals.get(key, 0.0) + sample.value
         return totals
 
     def router_config(self, replica: int) -> tuple[int, dict[str, int]]:
